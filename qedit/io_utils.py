@@ -1,0 +1,36 @@
+"""Atomic output: write to a temp file beside the target, then rename over it."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from qedit.errors import QeditError
+
+
+def refuse_same_file(output: Path, *inputs: Path) -> None:
+    """Raise when `output` would overwrite one of `inputs`."""
+    out = output.resolve()
+    for src in inputs:
+        if src.exists() and (out == src.resolve() or (out.exists() and os.path.samefile(out, src))):
+            raise QeditError(f"{output}: refusing to write the output over its own input; choose another path")
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temp path in target's directory; on success it replaces `target`, on error it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise QeditError(f"{target}: could not write ({exc.strerror or exc}); nothing was written") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,81 @@
+"""Shared edit math: regularised solves, null-space projectors, SVD truncation.
+
+Solves run in float64: key covariances of LLM MLPs are badly conditioned.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve a x = b for symmetric positive (semi)definite a (d, d), b (d, k), in float64."""
+    a64, b64 = a.double(), b.double()
+    chol, info = torch.linalg.cholesky_ex(a64)
+    if int(info) == 0:
+        return torch.cholesky_solve(b64, chol)
+    return torch.linalg.lstsq(a64, b64).solution
+
+
+def rank_one_update(cov: torch.Tensor, key: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME's closed form: the rank-one dW = u v^T with dW k = residual and minimal C-weighted change.
+
+    cov (d_in, d_in), key (d_in,), residual (d_out,) -> u (d_out, 1), v (1, d_in), both float64.
+    """
+    cinv_k = solve_spd(cov, key[:, None])[:, 0]          # (d_in,)
+    denom = torch.dot(cinv_k, key.double())
+    return residual.double()[:, None], (cinv_k / denom)[None, :]
+
+
+def batch_update(keys: torch.Tensor, residuals: torch.Tensor, cov_term: torch.Tensor,
+                 projector: torch.Tensor | None = None, l2: float = 0.0) -> torch.Tensor:
+    """MEMIT / AlphaEdit least squares, returned as dW (d_out, d_in), float64.
+
+    keys (n, d_in), residuals (n, d_out), cov_term (d_in, d_in): the covariance weight on
+    preserved keys (MEMIT: lambda*C; AlphaEdit: keys of earlier edits).
+    Without projector: dW = R^T K (cov_term + K^T K)^-1   (MEMIT).
+    With projector P:  dW = R^T K P ((cov_term + K^T K) P + l2 I)^-1   (AlphaEdit: dW K0 = 0).
+    """
+    k64, r64 = keys.double(), residuals.double()
+    d_in = k64.shape[1]
+    gram = cov_term.double() + k64.t() @ k64               # (d_in, d_in)
+    if projector is None:
+        lhs = gram + l2 * torch.eye(d_in, dtype=torch.float64)
+        # dW^T = lhs^-1 K^T R  -> (d_in, d_out)
+        return solve_spd(lhs, k64.t() @ r64).t()
+    p = projector.double()
+    lhs = p @ gram + l2 * torch.eye(d_in, dtype=torch.float64)  # not symmetric: general solve
+    return torch.linalg.solve(lhs, p @ k64.t() @ r64).t()
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float = 1e-2, relative: bool = False) -> torch.Tensor:
+    """Projector onto the span of eigenvectors of cov (d, d) with eigenvalue below threshold.
+
+    relative=True compares eigenvalues with threshold * the largest one.
+    """
+    evals, evecs = torch.linalg.eigh(cov.double())
+    cut = threshold * float(evals.max()) if relative else threshold
+    basis = evecs[:, evals < cut]                          # (d, k)
+    return basis @ basis.t()
+
+
+def svd_truncate(mat: torch.Tensor, rank: int | None = None, energy: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best low-rank factors a (out, r), b (r, in) of mat (out, in), float32.
+
+    rank: keep that many singular values; energy: keep the fewest that hold this share of
+    the squared Frobenius norm (0 < energy <= 1). With neither, keep all nonzero ones.
+    """
+    if rank is not None and rank < 1:
+        raise ValueError("rank must be >= 1")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError("energy must be in (0, 1]")
+    u, s, vh = torch.linalg.svd(mat.double(), full_matrices=False)
+    if rank is None:
+        if energy is not None:
+            cum = torch.cumsum(s**2, 0) / torch.clamp((s**2).sum(), min=1e-300)
+            rank = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12)) + 1
+        else:
+            rank = max(1, int((s > s[0] * 1e-7).sum())) if s.numel() else 1
+    rank = min(rank, s.numel())
+    a = (u[:, :rank] * s[:rank]).float()
+    b = vh[:rank].float()
+    return a, b

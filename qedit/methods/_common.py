@@ -1,0 +1,77 @@
+"""Pieces the locate-then-edit methods share: context prefixes, edit keys, applying deltas on the fly."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from qedit.batching import build_batch
+from qedit.delta import LowRankDelta, combine
+from qedit.facts import EditRequest
+from qedit.hooks import OutputEdit, edit_outputs, record, stop_after
+from qedit.methods.base import MethodConfig
+from qedit.model import LoadedModel
+from qedit.stats import corpus_tokens
+
+ROWS_PER_FORWARD = 64
+
+
+def context_prefixes(loaded: LoadedModel, cfg: MethodConfig) -> list[str]:
+    """The bare prompt plus short prefixes cut from the statistics corpus (ROME's context templates)."""
+    n, length = cfg.target.n_prefixes, cfg.target.prefix_len
+    if n == 0:
+        return [""]
+    tok = loaded.tokenizer
+    prefixes = [""]
+    for seq in corpus_tokens(loaded, cfg.stats)[:n]:
+        body = [t for t in seq if t not in tok.all_special_ids][:length]
+        text = tok.decode(body, skip_special_tokens=True).replace("\n", " ").strip()
+        prefixes.append(f"{text}. " if text else "")
+    return prefixes
+
+
+def low_rank_edit(delta: LowRankDelta) -> OutputEdit:
+    """An OutputEdit that adds delta's change: out += scale * (x b^T) a^T, x the module input."""
+    a, b, scale = delta.a, delta.b, delta.scale
+
+    def fn(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # inp (..., d_in), out (..., d_out)
+        return out + scale * ((inp @ b.t().to(inp.dtype)) @ a.t().to(inp.dtype))
+
+    return fn
+
+
+def delta_edits(loaded: LoadedModel, deltas: Sequence[LowRankDelta]) -> dict[str, OutputEdit]:
+    """Hooks that make a forward pass see `deltas` applied, without touching the weights."""
+    by_module = {}
+    for d in combine(deltas):
+        by_module[loaded.arch.mlp_out.format(d.layer)] = low_rank_edit(d)
+    return by_module
+
+
+@torch.no_grad()
+def site_values(loaded: LoadedModel, requests: Sequence[EditRequest], module: str, kind: str,
+                prefixes: Sequence[str], applied: Sequence[LowRankDelta] = ()) -> torch.Tensor:
+    """The input or output of `module` at each request's subject-last token, averaged over prefixes.
+
+    Returns (n_requests, dim).
+    """
+    texts = [pre + r.prompt for r in requests for pre in prefixes]
+    subjects = [r.subject for r in requests for _ in prefixes]
+    out = []
+    for lo in range(0, len(texts), ROWS_PER_FORWARD):
+        batch = build_batch(loaded, texts[lo:lo + ROWS_PER_FORWARD], [None] * len(texts[lo:lo + ROWS_PER_FORWARD]),
+                            subjects[lo:lo + ROWS_PER_FORWARD])
+        with edit_outputs(loaded.model, delta_edits(loaded, applied)), record(loaded.model, [module], kind) as rec, \
+                stop_after(loaded.model, module):
+            loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        rows = torch.arange(len(batch.lookup))
+        out.append(rec[module][rows, torch.tensor(batch.lookup)].float())      # (rows, dim)
+    vals = torch.cat(out)                                                      # (n * P, dim)
+    return vals.view(len(requests), len(prefixes), -1).mean(1)
+
+
+def edit_keys(loaded: LoadedModel, requests: Sequence[EditRequest], layer: int, prefixes: Sequence[str],
+              applied: Sequence[LowRankDelta] = ()) -> torch.Tensor:
+    """Keys k* (n, d_in): inputs of the layer's MLP output projection at the subject's last token."""
+    return site_values(loaded, requests, loaded.arch.mlp_out.format(layer), "input", prefixes, applied)

@@ -1,0 +1,56 @@
+"""MEMIT's scheme, shared by MEMIT and AlphaEdit: optimise a residual target z at the last edit
+layer, then walk the layers in order, giving each an equal share of what is still missing and
+solving that layer's least-squares update with the method's own solver."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from qedit.delta import LowRankDelta
+from qedit.facts import EditRequest
+from qedit.methods._common import context_prefixes, edit_keys, site_values
+from qedit.methods._target import optimize_targets
+from qedit.methods.base import EditContext, EditResult, MethodConfig, finish_delta, resolve_layers
+from qedit.model import LoadedModel
+from qedit.stats import key_covariance
+
+# (layer, keys (n, d_in), residuals (n, d_out), key covariance (d_in, d_in)) -> dW (d_out, d_in)
+LayerSolver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+    """Residual-stream change (n, d) -> the MLP-output change that produces it, through the
+    post-MLP norm's Jacobian at the current MLP output (identity when there is no such norm)."""
+    if loaded.arch.mlp_out_norm is None:
+        return resid
+    norm = loaded.module(loaded.arch.mlp_out_norm.format(layer))
+    out = []
+    for r, u in zip(resid, mlp_out):
+        jac = torch.autograd.functional.jacobian(lambda x: norm(x[None])[0], u.detach())   # (d, d)
+        # the norm's Jacobian is singular along u itself: a truncated pseudo-inverse keeps the step finite
+        out.append((torch.linalg.pinv(jac.double(), rtol=1e-3) @ r.double()).float())
+    return torch.stack(out)
+
+
+def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: MethodConfig, ctx: EditContext,
+                solver: LayerSolver) -> EditResult:
+    layers = resolve_layers(loaded, cfg, multi_layer=True)
+    covs = key_covariance(loaded, layers, cfg.stats)
+    prefixes = context_prefixes(loaded, cfg)
+    z_site = loaded.arch.layer.format(layers[-1])
+    z_delta, nlls = optimize_targets(loaded, requests, z_site, prefixes, cfg.target)       # (n, d_model)
+    z_target = site_values(loaded, requests, z_site, "output", prefixes) + z_delta           # (n, d_model)
+    applied: list[LowRankDelta] = []
+    keys: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(tqdm(layers, desc="spreading over layers", unit="layer", leave=False)):
+        k = edit_keys(loaded, requests, layer, prefixes, applied)                            # (n, d_in)
+        cur = site_values(loaded, requests, z_site, "output", prefixes, applied)             # (n, d_model)
+        resid = (z_target - cur) / (len(layers) - i)                                         # (n, d_model)
+        mlp_now = site_values(loaded, requests, loaded.arch.mlp_out.format(layer), "output", prefixes, applied)
+        resid = _to_mlp_space(loaded, layer, resid, mlp_now)                                 # (n, d_out)
+        dw = solver(layer, k, resid, covs[layer])                                            # (d_out, d_in)
+        applied.append(finish_delta(loaded, layer, dw, cfg, {"n_requests": len(requests)}))
+        keys[layer] = k
+    return EditResult(applied, keys, {"layers": list(layers), "target_nll": nlls})

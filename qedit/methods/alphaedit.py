@@ -1,0 +1,40 @@
+"""AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of the preserved
+keys, so dW K0 = 0 for ordinary keys K0; sequential batches add the keys of earlier edits.
+
+Per layer: dW = R K^T P ((K_p K_p^T + K K^T) P + l2 I)^-1, P the projector onto the eigenvectors
+of C = E[k k^T] with small eigenvalues, K_p the keys of earlier batches (EditContext.history).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from qedit import linalg
+from qedit.facts import EditRequest
+from qedit.methods._spread import spread_edit
+from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, TargetConfig, register_method
+from qedit.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class AlphaEditConfig(MethodConfig):
+    target: TargetConfig = field(default_factory=lambda: TargetConfig(clamp_norm=0.75))
+    nullspace_threshold: float = 1e-2   # eigenvalues of C below threshold * max eigenvalue span the null space
+    l2: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.nullspace_threshold < 1 or self.l2 < 0:
+            raise ValueError("nullspace_threshold must be in (0, 1) and l2 >= 0")
+
+
+@register_method(EditMethod.ALPHAEDIT, AlphaEditConfig, multi_layer=True)
+def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: AlphaEditConfig, ctx: EditContext) -> EditResult:
+    def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        proj = linalg.null_space_projector(cov, cfg.nullspace_threshold, relative=True)      # (d_in, d_in)
+        prior = ctx.history.get(layer, torch.zeros_like(cov))
+        return linalg.batch_update(keys, resid, prior, projector=proj, l2=cfg.l2).float()
+
+    return spread_edit(loaded, requests, cfg, ctx, solve)

@@ -1,0 +1,36 @@
+"""MEMIT (Meng et al. 2023): a batch of edits spread over several MLP layers.
+
+Per layer: dW = R K^T (lambda C + K K^T)^-1 (math orientation), C = E[k k^T] of the layer's keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from qedit import linalg
+from qedit.facts import EditRequest
+from qedit.methods._spread import spread_edit
+from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, TargetConfig, register_method
+from qedit.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class MemitConfig(MethodConfig):
+    target: TargetConfig = field(default_factory=lambda: TargetConfig(clamp_norm=0.75))
+    cov_weight: float = 1.5e4   # lambda: how strongly the covariance of ordinary keys is preserved
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cov_weight < 0:
+            raise ValueError("cov_weight must be >= 0")
+
+
+@register_method(EditMethod.MEMIT, MemitConfig, multi_layer=True)
+def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: MemitConfig, ctx: EditContext) -> EditResult:
+    def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        prior = cfg.cov_weight * cov.double() + ctx.history.get(layer, torch.zeros_like(cov)).double()
+        return linalg.batch_update(keys, resid, prior).float()
+
+    return spread_edit(loaded, requests, cfg, ctx, solve)

