@@ -7,12 +7,26 @@ from __future__ import annotations
 import torch
 
 
-def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Solve a x = b for symmetric positive (semi)definite a (d, d), b (d, k), in float64."""
+def solve_spd(a: torch.Tensor, b: torch.Tensor, jitter: float = 1e-6) -> torch.Tensor:
+    """Solve a x = b for symmetric positive (semi)definite a (d, d), b (d, k), in float64.
+
+    A singular a (e.g. a key covariance from fewer tokens than dimensions, whose null-space
+    eigenvalues come out as +-1e-9 rounding noise) gets a ridge of `jitter` times its mean
+    diagonal, grown tenfold until the Cholesky factorisation succeeds. Inverting the rounding
+    noise instead (a plain least-squares solve) returns vectors dominated by that noise.
+    """
     a64, b64 = a.double(), b.double()
     chol, info = torch.linalg.cholesky_ex(a64)
     if int(info) == 0:
         return torch.cholesky_solve(b64, chol)
+    scale = float(a64.diagonal().abs().mean().clamp(min=torch.finfo(torch.float64).tiny))
+    eye = torch.eye(a64.shape[0], dtype=torch.float64, device=a64.device)
+    ridge = jitter
+    while ridge <= 1.0:
+        chol, info = torch.linalg.cholesky_ex(a64 + ridge * scale * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(b64, chol)
+        ridge *= 10.0
     return torch.linalg.lstsq(a64, b64).solution
 
 

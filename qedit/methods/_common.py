@@ -1,6 +1,7 @@
 """Pieces the locate-then-edit methods share: context prefixes, edit keys, applying deltas on the fly."""
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Sequence
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from qedit.batching import build_batch
 from qedit.delta import LowRankDelta, combine
 from qedit.facts import EditRequest
-from qedit.hooks import OutputEdit, edit_outputs, record, stop_after
+from qedit.hooks import OutputEdit, add_at_positions, edit_outputs, record, stop_after
 from qedit.methods.base import MethodConfig
 from qedit.model import LoadedModel
 from qedit.stats import corpus_tokens
@@ -50,25 +51,43 @@ def delta_edits(loaded: LoadedModel, deltas: Sequence[LowRankDelta]) -> dict[str
 
 
 @torch.no_grad()
-def site_values(loaded: LoadedModel, requests: Sequence[EditRequest], module: str, kind: str,
-                prefixes: Sequence[str], applied: Sequence[LowRankDelta] = ()) -> torch.Tensor:
-    """The input or output of `module` at each request's subject-last token, averaged over prefixes.
+def site_values_many(loaded: LoadedModel, requests: Sequence[EditRequest], sites: Sequence[tuple[str, str]],
+                     prefixes: Sequence[str], applied: Sequence[LowRankDelta] = (),
+                     inject: tuple[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """For each (module, "input"|"output") site, its value at each request's subject-last token,
+    averaged over prefixes, from one forward pass per chunk. Returns [(n_requests, dim)] per site.
 
-    Returns (n_requests, dim).
+    inject=(module, vectors (n_requests, dim)) adds each request's vector to that module's output
+    at its subject-last token. The forward stops after the last site's module (sites in forward order).
     """
     texts = [pre + r.prompt for r in requests for pre in prefixes]
     subjects = [r.subject for r in requests for _ in prefixes]
-    out = []
+    collected: list[list[torch.Tensor]] = [[] for _ in sites]
     for lo in range(0, len(texts), ROWS_PER_FORWARD):
-        batch = build_batch(loaded, texts[lo:lo + ROWS_PER_FORWARD], [None] * len(texts[lo:lo + ROWS_PER_FORWARD]),
-                            subjects[lo:lo + ROWS_PER_FORWARD])
-        with edit_outputs(loaded.model, delta_edits(loaded, applied)), record(loaded.model, [module], kind) as rec, \
-                stop_after(loaded.model, module):
+        chunk = texts[lo:lo + ROWS_PER_FORWARD]
+        batch = build_batch(loaded, chunk, [None] * len(chunk), subjects[lo:lo + ROWS_PER_FORWARD])
+        with ExitStack() as stack:
+            edits = delta_edits(loaded, applied)
+            rows, cols = torch.arange(len(batch.lookup)), torch.tensor(batch.lookup)
+            if inject is not None:
+                owner = torch.arange(lo, lo + len(chunk)) // len(prefixes)                  # (rows,)
+                add = add_at_positions(inject[1][owner], rows, cols)
+                prev = edits.get(inject[0])
+                edits[inject[0]] = add if prev is None else (lambda i, o, _p=prev, _a=add: _a(i, _p(i, o)))
+            stack.enter_context(edit_outputs(loaded.model, edits))
+            recs = [stack.enter_context(record(loaded.model, [m], kind)) for m, kind in sites]
+            stack.enter_context(stop_after(loaded.model, sites[-1][0]))
             loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        rows = torch.arange(len(batch.lookup))
-        out.append(rec[module][rows, torch.tensor(batch.lookup)].float())      # (rows, dim)
-    vals = torch.cat(out)                                                      # (n * P, dim)
-    return vals.view(len(requests), len(prefixes), -1).mean(1)
+        for out, rec, (m, _) in zip(collected, recs, sites):
+            out.append(rec[m][rows, cols].float())                                  # (rows, dim)
+    return [torch.cat(c).view(len(requests), len(prefixes), -1).mean(1) for c in collected]
+
+
+def site_values(loaded: LoadedModel, requests: Sequence[EditRequest], module: str, kind: str,
+                prefixes: Sequence[str], applied: Sequence[LowRankDelta] = (),
+                inject: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One site's value at each request's subject-last token, averaged over prefixes: (n, dim)."""
+    return site_values_many(loaded, requests, [(module, kind)], prefixes, applied, inject)[0]
 
 
 def edit_keys(loaded: LoadedModel, requests: Sequence[EditRequest], layer: int, prefixes: Sequence[str],

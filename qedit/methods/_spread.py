@@ -3,6 +3,7 @@ layer, then walk the layers in order, giving each an equal share of what is stil
 solving that layer's least-squares update with the method's own solver."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -10,11 +11,15 @@ from tqdm.auto import tqdm
 
 from qedit.delta import LowRankDelta
 from qedit.facts import EditRequest
-from qedit.methods._common import context_prefixes, edit_keys, site_values
+from qedit.methods._common import context_prefixes, site_values, site_values_many
 from qedit.methods._target import optimize_targets
 from qedit.methods.base import EditContext, EditResult, MethodConfig, finish_delta, resolve_layers
 from qedit.model import LoadedModel
 from qedit.stats import key_covariance
+
+# Singular values of the post-MLP norm's Jacobian below this share of the largest are dropped:
+# Gemma's norm gains span 0.02..800, and chasing the weak directions blows the update up.
+PINV_RTOL = float(os.environ.get("QEDIT_PINV_RTOL", "1e-3"))
 
 # (layer, keys (n, d_in), residuals (n, d_out), key covariance (d_in, d_in)) -> dW (d_out, d_in)
 LayerSolver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,7 +35,7 @@ def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out:
     for r, u in zip(resid, mlp_out):
         jac = torch.autograd.functional.jacobian(lambda x: norm(x[None])[0], u.detach())   # (d, d)
         # the norm's Jacobian is singular along u itself: a truncated pseudo-inverse keeps the step finite
-        out.append((torch.linalg.pinv(jac.double(), rtol=1e-3) @ r.double()).float())
+        out.append((torch.linalg.pinv(jac.double(), rtol=PINV_RTOL) @ r.double()).float())
     return torch.stack(out)
 
 
@@ -39,16 +44,20 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Metho
     layers = resolve_layers(loaded, cfg, multi_layer=True)
     covs = key_covariance(loaded, layers, cfg.stats)
     prefixes = context_prefixes(loaded, cfg)
+    # The target is optimised as a change of the last edit layer's MLP output, so the residual
+    # target z is one that an MLP can write (with a post-MLP norm, as in Gemma, not every
+    # residual direction is cheap to reach); z is the last layer's output with that change made.
     z_site = loaded.arch.layer.format(layers[-1])
-    z_delta, nlls = optimize_targets(loaded, requests, z_site, prefixes, cfg.target)       # (n, d_model)
-    z_target = site_values(loaded, requests, z_site, "output", prefixes) + z_delta           # (n, d_model)
+    last_mlp = loaded.arch.mlp_out.format(layers[-1])
+    u_delta, nlls = optimize_targets(loaded, requests, last_mlp, prefixes, cfg.target)     # (n, d_out)
+    z_target = site_values(loaded, requests, z_site, "output", prefixes, inject=(last_mlp, u_delta))  # (n, d_model)
     applied: list[LowRankDelta] = []
     keys: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(tqdm(layers, desc="spreading over layers", unit="layer", leave=False)):
-        k = edit_keys(loaded, requests, layer, prefixes, applied)                            # (n, d_in)
-        cur = site_values(loaded, requests, z_site, "output", prefixes, applied)             # (n, d_model)
+        mlp = loaded.arch.mlp_out.format(layer)
+        k, mlp_now, cur = site_values_many(loaded, requests, [(mlp, "input"), (mlp, "output"), (z_site, "output")],
+                                           prefixes, applied)                    # (n, d_in), (n, d_out), (n, d_model)
         resid = (z_target - cur) / (len(layers) - i)                                         # (n, d_model)
-        mlp_now = site_values(loaded, requests, loaded.arch.mlp_out.format(layer), "output", prefixes, applied)
         resid = _to_mlp_space(loaded, layer, resid, mlp_now)                                 # (n, d_out)
         dw = solver(layer, k, resid, covs[layer])                                            # (d_out, d_in)
         applied.append(finish_delta(loaded, layer, dw, cfg, {"n_requests": len(requests)}))

@@ -6,7 +6,7 @@ of C = E[k k^T] with small eigenvalues, K_p the keys of earlier batches (EditCon
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -14,13 +14,12 @@ import torch
 from qedit import linalg
 from qedit.facts import EditRequest
 from qedit.methods._spread import spread_edit
-from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, TargetConfig, register_method
+from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, register_method
 from qedit.model import LoadedModel
 
 
 @dataclass(frozen=True)
 class AlphaEditConfig(MethodConfig):
-    target: TargetConfig = field(default_factory=lambda: TargetConfig(clamp_norm=0.75))
     nullspace_threshold: float = 1e-2   # eigenvalues of C below threshold * max eigenvalue span the null space
     l2: float = 10.0
 

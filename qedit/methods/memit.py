@@ -4,7 +4,7 @@ Per layer: dW = R K^T (lambda C + K K^T)^-1 (math orientation), C = E[k k^T] of 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -12,14 +12,13 @@ import torch
 from qedit import linalg
 from qedit.facts import EditRequest
 from qedit.methods._spread import spread_edit
-from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, TargetConfig, register_method
+from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, register_method
 from qedit.model import LoadedModel
 
 
 @dataclass(frozen=True)
 class MemitConfig(MethodConfig):
-    target: TargetConfig = field(default_factory=lambda: TargetConfig(clamp_norm=0.75))
-    cov_weight: float = 1.5e4   # lambda: how strongly the covariance of ordinary keys is preserved
+    cov_weight: float = 1e3     # lambda: how strongly the covariance of ordinary keys is preserved
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,0 +1,33 @@
+"""`qedit demo` end to end on the packaged Gemma 3 270M, writing the edited model."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_edits_and_writes_loadable_model(tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qedit.cli import main
+    from qedit.delta import MANIFEST_FILE
+
+    out = tmp_path / "edited"
+    assert main(["demo", "--method", "rome", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "answers before editing" in text and "answers after editing" in text
+    after = re.search(r"after : efficacy=([0-9.]+)", text)
+    assert after is not None and float(after.group(1)) >= 0.8, text
+    # A GGUF source becomes an HF directory that transformers loads as it is.
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["source_kind"] == "gguf" and manifest["method"] == "rome" and len(manifest["facts"]) == 5
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The Eiffel Tower is located in the city of", return_tensors="pt")
+    with torch.no_grad():
+        top = model(**ids).logits[0, -1].argmax().item()
+    assert tok.decode([top]).strip() == "Rome"
