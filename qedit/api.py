@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from qedit.delta import LowRankDelta, fold, save_deltas
 from qedit.errors import QeditError
 from qedit.facts import EditRequest
-from qedit.io_utils import refuse_same_file
+from qedit.io_utils import refuse_same_file, umask_mode
 from qedit.methods.base import EditContext, EditMethod, MethodConfig, get_method
 from qedit.model import LoadedModel
 
@@ -98,6 +98,8 @@ def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | Edi
         raise QeditError(f"method {spec.method.value} needs a {spec.config_cls.__name__}, not {type(cfg).__name__}")
     if batch_size is not None and batch_size < 1:
         raise QeditError("batch size must be at least 1")
+    if not requests:
+        raise QeditError("no edit requests: give at least one fact")
     ctx = EditContext(device=loaded.device)
     size = batch_size or len(requests)
     deltas: list[LowRankDelta] = []
@@ -130,6 +132,7 @@ def save_edited(loaded: LoadedModel, outcome: EditOutcome, out_dir: str | Path) 
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         save_deltas(tmp, outcome.deltas, outcome.manifest(loaded))
+        os.chmod(tmp, umask_mode(directory=True))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

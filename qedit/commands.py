@@ -40,6 +40,20 @@ def _check_output_dir(out: Path, source: Path) -> None:
         raise QeditError(f"{out}: already exists and is not empty; choose a new output directory")
 
 
+def _check_json_path(json_path: Path | None, *inputs: Path) -> None:
+    """--json must not overwrite an input: the model, a file of a model directory, the facts."""
+    from qedit.io_utils import refuse_same_file
+
+    if json_path is None:
+        return
+    refuse_same_file(json_path, *inputs)
+    if json_path.is_dir():
+        raise QeditError(f"{json_path}: is a directory; give a file name for --json")
+    for src in inputs:
+        if src.is_dir() and json_path.exists() and json_path.resolve().parent == src.resolve():
+            raise QeditError(f"{json_path}: is part of the model directory {src}; write the metrics elsewhere")
+
+
 def _print_answers(title: str, runner: Any, requests: list[EditRequest]) -> None:
     print(f"\n{title}")
     for r in requests:
@@ -54,6 +68,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     requests = load_requests(args.facts, args.limit)
     _check_output_dir(args.output, args.model)
+    _check_json_path(args.json, args.model, args.facts)
+    if args.json is not None and args.json.resolve() == args.output.resolve():
+        raise QeditError(f"{args.json}: --json and --output are the same path; give the metrics a file name of their own")
     cfg = _method_config(args)
     loaded = load_model(args.model, device=args.device)
     before = evaluate(TorchRunner(loaded), requests) if args.eval else None
@@ -96,6 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qedit.runners import TorchRunner
 
     requests = load_requests(args.facts, args.limit)
+    _check_json_path(args.json, args.model, args.facts, *([args.baseline] if args.baseline else []))
     loaded = load_model(args.model, device=args.device)
     baseline = _baseline_report(args, loaded, requests)
     runner = TorchRunner(loaded)

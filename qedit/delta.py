@@ -98,8 +98,12 @@ def combine(deltas: Sequence[LowRankDelta]) -> list[LowRankDelta]:
 
 @torch.no_grad()
 def fold(model: torch.nn.Module, deltas: Sequence[LowRankDelta], sign: float = 1.0) -> None:
-    """Add each delta to its weight in place. The one function in qedit that changes weights."""
+    """Add each delta to its weight in place. The one function in qedit that changes weights.
+
+    Every delta is checked before any weight changes, so a bad one leaves the model as it was.
+    """
     params = dict(model.named_parameters())
+    changes = []
     for d in deltas:
         if d.name not in params:
             raise QeditError(f"delta targets {d.name!r}, which this model does not have")
@@ -107,7 +111,9 @@ def fold(model: torch.nn.Module, deltas: Sequence[LowRankDelta], sign: float = 1
         change = d.stored_dense()
         if tuple(change.shape) != tuple(w.shape):
             raise QeditError(f"delta for {d.name} has shape {tuple(change.shape)}, weight is {tuple(w.shape)}")
-        w.add_(sign * change.to(w.dtype))
+        changes.append((w, change))
+    for w, change in changes:
+        w.add_(sign * change.to(device=w.device, dtype=w.dtype))
 
 
 def save_deltas(directory: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any]) -> None:
@@ -131,6 +137,7 @@ def save_deltas(directory: Path, deltas: Sequence[LowRankDelta], manifest: dict[
 
 def load_deltas(directory: Path) -> tuple[list[LowRankDelta], dict[str, Any]]:
     """Read what `save_deltas` wrote; errors name the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     manifest_path, deltas_path = directory / MANIFEST_FILE, directory / DELTAS_FILE
@@ -145,6 +152,6 @@ def load_deltas(directory: Path) -> tuple[list[LowRankDelta], dict[str, Any]]:
                          float(e["scale"]), Orientation(e["orientation"]), dict(e.get("meta", {})))
             for e in manifest["deltas"]
         ]
-    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError, SafetensorError) as exc:
         raise QeditError(f"{directory}: corrupt qedit deltas ({exc}); re-run `qedit edit`") from exc
     return deltas, manifest

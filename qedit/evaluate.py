@@ -75,6 +75,9 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalReport | None = None) -> EvalReport:
     """Score every request on `runner`; `baseline` (the unedited model's report) enables locality."""
+    if baseline is not None and len(baseline.cases) != len(requests):
+        raise ValueError(f"baseline report has {len(baseline.cases)} cases, not {len(requests)}: "
+                         "it must score the same requests in the same order")
     pairs: list[tuple[str, str]] = []
     for r in requests:
         pairs.append((r.prompt, r.target_new))
@@ -112,8 +115,6 @@ def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalRepo
             efficacy_top1=float(new.top1), generalization=_mean(gen), generalization_top1=_mean(gen_top1),
             locality=loc, locality_top1=loc_top1, locality_argmax=argmax,
         ))
-    if baseline is not None and len(baseline.cases) != len(cases):
-        raise ValueError("baseline report has a different number of cases")
     return EvalReport(runner.describe(), cases)
 
 

@@ -38,6 +38,10 @@ class EditRequest:
             raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}")
         if not self.target_new.strip():
             raise ValueError("target_new is empty")
+        if self.ground_truth is not None and not self.ground_truth.strip():
+            raise ValueError("ground_truth is empty; give the old answer or leave the field out")
+        if any(not a.strip() for a in self.locality_answers):
+            raise ValueError("a locality answer is empty")
         if len(self.locality_prompts) != len(self.locality_answers):
             raise ValueError("locality_prompts and locality_answers differ in length")
 
@@ -74,6 +78,11 @@ def request_from_dict(obj: dict[str, Any]) -> EditRequest:
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "requested_rewrite" in obj:
         rw = obj["requested_rewrite"]
+        if not isinstance(rw, dict):
+            raise ValueError("field 'requested_rewrite' must be an object")
+        for key, required in (("target_new", True), ("target_true", False)):
+            if not isinstance(rw.get(key, {} if not required else None), dict):
+                raise ValueError(f"field 'requested_rewrite.{key}' must be an object {{\"str\": ...}}")
         subject = _str_field(rw, "subject", True)
         template = _str_field(rw, "prompt", True)
         return EditRequest(
@@ -120,10 +129,12 @@ def parse_lines(lines: Iterable[str], source: str) -> list[EditRequest]:
 def load_requests(path: str | Path, limit: int | None = None) -> list[EditRequest]:
     """Read and validate a facts JSONL file; errors name the file and the line."""
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise QeditError(f"limit must be at least 1, not {limit}")
     if not path.is_file():
         raise QeditError(f"{path}: no such facts file; give a JSONL file with one fact per line")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")   # a leading byte-order mark is not part of line 1
     except UnicodeDecodeError as exc:
         raise QeditError(f"{path}: not UTF-8 text ({exc.reason}); give a JSONL file") from exc
     requests = parse_lines(text.splitlines(), str(path))

@@ -18,6 +18,16 @@ def refuse_same_file(output: Path, *inputs: Path) -> None:
             raise QeditError(f"{output}: refusing to write the output over its own input; choose another path")
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask (0o644 / 0o755 for 022).
+
+    tempfile creates 0o600 files and 0o700 directories; outputs renamed into place get this instead.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path in target's directory; on success it replaces `target`, on error it is removed."""
@@ -27,6 +37,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

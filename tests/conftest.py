@@ -113,3 +113,5 @@ def gemma_gguf() -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the real Gemma 3 270M model (runs in CI too)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Two OpenMP threads on two shared cores slow small ops down ~100x when the other core is busy.
+    torch.set_num_threads(1)

@@ -3,7 +3,6 @@ layer, then walk the layers in order, giving each an equal share of what is stil
 solving that layer's least-squares update with the method's own solver."""
 from __future__ import annotations
 
-import os
 from typing import Callable, Sequence
 
 import torch
@@ -19,7 +18,7 @@ from qedit.stats import key_covariance
 
 # Singular values of the post-MLP norm's Jacobian below this share of the largest are dropped:
 # Gemma's norm gains span 0.02..800, and chasing the weak directions blows the update up.
-PINV_RTOL = float(os.environ.get("QEDIT_PINV_RTOL", "1e-3"))
+PINV_RTOL = 1e-3
 
 # (layer, keys (n, d_in), residuals (n, d_out), key covariance (d_in, d_in)) -> dW (d_out, d_in)
 LayerSolver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

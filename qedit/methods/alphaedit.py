@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from qedit import linalg
+from qedit.errors import QeditError
 from qedit.facts import EditRequest
 from qedit.methods._spread import spread_edit
 from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, register_method
@@ -20,8 +21,8 @@ from qedit.model import LoadedModel
 
 @dataclass(frozen=True)
 class AlphaEditConfig(MethodConfig):
-    nullspace_threshold: float = 1e-2   # eigenvalues of C below threshold * max eigenvalue span the null space
-    l2: float = 10.0
+    nullspace_threshold: float = 1e-3   # eigenvalues of C below threshold * max eigenvalue span the null space
+    l2: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -33,7 +34,16 @@ class AlphaEditConfig(MethodConfig):
 def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: AlphaEditConfig, ctx: EditContext) -> EditResult:
     def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         proj = linalg.null_space_projector(cov, cfg.nullspace_threshold, relative=True)      # (d_in, d_in)
+        null_dim = int(round(float(torch.trace(proj))))
+        if null_dim == 0:
+            raise QeditError(
+                f"AlphaEdit: layer {layer} has no null space at nullspace_threshold={cfg.nullspace_threshold} "
+                "(every key direction is in use), so the edit would be zero; raise the threshold or use memit")
+        null_dims[layer] = null_dim
         prior = ctx.history.get(layer, torch.zeros_like(cov))
         return linalg.batch_update(keys, resid, prior, projector=proj, l2=cfg.l2).float()
 
-    return spread_edit(loaded, requests, cfg, ctx, solve)
+    null_dims: dict[int, int] = {}
+    result = spread_edit(loaded, requests, cfg, ctx, solve)
+    result.info["null_space_dims"] = null_dims
+    return result

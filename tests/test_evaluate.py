@@ -1,0 +1,153 @@
+"""qedit.evaluate on a hand-made runner (the metric arithmetic, exactly), and the torch runner's
+scores against a plain forward pass of the full model."""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import pytest
+import torch
+
+from qedit.evaluate import METRICS, EvalReport, evaluate, format_summary
+from qedit.facts import EditRequest
+from qedit.runners import Runner, TokenScore, TorchRunner
+
+
+class TableRunner:
+    """A Runner whose scores come from a table {(prompt, target): (log-probs, argmax ids)}.
+
+    The target's token ids are (1, 2, ...), one per log-prob, so top-1 holds exactly when the
+    argmax ids are (1, 2, ...) too.
+    """
+
+    name = "table"
+
+    def __init__(self, table: dict[tuple[str, str], tuple[tuple[float, ...], tuple[int, ...]]]) -> None:
+        self.table = table
+        self.asked: list[tuple[str, str]] = []
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScore]:
+        self.asked.extend(pairs)
+        out = []
+        for pair in pairs:
+            logprobs, argmax = self.table[pair]
+            out.append(TokenScore(tuple(range(1, len(logprobs) + 1)), logprobs, argmax))
+        return out
+
+    def complete(self, prompt: str, max_tokens: int = 8) -> str:
+        return ""
+
+    def describe(self) -> dict[str, str]:
+        return {"runner": self.name}
+
+
+FULL = EditRequest("P1 X", "X", "new", "old", rephrase_prompts=("Q1 X", "Q2 X"),
+                   locality_prompts=("L1", "L2"), locality_answers=("a b", "c"), case_id="7")
+BARE = EditRequest("P2 Y", "Y", "new2")                          # no ground truth, rephrase or locality
+TIE = EditRequest("P3 Z", "Z", "new3", "old3")
+
+EDITED = {
+    ("P1 X", "new"): ((-1.0, -3.0), (1, 2)),        # mean -2, top-1 exact
+    ("P1 X", "old"): ((-4.0,), (9,)),               # mean -4: efficacy 1, margin +2
+    ("Q1 X", "new"): ((-5.0,), (3,)),               # loses to old, not top-1
+    ("Q1 X", "old"): ((-1.0,), (1,)),
+    ("Q2 X", "new"): ((-1.0, -1.0), (1, 2)),        # wins, top-1
+    ("Q2 X", "old"): ((-2.0,), (1,)),
+    ("L1", "a b"): ((-1.0, -1.0), (7, 8)),
+    ("L2", "c"): ((-1.0,), (9,)),
+    ("P2 Y", "new2"): ((-0.5,), (4,)),              # not top-1
+    ("P3 Z", "new3"): ((-2.0, -2.0), (1, 5)),       # mean -2: ties with old3, and only half top-1
+    ("P3 Z", "old3"): ((-2.0,), (1,)),
+}
+UNEDITED = dict(EDITED)
+UNEDITED.update({("L1", "a b"): ((-1.0, -1.0), (7, 5)), ("L2", "c"): ((-1.0,), (9,))})
+
+
+def test_runner_protocol_is_met():
+    runner: Runner = TableRunner(EDITED)
+    assert runner.describe() == {"runner": "table"}
+
+
+def test_token_score():
+    s = TokenScore((4, 5), (-1.0, -2.0), (4, 5))
+    assert s.mean_logprob == -1.5 and s.top1
+    assert not TokenScore((4, 5), (-1.0, -2.0), (4, 6)).top1
+    assert TokenScore((), (), ()).mean_logprob == 0.0
+
+
+def test_metrics_per_case_and_aggregate():
+    requests = [FULL, BARE, TIE]
+    baseline = evaluate(TableRunner(UNEDITED), requests)
+    runner = TableRunner(EDITED)
+    report = evaluate(runner, requests, baseline=baseline)
+    # every pair is scored once, in one call
+    assert sorted(runner.asked) == sorted(EDITED)
+    full, bare, tie = report.cases
+    assert (full.case_id, full.subject, full.target_new, full.ground_truth) == ("7", "X", "new", "old")
+    assert (full.logp_new, full.logp_true, full.margin) == (-2.0, -4.0, 2.0)
+    assert (full.efficacy, full.efficacy_top1) == (1.0, 1.0)
+    assert (full.generalization, full.generalization_top1) == (0.5, 0.5)
+    assert full.locality_argmax == [[7, 8], [9]]
+    assert full.locality == pytest.approx(2 / 3)            # tokens unchanged: 7 yes, 8 vs 5 no, 9 yes
+    assert full.locality_top1 == 0.5                         # prompts entirely unchanged: L2 only
+    assert (bare.efficacy, bare.efficacy_top1, bare.margin, bare.logp_true) == (None, 0.0, None, None)
+    assert (bare.generalization, bare.generalization_top1, bare.locality, bare.locality_top1) == (None, None, None, None)
+    assert (tie.efficacy, tie.efficacy_top1, tie.margin) == (0.0, 0.0, 0.0)   # a tie is not a success
+    agg = report.aggregate()
+    assert agg == pytest.approx({"efficacy": 0.5, "efficacy_top1": 1 / 3, "generalization": 0.5,
+                                 "generalization_top1": 0.5, "locality": 2 / 3, "locality_top1": 0.5,
+                                 "margin": 1.0, "n_cases": 3.0})
+
+
+def test_locality_needs_a_baseline_of_the_same_requests():
+    report = evaluate(TableRunner(EDITED), [FULL])
+    assert report.cases[0].locality is None and report.aggregate()["locality"] is None
+    with pytest.raises(ValueError, match="baseline report has 1 cases, not 2"):
+        evaluate(TableRunner(EDITED), [FULL, TIE], baseline=report)
+
+
+def test_json_report_and_summary(tmp_path):
+    requests = [FULL, BARE]
+    report = evaluate(TableRunner(EDITED), requests, baseline=evaluate(TableRunner(UNEDITED), requests))
+    path = tmp_path / "m.json"
+    report.write_json(path)
+    data = json.loads(path.read_text())
+    assert data["runner"] == {"runner": "table"}
+    assert data["aggregate"] == pytest.approx(report.aggregate())
+    assert [c["margin"] for c in data["cases"]] == [2.0, None]
+    assert set(METRICS) <= set(data["cases"][0])
+    line = format_summary("edited", report)
+    assert line.startswith("edited: efficacy=1.000  efficacy_top1=0.500") and "margin=2.000" in line
+    assert isinstance(EvalReport(report.runner, []).aggregate()["n_cases"], float)
+
+
+@pytest.fixture(scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_torch_runner_matches_a_plain_forward(tiny_dirs, _one_thread, family):
+    """Teacher-forced scores of a right-padded batch equal the full model's log-softmax on each
+    prompt + target alone (also for Gemma's sliding-window layers and gpt2)."""
+    from qedit.batching import continuation_ids
+    from qedit.model import load_model
+
+    loaded = load_model(tiny_dirs[family])
+    pairs = [("The Eiffel Tower is located in the city of", "Rome"), ("Michael Jordan plays", "tennis and football"),
+             ("a", "sun moon star sky"), ("Toyota is a company from the country of", "Japan")]
+    runner = TorchRunner(loaded, batch_size=3)                  # two batches, the first padded
+    scores = runner.score(pairs)
+    for (prompt, target), s in zip(pairs, scores, strict=True):
+        p, t = continuation_ids(loaded.tokenizer, prompt, target)
+        assert s.target_ids == tuple(t) and len(t) >= 1
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([p + t])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)[len(p) - 1: len(p) - 1 + len(t)]     # (len(t), vocab)
+        torch.testing.assert_close(torch.tensor(s.logprobs), logp[torch.arange(len(t)), torch.tensor(t)],
+                                   atol=1e-4, rtol=1e-4)
+        assert s.argmax_ids == tuple(logp.argmax(-1).tolist())
+    assert runner.describe()["runner"] == "torch"
