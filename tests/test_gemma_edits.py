@@ -10,9 +10,9 @@ pytestmark = pytest.mark.slow
 
 N_CASES = 10
 # Measured on CounterFact-dev cases 100-109 (benchmarks/RESULTS.md): efficacy / locality
-# ROME 1.0 / 0.7 (sequential rank-one edits at one layer), MEMIT 0.9 / 0.9, AlphaEdit 0.9 / 0.9.
+# ROME 1.0 / 0.8 (sequential rank-one edits at one layer), MEMIT 0.9 / 0.9, AlphaEdit 0.9 / 0.9.
 # The target is 0.9 / 0.9; the bounds leave one case of slack below what was measured.
-THRESHOLDS = {"rome": (0.9, 0.6), "memit": (0.8, 0.8), "alphaedit": (0.8, 0.8)}
+THRESHOLDS = {"rome": (0.9, 0.7), "memit": (0.8, 0.8), "alphaedit": (0.8, 0.8)}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ Several requests are applied one after another (each sees the earlier ones throu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -15,13 +15,18 @@ from qedit.delta import LowRankDelta
 from qedit.facts import EditRequest
 from qedit.methods._common import context_prefixes, edit_keys
 from qedit.methods._target import optimize_targets
-from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, register_method, resolve_layers
+from qedit.methods.base import (EditContext, EditMethod, EditResult, MethodConfig, TargetConfig, register_method,
+                                resolve_layers)
 from qedit.model import LoadedModel
 from qedit.stats import key_covariance
 
 
 @dataclass(frozen=True)
 class RomeConfig(MethodConfig):
+    # A gentler target than ROME's paper settings (stop at P(new) ~ 0.74, tighter norm bound, more KL):
+    # on Gemma 3 270M it halves |dW| and keeps efficacy, with better locality and generalization.
+    target: TargetConfig = field(default_factory=lambda: TargetConfig(stop_nll=0.3, clamp_norm=2.0, kl_factor=0.25))
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.layers is not None and len(self.layers) != 1:
