@@ -88,7 +88,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(f"done {method}", file=sys.stderr)
-    print(f"| method | mode | cases | s/edit | efficacy | generalization | locality | efficacy top1 | peak RSS MB |")
+    print("| method | mode | cases | s/edit | efficacy | generalization | locality | efficacy top1 | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for mode in ("single", "batched"):

@@ -121,16 +121,8 @@ def test_json_report_and_summary(tmp_path):
     assert isinstance(EvalReport(report.runner, []).aggregate()["n_cases"], float)
 
 
-@pytest.fixture(scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
-def test_torch_runner_matches_a_plain_forward(tiny_dirs, _one_thread, family):
+def test_torch_runner_matches_a_plain_forward(tiny_dirs, family):
     """Teacher-forced scores of a right-padded batch equal the full model's log-softmax on each
     prompt + target alone (also for Gemma's sliding-window layers and gpt2)."""
     from qedit.batching import continuation_ids

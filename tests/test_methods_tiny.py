@@ -54,14 +54,6 @@ KL_BOUND = 0.3
 LEAK_BOUND = {"rome": 0.4, "memit": 0.4, "alphaedit": 0.4, "ft": 0.85}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny ops on 2 busy cores run ~100x faster without OpenMP hand-offs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _byte_level_tokenizer():
     """conftest's vocabulary as a byte-level BPE (every word one token), which transformers'

@@ -22,7 +22,7 @@ from types import MappingProxyType
 import gguf
 
 from qedit.errors import QeditError
-from qedit.kernels.registry import get_kernel, resolve_type
+from qedit.kernels.registry import check_shape, get_kernel, resolve_type
 
 logger = logging.getLogger(__name__)
 
@@ -271,13 +271,7 @@ def _choose(
 
 
 def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in shape)
-    except TypeError:
-        raise QeditError(f"tensor {name!r}: shape must be a sequence of ints, got {shape!r}") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise QeditError(f"tensor {name!r}: shape must be non-empty with positive sizes, got {dims}")
-    return dims
+    return check_shape(shape, f"tensor {name!r}")
 
 
 def tensor_type_for(

@@ -127,7 +127,7 @@ class QuantKernel:
 
     def dequantize(self, raw: np.ndarray | bytes | bytearray | memoryview, shape: Sequence[int]) -> np.ndarray:
         """raw uint8 (n_rows, row_bytes) or flat bytes -> float32 array of `shape` (last dim = n_cols)."""
-        dims = _check_shape(shape, f"dequantize {self.name}")
+        dims = check_shape(shape, f"dequantize {self.name}")
         n_cols = dims[-1]
         self._check_n_cols(n_cols, "shape[-1]")
         n_rows = int(np.prod(dims[:-1], dtype=np.int64))
@@ -177,7 +177,7 @@ def _all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def _check_shape(shape: Sequence[int], where: str) -> tuple[int, ...]:
+def check_shape(shape: Sequence[int], where: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in shape)
     except TypeError:
