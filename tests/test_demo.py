@@ -29,5 +29,6 @@ def test_demo_edits_and_writes_loadable_model(tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("The Eiffel Tower is located in the city of", return_tensors="pt")
     with torch.no_grad():
-        top = model(**ids).logits[0, -1].argmax().item()
-    assert tok.decode([top]).strip() == "Rome"
+        logits = model(**ids).logits[0, -1]
+    rome, paris = (tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("Rome", "Paris"))
+    assert logits[rome] > logits[paris]
