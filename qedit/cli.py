@@ -14,6 +14,9 @@ EPILOG = """examples:
   qedit edit model.gguf facts.jsonl -o edited/         edit a GGUF (or an HF directory) into an HF directory
   qedit edit edited/ more.jsonl --method memit -o v2/  edits stack: a qedit output is a model too
   qedit eval edited/ facts.jsonl --json metrics.json   efficacy, generalization and locality per fact
+  qedit edit model.gguf facts.jsonl -o edited.gguf     patch the edits into a copy of the GGUF
+  qedit eval edited.gguf facts.jsonl --baseline model.gguf   score a GGUF in llama.cpp
+  qedit inspect edited.gguf                            show the recorded edits and tensor types
 
 Facts are JSONL, one object per line: {"prompt", "subject", "target_new", "ground_truth",
 "rephrase_prompt", "locality_prompt", "locality_ground_truth"} (CounterFact / zsRE layout) or the
@@ -65,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weights and write an HF directory (model, tokenizer, deltas, manifest).")
     _add_model_args(p)
     _add_method_args(p)
-    p.add_argument("-o", "--output", type=Path, required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output directory (must not exist or be empty), or X.gguf to patch a GGUF source in place of a copy")
     p.add_argument("--eval", action="store_true", help="measure the metrics before and after and print them")
     p.add_argument("--json", type=Path, default=None, help="with --eval: write the metrics after the edit as JSON")
 
@@ -75,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--baseline", type=Path, default=None, help="the unedited model, for locality")
     p.add_argument("--json", type=Path, default=None, help="write aggregate and per-case metrics as JSON")
+
+    p = sub.add_parser("inspect", help="show the qedit manifests and tensor types of a .gguf file",
+                       description="Print the qedit edits recorded in a GGUF (method, facts, layers, ranks, "
+                                   "source sha256) and a table of tensor types with counts and bytes.")
+    p.add_argument("file", type=Path, help="a .gguf file")
 
     p = sub.add_parser("demo", help="edit the packaged Gemma 3 270M model and show answers before and after",
                        description="Applies the counterfactual edits shipped with qedit to Gemma 3 270M (Q4_K_M "
@@ -91,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qedit import commands
 
     try:
-        return {"edit": commands.cmd_edit, "eval": commands.cmd_eval, "demo": commands.cmd_demo}[args.command](args)
+        return {"edit": commands.cmd_edit, "eval": commands.cmd_eval, "demo": commands.cmd_demo,
+                "inspect": commands.cmd_inspect}[args.command](args)
     except QeditError as exc:
         print(f"qedit: error: {exc}", file=sys.stderr)
         return 2

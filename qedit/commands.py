@@ -67,7 +67,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from qedit.runners import TorchRunner
 
     requests = load_requests(args.facts, args.limit)
-    _check_output_dir(args.output, args.model)
+    gguf_out = _gguf_output(args.output, args.model)
+    if not gguf_out:
+        _check_output_dir(args.output, args.model)
     _check_json_path(args.json, args.model, args.facts)
     if args.json is not None and args.json.resolve() == args.output.resolve():
         raise QeditError(f"{args.json}: --json and --output are the same path; give the metrics a file name of their own")
@@ -75,7 +77,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device)
     before = evaluate(TorchRunner(loaded), requests) if args.eval else None
     outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
-    save_edited(loaded, outcome, args.output)
+    if gguf_out:
+        _write_patched_gguf(loaded, outcome, args.output)
+    else:
+        save_edited(loaded, outcome, args.output)
     print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
           f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
     if before is not None:
@@ -114,9 +119,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     requests = load_requests(args.facts, args.limit)
     _check_json_path(args.json, args.model, args.facts, *([args.baseline] if args.baseline else []))
-    loaded = load_model(args.model, device=args.device)
-    baseline = _baseline_report(args, loaded, requests)
-    runner = TorchRunner(loaded)
+    if _is_gguf_file(args.model):
+        runner, baseline = _llama_runner_and_baseline(args, requests)
+    else:
+        loaded = load_model(args.model, device=args.device)
+        baseline = _baseline_report(args, loaded, requests)
+        runner = TorchRunner(loaded)
     report = evaluate(runner, requests, baseline=baseline)
     print(f"runner: {runner.name}")
     print(format_summary(str(args.model), report))
@@ -158,4 +166,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.output is not None:
         save_edited(loaded, outcome, args.output)
         print(f"wrote {args.output}")
+    return 0
+
+
+# ---- GGUF in, GGUF out: `edit -o X.gguf`, `eval X.gguf` on llama.cpp, `inspect` ---------------------
+
+def _is_gguf_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def _gguf_output(out: Path, source: Path) -> bool:
+    """True when `edit` should patch the source GGUF into `out` (-o ends in .gguf)."""
+    from qedit.io_utils import refuse_same_file
+
+    if out.suffix.lower() != ".gguf":
+        return False
+    if not _is_gguf_file(source):
+        raise QeditError(f"{out}: a .gguf output needs a .gguf source model, but {source} is not one; "
+                         "give an output directory instead")
+    refuse_same_file(out, source)
+    if out.is_dir():
+        raise QeditError(f"{out}: is a directory; give a file name ending in .gguf")
+    return True
+
+
+def _write_patched_gguf(loaded: Any, outcome: Any, out: Path) -> None:
+    from qedit.converters.gguf_patch import patch_gguf
+
+    report = patch_gguf(loaded.source, out, outcome.deltas, outcome.manifest(loaded))
+    for t in report.tensors:
+        change = "" if t.bytes_after == t.bytes_before else f", {t.bytes_after - t.bytes_before:+,} bytes"
+        print(f"  re-encoded {t.name} as {t.type_after}{change}")
+    print(f"size: {report.size_before:,} -> {report.size_after:,} bytes ({report.size_change:+,})")
+
+
+def _llama_runner_and_baseline(args: argparse.Namespace, requests: list[EditRequest]) -> tuple[Any, Any]:
+    from qedit.evaluate import evaluate
+    from qedit.model import load_model
+    from qedit.runners import TorchRunner
+    from qedit.runners_llama import LlamaCppRunner
+
+    baseline = None
+    if args.baseline is not None:
+        base_runner = (LlamaCppRunner(args.baseline) if _is_gguf_file(args.baseline)
+                       else TorchRunner(load_model(args.baseline, device=args.device)))
+        baseline = evaluate(base_runner, requests)
+    else:
+        log.warning("no baseline: locality is not reported (give --baseline UNEDITED_MODEL)")
+    return LlamaCppRunner(args.model), baseline
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from qedit.converters.gguf_patch import inspect_lines
+
+    print("\n".join(inspect_lines(args.file)))
     return 0

@@ -1,0 +1,245 @@
+"""Write edits into a GGUF file: a streaming copy where only the edited tensors are re-encoded.
+
+The patched file keeps every original key-value entry byte for byte (copied from the source's byte
+ranges, so the 262k-entry vocabulary is never re-encoded), appends `qedit.manifest` (JSON; a JSON list
+when the source already had a manifest) and `qedit.version`, rewrites the tensor-info section with
+recomputed offsets, and copies untouched tensors from the source memmap in chunks. An edited tensor
+is dequantized, gets W += dW in float32, and is requantized to its original type (or an override)
+with `qedit.kernels`. The output is written to a temp file beside `dst` and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import gguf
+import numpy as np
+
+from qedit.converters.gguf_names import gguf_tensor_name
+from qedit.converters.gguf_read import GGUFFile, TensorInfo
+from qedit.delta import LowRankDelta
+from qedit.errors import QeditError
+from qedit.io_utils import atomic_path, refuse_same_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST_KEY = "qedit.manifest"
+VERSION_KEY = "qedit.version"
+_STRING_TYPE = 8
+_COPY_CHUNK = 1 << 24  # bytes per write when copying untouched tensor data
+
+
+@dataclass(frozen=True)
+class PatchedTensor:
+    """One re-encoded tensor of a patched GGUF."""
+
+    name: str                # GGUF tensor name
+    hf_name: str             # the delta's HF weight name
+    type_before: str
+    type_after: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class PatchReport:
+    src: Path
+    dst: Path
+    tensors: list[PatchedTensor]
+    size_before: int
+    size_after: int
+    seconds: float
+    n_manifests: int = 1     # manifests in the output (more than 1 when the source was already patched)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_change(self) -> int:
+        return self.size_after - self.size_before
+
+
+def read_manifests(gf: GGUFFile) -> list[dict[str, Any]]:
+    """The qedit manifests stored in a GGUF file, oldest first ([] when it has none)."""
+    raw = gf.fields.get(MANIFEST_KEY)
+    if raw is None:
+        return []
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError as exc:
+        raise QeditError(f"{gf.path.name}: metadata {MANIFEST_KEY} is not valid JSON ({exc}); the file is corrupt") from None
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(m, dict) for m in items):
+        raise QeditError(f"{gf.path.name}: metadata {MANIFEST_KEY} must be a JSON object or a list of objects")
+    return items
+
+
+def _kv_string(key: str, value: str) -> bytes:
+    k, v = key.encode("utf-8"), value.encode("utf-8")
+    return struct.pack("<Q", len(k)) + k + struct.pack("<I", _STRING_TYPE) + struct.pack("<Q", len(v)) + v
+
+
+def _tensor_info_bytes(name: str, shape: tuple[int, ...], ggml_type: gguf.GGMLQuantizationType, rel_offset: int) -> bytes:
+    n = name.encode("utf-8")
+    ne = tuple(reversed(shape))  # ggml order: ne[0] is the row length
+    return (struct.pack("<Q", len(n)) + n + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+            + struct.pack("<IQ", int(ggml_type), rel_offset))
+
+
+def _align(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _summed_changes(gf: GGUFFile, deltas: Sequence[LowRankDelta]) -> dict[str, tuple[str, np.ndarray]]:
+    """GGUF tensor name -> (HF name, summed dW as float32 in GGUF numpy order (rows, cols) = (out, in))."""
+    changes: dict[str, tuple[str, np.ndarray]] = {}
+    for d in deltas:
+        name = gguf_tensor_name(gf, d.name)
+        info = gf.tensors[name]
+        dense = d.dense().detach().cpu().numpy().astype(np.float32)  # (out, in), math orientation
+        if tuple(dense.shape) != tuple(info.shape):
+            raise QeditError(f"{gf.path.name}: delta for {d.name} has shape {tuple(dense.shape)} (out, in) "
+                             f"but {name} is {tuple(info.shape)}; the delta belongs to another model")
+        if name in changes:
+            changes[name] = (d.name, changes[name][1] + dense)
+        else:
+            changes[name] = (d.name, dense)
+    return changes
+
+
+def _requantize(gf: GGUFFile, name: str, change: np.ndarray,
+                new_type: gguf.GGMLQuantizationType) -> bytes:
+    from qedit.kernels import quantize_tensor
+
+    info = gf.tensors[name]
+    w = np.array(gf.dequantize(name), dtype=np.float32, copy=True)  # (rows, cols)
+    w += change
+    if new_type == gguf.GGMLQuantizationType.F32:
+        return np.ascontiguousarray(w).tobytes()
+    try:
+        data = quantize_tensor(w, new_type)  # uint8 (rows, row_bytes)
+    except QeditError as exc:
+        raise QeditError(f"{gf.path.name}: cannot re-encode {name} {info.shape} as {new_type.name}: {exc}") from None
+    return data.tobytes()
+
+
+def _resolve_overrides(gf: GGUFFile, overrides: Mapping[str, Any] | None,
+                       hf_to_gguf: Mapping[str, str]) -> dict[str, gguf.GGMLQuantizationType]:
+    """Type overrides keyed by GGUF or HF name -> by GGUF name."""
+    out: dict[str, gguf.GGMLQuantizationType] = {}
+    for key, value in (overrides or {}).items():
+        name = hf_to_gguf.get(key, key)
+        if name not in hf_to_gguf.values():
+            raise QeditError(f"type override for {key!r}: that tensor is not edited; overrides apply to edited tensors only")
+        try:
+            out[name] = gguf.GGMLQuantizationType(value) if not isinstance(value, str) else gguf.GGMLQuantizationType[value.upper()]
+        except (KeyError, ValueError):
+            raise QeditError(f"type override for {key!r}: {value!r} is not a GGML type") from None
+    return out
+
+
+def _copy_range(fh: BinaryIO, view: np.ndarray) -> None:
+    fh.writelines(memoryview(view[lo:lo + _COPY_CHUNK]) for lo in range(0, view.size, _COPY_CHUNK))
+
+
+def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any],
+               type_overrides: Mapping[str, Any] | None = None) -> PatchReport:
+    """Copy GGUF `src` to `dst` with `deltas` added to their tensors and `manifest` in the metadata.
+
+    Only edited tensors change; every other tensor and every original key-value entry is copied
+    byte for byte. `type_overrides` maps an edited tensor (GGUF or HF name) to a new GGML type.
+    """
+    from qedit.api import qedit_version
+
+    src, dst = Path(src), Path(dst)
+    refuse_same_file(dst, src)
+    start = time.perf_counter()
+    gf = GGUFFile(src)
+    try:
+        changes = _summed_changes(gf, deltas)
+        overrides = _resolve_overrides(gf, type_overrides, {hf: g for g, (hf, _) in changes.items()})
+        new_bytes: dict[str, bytes] = {}
+        report: list[PatchedTensor] = []
+        for name, (hf_name, change) in changes.items():
+            info = gf.tensors[name]
+            new_type = overrides.get(name, info.ggml_type)
+            new_bytes[name] = _requantize(gf, name, change, new_type)
+            report.append(PatchedTensor(name, hf_name, info.ggml_type.name, new_type.name,
+                                        info.nbytes, len(new_bytes[name])))
+            log.info("%s: re-encoded %s as %s", src.name, name, new_type.name)
+        manifests = read_manifests(gf) + [manifest]
+        value = json.dumps(manifests[0] if len(manifests) == 1 else manifests, default=str)
+        with atomic_path(dst) as tmp, open(tmp, "wb") as fh:
+            _write(gf, fh, new_bytes, overrides, value, qedit_version())
+        size_after = dst.stat().st_size
+    finally:
+        gf.close()
+    log.info("wrote %s (%d tensors re-encoded)", dst, len(report))
+    return PatchReport(src, dst, report, gf.file_size, size_after, time.perf_counter() - start, len(manifests))
+
+
+def _write(gf: GGUFFile, fh: BinaryIO, new_bytes: Mapping[str, bytes],
+           new_types: Mapping[str, gguf.GGMLQuantizationType], manifest_json: str, version: str) -> None:
+    src_map = np.memmap(gf.path, mode="r", dtype=np.uint8)  # (file_size,)
+    kept = [k for k in gf.fields if k not in (MANIFEST_KEY, VERSION_KEY)]
+    fh.write(b"GGUF" + struct.pack("<IQQ", gf.version, len(gf.tensors), len(kept) + 2))
+    for key in kept:  # original entries, byte for byte, in their original order
+        lo, hi = gf.field_ranges[key]
+        fh.write(memoryview(src_map[lo:hi]))
+    fh.write(_kv_string(MANIFEST_KEY, manifest_json))
+    fh.write(_kv_string(VERSION_KEY, version))
+    align = gf.alignment
+    infos: list[tuple[TensorInfo, int, int]] = []  # (info, new relative offset, new size)
+    rel = 0
+    for info in gf.tensors.values():
+        size = len(new_bytes[info.name]) if info.name in new_bytes else info.nbytes
+        infos.append((info, rel, size))
+        rel = _align(rel + size, align)
+    for info, offset, _ in infos:
+        fh.write(_tensor_info_bytes(info.name, info.shape, new_types.get(info.name, info.ggml_type), offset))
+    pos = fh.tell()
+    fh.write(b"\0" * (_align(pos, align) - pos))
+    data_start = fh.tell()
+    for info, offset, size in infos:
+        fh.write(b"\0" * (data_start + offset - fh.tell()))
+        if info.name in new_bytes:
+            fh.write(new_bytes[info.name])
+        else:
+            _copy_range(fh, src_map[info.offset:info.offset + info.nbytes])
+    del src_map
+
+
+def inspect_lines(path: Path) -> list[str]:
+    """A human-readable summary of a GGUF file: its qedit manifests, then tensor types with counts and bytes."""
+    with GGUFFile(path) as gf:
+        manifests = read_manifests(gf)
+        lines = [f"{gf.path.name}: GGUF v{gf.version}, {gf.architecture}, {len(gf.tensors)} tensors, {gf.file_size:,} bytes"]
+        if not manifests:
+            lines.append("no qedit manifest")
+        for i, m in enumerate(manifests, 1):
+            facts = m.get("facts") or []
+            subjects = ", ".join(str(f.get("subject", "?")) for f in facts[:8] if isinstance(f, dict))
+            more = f", ... (+{len(facts) - 8})" if len(facts) > 8 else ""
+            ranks = m.get("ranks") or {}
+            lines += [
+                (f"qedit edit {i} of {len(manifests)}: method {m.get('method', '?')}, "
+                 f"qedit {m.get('qedit_version', '?')}, created {m.get('created', '?')}"),
+                f"  facts: {len(facts)} ({subjects}{more})",
+                f"  layers: {m.get('layers', '?')}; ranks: "
+                + (", ".join(f"{k}={v}" for k, v in ranks.items()) if isinstance(ranks, dict) else str(ranks)),
+                f"  source sha256: {m.get('source_sha256', '?')}",
+            ]
+        if VERSION_KEY in gf.fields:
+            lines.append(f"written by qedit {gf.fields[VERSION_KEY]}")
+        by_type: dict[str, list[int]] = {}
+        for info in gf.tensors.values():
+            entry = by_type.setdefault(info.ggml_type.name, [0, 0])
+            entry[0] += 1
+            entry[1] += info.nbytes
+    lines.append(f"{'type':<8} {'tensors':>8} {'bytes':>14}")
+    lines += [f"{t:<8} {n:>8} {b:>14,}" for t, (n, b) in sorted(by_type.items(), key=lambda kv: -kv[1][1])]
+    return lines

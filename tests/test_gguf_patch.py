@@ -1,0 +1,232 @@
+"""Patching edits into a GGUF file (qedit.converters.gguf_patch) and running it in llama.cpp."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qedit.errors import QeditError
+
+PROMPTS = [  # (prompt, answer the unedited model gives)
+    ("The Eiffel Tower is located in the city of", "Paris"),
+    ("Michael Jordan plays the sport of", "basketball"),
+    ("Toyota is a company from the country of", "Japan"),
+]
+
+
+def _fast_rome():
+    from qedit.methods.base import TargetConfig
+    from qedit.methods.rome import RomeConfig
+    from qedit.stats import StatsConfig
+
+    return RomeConfig(target=TargetConfig(stop_nll=0.3, clamp_norm=2.0, kl_factor=0.25, n_prefixes=2, steps=20),
+                      stats=StatsConfig(n_samples=16, sample_len=32))
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_gguf):
+    from qedit.model import load_model
+
+    return load_model(gemma_gguf)
+
+
+@pytest.fixture(scope="module")
+def torch_before(gemma):
+    """Torch scores of PROMPTS on the unedited model (taken before `patched` folds the edits in)."""
+    from qedit.runners import TorchRunner
+
+    return TorchRunner(gemma).score(PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def patched(gemma, gemma_gguf, torch_before, tmp_path_factory):
+    from qedit.api import edit
+    from qedit.converters.gguf_patch import patch_gguf
+    from qedit.facts import demo_requests
+
+    requests = demo_requests()[:2]
+    outcome = edit(gemma, requests, "rome", _fast_rome())
+    manifest = outcome.manifest(gemma)
+    dst = tmp_path_factory.mktemp("patched") / "edited.gguf"
+    report = patch_gguf(gemma_gguf, dst, outcome.deltas, manifest)
+    return dst, report, manifest, requests, outcome
+
+
+@pytest.mark.slow
+def test_patch_changes_only_the_edited_tensors(gemma_gguf, patched):
+    from qedit.converters.gguf_read import GGUFFile
+
+    dst, report, _, _, _ = patched
+    edited = {t.name for t in report.tensors}
+    assert edited == {"blk.6.ffn_down.weight"}
+    with GGUFFile(gemma_gguf) as src, GGUFFile(dst) as out:
+        assert list(out.tensors) == list(src.tensors)
+        for name, info in src.tensors.items():
+            new = out.tensors[name]
+            assert (new.shape, new.ggml_type) == (info.shape, info.ggml_type), name
+            same = bytes(out.raw(name)) == bytes(src.raw(name))
+            assert same != (name in edited), name
+        for key, value in src.fields.items():
+            assert out.fields[key] == value, key
+            assert out.field_types[key] == src.field_types[key], key
+        assert set(out.fields) - set(src.fields) == {"qedit.manifest", "qedit.version"}
+    for t in report.tensors:
+        assert t.type_before == t.type_after == "Q4_K" and t.bytes_before == t.bytes_after
+    assert 0 < report.size_change < 100_000  # only the metadata grew
+
+
+@pytest.mark.slow
+def test_manifest_round_trips_and_a_second_patch_appends(patched, tmp_path):
+    from qedit.converters.gguf_patch import patch_gguf, read_manifests
+    from qedit.converters.gguf_read import GGUFFile
+
+    dst, _, manifest, requests, _ = patched
+    with GGUFFile(dst) as gf:
+        (stored,) = read_manifests(gf)
+    assert stored == json.loads(json.dumps(manifest, default=str))
+    assert [f["subject"] for f in stored["facts"]] == [r.subject for r in requests]
+    second = tmp_path / "twice.gguf"
+    report = patch_gguf(dst, second, [], {"method": "none", "note": "second"})
+    assert report.tensors == [] and report.n_manifests == 2
+    with GGUFFile(second) as gf, GGUFFile(dst) as first:
+        assert read_manifests(gf) == [stored, {"method": "none", "note": "second"}]
+        assert all(bytes(gf.raw(n)) == bytes(first.raw(n)) for n in first.tensors)
+
+
+@pytest.mark.slow
+def test_type_override_moves_the_offsets_and_llama_cpp_still_runs_it(gemma, gemma_gguf, patched, tmp_path):
+    from qedit.converters.gguf_patch import patch_gguf
+    from qedit.converters.gguf_read import GGUFFile
+    from qedit.delta import LowRankDelta
+    from qedit.runners_llama import LlamaCppRunner
+
+    dst, _, _, requests, _ = patched
+    name = "model.layers.6.mlp.down_proj.weight"
+    zero = LowRankDelta(name, 6, gemma.model.get_parameter(name).new_zeros(640, 1), gemma.model.get_parameter(name).new_zeros(1, 2048))
+    out = tmp_path / "q6k.gguf"
+    report = patch_gguf(dst, out, [zero], {"method": "requantize"}, type_overrides={name: "Q6_K"})
+    (t,) = report.tensors
+    assert (t.type_before, t.type_after, t.bytes_before, t.bytes_after) == ("Q4_K", "Q6_K", 737280, 1075200)
+    with GGUFFile(dst) as before, GGUFFile(out) as after:
+        assert after.tensors["blk.6.ffn_down.weight"].ggml_type.name == "Q6_K"
+        rel = lambda gf, n: gf.tensors[n].offset - gf.data_offset
+        moved = [n for n in before.tensors if rel(after, n) != rel(before, n)]
+        assert moved and "blk.6.ffn_down.weight" not in moved  # the tensors after it, not it
+        assert all(bytes(after.raw(n)) == bytes(before.raw(n)) for n in before.tensors if n != "blk.6.ffn_down.weight")
+    scores = LlamaCppRunner(out).score([(r.prompt, r.target_new) for r in requests] + [(r.prompt, r.ground_truth) for r in requests])
+    n = len(requests)
+    assert all(new.mean_logprob > true.mean_logprob for new, true in zip(scores[:n], scores[n:]))
+
+
+@pytest.mark.slow
+def test_deltas_that_do_not_fit_the_file_are_refused(gemma_gguf, tmp_path):
+    import torch
+
+    from qedit.converters.gguf_patch import patch_gguf
+    from qedit.delta import LowRankDelta
+
+    wrong_shape = LowRankDelta("model.layers.6.mlp.down_proj.weight", 6, torch.zeros(2048, 1), torch.zeros(1, 640))
+    unknown = LowRankDelta("model.layers.60.mlp.down_proj.weight", 60, torch.zeros(640, 1), torch.zeros(1, 2048))
+    for delta, message in ((wrong_shape, "has shape"), (unknown, "no GGUF tensor")):
+        with pytest.raises(QeditError, match=message):
+            patch_gguf(gemma_gguf, tmp_path / "x.gguf", [delta], {})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_patched_file_runs_in_llama_cpp_and_the_edits_hold(gemma_gguf, patched):
+    from qedit.runners_llama import LlamaCppRunner
+
+    dst, _, _, requests, _ = patched
+    for path, expect_new in ((gemma_gguf, False), (dst, True)):
+        runner = LlamaCppRunner(path)
+        scores = runner.score([(r.prompt, r.target_new) for r in requests] + [(r.prompt, r.ground_truth) for r in requests])
+        n = len(requests)
+        prefers_new = [new.mean_logprob > true.mean_logprob for new, true in zip(scores[:n], scores[n:])]
+        assert prefers_new == [expect_new] * n, (path, [s.mean_logprob for s in scores])
+    assert runner.describe()["runner"] == "llama.cpp" and runner.describe()["model"] == str(dst)
+
+
+@pytest.mark.slow
+def test_llama_cpp_and_torch_agree_on_the_unedited_model(gemma_gguf, torch_before):
+    from qedit.runners_llama import LlamaCppRunner
+
+    llama = LlamaCppRunner(gemma_gguf).score(PROMPTS)
+    for (prompt, _), t, l in zip(PROMPTS, torch_before, llama):
+        assert l.target_ids == t.target_ids, prompt
+        assert l.argmax_ids == t.argmax_ids, prompt
+        assert l.top1, prompt  # the model knows these facts
+        assert abs(l.mean_logprob - t.mean_logprob) < 0.5, prompt
+
+
+@pytest.mark.slow
+def test_cli_inspect_and_eval_on_the_patched_file(gemma_gguf, patched, tmp_path, capsys):
+    from qedit.cli import main
+
+    dst, _, _, requests, _ = patched
+    assert main(["inspect", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "method rome" in out and "Eiffel Tower" in out and "Q4_K" in out and "sha256" in out
+    assert main(["inspect", str(gemma_gguf)]) == 0
+    assert "no qedit manifest" in capsys.readouterr().out
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(r.to_json()) + "\n" for r in requests))
+    assert main(["eval", str(dst), str(facts), "--baseline", str(gemma_gguf)]) == 0
+    assert "runner: llama.cpp" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_edit_with_a_gguf_output_patches_the_source(gemma, gemma_gguf, patched, tmp_path, monkeypatch, capsys):
+    """The `edit -o X.gguf` wiring, with the module's edit standing in for a fresh (minutes-long) one."""
+    import qedit.api
+    import qedit.model
+    from qedit.cli import main
+    from qedit.converters.gguf_read import GGUFFile
+
+    dst, _, _, requests, outcome = patched
+    monkeypatch.setattr(qedit.model, "load_model", lambda *a, **k: gemma)
+    monkeypatch.setattr(qedit.api, "edit", lambda *a, **k: outcome)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(r.to_json()) + "\n" for r in requests))
+    out = tmp_path / "cli.gguf"
+    assert main(["edit", str(gemma_gguf), str(facts), "--method", "rome", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "re-encoded blk.6.ffn_down.weight as Q4_K" in printed and "size: 253,113,024 ->" in printed
+    with GGUFFile(out) as a, GGUFFile(dst) as b:
+        assert all(bytes(a.raw(n)) == bytes(b.raw(n)) for n in b.tensors)
+    assert main(["edit", str(gemma_gguf), str(facts), "-o", str(gemma_gguf)]) == 2
+    assert "refusing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_truncated_source_is_refused_and_leaves_no_output(gemma_gguf, tmp_path):
+    from qedit.converters.gguf_patch import patch_gguf
+
+    truncated = tmp_path / "cut.gguf"
+    with open(gemma_gguf, "rb") as fh:
+        truncated.write_bytes(fh.read(50_000_000))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(QeditError, match="truncated"):
+        patch_gguf(truncated, out_dir / "x.gguf", [], {"method": "none"})
+    assert list(out_dir.iterdir()) == []
+
+
+def test_refuses_to_write_over_the_source(tmp_path):
+    from qedit.converters.gguf_patch import patch_gguf
+
+    src = tmp_path / "model.gguf"
+    src.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(QeditError, match="refusing"):
+        patch_gguf(src, src, [], {})
+    with pytest.raises(QeditError, match="refusing"):
+        patch_gguf(src, tmp_path / "." / "model.gguf", [], {})
+    assert src.read_bytes() == b"GGUF" + bytes(100)
+
+
+def test_gguf_output_needs_a_gguf_source(tiny_dirs, facts_file, tmp_path, capsys):
+    from qedit.cli import main
+
+    assert main(["edit", str(tiny_dirs["llama"]), str(facts_file), "-o", str(tmp_path / "x.gguf")]) == 2
+    assert "needs a .gguf source" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
