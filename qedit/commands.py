@@ -147,6 +147,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     source = Path(assemble())
     if args.output is not None:
         _check_output_dir(args.output, source)
+    if args.gguf_output is not None:
+        _gguf_output(args.gguf_output, source)
     requests = demo_requests()
     cfg = _method_config(args)
     print(f"model: {source} (Gemma 3 270M, Q4_K_M GGUF)")
@@ -166,7 +168,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.output is not None:
         save_edited(loaded, outcome, args.output)
         print(f"wrote {args.output}")
+    _demo_patched_gguf(args, loaded, outcome, requests)
     return 0
+
+
+def _demo_patched_gguf(args: argparse.Namespace, loaded: Any, outcome: Any, requests: list[EditRequest]) -> None:
+    """Patch the packaged Q4_K_M file with the edits and show them answering in llama.cpp."""
+    import importlib.util
+    import tempfile
+
+    from qedit.evaluate import evaluate, format_summary
+
+    with tempfile.TemporaryDirectory(prefix="qedit-demo-") as tmp:
+        out = args.gguf_output if args.gguf_output is not None else Path(tmp) / "gemma-3-270m-edited.Q4_K_M.gguf"
+        print(f"\npatching the quantized file (only the edited tensors are re-encoded) -> {out}")
+        _write_patched_gguf(loaded, outcome, out)
+        if importlib.util.find_spec("llama_cpp") is None:
+            print("llama.cpp check skipped: llama-cpp-python is not installed (pip install 'qedit[llama]')")
+            return
+        from qedit.runners_llama import LlamaCppRunner
+
+        base_runner, runner = LlamaCppRunner(loaded.source), LlamaCppRunner(out)
+        _print_answers("answers of the patched Q4_K_M file in llama.cpp:", runner, requests)
+        before = evaluate(base_runner, requests)
+        after = evaluate(runner, requests, baseline=before)
+        print()
+        print(format_summary("llama.cpp, original Q4_K_M", before))
+        print(format_summary("llama.cpp, patched Q4_K_M ", after))
 
 
 # ---- GGUF in, GGUF out: `edit -o X.gguf`, `eval X.gguf` on llama.cpp, `inspect` ---------------------

@@ -22,6 +22,10 @@ def test_demo_edits_and_writes_loadable_model(tmp_path, capsys):
     assert "answers before editing" in text and "answers after editing" in text
     after = re.search(r"after : efficacy=([0-9.]+)", text)
     assert after is not None and float(after.group(1)) >= 0.8, text
+    # The patched Q4_K_M file answers with the edits in llama.cpp.
+    pytest.importorskip("llama_cpp")
+    patched = re.search(r"llama\.cpp, patched Q4_K_M *: efficacy=([0-9.]+)", text)
+    assert patched is not None and float(patched.group(1)) >= 0.8, text
     # A GGUF source becomes an HF directory that transformers loads as it is.
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["source_kind"] == "gguf" and manifest["method"] == "rome" and len(manifest["facts"]) == 5
