@@ -117,15 +117,20 @@ def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | Edi
     return EditOutcome(spec.method, cfg, list(requests), deltas, time.perf_counter() - start, info)
 
 
+def check_output_dir(out: Path, source: Path) -> None:
+    """An output directory must not be the source, and must be new or empty."""
+    refuse_same_file(out, source)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QeditError(f"{out}: already exists and is not empty; choose a new output directory")
+
+
 def save_edited(loaded: LoadedModel, outcome: EditOutcome, out_dir: str | Path) -> Path:
     """Write the edited model (safetensors + tokenizer, loadable by from_pretrained) and the deltas.
 
     The directory is written beside its final place and renamed into it, so a failure leaves nothing.
     """
     out = Path(out_dir)
-    refuse_same_file(out, loaded.source)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise QeditError(f"{out}: already exists and is not empty; choose a new output directory")
+    check_output_dir(out, loaded.source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

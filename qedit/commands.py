@@ -8,6 +8,7 @@ from typing import Any
 
 from qedit.errors import QeditError
 from qedit.facts import EditRequest, demo_requests, load_requests
+from qedit.model import is_gguf_file
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,9 @@ def _method_config(args: argparse.Namespace) -> Any:
 
 
 def _check_output_dir(out: Path, source: Path) -> None:
-    from qedit.io_utils import refuse_same_file
+    from qedit.api import check_output_dir
 
-    refuse_same_file(out, source)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise QeditError(f"{out}: already exists and is not empty; choose a new output directory")
+    check_output_dir(out, source)
 
 
 def _check_json_path(json_path: Path | None, *inputs: Path) -> None:
@@ -119,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     requests = load_requests(args.facts, args.limit)
     _check_json_path(args.json, args.model, args.facts, *([args.baseline] if args.baseline else []))
-    if _is_gguf_file(args.model):
+    if is_gguf_file(args.model):
         runner, baseline = _llama_runner_and_baseline(args, requests)
     else:
         loaded = load_model(args.model, device=args.device)
@@ -199,20 +198,13 @@ def _demo_patched_gguf(args: argparse.Namespace, loaded: Any, outcome: Any, requ
 
 # ---- GGUF in, GGUF out: `edit -o X.gguf`, `eval X.gguf` on llama.cpp, `inspect` ---------------------
 
-def _is_gguf_file(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"GGUF"
-
-
 def _gguf_output(out: Path, source: Path) -> bool:
     """True when `edit` should patch the source GGUF into `out` (-o ends in .gguf)."""
     from qedit.io_utils import refuse_same_file
 
     if out.suffix.lower() != ".gguf":
         return False
-    if not _is_gguf_file(source):
+    if not is_gguf_file(source):
         raise QeditError(f"{out}: a .gguf output needs a .gguf source model, but {source} is not one; "
                          "give an output directory instead")
     refuse_same_file(out, source)
@@ -239,7 +231,7 @@ def _llama_runner_and_baseline(args: argparse.Namespace, requests: list[EditRequ
 
     baseline = None
     if args.baseline is not None:
-        base_runner = (LlamaCppRunner(args.baseline) if _is_gguf_file(args.baseline)
+        base_runner = (LlamaCppRunner(args.baseline) if is_gguf_file(args.baseline)
                        else TorchRunner(load_model(args.baseline, device=args.device)))
         baseline = evaluate(base_runner, requests)
     else:

@@ -114,11 +114,14 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: to
     log.info("loading %s", path)
     if path.is_dir():
         return _load_hf_dir(path, device, dtype)
-    if path.suffix.lower() == ".gguf" or _is_gguf(path):
+    if path.suffix.lower() == ".gguf" or is_gguf_file(path):
         return _load_gguf(path, device, dtype)
     raise QeditError(f"{path}: not a model directory or a GGUF file; give an HF model directory or a .gguf file")
 
 
-def _is_gguf(path: Path) -> bool:
+def is_gguf_file(path: Path) -> bool:
+    """True for an existing file that starts with the GGUF magic."""
+    if not path.is_file():
+        return False
     with open(path, "rb") as fh:
         return fh.read(4) == b"GGUF"
