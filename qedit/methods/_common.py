@@ -67,14 +67,11 @@ def site_values_many(loaded: LoadedModel, requests: Sequence[EditRequest], sites
         chunk = texts[lo:lo + ROWS_PER_FORWARD]
         batch = build_batch(loaded, chunk, [None] * len(chunk), subjects[lo:lo + ROWS_PER_FORWARD])
         with ExitStack() as stack:
-            edits = delta_edits(loaded, applied)
             rows, cols = torch.arange(len(batch.lookup)), torch.tensor(batch.lookup)
-            if inject is not None:
+            stack.enter_context(edit_outputs(loaded.model, delta_edits(loaded, applied)))
+            if inject is not None:  # registered after the deltas, so it sees their output
                 owner = torch.arange(lo, lo + len(chunk)) // len(prefixes)                  # (rows,)
-                add = add_at_positions(inject[1][owner], rows, cols)
-                prev = edits.get(inject[0])
-                edits[inject[0]] = add if prev is None else (lambda i, o, _p=prev, _a=add: _a(i, _p(i, o)))
-            stack.enter_context(edit_outputs(loaded.model, edits))
+                stack.enter_context(edit_outputs(loaded.model, {inject[0]: add_at_positions(inject[1][owner], rows, cols)}))
             recs = [stack.enter_context(record(loaded.model, [m], kind)) for m, kind in sites]
             stack.enter_context(stop_after(loaded.model, sites[-1][0]))
             loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)

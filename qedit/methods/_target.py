@@ -55,11 +55,9 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
     for _step in range(cfg.steps):
         opt.zero_grad()
         delta = theta * unit                                                             # (n, d)
-        edits = dict(base_edits)
         inject = add_at_positions(delta[owner], rows_all, lookup)
-        prev = edits.get(site)
-        edits[site] = inject if prev is None else (lambda i, o, _p=prev: inject(i, _p(i, o)))
-        with edit_outputs(loaded.model, edits):
+        # hooks on one module chain in registration order: the applied deltas first, then the injection
+        with edit_outputs(loaded.model, base_edits), edit_outputs(loaded.model, {site: inject}):
             logits = logits_at(loaded, batch, q_rows, q_cols)
         logp = F.log_softmax(logits[:n_t], dim=-1).gather(1, t_ids[:, None])[:, 0]      # (n_t,)
         nll_per = -torch.zeros(n).index_add(0, tok_owner, logp) / counts                 # (n,) mean over tokens and prefixes
