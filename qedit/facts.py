@@ -11,7 +11,7 @@ Accepted line layouts (one JSON object per line, blank lines ignored):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -46,7 +46,13 @@ class EditRequest:
             raise ValueError("locality_prompts and locality_answers differ in length")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The request in the CounterFact/zsRE layout that `load_requests` reads back."""
+        out: dict[str, Any] = {"prompt": self.prompt, "subject": self.subject, "target_new": self.target_new}
+        optional = {"ground_truth": self.ground_truth, "rephrase_prompt": list(self.rephrase_prompts),
+                    "locality_prompt": list(self.locality_prompts),
+                    "locality_ground_truth": list(self.locality_answers), "case_id": self.case_id}
+        out.update({k: v for k, v in optional.items() if v not in (None, [])})
+        return out
 
 
 def _str_field(obj: dict[str, Any], key: str, required: bool) -> str | None:

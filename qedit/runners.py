@@ -2,12 +2,14 @@
 see this interface, so they do not know how an artifact was made or where it runs."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
 from qedit.batching import build_batch, logits_at, target_index
+from qedit.errors import QeditError
 from qedit.model import LoadedModel
 
 
@@ -36,6 +38,9 @@ class Runner(Protocol):
 
     def complete(self, prompt: str, max_tokens: int = 8) -> str:
         """Greedy continuation of `prompt`."""
+
+    def nll(self, text: str) -> tuple[float, int]:
+        """Summed negative log-likelihood (nats) of `text`'s tokens after BOS, and their count."""
 
     def describe(self) -> dict[str, str]:
         """Runner name, runtime versions and the artifact it runs, for reports."""
@@ -73,6 +78,15 @@ class TorchRunner:
         enc = tok(prompt, return_tensors="pt").to(self.loaded.device)
         out = self.loaded.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def nll(self, text: str) -> tuple[float, int]:
+        ids = self.loaded.tokenizer(text, return_tensors="pt")["input_ids"].to(self.loaded.device)  # (1, seq)
+        if ids.shape[1] < 2:
+            raise QeditError(f"text {text[:40]!r} has fewer than two tokens; perplexity needs a longer text")
+        logits = self.loaded.model(input_ids=ids).logits[0, :-1].float()      # (seq - 1, vocab)
+        logp = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])  # (seq - 1, 1)
+        return float(-logp.sum()), int(ids.shape[1] - 1)
 
     def describe(self) -> dict[str, str]:
         return {"runner": self.name, "torch": torch.__version__, "model": str(self.loaded.source),

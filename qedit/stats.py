@@ -3,7 +3,16 @@
 The keys k are the inputs of a layer's MLP output projection, one per token. The corpus is a
 text file the user gives or, by default, text sampled from the model itself (so nothing is ever
 downloaded). Both the sampled text and the statistics are cached on disk, keyed by the model's
-fingerprint, the corpus, the layer and the sample count.
+fingerprint, the corpus, the layer and the sample count; the text is stored once per corpus, so a
+new layer reuses it and only runs the forward pass up to that layer.
+
+Sampling is the slow part of a first edit (one forward pass per token, and each pass ends in the
+output layer over the whole vocabulary: 262k rows for Gemma 3). The sampler keeps a KV cache,
+draws tokens by inverse CDF (exact; torch.multinomial over 262k columns is several times slower),
+and can compute the output layer in bfloat16 (`sampling_precision`). The body of the model always
+runs in its own dtype, so the keys recorded while sampling are the keys of the model being edited:
+when the text is sampled for a covariance request, the covariance is accumulated during sampling
+and no second forward pass over the text is needed.
 """
 from __future__ import annotations
 
@@ -11,9 +20,10 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +34,9 @@ from qedit.io_utils import atomic_path
 from qedit.model import LoadedModel
 
 log = logging.getLogger(__name__)
+
+SAMPLING_PRECISIONS = ("auto", "float32", "bfloat16")
+_DRAW_BLOCK = 1024  # vocabulary block of the two-level inverse-CDF draw
 
 
 def default_cache_dir() -> Path:
@@ -41,45 +54,181 @@ class StatsConfig:
     batch_size: int = 64
     cache_dir: Path | None = None  # None = $QEDIT_CACHE or ~/.cache/qedit
     use_cache: bool = True
+    # Precision of the output layer while sampling text ("auto": bfloat16 on a CPU with native
+    # bfloat16 dot products, else float32). The keys are always computed in the model's dtype.
+    sampling_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.sample_len < 4 or self.batch_size < 1:
             raise ValueError("StatsConfig: n_samples >= 1, sample_len >= 4 and batch_size >= 1 are required")
+        if self.sampling_precision not in SAMPLING_PRECISIONS:
+            raise ValueError(f"StatsConfig: sampling_precision must be one of {SAMPLING_PRECISIONS}, "
+                             f"not {self.sampling_precision!r}")
         if self.corpus is not None and not Path(self.corpus).is_file():
             raise QeditError(f"{self.corpus}: corpus file not found; give a plain-text file or omit --corpus")
 
     def root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
 
+    def corpus_digest(self) -> str:
+        """sha256 prefix of the corpus file, hashed once per config and again only when the file changes."""
+        if self.corpus is None:
+            raise ValueError("StatsConfig.corpus_digest: no corpus file (the text is sampled from the model)")
+        path = Path(self.corpus)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise QeditError(f"{path}: cannot read the corpus file ({exc.strerror or exc})") from exc
+        stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        memo = self.__dict__.get("_digest_memo")  # per instance, not a dataclass field
+        if memo is None or memo[0] != stamp:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            memo = (stamp, h.hexdigest()[:16])
+            object.__setattr__(self, "_digest_memo", memo)
+        return memo[1]
+
 
 def _corpus_key(cfg: StatsConfig) -> str:
     if cfg.corpus is None:
         return f"self-s{cfg.seed}-n{cfg.n_samples}-l{cfg.sample_len}"
-    digest = hashlib.sha256(Path(cfg.corpus).read_bytes()).hexdigest()[:16]
-    return f"file-{digest}-n{cfg.n_samples}-l{cfg.sample_len}"
+    return f"file-{cfg.corpus_digest()}-n{cfg.n_samples}-l{cfg.sample_len}"
 
 
 def _cache_dir(loaded: LoadedModel, cfg: StatsConfig) -> Path:
     return cfg.root() / loaded.fingerprint[:20] / _corpus_key(cfg)
 
 
+def resolve_sampling_dtype(cfg: StatsConfig, device: torch.device) -> torch.dtype:
+    """The dtype of the output layer while sampling: cfg.sampling_precision with "auto" resolved."""
+    if cfg.sampling_precision == "float32":
+        return torch.float32
+    if cfg.sampling_precision == "bfloat16":
+        return torch.bfloat16
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
+
+
+class _KeySums:
+    """Running sums of k k^T (float64) at some layers, fed one sampling step at a time."""
+
+    def __init__(self, loaded: LoadedModel, layers: Sequence[int]) -> None:
+        self.names = {layer: loaded.arch.mlp_out.format(layer) for layer in layers}
+        self.last = loaded.arch.mlp_out.format(max(layers))
+        self.sums: dict[int, torch.Tensor] = {}
+        self.count = 0
+        self._pending: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+
+    def add_step(self, rec: dict[str, torch.Tensor]) -> None:
+        for layer, name in self.names.items():
+            k = rec[name]
+            self._pending[layer].append(k.reshape(-1, k.shape[-1]))            # (rows, d_in)
+
+    def end_batch(self) -> None:
+        """Fold a batch's keys into the sums (one float64 product per batch, as in `_compute`)."""
+        tokens = 0
+        for layer, parts in self._pending.items():
+            if parts:
+                keys = torch.cat(parts)                                         # (tokens, d_in)
+                _add_outer(self.sums, layer, keys)
+                tokens = keys.shape[0]
+                parts.clear()
+        self.count += tokens
+
+    def result(self) -> dict[int, tuple[torch.Tensor, int]]:
+        return {layer: ((self.sums[layer] / self.count).float(), self.count) for layer in self.names}
+
+
+def _add_outer(sums: dict[int, torch.Tensor], layer: int, keys: torch.Tensor) -> None:
+    k = keys.double()                                                           # (tokens, d_in)
+    sums[layer] = sums[layer] + k.t() @ k if layer in sums else k.t() @ k
+
+
+def _sampling_head(loaded: LoadedModel, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden (rows, d_model), final-normed -> logits (rows, vocab) float32, with the output layer in `dtype`."""
+    head = loaded.module(loaded.arch.lm_head)
+    weight = head.weight.detach().to(dtype)                                    # (vocab, d_model)
+    bias = head.bias.detach().to(dtype) if getattr(head, "bias", None) is not None else None
+    softcap = getattr(loaded.model.config, "final_logit_softcapping", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.linear(hidden.to(dtype), weight, bias).float()
+        return torch.tanh(out / softcap) * softcap if softcap else out
+
+    return logits
+
+
+def draw_tokens(logits: torch.Tensor, generator: torch.Generator, banned: Sequence[int] = ()) -> torch.Tensor:
+    """One token per row from softmax(logits) (rows, vocab), by inverse CDF; returns (rows, 1) int64.
+
+    Two levels: cumulative block masses pick a block of the vocabulary, then a cumulative sum
+    inside that block picks the token, so one pass of block sums is the only full-width scan.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)                              # (rows, vocab), a new tensor
+    if banned:
+        probs[:, list(banned)] = 0.0
+    rows, vocab = probs.shape
+    full = vocab // _DRAW_BLOCK
+    masses = probs[:, : full * _DRAW_BLOCK].view(rows, full, _DRAW_BLOCK).sum(-1)  # (rows, full)
+    if full * _DRAW_BLOCK < vocab:
+        masses = torch.cat([masses, probs[:, full * _DRAW_BLOCK:].sum(-1, keepdim=True)], dim=1)
+    cum = masses.double().cumsum(-1)                                           # (rows, n_blocks)
+    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64) * cum[:, -1:]
+    b = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)    # (rows, 1) block index
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))
+    offsets = torch.arange(_DRAW_BLOCK, device=probs.device)
+    cols = b * _DRAW_BLOCK + offsets                                           # (rows, block)
+    chosen = probs.gather(1, cols.clamp(max=vocab - 1)) * (cols < vocab)       # (rows, block)
+    j = torch.searchsorted(chosen.double().cumsum(-1), u - before, right=True)  # (rows, 1)
+    last = torch.where(chosen > 0, offsets, -1).amax(-1, keepdim=True)         # rounding may overshoot the block
+    return b * _DRAW_BLOCK + torch.minimum(j, last)
+
+
 @torch.no_grad()
-def _sample_from_model(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
-    """cfg.n_samples token sequences sampled from the model, starting from BOS."""
+def _sample_from_model(loaded: LoadedModel, cfg: StatsConfig, keys: _KeySums | None = None) -> list[list[int]]:
+    """cfg.n_samples token sequences of cfg.sample_len sampled from the model, starting from BOS.
+
+    With `keys`, the keys at its layers are summed along the way (every position but BOS).
+    """
     tok = loaded.tokenizer
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    dtype = resolve_sampling_dtype(cfg, loaded.device)
+    head = _sampling_head(loaded, dtype)
+    base = loaded.module(loaded.arch.base_model)
+    banned = sorted(set(tok.all_special_ids))  # sampled text runs on: no end of text, no padding
+    generator = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
+    began = time.perf_counter()
     seqs: list[list[int]] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        for lo in tqdm(range(0, cfg.n_samples, cfg.batch_size), desc="sampling corpus", unit="batch", leave=False):
-            n = min(cfg.batch_size, cfg.n_samples - lo)
-            ids = torch.full((n, 1), start, dtype=torch.long, device=loaded.device)
-            out = loaded.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                max_new_tokens=cfg.sample_len - 1, min_new_tokens=cfg.sample_len - 1,
-                pad_token_id=tok.pad_token_id, eos_token_id=None,
-            )
-            seqs.extend(out.tolist())
+    n_batches = -(-cfg.n_samples // cfg.batch_size)
+    with tqdm(total=n_batches * cfg.sample_len, desc="sampling corpus", unit="tok", leave=False) as bar:
+        for lo in range(0, cfg.n_samples, cfg.batch_size):
+            ids = torch.full((min(cfg.batch_size, cfg.n_samples - lo), 1), start, dtype=torch.long, device=loaded.device)
+            columns, past = [ids], None
+            for pos in range(cfg.sample_len):  # feeds position `pos`; the last feed only records keys
+                names = list(keys.names.values()) if keys is not None and pos > 0 else []
+                if pos == cfg.sample_len - 1:
+                    if keys is not None:
+                        with record(loaded.model, names, kind="input") as rec, stop_after(loaded.model, keys.last):
+                            base(input_ids=ids, past_key_values=past, use_cache=True)
+                        keys.add_step(rec)
+                    bar.update(1)
+                    break
+                with record(loaded.model, names, kind="input") as rec:
+                    out = base(input_ids=ids, past_key_values=past, use_cache=True)
+                if names:
+                    keys.add_step(rec)  # type: ignore[union-attr]
+                past = out.past_key_values
+                ids = draw_tokens(head(out.last_hidden_state[:, -1]), generator, banned)  # (rows, 1)
+                columns.append(ids)
+                bar.update(1)
+            if keys is not None:
+                keys.end_batch()
+            seqs.extend(torch.cat(columns, dim=1).tolist())
+    log.info("sampled %d x %d tokens from the model in %.1f s (output layer in %s)", cfg.n_samples,
+             cfg.sample_len, time.perf_counter() - began, str(dtype).removeprefix("torch."))
     return seqs
 
 
@@ -94,15 +243,33 @@ def _chunk_corpus(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
     return [([start] if start is not None else []) + c for c in chunks]
 
 
-def corpus_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
-    """The token sequences the statistics are computed on (cached for sampled text)."""
+def _cached_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]] | None:
     path = _cache_dir(loaded, cfg) / "tokens.json"
-    if cfg.use_cache and path.is_file():
-        return json.loads(path.read_text())
-    seqs = _sample_from_model(loaded, cfg) if cfg.corpus is None else _chunk_corpus(loaded, cfg)
+    if not (cfg.use_cache and path.is_file()):
+        return None
+    try:
+        seqs = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s: unreadable cached corpus (%s); sampling it again", path, exc)
+        return None
+    if not (isinstance(seqs, list) and all(isinstance(s, list) and s for s in seqs)):
+        log.warning("%s: cached corpus is not a list of token lists; sampling it again", path)
+        return None
+    return seqs
+
+
+def _store_tokens(loaded: LoadedModel, cfg: StatsConfig, seqs: list[list[int]]) -> None:
     if cfg.use_cache:
-        with atomic_path(path) as tmp:
+        with atomic_path(_cache_dir(loaded, cfg) / "tokens.json") as tmp:
             tmp.write_text(json.dumps(seqs))
+
+
+def corpus_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
+    """The token sequences the statistics are computed on (cached)."""
+    seqs = _cached_tokens(loaded, cfg)
+    if seqs is None:
+        seqs = _sample_from_model(loaded, cfg) if cfg.corpus is None else _chunk_corpus(loaded, cfg)
+        _store_tokens(loaded, cfg, seqs)
     return seqs
 
 
@@ -112,6 +279,13 @@ def corpus_texts(loaded: LoadedModel, cfg: StatsConfig) -> list[str]:
 
 @torch.no_grad()
 def _compute(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> dict[int, tuple[torch.Tensor, int]]:
+    """(E[k k^T] (d_in, d_in) float32, token count) per layer; samples the corpus when it is not cached."""
+    began = time.perf_counter()
+    if cfg.corpus is None and _cached_tokens(loaded, cfg) is None:
+        acc = _KeySums(loaded, layers)  # sample and sum the keys in the same forward passes
+        _store_tokens(loaded, cfg, _sample_from_model(loaded, cfg, acc))
+        log.info("key statistics for layers %s from %d tokens, computed while sampling", list(layers), acc.count)
+        return acc.result()
     seqs = corpus_tokens(loaded, cfg)
     names = {layer: loaded.arch.mlp_out.format(layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
@@ -131,9 +305,9 @@ def _compute(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
             loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device))
         sel = mask_keys.bool().reshape(-1)
         for layer, name in names.items():
-            k = rec[name].reshape(-1, rec[name].shape[-1])[sel.to(rec[name].device)].double()  # (tokens, d_in)
-            sums[layer] = sums.get(layer, 0) + k.t() @ k
+            _add_outer(sums, layer, rec[name].reshape(-1, rec[name].shape[-1])[sel.to(rec[name].device)])  # (tokens, d_in)
         count += int(sel.sum())
+    log.info("key statistics for layers %s from %d tokens in %.1f s", list(layers), count, time.perf_counter() - began)
     return {layer: ((sums[layer] / count).float(), count) for layer in layers}
 
 

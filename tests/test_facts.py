@@ -121,3 +121,14 @@ def test_empty_file_and_bad_encoding(tmp_path):
 def test_limit_must_be_positive(facts_file, limit):
     with pytest.raises(QeditError, match="limit"):
         load_requests(facts_file, limit=limit)
+
+
+def test_to_json_round_trips_through_the_loader():
+    from qedit.facts import EditRequest, request_from_dict
+
+    full = EditRequest(prompt="Toyota is from", subject="Toyota", target_new="Italy", ground_truth="Japan",
+                       rephrase_prompts=("Toyota comes from",), locality_prompts=("Honda is from",),
+                       locality_answers=("Japan",), case_id="7")
+    bare = EditRequest(prompt="Toyota is from", subject="Toyota", target_new="Italy")
+    for req in (full, bare):
+        assert request_from_dict(req.to_json()) == req

@@ -187,7 +187,7 @@ def test_dequantize_rejects_mismatched_raw(raw: np.ndarray, shape: tuple[int, ..
 ])
 def test_resolve_type_follows_llama_cpp(requested: T, n_cols: int, expected: T,
                                         caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="qedit.kernels.registry"):
+    with caplog.at_level(logging.INFO, logger="qedit.kernels.registry"):
         actual, reason = resolve_type(requested, n_cols, tensor_name="blk.0.x.weight")
     assert actual == expected
     assert (reason is None) == (expected == requested)

@@ -11,28 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import gguf
 import numpy as np
 
 from qedit.converters.gguf_names import gguf_tensor_name
-from qedit.converters.gguf_read import GGUFFile, TensorInfo
+from qedit.converters.gguf_read import GGUFFile
+from qedit.converters.gguf_write import KVEntry, TensorSpec, copied_kvs, encode_kv, source_tensor, write_gguf
 from qedit.delta import LowRankDelta
 from qedit.errors import QeditError
-from qedit.io_utils import atomic_path, refuse_same_file
+from qedit.io_utils import refuse_same_file
 
 log = logging.getLogger(__name__)
 
 MANIFEST_KEY = "qedit.manifest"
 VERSION_KEY = "qedit.version"
-_STRING_TYPE = 8
-_COPY_CHUNK = 1 << 24  # bytes per write when copying untouched tensor data
 
 
 @dataclass(frozen=True)
@@ -78,37 +76,36 @@ def read_manifests(gf: GGUFFile) -> list[dict[str, Any]]:
     return items
 
 
-def _kv_string(key: str, value: str) -> bytes:
-    k, v = key.encode("utf-8"), value.encode("utf-8")
-    return struct.pack("<Q", len(k)) + k + struct.pack("<I", _STRING_TYPE) + struct.pack("<Q", len(v)) + v
+def manifest_kvs(previous: Sequence[dict[str, Any]], manifest: dict[str, Any] | None,
+                 version: str) -> tuple[list[KVEntry], int]:
+    """The `qedit.manifest` (earlier manifests plus `manifest`; one JSON object, or a list when there are
+    several) and `qedit.version` entries, and the number of manifests recorded."""
+    manifests = list(previous) + ([manifest] if manifest is not None else [])
+    out = []
+    if manifests:
+        value = json.dumps(manifests[0] if len(manifests) == 1 else manifests, default=str)
+        out.append(encode_kv(MANIFEST_KEY, value, gguf.GGUFValueType.STRING))
+    out.append(encode_kv(VERSION_KEY, version, gguf.GGUFValueType.STRING))
+    return out, len(manifests)
 
 
-def _tensor_info_bytes(name: str, shape: tuple[int, ...], ggml_type: gguf.GGMLQuantizationType, rel_offset: int) -> bytes:
-    n = name.encode("utf-8")
-    ne = tuple(reversed(shape))  # ggml order: ne[0] is the row length
-    return (struct.pack("<Q", len(n)) + n + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
-            + struct.pack("<IQ", int(ggml_type), rel_offset))
-
-
-def _align(n: int, alignment: int) -> int:
-    return (n + alignment - 1) // alignment * alignment
-
-
-def _summed_changes(gf: GGUFFile, deltas: Sequence[LowRankDelta]) -> dict[str, tuple[str, np.ndarray]]:
-    """GGUF tensor name -> (HF name, summed dW as float32 in GGUF numpy order (rows, cols) = (out, in))."""
-    changes: dict[str, tuple[str, np.ndarray]] = {}
+def group_deltas(gf: GGUFFile, deltas: Sequence[LowRankDelta]) -> dict[str, list[LowRankDelta]]:
+    """GGUF tensor name -> the deltas on it, each checked against the tensor's (rows, cols) = (out, in)."""
+    groups: dict[str, list[LowRankDelta]] = {}
     for d in deltas:
         name = gguf_tensor_name(gf, d.name)
         info = gf.tensors[name]
-        dense = d.dense().detach().cpu().numpy().astype(np.float32)  # (out, in), math orientation
-        if tuple(dense.shape) != tuple(info.shape):
-            raise QeditError(f"{gf.path.name}: delta for {d.name} has shape {tuple(dense.shape)} (out, in) "
+        if tuple(d.shape) != tuple(info.shape):
+            raise QeditError(f"{gf.path.name}: delta for {d.name} has shape {tuple(d.shape)} (out, in) "
                              f"but {name} is {tuple(info.shape)}; the delta belongs to another model")
-        if name in changes:
-            changes[name] = (d.name, changes[name][1] + dense)
-        else:
-            changes[name] = (d.name, dense)
-    return changes
+        groups.setdefault(name, []).append(d)
+    return groups
+
+
+def summed_changes(gf: GGUFFile, deltas: Sequence[LowRankDelta]) -> dict[str, tuple[str, np.ndarray]]:
+    """GGUF tensor name -> (HF name, summed dW as float32 in GGUF numpy order (rows, cols) = (out, in))."""
+    return {name: (group[-1].name, sum(d.dense() for d in group).detach().cpu().numpy().astype(np.float32))
+            for name, group in group_deltas(gf, deltas).items()}
 
 
 def _requantize(gf: GGUFFile, name: str, change: np.ndarray,
@@ -142,10 +139,6 @@ def _resolve_overrides(gf: GGUFFile, overrides: Mapping[str, Any] | None,
     return out
 
 
-def _copy_range(fh: BinaryIO, view: np.ndarray) -> None:
-    fh.writelines(memoryview(view[lo:lo + _COPY_CHUNK]) for lo in range(0, view.size, _COPY_CHUNK))
-
-
 def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any],
                type_overrides: Mapping[str, Any] | None = None) -> PatchReport:
     """Copy GGUF `src` to `dst` with `deltas` added to their tensors and `manifest` in the metadata.
@@ -160,7 +153,7 @@ def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: d
     start = time.perf_counter()
     gf = GGUFFile(src)
     try:
-        changes = _summed_changes(gf, deltas)
+        changes = summed_changes(gf, deltas)
         overrides = _resolve_overrides(gf, type_overrides, {hf: g for g, (hf, _) in changes.items()})
         new_bytes: dict[str, bytes] = {}
         report: list[PatchedTensor] = []
@@ -171,46 +164,17 @@ def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: d
             report.append(PatchedTensor(name, hf_name, info.ggml_type.name, new_type.name,
                                         info.nbytes, len(new_bytes[name])))
             log.info("%s: re-encoded %s as %s", src.name, name, new_type.name)
-        manifests = read_manifests(gf) + [manifest]
-        value = json.dumps(manifests[0] if len(manifests) == 1 else manifests, default=str)
-        with atomic_path(dst) as tmp, open(tmp, "wb") as fh:
-            _write(gf, fh, new_bytes, overrides, value, qedit_version())
-        size_after = dst.stat().st_size
+        meta, n_manifests = manifest_kvs(read_manifests(gf), manifest, qedit_version())
+        kept = copied_kvs(gf, [k for k in gf.fields if k not in (MANIFEST_KEY, VERSION_KEY)])
+        tensors = [TensorSpec(info.name, info.shape, overrides.get(info.name, info.ggml_type),
+                              (lambda data=new_bytes[info.name]: data) if info.name in new_bytes
+                              else source_tensor(gf, info.name))
+                   for info in gf.tensors.values()]
+        size_after = write_gguf(dst, kept + meta, tensors, alignment=gf.alignment, version=gf.version)
     finally:
         gf.close()
     log.info("wrote %s (%d tensors re-encoded)", dst, len(report))
-    return PatchReport(src, dst, report, gf.file_size, size_after, time.perf_counter() - start, len(manifests))
-
-
-def _write(gf: GGUFFile, fh: BinaryIO, new_bytes: Mapping[str, bytes],
-           new_types: Mapping[str, gguf.GGMLQuantizationType], manifest_json: str, version: str) -> None:
-    src_map = np.memmap(gf.path, mode="r", dtype=np.uint8)  # (file_size,)
-    kept = [k for k in gf.fields if k not in (MANIFEST_KEY, VERSION_KEY)]
-    fh.write(b"GGUF" + struct.pack("<IQQ", gf.version, len(gf.tensors), len(kept) + 2))
-    for key in kept:  # original entries, byte for byte, in their original order
-        lo, hi = gf.field_ranges[key]
-        fh.write(memoryview(src_map[lo:hi]))
-    fh.write(_kv_string(MANIFEST_KEY, manifest_json))
-    fh.write(_kv_string(VERSION_KEY, version))
-    align = gf.alignment
-    infos: list[tuple[TensorInfo, int, int]] = []  # (info, new relative offset, new size)
-    rel = 0
-    for info in gf.tensors.values():
-        size = len(new_bytes[info.name]) if info.name in new_bytes else info.nbytes
-        infos.append((info, rel, size))
-        rel = _align(rel + size, align)
-    for info, offset, _ in infos:
-        fh.write(_tensor_info_bytes(info.name, info.shape, new_types.get(info.name, info.ggml_type), offset))
-    pos = fh.tell()
-    fh.write(b"\0" * (_align(pos, align) - pos))
-    data_start = fh.tell()
-    for info, offset, size in infos:
-        fh.write(b"\0" * (data_start + offset - fh.tell()))
-        if info.name in new_bytes:
-            fh.write(new_bytes[info.name])
-        else:
-            _copy_range(fh, src_map[info.offset:info.offset + info.nbytes])
-    del src_map
+    return PatchReport(src, dst, report, gf.file_size, size_after, time.perf_counter() - start, n_manifests)
 
 
 def inspect_lines(path: Path) -> list[str]:

@@ -207,7 +207,7 @@ def resolve_type(
 
     Like llama.cpp's tensor_type_fallback: 256-blocks fall back to a 32-block type (Q2_K/Q3_K -> Q4_0,
     Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL), and anything that still does not fit
-    becomes F16. A fallback is logged as a warning.
+    becomes F16. A fallback is logged (INFO) and its reason returned, for the caller to report.
     """
     kernel = get_kernel(requested)
     if n_cols <= 0:
@@ -220,7 +220,7 @@ def resolve_type(
     label = f"{tensor_name}: " if tensor_name else ""
     reason = (f"{label}row length {n_cols} is not a multiple of {kernel.block_size} "
               f"(required by {kernel.name}); falling back to {actual.name}")
-    logger.warning("%s", reason)
+    logger.info("%s", reason)
     return actual, reason
 
 

@@ -1,0 +1,112 @@
+"""`qedit survival`: edit (or reuse saved deltas), then check the edits at every rung of a ladder."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from qedit.errors import QeditError
+
+log = logging.getLogger(__name__)
+
+EXIT_GATE_FAILED = 1
+
+
+def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
+    from qedit.survival.rungs import DEFAULT_LADDER
+
+    p = sub.add_parser(
+        "survival", help="check that every edit survives quantization, rung by rung, in llama.cpp",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Edit the facts (or reuse --from-deltas), then for every rung of the ladder quantize the "
+                    "edited model and the unedited baseline the same way, run both in llama.cpp, and report "
+                    "efficacy, generalization, locality (against the baseline at the same rung), fluency drift "
+                    "and the share of each kept against full precision.",
+        epilog="examples:\n"
+               "  qedit survival model.gguf facts.jsonl --method alphaedit -o report/\n"
+               "  qedit survival model.gguf facts.jsonl --ladder Q8_0,Q4_K_M,Q2_K --lora Q4_K_M -o report/\n"
+               "  qedit survival model.gguf facts.jsonl --from-deltas edited/ --require Q4_K_M:efficacy>=0.95 -o r/\n"
+               "\nOutputs in the report directory: survival.json, survival.csv, cases.csv, report.md, report.html,\n"
+               "survival.png, and artifacts/ (the quantized files, reused by later runs). Exit status: 0 when\n"
+               "every --require holds, 1 when one falls short, 2 on bad input.")
+    add_model_args(p)
+    add_method_args(p)
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="report directory (new, empty, or an earlier survival report to update)")
+    p.add_argument("--ladder", default=DEFAULT_LADDER,
+                   help=f"comma-separated rungs: llama.cpp file types (default: {DEFAULT_LADDER})")
+    p.add_argument("--lora", default=None, metavar="TYPE",
+                   help="add a rung where the edit is a LoRA adapter applied at run time on the base quantized at TYPE")
+    p.add_argument("--require", action="append", default=[], metavar="RUNG:METRIC>=VALUE",
+                   help="fail (exit 1) when a rung falls short, e.g. Q4_K_M:efficacy>=0.95 (repeatable)")
+    p.add_argument("--from-deltas", type=Path, default=None, metavar="DIR",
+                   help="reuse the deltas an earlier `qedit edit -o DIR` saved instead of editing again")
+    p.add_argument("--artifacts", type=Path, default=None,
+                   help="where the quantized files are cached (default: OUTPUT/artifacts)")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
+
+
+def check_report_dir(out: Path, *inputs: Path) -> None:
+    """A report directory is new, empty, or an earlier survival report; never an input."""
+    from qedit.io_utils import refuse_same_file
+
+    refuse_same_file(out, *inputs)
+    if out.exists():
+        if not out.is_dir():
+            raise QeditError(f"{out}: exists and is not a directory; give a directory for the report")
+        if any(out.iterdir()) and not (out / "survival.json").is_file():
+            raise QeditError(f"{out}: already exists, is not empty and holds no earlier survival report; "
+                             "choose a new directory")
+    for src in inputs:
+        if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+            raise QeditError(f"{out}: is inside the input directory {src}; write the report elsewhere")
+
+
+def _deltas(args: argparse.Namespace, loaded: Any, requests: list[Any]) -> tuple[list[Any], str, dict[str, Any]]:
+    """(deltas, method name, manifest): computed now, or read from --from-deltas."""
+    from qedit.api import edit
+    from qedit.commands import _method_config
+    from qedit.delta import fold, load_deltas
+
+    if args.from_deltas is not None:
+        deltas, manifest = load_deltas(args.from_deltas)
+        sha = manifest.get("source_sha256")
+        if sha and sha != loaded.fingerprint:
+            raise QeditError(f"{args.from_deltas}: its deltas were computed on a model with sha256 {sha[:16]}..., "
+                             f"not {args.model} ({loaded.fingerprint[:16]}...); give the model they were made for")
+        return deltas, str(manifest.get("method", "unknown")), {k: v for k, v in manifest.items() if k != "deltas"}
+    outcome = edit(loaded, requests, args.method, _method_config(args), batch_size=args.batch_size)
+    fold(loaded.model, outcome.deltas, sign=-1.0)  # the ladder folds them itself
+    print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s")
+    return outcome.deltas, args.method, outcome.manifest(loaded)
+
+
+def cmd_survival(args: argparse.Namespace) -> int:
+    from qedit.facts import load_requests
+    from qedit.model import load_model
+    from qedit.survival.gate import check_requirements, parse_requirement
+    from qedit.survival.ladder import SurvivalConfig, run_survival
+    from qedit.survival.metrics import all_rung_metrics, to_json
+    from qedit.survival.report import table_lines, write_reports
+    from qedit.survival.rungs import parse_ladder
+
+    requests = load_requests(args.facts, args.limit)
+    rungs = parse_ladder(args.ladder, args.lora)
+    requirements = [parse_requirement(t, [r.name for r in rungs]) for t in args.require]
+    inputs = [args.model, args.facts] + ([args.from_deltas] if args.from_deltas else [])
+    check_report_dir(args.output, *inputs)
+    if args.threads < 1:
+        raise QeditError(f"--threads must be at least 1, got {args.threads}")
+    loaded = load_model(args.model, device=args.device)
+    deltas, method, manifest = _deltas(args, loaded, requests)
+    cfg = SurvivalConfig(rungs=rungs, artifacts=args.artifacts or args.output / "artifacts", n_threads=args.threads)
+    result = run_survival(loaded, requests, deltas, cfg, method=method, manifest=manifest)
+    gates = check_requirements(requirements, all_rung_metrics(result))
+    gate_json = [{"requirement": str(g.requirement), "actual": g.actual, "passed": g.passed, "reason": g.reason}
+                 for g in gates]
+    data = to_json(result, gate_json)
+    write_reports(args.output, data)
+    print("\n".join(table_lines(data)))
+    print(f"wrote {args.output}/ (survival.json, survival.csv, cases.csv, report.md, report.html)")
+    return EXIT_GATE_FAILED if any(not g.passed for g in gates) else 0

@@ -1,0 +1,88 @@
+"""The quantized artifacts of the ladder, built once and cached on disk.
+
+Each artifact's file name carries a key: the sha256 of the source model, the rung's file type, the
+deltas' content (none for the unedited baseline) and the qedit version. A rerun with more rungs, or
+with the same edits, finds the old files and does not rebuild them. Files are written atomically,
+so an interrupted build leaves no artifact behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qedit.delta import LowRankDelta
+
+log = logging.getLogger(__name__)
+
+
+def deltas_digest(deltas: Sequence[LowRankDelta]) -> str:
+    """sha256 of the deltas' names, scales and factor values (order-independent)."""
+    parts = []
+    for d in sorted(deltas, key=lambda d: (d.name, d.layer, float(d.scale))):
+        h = hashlib.sha256()
+        h.update(f"{d.name}|{d.layer}|{float(d.scale)!r}|{d.orientation}".encode())
+        for t in (d.a, d.b):
+            h.update(np.ascontiguousarray(t.detach().cpu().float().numpy()).tobytes())
+        parts.append(h.hexdigest())
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ArtifactStore:
+    """Builds and caches the GGUF files of the ladder under `root`."""
+
+    root: Path
+    source: Path               # the model the artifacts are made from (a .gguf or an HF directory)
+    source_sha256: str
+
+    def _key(self, ftype: str, digest: str | None, kind: str) -> str:
+        from qedit.api import qedit_version
+
+        blob = json.dumps([self.source_sha256, ftype, digest, kind, qedit_version()])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _path(self, stem: str, key: str, suffix: str = ".gguf") -> Path:
+        return self.root / f"{stem}-{key}{suffix}"
+
+    def gguf(self, ftype: str, deltas: Sequence[LowRankDelta] = (), manifest: dict[str, Any] | None = None) -> tuple[Path, bool]:
+        """The model at `ftype`, with `deltas` added (none: the unedited baseline). Returns (path, built)."""
+        from qedit.converters.gguf_export import export_gguf
+
+        digest = deltas_digest(deltas) if deltas else None
+        stem = f"{'edited' if deltas else 'base'}-{ftype}"
+        path = self._path(stem, self._key(ftype, digest, "gguf"))
+        if path.is_file():
+            log.info("reusing %s", path)
+            return path, False
+        self.root.mkdir(parents=True, exist_ok=True)
+        export_gguf(self.source, path, ftype, deltas=list(deltas), manifest=manifest if deltas else None)
+        return path, True
+
+    def lora(self, base: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any] | None = None) -> tuple[Path, bool]:
+        """A GGUF LoRA adapter of `deltas` for the base file `base`. Returns (path, built)."""
+        from qedit.converters.gguf_lora import write_lora_gguf
+
+        path = self._path("edit", self._key("lora", deltas_digest(deltas), "lora"), ".lora.gguf")
+        if path.is_file():
+            log.info("reusing %s", path)
+            return path, False
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_lora_gguf(base, path, list(deltas), manifest=manifest)
+        return path, True
+
+
+def bits_per_weight(path: Path) -> tuple[float, int]:
+    """(bits per weight over all tensors, total tensor bytes) of a GGUF file."""
+    from qedit.converters.gguf_read import GGUFFile
+
+    with GGUFFile(path) as gf:
+        n_bytes = sum(t.nbytes for t in gf.tensors.values())
+        n_elems = sum(int(np.prod(t.shape)) for t in gf.tensors.values())
+    return 8.0 * n_bytes / max(1, n_elems), n_bytes
