@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,9 @@ def _export(source: Path, out: Path, quant: str, deltas: Sequence[Any], manifest
             overrides = _match_types(names, tensor_types)
         else:
             overrides = {p: t for p, t in tensor_types}
-    rep = export_gguf(source, out, quant, deltas=list(deltas), manifest=manifest, type_overrides=overrides or None,
-                      template=template, progress=True)
+    with _fallbacks() as fell_back:
+        rep = export_gguf(source, out, quant, deltas=list(deltas), manifest=manifest,
+                          type_overrides=overrides or None, template=template, progress=True)
     counts: dict[str, int] = {}
     for t in rep.tensor_types.values():
         counts[t] = counts.get(t, 0) + 1
@@ -138,6 +140,29 @@ def _export(source: Path, out: Path, quant: str, deltas: Sequence[Any], manifest
           + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1])))
     if overrides:
         print("  --tensor-type: " + ", ".join(f"{n}={t}" for n, t in overrides.items()))
+    if fell_back:
+        print(f"  {len(fell_back)} tensor(s) fell back to another type, as llama.cpp does, e.g. {fell_back[0]}")
+
+
+@contextlib.contextmanager
+def _fallbacks() -> Iterator[list[str]]:
+    """Collect the kernels' block-size fallback messages (logged at INFO) while an export runs."""
+    found: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "falling back" in record.getMessage():
+                found.append(record.getMessage())
+
+    logger = logging.getLogger("qedit.kernels.registry")
+    handler, level = Collect(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def add_export_parser(sub: Any) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,12 @@ class EvalReport:
             d["margin"] = c.margin
             cases.append(d)
         return {"runner": self.runner, "aggregate": self.aggregate(), "cases": cases}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvalReport:
+        """The report `to_json` wrote (derived fields such as margin are recomputed)."""
+        names = {f.name for f in fields(CaseResult)}
+        return cls(dict(data["runner"]), [CaseResult(**{k: v for k, v in c.items() if k in names}) for c in data["cases"]])
 
     def write_json(self, path: Path) -> None:
         with atomic_path(path) as tmp:

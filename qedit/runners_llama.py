@@ -74,14 +74,41 @@ class LlamaCppRunner:
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)  # (seq, vocab), a copy
 
+    def _last_logits(self, tokens: list[int]) -> np.ndarray:
+        """Append `tokens` to the context and return the next-token logits (vocab,) after the last one.
+
+        Only the last position goes through the output layer (a 262k-row matrix for Gemma, as costly
+        as the rest of the model), so the runner's `logits_all` is switched off for this call.
+        """
+        import llama_cpp
+
+        if self.llm.n_tokens + len(tokens) > self.n_ctx:
+            raise QeditError(f"{self.path.name}: {self.llm.n_tokens + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        logits_all = self.llm._logits_all  # llama-cpp-python keeps this flag private; restored below
+        self.llm._logits_all = False
+        try:
+            self.llm.eval(tokens)
+        finally:
+            self.llm._logits_all = logits_all
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float32)  # (vocab,), a copy
+
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScore]:
+        """Teacher-forced scores. A prompt shared by consecutive pairs (new and true answer) is run once:
+        its KV cache is kept and only the target tokens are decoded after it."""
         out: list[TokenScore] = []
+        cached: tuple[list[int], np.ndarray] | None = None     # (prompt ids, logits after the prompt)
         for prompt, target in pairs:
             p, t = continuation_ids(self.tokenizer, prompt, target)
             if not t:
                 raise QeditError(f"target {target!r} tokenizes to nothing after prompt {prompt!r}")
-            logits = self._logits(p + t[:-1])                      # (len(p) + len(t) - 1, vocab)
-            logp = _log_softmax(logits[len(p) - 1:])               # (len(t), vocab): row j predicts t[j]
+            if cached is not None and cached[0] == p:
+                self.llm.n_tokens = len(p)                      # drop the previous target from the KV cache
+            else:
+                self.llm.reset()
+                cached = (p, self._last_logits(p))
+            rows = [cached[1]] + [self._last_logits([tok]) for tok in t[:-1]]
+            logp = _log_softmax(np.stack(rows))                 # (len(t), vocab): row j predicts t[j]
             tok_lp = tuple(float(logp[j, tid]) for j, tid in enumerate(t))
             tok_arg = tuple(int(i) for i in logp.argmax(axis=-1))
             out.append(TokenScore(tuple(t), tok_lp, tok_arg))

@@ -26,6 +26,10 @@ def test_demo_edits_and_writes_loadable_model(tmp_path, capsys):
     pytest.importorskip("llama_cpp")
     patched = re.search(r"llama\.cpp, patched Q4_K_M *: efficacy=([0-9.]+)", text)
     assert patched is not None and float(patched.group(1)) >= 0.8, text
+    # ... and it ends with the survival table of its edits over the default ladder.
+    table = text[text.index("survival of the edits across quantization"):]
+    for rung in ("fp32 (torch)", "Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"):
+        assert re.search(rf"^{re.escape(rung)} +[0-9.-]", table, re.M), table
     # A GGUF source becomes an HF directory that transformers loads as it is.
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["source_kind"] == "gguf" and manifest["method"] == "rome" and len(manifest["facts"]) == 5

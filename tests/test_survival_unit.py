@@ -128,3 +128,9 @@ def test_report_files_and_table(tmp_path):
     lines = table_lines(data)
     assert any(line.startswith("Q2_K") and "skipped" in line for line in lines)
     assert any("died" in line for line in lines)
+
+
+def test_eval_report_json_round_trip():
+    report = _measured([1.0, 0.0], [1.0, -0.5], 210.0, loc=0.5).report
+    again = EvalReport.from_json(json.loads(json.dumps(report.to_json())))
+    assert again.to_json() == report.to_json()

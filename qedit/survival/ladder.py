@@ -100,6 +100,30 @@ def _measure(runner: Runner, requests: Sequence[EditRequest], text: str,
     return Measured(report, nll, n)
 
 
+def _cached_measure(path: Path, make_runner: Callable[..., Runner], requests: Sequence[EditRequest], text: str,
+                    label: str | None) -> Measured:
+    """The unedited artifact's measurement, kept beside it: every method and rerun checked against the
+    same baseline file reuses it. Keyed by the facts, the text and the runner's versions."""
+    import hashlib
+    import json
+
+    from qedit.io_utils import atomic_path
+
+    blob = json.dumps([[r.to_json() for r in requests], text, versions()], sort_keys=True)
+    cache = path.with_name(f"{path.name}.eval-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json")
+    if cache.is_file():
+        try:
+            data = json.loads(cache.read_text())
+            return Measured(EvalReport.from_json(data["report"]), float(data["nll"]), int(data["n_tokens"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable cached evaluation (%s); measuring again", cache, exc)
+    measured = _measure(make_runner(path), requests, text, None, label)
+    with atomic_path(cache) as tmp:
+        tmp.write_text(json.dumps({"report": measured.report.to_json(), "nll": measured.nll,
+                                   "n_tokens": measured.n_tokens}))
+    return measured
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -184,7 +208,7 @@ def _run_rung(rung: Rung, store: ArtifactStore, make_runner: Callable[..., Runne
         result.built += ["edited"] if built else []
         result.bits_per_weight, result.size_bytes = bits_per_weight(measured_path)
         label = (lambda what: f"{rung.name} {what}") if progress else (lambda what: None)
-        result.baseline = _measure(make_runner(base_path), requests, text, None, label("baseline"))
+        result.baseline = _cached_measure(base_path, make_runner, requests, text, label("baseline"))
         result.edited = _measure(edited_runner, requests, text, result.baseline, label("edited"))
     except QeditError as exc:
         result.status, result.reason = "skipped", str(exc)
