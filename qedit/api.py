@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from qedit.delta import LowRankDelta, fold, save_deltas
 from qedit.errors import QeditError
 from qedit.facts import EditRequest
@@ -45,6 +47,7 @@ class EditOutcome:
     deltas: list[LowRankDelta]
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    keys: dict[int, Any] = field(default_factory=dict)   # layer -> (n, d_in) float32 keys of every edit there
 
     def manifest(self, loaded: LoadedModel) -> dict[str, Any]:
         return {
@@ -104,6 +107,7 @@ def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | Edi
     size = batch_size or len(requests)
     deltas: list[LowRankDelta] = []
     info: dict[str, Any] = {"batches": []}
+    all_keys: dict[int, list[torch.Tensor]] = {}
     start = time.perf_counter()
     for lo in range(0, len(requests), size):
         batch = list(requests[lo:lo + size])
@@ -111,10 +115,12 @@ def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | Edi
         fold(loaded.model, result.deltas)
         deltas.extend(result.deltas)
         for layer, keys in result.keys.items():      # keys (n, d_in)
+            all_keys.setdefault(layer, []).append(keys.detach().float().cpu())
             gram = keys.double().t() @ keys.double()
             ctx.history[layer] = ctx.history[layer] + gram if layer in ctx.history else gram
         info["batches"].append(result.info)
-    return EditOutcome(spec.method, cfg, list(requests), deltas, time.perf_counter() - start, info)
+    return EditOutcome(spec.method, cfg, list(requests), deltas, time.perf_counter() - start, info,
+                       {layer: torch.cat(ks) for layer, ks in all_keys.items()})
 
 
 def check_output_dir(out: Path, source: Path) -> None:
@@ -136,7 +142,7 @@ def save_edited(loaded: LoadedModel, outcome: EditOutcome, out_dir: str | Path) 
     try:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
-        save_deltas(tmp, outcome.deltas, outcome.manifest(loaded))
+        save_deltas(tmp, outcome.deltas, outcome.manifest(loaded), keys=outcome.keys)
         os.chmod(tmp, umask_mode(directory=True))
         if out.exists():
             out.rmdir()

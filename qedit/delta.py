@@ -7,6 +7,7 @@ and `fold` look at it.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -116,8 +117,10 @@ def fold(model: torch.nn.Module, deltas: Sequence[LowRankDelta], sign: float = 1
         w.add_(sign * change.to(device=w.device, dtype=w.dtype))
 
 
-def save_deltas(directory: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any]) -> None:
-    """Write the factors (safetensors) and the manifest (JSON) into `directory`, atomically."""
+def save_deltas(directory: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any],
+                keys: Mapping[int, torch.Tensor] | None = None) -> None:
+    """Write the factors (safetensors) and the manifest (JSON) into `directory`, atomically.
+    `keys` (layer -> (n, d_in)) are the edit keys, kept for quantization-aware export."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -127,12 +130,26 @@ def save_deltas(directory: Path, deltas: Sequence[LowRankDelta], manifest: dict[
         tensors[f"{i}.b"] = d.b.float().contiguous()
         entries.append({"index": i, "name": d.name, "layer": d.layer, "rank": d.rank, "scale": d.scale,
                         "orientation": d.orientation.value, "norm": d.norm(), "meta": d.meta})
+    for layer, k in (keys or {}).items():
+        tensors[f"keys.{int(layer)}"] = k.detach().float().cpu().contiguous()
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / DELTAS_FILE) as tmp:
         save_file(tensors, str(tmp))
     full = dict(manifest, deltas=entries)
     with atomic_path(directory / MANIFEST_FILE) as tmp:
         tmp.write_text(json.dumps(full, indent=2, default=str))
+
+
+def load_edit_keys(directory: Path) -> dict[int, torch.Tensor]:
+    """The edit keys `save_deltas` stored (layer -> (n, d_in)); {} for outputs saved without them."""
+    from safetensors import SafetensorError, safe_open
+
+    path = directory / DELTAS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {int(k.split(".", 1)[1]): f.get_tensor(k) for k in f.keys() if k.startswith("keys.")}
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise QeditError(f"{path}: cannot read the edit keys ({exc}); re-run `qedit edit`") from exc
 
 
 def load_deltas(directory: Path) -> tuple[list[LowRankDelta], dict[str, Any]]:

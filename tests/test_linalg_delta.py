@@ -341,3 +341,15 @@ def test_refuse_same_file(tmp_path):
         with pytest.raises(QeditError, match="own input"):
             refuse_same_file(Path(out), tmp_path / "facts.jsonl", src)
     refuse_same_file(tmp_path / "other.gguf", src)
+
+
+def test_edit_keys_round_trip(tmp_path):
+    from qedit.delta import LowRankDelta, load_deltas, load_edit_keys, save_deltas
+
+    d = LowRankDelta("model.layers.1.mlp.down_proj.weight", 1, torch.randn(8, 2), torch.randn(2, 16))
+    keys = {1: torch.randn(3, 16)}
+    save_deltas(tmp_path / "a", [d], {"method": "rome"}, keys=keys)
+    assert torch.equal(load_edit_keys(tmp_path / "a")[1], keys[1])
+    assert len(load_deltas(tmp_path / "a")[0]) == 1
+    save_deltas(tmp_path / "b", [d], {"method": "rome"})
+    assert load_edit_keys(tmp_path / "b") == {}
