@@ -30,12 +30,25 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor, jitter: float = 1e-6) -> torch.T
     return torch.linalg.lstsq(a64, b64).solution
 
 
-def rank_one_update(cov: torch.Tensor, key: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shrink(cov: torch.Tensor, ridge: float) -> torch.Tensor:
+    """cov + ridge * mean(diag cov) * I in float64: a covariance estimated from fewer tokens than it
+    has well-sampled directions is near-singular, and its inverse blows up exactly the directions the
+    sample saw least."""
+    c64 = cov.double()
+    if ridge <= 0:
+        return c64
+    scale = float(c64.diagonal().mean())
+    return c64 + ridge * scale * torch.eye(c64.shape[0], dtype=torch.float64, device=c64.device)
+
+
+def rank_one_update(cov: torch.Tensor, key: torch.Tensor, residual: torch.Tensor,
+                    ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ROME's closed form: the rank-one dW = u v^T with dW k = residual and minimal C-weighted change.
 
     cov (d_in, d_in), key (d_in,), residual (d_out,) -> u (d_out, 1), v (1, d_in), both float64.
+    `ridge` shrinks C towards a multiple of I first (see `shrink`).
     """
-    cinv_k = solve_spd(cov, key[:, None])[:, 0]          # (d_in,)
+    cinv_k = solve_spd(shrink(cov, ridge), key[:, None])[:, 0]          # (d_in,)
     denom = torch.dot(cinv_k, key.double())
     return residual.double()[:, None], (cinv_k / denom)[None, :]
 

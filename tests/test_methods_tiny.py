@@ -324,3 +324,22 @@ def test_key_statistics_cache(tiny, tmp_path, monkeypatch):
     assert calls == [(0,), (1,), (1,)]
     assert (tmp_path / loaded.fingerprint[:20] / "self-s0-n4-l8" / "cov_layer1.pt").is_file()
     assert (tmp_path / other.fingerprint[:20] / "self-s0-n8-l8" / "cov_layer1.pt").is_file()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_rome_minimal_strength_reaches_the_target_margin_with_a_smaller_edit(tiny, family):
+    from qedit.methods._strength import _margin
+
+    loaded = load_model(tiny[family])
+    request = counterfactual(TorchRunner(loaded))
+    full = get_method("rome").compute(loaded, [request], method_config("rome", family), EditContext())
+    full_margin = _margin(loaded, request, [""], full.deltas)
+    target = max(0.5, full_margin / 3)  # well below what the full edit reaches
+    cfg = method_config("rome", family, target_margin=target)
+    minimal = get_method("rome").compute(loaded, [request], cfg, EditContext())
+    (d,) = minimal.deltas
+    assert 0.0 < d.scale < 1.0 and d.norm() < full.deltas[0].norm()
+    assert d.meta["margin"] >= target
+    assert torch.allclose(d.a, full.deltas[0].a) and torch.allclose(d.b, full.deltas[0].b)
+    with pytest.raises(ValueError, match="target_margin"):
+        method_config("rome", family, target_margin=0.0)

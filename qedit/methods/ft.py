@@ -1,12 +1,14 @@
 """FT-L: constrained fine-tuning of the edit-target MLP weights (Zhu et al. 2020; ROME's FT-L).
 
 The change dW of each target weight is trained directly on the target NLL, with every entry
-clamped to |dW_ij| <= linf, then projected to low rank by SVD.
+clamped to |dW_ij| <= linf, then projected to low rank by SVD. A retain term keeps the model's
+next-token distributions on unrelated text (the statistics corpus) where they were: the KL to the
+unedited model at every position of `n_retain` corpus snippets, weighted by `retain_weight`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,10 @@ from qedit.methods._common import context_prefixes
 from qedit.methods.base import (EditContext, EditMethod, EditResult, MethodConfig, finish_delta, register_method,
                                 resolve_layers)
 from qedit.model import LoadedModel
+from qedit.stats import corpus_tokens
+
+
+_RETAIN_STRIDE = 6  # score every 6th position of a retain snippet
 
 
 @dataclass(frozen=True)
@@ -28,11 +34,16 @@ class FtConfig(MethodConfig):
     linf: float = 2e-2          # bound on every entry of dW
     stop_nll: float = 0.05
     energy: float | None = 0.9  # low-rank projection keeps this share of the energy
+    retain_weight: float = 1.0  # weight of the KL to the unedited model on retain text (0: off)
+    n_retain: int = 16          # corpus snippets used as retain text
+    retain_len: int = 24        # tokens per snippet
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps < 1 or self.lr <= 0 or self.linf <= 0:
             raise ValueError("FtConfig: steps >= 1, lr > 0 and linf > 0 are required")
+        if self.retain_weight < 0 or self.n_retain < 0 or self.retain_len < 2:
+            raise ValueError("FtConfig: retain_weight >= 0, n_retain >= 0 and retain_len >= 2 are required")
 
 
 @register_method(EditMethod.FT, FtConfig, multi_layer=False)
@@ -49,6 +60,7 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
         return lambda inp, out: out + inp @ dw.t().to(inp.dtype)      # inp (..., in) -> (..., out)
 
     edits = {loaded.arch.mlp_out.format(layer): add(p) for layer, p in params.items()}
+    retain = _retain_batch(loaded, cfg)
     nll = float("inf")
     for _ in tqdm(range(cfg.steps), desc="fine-tuning", unit="step", leave=False):
         opt.zero_grad()
@@ -56,6 +68,12 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
             logits = logits_at(loaded, batch, rows, cols)
         loss = -F.log_softmax(logits, -1).gather(1, ids[:, None]).mean()
         nll = float(loss.detach())
+        if retain is not None:
+            r_batch, r_rows, r_cols, r_ref = retain
+            with edit_outputs(loaded.model, edits):
+                r_logp = F.log_softmax(logits_at(loaded, r_batch, r_rows, r_cols), -1)      # (n_pos, vocab)
+            kl = F.kl_div(r_logp, r_ref, log_target=True, reduction="batchmean")
+            loss = loss + cfg.retain_weight * kl
         if nll < cfg.stop_nll:
             break
         loss.backward()
@@ -65,3 +83,26 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
                 p.clamp_(-cfg.linf, cfg.linf)
     deltas = [finish_delta(loaded, layer, p.detach(), cfg, {"n_requests": len(requests)}) for layer, p in params.items()]
     return EditResult(deltas, {}, {"layers": list(layers), "train_nll": nll})
+
+
+@torch.no_grad()
+def _retain_batch(loaded: LoadedModel, cfg: FtConfig) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Corpus snippets, the positions scored on them, and the unedited model's log-probs there."""
+    if cfg.retain_weight == 0 or cfg.n_retain == 0:
+        return None
+    tok = loaded.tokenizer
+    texts = []
+    for seq in corpus_tokens(loaded, cfg.stats)[: cfg.n_retain]:
+        body = [t for t in seq if t not in tok.all_special_ids][: cfg.retain_len]
+        text = tok.decode(body, skip_special_tokens=True).strip()
+        if text:
+            texts.append(text)
+    if not texts:
+        return None
+    batch = build_batch(loaded, texts, [None] * len(texts))
+    mask = batch.attention_mask.bool()                                                    # (b, s)
+    mask[:, torch.arange(mask.shape[1]) % _RETAIN_STRIDE != _RETAIN_STRIDE - 1] = False  # every 6th position:
+    rows, cols = mask.nonzero(as_tuple=True)                                              # the 262k-way head is costly
+    ref = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                        # (n_pos, vocab)
+    return batch, rows, cols, ref
+

@@ -12,8 +12,7 @@ from qedit.errors import QeditError
 # and the fluency drift (perplexity of the edited artifact over the baseline at the same rung).
 GATE_METRICS = (
     "efficacy", "efficacy_top1", "generalization", "generalization_top1", "locality", "locality_top1",
-    "margin", "efficacy_kept", "generalization_kept", "margin_kept", "ppl_ratio",
-    "forget", "forget_top1", "recovered", "retain",
+    "margin", "efficacy_kept", "generalization_kept", "margin_kept", "ppl_ratio", "died",
 )
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
