@@ -80,7 +80,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     before = evaluate(TorchRunner(loaded), requests) if args.eval else None
     outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
     if gguf_mode is not None:
-        write_gguf_output(gguf_mode, loaded, outcome, args.output, args.quant, tensor_types)
+        write_gguf_output(gguf_mode, loaded, outcome, args.output, args.quant, tensor_types, args.naive)
     else:
         save_edited(loaded, outcome, args.output)
     print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
@@ -185,6 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_survival(args: argparse.Namespace, loaded: Any, outcome: Any, requests: list[EditRequest]) -> None:
     """The survival table of the demo's edits over a short ladder (artifacts cached between runs)."""
+    from qedit.commands_gguf import edit_encoding
     from qedit.delta import fold
     from qedit.stats import default_cache_dir
     from qedit.survival.ladder import SurvivalConfig, run_survival
@@ -197,7 +198,7 @@ def _demo_survival(args: argparse.Namespace, loaded: Any, outcome: Any, requests
     fold(loaded.model, outcome.deltas, sign=-1.0)  # the ladder measures the unedited model too
     try:
         result = run_survival(loaded, requests, outcome.deltas, cfg, method=args.method,
-                              manifest=outcome.manifest(loaded))
+                              manifest=outcome.manifest(loaded), encoding=edit_encoding(loaded, outcome, naive=False))
     finally:
         fold(loaded.model, outcome.deltas)
     print("\n".join(table_lines(to_json(result))))

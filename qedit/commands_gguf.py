@@ -31,6 +31,9 @@ def add_gguf_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
                    help="GGUF type for matching tensors, e.g. 'blk.*.ffn_down.weight=Q8_0' or '*=Q8_0' "
                         "(a patch applies it to edited tensors; repeatable); the size cost is reported")
+    p.add_argument("--naive", action="store_true",
+                   help="re-encode edited tensors by plain requantization of W + dW instead of the default "
+                        "edit-aware encoding (which keeps the edit's output change at its keys through rounding)")
     p.add_argument("--as-lora", action="store_true",
                    help="with -o X.gguf: write the edit as a LoRA adapter (F32) for the source GGUF; "
                         "run it with llama.cpp --lora X.gguf on the unedited file")
@@ -89,10 +92,21 @@ def _match_types(names: Sequence[str], rules: Sequence[tuple[str, str]]) -> dict
     return chosen
 
 
+def edit_encoding(loaded: Any, outcome: Any, naive: bool) -> Any:
+    """The edit-aware encoding of an outcome's edited tensors, or None for --naive / no keys."""
+    if naive or not outcome.keys:
+        return None
+    from qedit.converters.gguf_aware import encoding_for
+
+    return encoding_for(loaded, outcome.keys, outcome.config.stats)
+
+
 def write_gguf_output(mode: GGUFMode, loaded: Any, outcome: Any, out: Path, quant: str | None = None,
-                      tensor_types: Sequence[tuple[str, str]] = ()) -> None:
+                      tensor_types: Sequence[tuple[str, str]] = (), naive: bool = False) -> None:
     """Write the edit as `mode` says and print what was written (types, sizes, size cost)."""
     manifest = outcome.manifest(loaded)
+    encoding = None if mode is GGUFMode.LORA else edit_encoding(loaded, outcome, naive)
+    manifest["encoding"] = {"path": "naive"} if encoding is None else encoding.describe()
     if mode is GGUFMode.LORA:
         from qedit.converters.gguf_lora import write_lora_gguf
 
@@ -101,7 +115,7 @@ def write_gguf_output(mode: GGUFMode, loaded: Any, outcome: Any, out: Path, quan
               f"run: llama-cli -m {loaded.source} --lora {out}")
         return
     if mode is GGUFMode.EXPORT:
-        _export(loaded.source, out, quant or "", outcome.deltas, manifest, tensor_types)
+        _export(loaded.source, out, quant or "", outcome.deltas, manifest, tensor_types, encoding=encoding)
         return
     from qedit.converters.gguf_names import gguf_tensor_name
     from qedit.converters.gguf_patch import patch_gguf
@@ -109,15 +123,17 @@ def write_gguf_output(mode: GGUFMode, loaded: Any, outcome: Any, out: Path, quan
 
     with GGUFFile(loaded.source) as gf:
         edited = sorted({gguf_tensor_name(gf, d.name) for d in outcome.deltas})
-    report = patch_gguf(loaded.source, out, outcome.deltas, manifest, type_overrides=_match_types(edited, tensor_types))
+    report = patch_gguf(loaded.source, out, outcome.deltas, manifest, type_overrides=_match_types(edited, tensor_types),
+                        encoding=encoding)
     for t in report.tensors:
         change = "" if t.bytes_after == t.bytes_before else f", {t.bytes_after - t.bytes_before:+,} bytes"
-        print(f"  re-encoded {t.name} as {t.type_after}{change}")
+        kept = "" if t.kept is None else f"; edit-aware: kept {t.kept:.3f} of the edit at its keys (plain: {t.kept_naive:.3f})"
+        print(f"  re-encoded {t.name} as {t.type_after}{change}{kept}")
     print(f"size: {report.size_before:,} -> {report.size_after:,} bytes ({report.size_change:+,})")
 
 
 def _export(source: Path, out: Path, quant: str, deltas: Sequence[Any], manifest: dict[str, Any] | None,
-            tensor_types: Sequence[tuple[str, str]], template: Path | None = None) -> None:
+            tensor_types: Sequence[tuple[str, str]], template: Path | None = None, encoding: Any = None) -> None:
     from qedit.converters.gguf_export import export_gguf
 
     overrides: dict[str, str] = {}
@@ -132,7 +148,7 @@ def _export(source: Path, out: Path, quant: str, deltas: Sequence[Any], manifest
             overrides = {p: t for p, t in tensor_types}
     with _fallbacks() as fell_back:
         rep = export_gguf(source, out, quant, deltas=list(deltas), manifest=manifest,
-                          type_overrides=overrides or None, template=template, progress=True)
+                          type_overrides=overrides or None, template=template, progress=True, encoding=encoding)
     counts: dict[str, int] = {}
     for t in rep.tensor_types.values():
         counts[t] = counts.get(t, 0) + 1

@@ -45,6 +45,9 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
     p.add_argument("--artifacts", type=Path, default=None,
                    help="where the quantized files are cached (default: OUTPUT/artifacts)")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
+    p.add_argument("--naive", action="store_true",
+                   help="quantize the edited tensors plainly (fold, then standard quantization) instead of the "
+                        "default edit-aware encoding; compare the two to see what the aware path buys")
 
 
 def check_report_dir(out: Path, *inputs: Path) -> None:
@@ -63,11 +66,11 @@ def check_report_dir(out: Path, *inputs: Path) -> None:
             raise QeditError(f"{out}: is inside the input directory {src}; write the report elsewhere")
 
 
-def _deltas(args: argparse.Namespace, loaded: Any, requests: list[Any]) -> tuple[list[Any], str, dict[str, Any]]:
-    """(deltas, method name, manifest): computed now, or read from --from-deltas."""
+def _deltas(args: argparse.Namespace, loaded: Any, requests: list[Any]) -> tuple[list[Any], str, dict[str, Any], dict]:
+    """(deltas, method name, manifest, edit keys): computed now, or read from --from-deltas."""
     from qedit.api import edit
     from qedit.commands import _method_config
-    from qedit.delta import fold, load_deltas
+    from qedit.delta import fold, load_deltas, load_edit_keys
 
     if args.from_deltas is not None:
         deltas, manifest = load_deltas(args.from_deltas)
@@ -75,11 +78,12 @@ def _deltas(args: argparse.Namespace, loaded: Any, requests: list[Any]) -> tuple
         if sha and sha != loaded.fingerprint:
             raise QeditError(f"{args.from_deltas}: its deltas were computed on a model with sha256 {sha[:16]}..., "
                              f"not {args.model} ({loaded.fingerprint[:16]}...); give the model they were made for")
-        return deltas, str(manifest.get("method", "unknown")), {k: v for k, v in manifest.items() if k != "deltas"}
+        return (deltas, str(manifest.get("method", "unknown")), {k: v for k, v in manifest.items() if k != "deltas"},
+                load_edit_keys(args.from_deltas))
     outcome = edit(loaded, requests, args.method, _method_config(args), batch_size=args.batch_size)
     fold(loaded.model, outcome.deltas, sign=-1.0)  # the ladder folds them itself
     print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s")
-    return outcome.deltas, args.method, outcome.manifest(loaded)
+    return outcome.deltas, args.method, outcome.manifest(loaded), outcome.keys
 
 
 def cmd_survival(args: argparse.Namespace) -> int:
@@ -99,9 +103,19 @@ def cmd_survival(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise QeditError(f"--threads must be at least 1, got {args.threads}")
     loaded = load_model(args.model, device=args.device)
-    deltas, method, manifest = _deltas(args, loaded, requests)
+    deltas, method, manifest, keys = _deltas(args, loaded, requests)
+    encoding = None
+    if not args.naive:
+        from qedit.commands import _method_config
+        from qedit.converters.gguf_aware import encoding_for
+
+        if not keys:
+            log.warning("%s: no edit keys were saved with these deltas; edited tensors are quantized plainly",
+                        args.from_deltas)
+        else:
+            encoding = encoding_for(loaded, keys, _method_config(args).stats)
     cfg = SurvivalConfig(rungs=rungs, artifacts=args.artifacts or args.output / "artifacts", n_threads=args.threads)
-    result = run_survival(loaded, requests, deltas, cfg, method=method, manifest=manifest)
+    result = run_survival(loaded, requests, deltas, cfg, method=method, manifest=manifest, encoding=encoding)
     gates = check_requirements(requirements, all_rung_metrics(result))
     gate_json = [{"requirement": str(g.requirement), "actual": g.actual, "passed": g.passed, "reason": g.reason}
                  for g in gates]

@@ -24,6 +24,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from qedit.converters.gguf_aware import EditEncoding
 from qedit.converters.gguf_patch import MANIFEST_KEY, VERSION_KEY, group_deltas, manifest_kvs, read_manifests
 from qedit.converters.gguf_read import GGUFFile
 from qedit.converters.gguf_write import (KVEntry, RowReader, TensorSpec, copied_kvs, encode_kv, encoded_tensor,
@@ -130,6 +131,7 @@ def export_gguf(
     importance: Mapping[str, np.ndarray] | None = None,
     template: Path | None = None,
     progress: bool = False,
+    encoding: EditEncoding | None = None,
 ) -> ExportReport:
     """Write `model` (a .gguf file or an HF/qedit output directory) to `dst` as a GGUF of `ftype`.
 
@@ -137,7 +139,8 @@ def export_gguf(
     (appended to the source's); `type_overrides` maps GGUF or HF tensor names to GGML type names;
     `importance` maps tensor names to float32 (n_cols,) per-column importance for the quantizer (used by
     the tensors that are re-encoded; it does not force a copied tensor to be re-encoded); `template`
-    is a .gguf whose tokenizer metadata an HF export copies.
+    is a .gguf whose tokenizer metadata an HF export copies. `encoding` makes the encoding of edited
+    tensors edit-aware (GGUF sources; an HF source is encoded plainly).
     """
     start = time.perf_counter()
     src, dst = Path(model), Path(dst)
@@ -155,8 +158,12 @@ def export_gguf(
 
         bar = tqdm(desc=f"export {dst.name}", unit="tensor")
     try:
-        report = (_from_hf if src.is_dir() else _from_gguf)(src, dst, ft, deltas, manifest, type_overrides,
-                                                            importance, template, bar)
+        if src.is_dir():
+            if encoding is not None:
+                log.warning("%s: edit-aware encoding applies to GGUF sources; the HF export is encoded plainly", src)
+            report = _from_hf(src, dst, ft, deltas, manifest, type_overrides, importance, template, bar)
+        else:
+            report = _from_gguf(src, dst, ft, deltas, manifest, type_overrides, importance, template, bar, encoding)
     finally:
         if bar is not None:
             bar.close()
@@ -178,7 +185,7 @@ def _progress(bar: Any, total: int) -> Callable[[TensorSpec], None] | None:
 
 def _from_gguf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[LowRankDelta], manifest: dict | None,
                overrides: Mapping[str, str] | None, importance: Mapping[str, np.ndarray] | None,
-               template: Path | None, bar: Any) -> ExportReport:
+               template: Path | None, bar: Any, encoding: EditEncoding | None = None) -> ExportReport:
     from qedit.api import qedit_version
 
     if template is not None:
@@ -200,6 +207,8 @@ def _from_gguf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[Lo
                     log.warning("importance for %s is unused: the tensor is copied unchanged", name)
                 specs.append(TensorSpec(name, info.shape, info.ggml_type, source_tensor(gf, name)))
                 copied += 1
+            elif encoding is not None and name in changes and types[name] not in _STORAGE:
+                specs.append(_aware_tensor(gf, name, types[name], changes[name], encoding, weights.get(name)))
             else:
                 specs.append(reencoded_tensor(gf, name, types[name], changes.get(name, []), weights.get(name)))
         meta, n_manifests = manifest_kvs(read_manifests(gf), manifest, qedit_version())
@@ -209,6 +218,22 @@ def _from_gguf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[Lo
         gf.close()
     return ExportReport(src, dst, _ftype_name(ft), {s.name: s.ggml_type.name for s in specs}, size, 0.0, copied,
                         len(specs) - copied, "gguf", tuple(changes), n_manifests, "source")
+
+
+def _aware_tensor(gf: GGUFFile, name: str, ggml_type: T, deltas: Sequence[LowRankDelta], encoding: EditEncoding,
+                  importance: np.ndarray | None) -> TensorSpec:
+    """An edited tensor encoded edit-aware when the writer reaches it (plainly if its layer has no keys)."""
+    def produce() -> np.ndarray:
+        w0 = np.array(gf.dequantize(name), dtype=np.float32, copy=True)                     # (rows, cols)
+        change = sum(d.dense() for d in deltas).detach().cpu().numpy().astype(np.float32)  # (rows, cols)
+        encoded = encoding.encode(name, deltas[-1].layer, w0, change, ggml_type)
+        if encoded is not None:
+            return encoded.data
+        from qedit.kernels import quantize_tensor
+
+        return quantize_tensor(w0 + change, ggml_type, importance)
+
+    return TensorSpec(name, gf.tensors[name].shape, ggml_type, produce)
 
 
 # ---- source: an HF directory --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from qedit.converters.gguf_aware import EditEncoding, EncodedTensor
 from qedit.converters.gguf_names import gguf_tensor_name
 from qedit.converters.gguf_read import GGUFFile
 from qedit.converters.gguf_write import KVEntry, TensorSpec, copied_kvs, encode_kv, source_tensor, write_gguf
@@ -43,6 +44,8 @@ class PatchedTensor:
     type_after: str
     bytes_before: int
     bytes_after: int
+    kept: float | None = None        # edit-aware path: share of the edit's output change at its keys kept
+    kept_naive: float | None = None  # ... and what plain requantization would have kept
 
 
 @dataclass
@@ -108,20 +111,26 @@ def summed_changes(gf: GGUFFile, deltas: Sequence[LowRankDelta]) -> dict[str, tu
             for name, group in group_deltas(gf, deltas).items()}
 
 
-def _requantize(gf: GGUFFile, name: str, change: np.ndarray,
-                new_type: gguf.GGMLQuantizationType) -> bytes:
+_UNROUNDED = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+def _requantize(gf: GGUFFile, name: str, layer: int, change: np.ndarray, new_type: gguf.GGMLQuantizationType,
+                encoding: EditEncoding | None = None) -> tuple[bytes, EncodedTensor | None]:
     from qedit.kernels import quantize_tensor
 
     info = gf.tensors[name]
-    w = np.array(gf.dequantize(name), dtype=np.float32, copy=True)  # (rows, cols)
-    w += change
+    w0 = np.array(gf.dequantize(name), dtype=np.float32, copy=True)  # (rows, cols)
     if new_type == gguf.GGMLQuantizationType.F32:
-        return np.ascontiguousarray(w).tobytes()
+        return np.ascontiguousarray(w0 + change).tobytes(), None
     try:
-        data = quantize_tensor(w, new_type)  # uint8 (rows, row_bytes)
+        if encoding is not None and new_type not in _UNROUNDED:
+            encoded = encoding.encode(name, layer, w0, change, new_type)
+            if encoded is not None:
+                return encoded.data.tobytes(), encoded
+        data = quantize_tensor(w0 + change, new_type)  # uint8 (rows, row_bytes)
     except QeditError as exc:
         raise QeditError(f"{gf.path.name}: cannot re-encode {name} {info.shape} as {new_type.name}: {exc}") from None
-    return data.tobytes()
+    return data.tobytes(), None
 
 
 def _resolve_overrides(gf: GGUFFile, overrides: Mapping[str, Any] | None,
@@ -140,11 +149,12 @@ def _resolve_overrides(gf: GGUFFile, overrides: Mapping[str, Any] | None,
 
 
 def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any],
-               type_overrides: Mapping[str, Any] | None = None) -> PatchReport:
+               type_overrides: Mapping[str, Any] | None = None, encoding: EditEncoding | None = None) -> PatchReport:
     """Copy GGUF `src` to `dst` with `deltas` added to their tensors and `manifest` in the metadata.
 
     Only edited tensors change; every other tensor and every original key-value entry is copied
     byte for byte. `type_overrides` maps an edited tensor (GGUF or HF name) to a new GGML type.
+    `encoding` (edit keys and covariances) makes the re-encoding edit-aware; None requantizes plainly.
     """
     from qedit.api import qedit_version
 
@@ -154,15 +164,17 @@ def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: d
     gf = GGUFFile(src)
     try:
         changes = summed_changes(gf, deltas)
+        layers = {name: group[-1].layer for name, group in group_deltas(gf, deltas).items()}
         overrides = _resolve_overrides(gf, type_overrides, {hf: g for g, (hf, _) in changes.items()})
         new_bytes: dict[str, bytes] = {}
         report: list[PatchedTensor] = []
         for name, (hf_name, change) in changes.items():
             info = gf.tensors[name]
             new_type = overrides.get(name, info.ggml_type)
-            new_bytes[name] = _requantize(gf, name, change, new_type)
+            new_bytes[name], enc = _requantize(gf, name, layers[name], change, new_type, encoding)
             report.append(PatchedTensor(name, hf_name, info.ggml_type.name, new_type.name,
-                                        info.nbytes, len(new_bytes[name])))
+                                        info.nbytes, len(new_bytes[name]),
+                                        None if enc is None else enc.kept, None if enc is None else enc.kept_naive))
             log.info("%s: re-encoded %s as %s", src.name, name, new_type.name)
         meta, n_manifests = manifest_kvs(read_manifests(gf), manifest, qedit_version())
         kept = copied_kvs(gf, [k for k in gf.fields if k not in (MANIFEST_KEY, VERSION_KEY)])

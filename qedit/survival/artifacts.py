@@ -51,18 +51,23 @@ class ArtifactStore:
     def _path(self, stem: str, key: str, suffix: str = ".gguf") -> Path:
         return self.root / f"{stem}-{key}{suffix}"
 
-    def gguf(self, ftype: str, deltas: Sequence[LowRankDelta] = (), manifest: dict[str, Any] | None = None) -> tuple[Path, bool]:
-        """The model at `ftype`, with `deltas` added (none: the unedited baseline). Returns (path, built)."""
+    def gguf(self, ftype: str, deltas: Sequence[LowRankDelta] = (), manifest: dict[str, Any] | None = None,
+             encoding: Any = None) -> tuple[Path, bool]:
+        """The model at `ftype`, with `deltas` added (none: the unedited baseline), their tensors encoded
+        edit-aware with `encoding` (None: plainly). Returns (path, built)."""
         from qedit.converters.gguf_export import export_gguf
 
         digest = deltas_digest(deltas) if deltas else None
-        stem = f"{'edited' if deltas else 'base'}-{ftype}"
+        if digest is not None and encoding is not None:
+            digest += hashlib.sha256(json.dumps(encoding.digest_parts(), sort_keys=True).encode()).hexdigest()
+        stem = f"{'edited' if deltas else 'base'}{'-aware' if deltas and encoding is not None else ''}-{ftype}"
         path = self._path(stem, self._key(ftype, digest, "gguf"))
         if path.is_file():
             log.info("reusing %s", path)
             return path, False
         self.root.mkdir(parents=True, exist_ok=True)
-        export_gguf(self.source, path, ftype, deltas=list(deltas), manifest=manifest if deltas else None)
+        export_gguf(self.source, path, ftype, deltas=list(deltas), manifest=manifest if deltas else None,
+                    encoding=encoding if deltas else None)
         return path, True
 
     def lora(self, base: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any] | None = None) -> tuple[Path, bool]:

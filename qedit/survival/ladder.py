@@ -91,6 +91,7 @@ class SurvivalResult:
     rungs: list[RungResult]
     versions: dict[str, str]
     delta_norm: float = 0.0
+    encoding: str = "naive"                       # how edited tensors were encoded: "aware" or "naive"
 
 
 def _measure(runner: Runner, requests: Sequence[EditRequest], text: str,
@@ -148,11 +149,13 @@ def _llama_runner(cfg: SurvivalConfig) -> Callable[..., Runner]:
 
 
 def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest], deltas: Sequence[LowRankDelta],
-                 cfg: SurvivalConfig, method: str, manifest: dict[str, Any] | None = None) -> SurvivalResult:
+                 cfg: SurvivalConfig, method: str, manifest: dict[str, Any] | None = None,
+                 encoding: Any = None) -> SurvivalResult:
     """Measure `deltas` (not folded into `loaded.model`) at full precision and at every rung.
 
     The torch model is left as it was given (the deltas are folded for the reference run, then taken
-    out again). A rung that cannot be built is reported as skipped with the reason.
+    out again). A rung that cannot be built is reported as skipped with the reason. `encoding`
+    (qedit.converters.gguf_aware.EditEncoding) encodes the edited tensors edit-aware; None: plainly.
     """
     if not deltas:
         raise QeditError("survival: no deltas to check; run an edit or give --from-deltas DIR")
@@ -174,19 +177,19 @@ def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest], deltas: S
 
         rungs = tqdm(cfg.rungs, desc="rungs", unit="rung")
     for rung in rungs:
-        results.append(_run_rung(rung, store, make_runner, requests, deltas, text, manifest, cfg.progress))
+        results.append(_run_rung(rung, store, make_runner, requests, deltas, text, manifest, cfg.progress, encoding))
         r = results[-1]
         log.info("%s: %s%s", rung.name, r.status, f" ({r.reason})" if r.reason else "")
     return SurvivalResult(
         source=loaded.source, source_sha256=loaded.fingerprint, method=method, requests=requests,
         reference=reference, reference_baseline=ref_base, rungs=results, versions=versions(),
-        delta_norm=sum(d.norm() for d in deltas),
+        delta_norm=sum(d.norm() for d in deltas), encoding="naive" if encoding is None else "aware",
     )
 
 
 def _run_rung(rung: Rung, store: ArtifactStore, make_runner: Callable[..., Runner],
               requests: list[EditRequest], deltas: Sequence[LowRankDelta], text: str,
-              manifest: dict[str, Any] | None, progress: bool) -> RungResult:
+              manifest: dict[str, Any] | None, progress: bool, encoding: Any = None) -> RungResult:
     start = time.perf_counter()
     result = RungResult(rung, "ok")
     try:
@@ -194,7 +197,7 @@ def _run_rung(rung: Rung, store: ArtifactStore, make_runner: Callable[..., Runne
         result.artifacts["baseline"] = str(base_path)
         result.built += ["baseline"] if built else []
         if rung.kind is RungKind.GGUF:
-            edit_path, built = store.gguf(rung.ftype, deltas, manifest)
+            edit_path, built = store.gguf(rung.ftype, deltas, manifest, encoding)
             result.artifacts["edited"] = str(edit_path)
             edited_runner = make_runner(edit_path)
             measured_path = edit_path

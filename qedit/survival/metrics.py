@@ -101,6 +101,7 @@ def to_json(result: SurvivalResult, gates: list[dict[str, Any]] | None = None) -
         "schema": SCHEMA,
         "source": str(result.source), "source_sha256": result.source_sha256, "method": result.method,
         "n_cases": len(result.requests), "delta_norm": result.delta_norm, "versions": result.versions,
+        "encoding": result.encoding,
         "full_precision": {"runtime": "torch", "runner": result.reference.report.runner,
                            "metrics": metrics[FULL_PRECISION]},
         "rungs": rungs,

@@ -1,0 +1,40 @@
+"""Edit-aware patching of the packaged Gemma 3 270M Q4_K_M file against plain requantization.
+
+Minimal ROME edits (scaled to a 1-nat margin) at layer 6, whose ffn_down the file stores as Q4_K:
+patching requantizes it onto the grid it came from, where small edits lose much of their effect.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("llama_cpp")
+
+
+def test_aware_patch_keeps_minimal_edits_that_plain_requantization_loses(gemma_gguf, tmp_path):
+    from qedit.api import edit, make_config
+    from qedit.converters.gguf_aware import encoding_for
+    from qedit.converters.gguf_patch import patch_gguf
+    from qedit.evaluate import evaluate
+    from qedit.facts import demo_requests
+    from qedit.model import load_model
+    from qedit.runners_llama import LlamaCppRunner
+
+    loaded = load_model(gemma_gguf)
+    requests = demo_requests()[:3]
+    cfg = make_config("rome", target_margin=1.0)
+    outcome = edit(loaded, requests, "rome", cfg)
+    encoding = encoding_for(loaded, outcome.keys, cfg.stats)
+    manifest = outcome.manifest(loaded)
+    aware = patch_gguf(gemma_gguf, tmp_path / "aware.gguf", outcome.deltas, manifest, encoding=encoding)
+    naive = patch_gguf(gemma_gguf, tmp_path / "naive.gguf", outcome.deltas, manifest)
+    (t,) = aware.tensors
+    assert t.name == "blk.6.ffn_down.weight" and t.type_after == "Q4_K" == t.type_before
+    assert t.kept >= 0.98, t
+    assert t.kept > t.kept_naive + 0.02, t          # the plain path loses a visible share
+    assert naive.tensors[0].kept is None and aware.size_after == naive.size_after
+    base = evaluate(LlamaCppRunner(gemma_gguf), requests)
+    eff = {name: evaluate(LlamaCppRunner(tmp_path / f"{name}.gguf"), requests, baseline=base).aggregate()
+           for name in ("aware", "naive")}
+    assert eff["aware"]["efficacy"] >= eff["naive"]["efficacy"]
+    assert eff["aware"]["margin"] > eff["naive"]["margin"], eff
