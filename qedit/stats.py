@@ -8,11 +8,13 @@ new layer reuses it and only runs the forward pass up to that layer.
 
 Sampling is the slow part of a first edit (one forward pass per token, and each pass ends in the
 output layer over the whole vocabulary: 262k rows for Gemma 3). The sampler keeps a KV cache,
-draws tokens by inverse CDF (exact; torch.multinomial over 262k columns is several times slower),
-and can compute the output layer in bfloat16 (`sampling_precision`). The body of the model always
-runs in its own dtype, so the keys recorded while sampling are the keys of the model being edited:
-when the text is sampled for a covariance request, the covariance is accumulated during sampling
-and no second forward pass over the text is needed.
+draws tokens by inverse CDF (exact; torch.multinomial's exponential race over 262k columns cost
+as much as the output layer), and can compute the output layer in bfloat16 (`sampling_precision`;
+a bfloat16 copy of the output weight, 335 MB for Gemma, lives while sampling). The body of the
+model always runs in its own dtype, so the keys recorded while sampling are the keys of the model
+being edited: when the text is sampled for a covariance request, the covariance is accumulated
+during sampling and no second forward pass over the text is needed. The sampling precision is not
+part of the cache key: a cached text is reused whatever precision drew it.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -168,9 +171,10 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator, banned: Sequen
     inside that block picks the token, so one pass of block sums is the only full-width scan.
     """
     probs = torch.softmax(logits.float(), dim=-1)                              # (rows, vocab), a new tensor
-    if banned:
-        probs[:, list(banned)] = 0.0
     rows, vocab = probs.shape
+    banned = [t for t in banned if 0 <= t < vocab]
+    if banned:
+        probs[:, banned] = 0.0
     full = vocab // _DRAW_BLOCK
     masses = probs[:, : full * _DRAW_BLOCK].view(rows, full, _DRAW_BLOCK).sum(-1)  # (rows, full)
     if full * _DRAW_BLOCK < vocab:
@@ -187,6 +191,31 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator, banned: Sequen
     return b * _DRAW_BLOCK + torch.minimum(j, last)
 
 
+def _sample_batch(loaded: LoadedModel, first: torch.Tensor, length: int, generator: torch.Generator,
+                  head: Callable[[torch.Tensor], torch.Tensor], keys: _KeySums | None, step: Callable[[], object],
+                  banned: Sequence[int] = ()) -> torch.Tensor:
+    """Continue `first` (rows, 1) to (rows, length) tokens, one KV-cached forward pass per token;
+    `banned` tokens (the special ones: no end of text, no padding) are never drawn."""
+    base = loaded.module(loaded.arch.base_model)
+    ids, columns, past = first, [first], None
+    for pos in range(length - 1):  # feeds position `pos`, draws position pos + 1
+        names = list(keys.names.values()) if keys is not None and pos > 0 else []  # no keys at BOS
+        with record(loaded.model, names, kind="input") as rec:
+            out = base(input_ids=ids, past_key_values=past, use_cache=True)
+        if keys is not None and names:
+            keys.add_step(rec)
+        past = out.past_key_values
+        ids = draw_tokens(head(out.last_hidden_state[:, -1]), generator, banned)     # (rows, 1)
+        columns.append(ids)
+        step()
+    if keys is not None:  # the last token is never fed to draw a successor: a partial pass for its keys
+        with record(loaded.model, list(keys.names.values()), kind="input") as rec, stop_after(loaded.model, keys.last):
+            base(input_ids=ids, past_key_values=past, use_cache=True)
+        keys.add_step(rec)
+        keys.end_batch()
+    return torch.cat(columns, dim=1)
+
+
 @torch.no_grad()
 def _sample_from_model(loaded: LoadedModel, cfg: StatsConfig, keys: _KeySums | None = None) -> list[list[int]]:
     """cfg.n_samples token sequences of cfg.sample_len sampled from the model, starting from BOS.
@@ -197,36 +226,17 @@ def _sample_from_model(loaded: LoadedModel, cfg: StatsConfig, keys: _KeySums | N
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     dtype = resolve_sampling_dtype(cfg, loaded.device)
     head = _sampling_head(loaded, dtype)
-    base = loaded.module(loaded.arch.base_model)
     banned = sorted(set(tok.all_special_ids))  # sampled text runs on: no end of text, no padding
     generator = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
     began = time.perf_counter()
     seqs: list[list[int]] = []
-    n_batches = -(-cfg.n_samples // cfg.batch_size)
-    with tqdm(total=n_batches * cfg.sample_len, desc="sampling corpus", unit="tok", leave=False) as bar:
+    with tqdm(total=cfg.n_samples * (cfg.sample_len - 1), desc="sampling corpus", unit="tok", leave=False) as bar:
         for lo in range(0, cfg.n_samples, cfg.batch_size):
-            ids = torch.full((min(cfg.batch_size, cfg.n_samples - lo), 1), start, dtype=torch.long, device=loaded.device)
-            columns, past = [ids], None
-            for pos in range(cfg.sample_len):  # feeds position `pos`; the last feed only records keys
-                names = list(keys.names.values()) if keys is not None and pos > 0 else []
-                if pos == cfg.sample_len - 1:
-                    if keys is not None:
-                        with record(loaded.model, names, kind="input") as rec, stop_after(loaded.model, keys.last):
-                            base(input_ids=ids, past_key_values=past, use_cache=True)
-                        keys.add_step(rec)
-                    bar.update(1)
-                    break
-                with record(loaded.model, names, kind="input") as rec:
-                    out = base(input_ids=ids, past_key_values=past, use_cache=True)
-                if names:
-                    keys.add_step(rec)  # type: ignore[union-attr]
-                past = out.past_key_values
-                ids = draw_tokens(head(out.last_hidden_state[:, -1]), generator, banned)  # (rows, 1)
-                columns.append(ids)
-                bar.update(1)
-            if keys is not None:
-                keys.end_batch()
-            seqs.extend(torch.cat(columns, dim=1).tolist())
+            rows = min(cfg.batch_size, cfg.n_samples - lo)
+            first = torch.full((rows, 1), start, dtype=torch.long, device=loaded.device)
+            batch = _sample_batch(loaded, first, cfg.sample_len, generator, head, keys, partial(bar.update, rows),
+                                  banned)
+            seqs.extend(batch.tolist())
     log.info("sampled %d x %d tokens from the model in %.1f s (output layer in %s)", cfg.n_samples,
              cfg.sample_len, time.perf_counter() - began, str(dtype).removeprefix("torch."))
     return seqs
@@ -284,7 +294,8 @@ def _compute(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
     if cfg.corpus is None and _cached_tokens(loaded, cfg) is None:
         acc = _KeySums(loaded, layers)  # sample and sum the keys in the same forward passes
         _store_tokens(loaded, cfg, _sample_from_model(loaded, cfg, acc))
-        log.info("key statistics for layers %s from %d tokens, computed while sampling", list(layers), acc.count)
+        log.info("key statistics for layers %s from %d tokens in %.1f s, computed while sampling", list(layers),
+                 acc.count, time.perf_counter() - began)
         return acc.result()
     seqs = corpus_tokens(loaded, cfg)
     names = {layer: loaded.arch.mlp_out.format(layer) for layer in layers}

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
-
-import qedit.stats as stats
 from conftest import FAMILIES
+
+from qedit import stats
 from qedit.errors import QeditError
 from qedit.model import load_model
 from qedit.stats import StatsConfig, draw_tokens
@@ -27,7 +27,7 @@ def test_draw_tokens_follows_the_softmax():
     logits[:5] += 6.0                           # a few heavy tokens, as in a language model
     logits[2100:2200] = float("-inf")           # impossible tokens in the last (padded) block
     banned = [0, 7, 2499]
-    drawn = draw_tokens(logits.expand(rows, vocab), torch.Generator().manual_seed(2), banned)
+    drawn = draw_tokens(logits.expand(rows, vocab), torch.Generator().manual_seed(2), banned + [vocab, 10**6])
     assert drawn.shape == (rows, 1) and drawn.dtype == torch.long
     counts = torch.bincount(drawn[:, 0], minlength=vocab).double()
     assert counts[banned].sum() == 0 and counts[2100:2200].sum() == 0
@@ -63,8 +63,7 @@ def test_covariance_while_sampling_matches_a_separate_pass(models, family, tmp_p
     assert len(seqs) == 10 and all(len(s) == 24 for s in seqs)
     tok = loaded.tokenizer
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    assert all(s[0] == start for s in seqs)
-    assert not {t for s in seqs for t in s[1:]} & set(tok.all_special_ids)
+    assert all(s[0] == start for s in seqs) and len({tuple(s) for s in seqs}) == 10
     separate = stats._compute(loaded, [1, 3], cfg)        # text cached: one forward pass over it
     for layer in (1, 3):
         assert inline[layer][1] == separate[layer][1] == 10 * 23
@@ -106,6 +105,14 @@ def test_new_layer_reuses_the_sampled_text(models, tmp_path, monkeypatch):
     cov = stats.key_covariance(loaded, [2], cfg)[2]
     assert cov.shape == (128, 128) and torch.allclose(cov, cov.t())
     assert (tmp_path / loaded.fingerprint[:20] / "self-s0-n4-l8" / "cov_layer2.pt").is_file()
+
+
+def test_without_cache_nothing_is_written(models, tmp_path):
+    loaded = models["qwen2"]
+    cfg = StatsConfig(n_samples=4, sample_len=8, cache_dir=tmp_path, use_cache=False)
+    cov = stats.key_covariance(loaded, [0, 2], cfg)
+    assert set(cov) == {0, 2} and all(c.shape == (128, 128) for c in cov.values())
+    assert not any(tmp_path.iterdir())
 
 
 def test_broken_token_cache_is_resampled(models, tmp_path):
