@@ -226,7 +226,9 @@ def _sample_from_model(loaded: LoadedModel, cfg: StatsConfig, keys: _KeySums | N
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     dtype = resolve_sampling_dtype(cfg, loaded.device)
     head = _sampling_head(loaded, dtype)
-    banned = sorted(set(tok.all_special_ids))  # sampled text runs on: no end of text, no padding
+    # Special tokens are not banned: on the tiny gpt2 test model, banning them made AlphaEdit's and
+    # ROME's statistics much worse (unrelated-prompt KL 0.3 -> 1.3 nats); to be understood.
+    banned: list[int] = []
     generator = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
     began = time.perf_counter()
     seqs: list[list[int]] = []
