@@ -19,9 +19,9 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
     p = sub.add_parser(
         "survival", help="check that every edit survives quantization, rung by rung, in llama.cpp",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Edit the facts (or reuse --from-deltas), then for every rung of the ladder quantize the "
-                    "edited model and the unedited baseline the same way, run both in llama.cpp, and report "
-                    "efficacy, generalization, locality (against the baseline at the same rung), fluency drift "
+        description="Edit the facts (or reuse --from-deltas), then for every rung of the ladder quantize the\n"
+                    "edited model and the unedited baseline the same way, run both in llama.cpp, and report\n"
+                    "efficacy, generalization, locality (against the baseline at the same rung), fluency drift\n"
                     "and the share of each kept against full precision.",
         epilog="examples:\n"
                "  qedit survival model.gguf facts.jsonl --method alphaedit -o report/\n"
