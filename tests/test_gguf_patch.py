@@ -189,11 +189,17 @@ def test_cli_edit_with_a_gguf_output_patches_the_source(gemma, gemma_gguf, patch
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(r.to_json()) + "\n" for r in requests))
     out = tmp_path / "cli.gguf"
-    assert main(["edit", str(gemma_gguf), str(facts), "--method", "rome", "-o", str(out)]) == 0
+    assert main(["edit", str(gemma_gguf), str(facts), "--method", "rome", "-o", str(out), "--naive"]) == 0
     printed = capsys.readouterr().out
     assert "re-encoded blk.6.ffn_down.weight as Q4_K" in printed and "size: 253,113,024 ->" in printed
-    with GGUFFile(out) as a, GGUFFile(dst) as b:
+    with GGUFFile(out) as a, GGUFFile(dst) as b:  # --naive is the plain patch of the fixture, byte for byte
         assert all(bytes(a.raw(n)) == bytes(b.raw(n)) for n in b.tensors)
+    aware = tmp_path / "aware.gguf"  # the default encodes the edited tensor edit-aware, nothing else differs
+    assert main(["edit", str(gemma_gguf), str(facts), "--method", "rome", "-o", str(aware)]) == 0
+    assert "edit-aware: kept" in capsys.readouterr().out
+    with GGUFFile(aware) as a, GGUFFile(dst) as b:
+        assert [n for n in b.tensors if bytes(a.raw(n)) != bytes(b.raw(n))] == ["blk.6.ffn_down.weight"]
+        assert json.loads(a.fields["qedit.manifest"])["encoding"]["path"] == "aware"
     assert main(["edit", str(gemma_gguf), str(facts), "-o", str(gemma_gguf)]) == 2
     assert "refusing" in capsys.readouterr().err
 
