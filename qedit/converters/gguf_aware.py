@@ -47,7 +47,12 @@ class EditEncoding:
         return {"path": "aware", "layers": sorted(int(x) for x in self.keys), **dataclasses.asdict(self.cfg)}
 
     def digest_parts(self) -> list[Any]:
-        return [self.describe(), {int(k): _numpy(v).tobytes().hex()[:64] for k, v in self.keys.items()}]
+        """What identifies this encoding for caches: its settings and the content of keys and covariances."""
+        import hashlib
+
+        content = {f"{what}{int(k)}": hashlib.sha256(_numpy(v).tobytes()).hexdigest()
+                   for what, table in (("keys", self.keys), ("cov", self.covs)) for k, v in table.items()}
+        return [self.describe(), content]
 
     def encode(self, name: str, layer: int, w0: np.ndarray, change: np.ndarray,
                ggml_type: GGMLQuantizationType) -> EncodedTensor | None:
