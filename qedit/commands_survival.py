@@ -17,15 +17,17 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
     from qedit.survival.rungs import DEFAULT_LADDER
 
     p = sub.add_parser(
-        "survival", help="check that every edit survives quantization, rung by rung, in llama.cpp",
+        "survival", help="check that every edit survives quantization, rung by rung, in the runtime users run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Edit the facts (or reuse --from-deltas), then for every rung of the ladder quantize the\n"
-                    "edited model and the unedited baseline the same way, run both in llama.cpp, and report\n"
+                    "edited model and the unedited baseline the same way, run both in the rung's runtime\n"
+                    "(llama.cpp for GGUF, the GPTQ loader for GPTQ, bitsandbytes for int8/nf4/fp4), and report\n"
                     "efficacy, generalization, locality (against the baseline at the same rung), fluency drift\n"
                     "and the share of each kept against full precision.",
         epilog="examples:\n"
                "  qedit survival model.gguf facts.jsonl --method alphaedit -o report/\n"
                "  qedit survival model.gguf facts.jsonl --ladder Q8_0,Q4_K_M,Q2_K --lora Q4_K_M -o report/\n"
+               "  qedit survival model.gguf facts.jsonl --ladder Q4_K_M --gptq 8,4,3,2 --bnb int8,nf4 -o report/\n"
                "  qedit survival model.gguf facts.jsonl --from-deltas edited/ --require Q4_K_M:efficacy>=0.95 -o r/\n"
                "\nOutputs in the report directory: survival.json, survival.csv, cases.csv, report.md, report.html,\n"
                "survival.png, and artifacts/ (the quantized files, reused by later runs). Exit status: 0 when\n"
@@ -35,7 +37,14 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="report directory (new, empty, or an earlier survival report to update)")
     p.add_argument("--ladder", default=DEFAULT_LADDER,
-                   help=f"comma-separated rungs: llama.cpp file types (default: {DEFAULT_LADDER})")
+                   help=f"comma-separated rungs: llama.cpp file types, LORA@TYPE, GPTQ-N, BNB-MODE, or none "
+                        f"(default: {DEFAULT_LADDER})")
+    p.add_argument("--gptq", default=None, metavar="BITS",
+                   help="add GPTQ rungs at these bits, e.g. 8,4,3,2: HF GPTQ checkpoints run in GPTQModel "
+                        "(qedit's dequantizing runner where it is not installed; the report says which)")
+    p.add_argument("--gptq-group-size", type=int, default=128, help="group size of the GPTQ rungs (default: 128)")
+    p.add_argument("--bnb", default=None, metavar="MODES",
+                   help="add bitsandbytes rungs, e.g. int8,nf4,fp4 (quantized in memory; CPU support is checked)")
     p.add_argument("--lora", default=None, metavar="TYPE",
                    help="add a rung where the edit is a LoRA adapter applied at run time on the base quantized at TYPE")
     p.add_argument("--require", action="append", default=[], metavar="RUNG:METRIC>=VALUE",
@@ -87,6 +96,7 @@ def _deltas(args: argparse.Namespace, loaded: Any, requests: list[Any]) -> tuple
 
 
 def cmd_survival(args: argparse.Namespace) -> int:
+    from qedit.commands import _method_config
     from qedit.facts import load_requests
     from qedit.model import load_model
     from qedit.survival.gate import check_requirements, parse_requirement
@@ -96,17 +106,21 @@ def cmd_survival(args: argparse.Namespace) -> int:
     from qedit.survival.rungs import parse_ladder
 
     requests = load_requests(args.facts, args.limit)
-    rungs = parse_ladder(args.ladder, args.lora)
+    rungs = parse_ladder(args.ladder, args.lora, args.gptq, args.bnb)
     requirements = [parse_requirement(t, [r.name for r in rungs]) for t in args.require]
     inputs = [args.model, args.facts] + ([args.from_deltas] if args.from_deltas else [])
     check_report_dir(args.output, *inputs)
     if args.threads < 1:
         raise QeditError(f"--threads must be at least 1, got {args.threads}")
+    try:
+        cfg = SurvivalConfig(rungs=rungs, artifacts=args.artifacts or args.output / "artifacts", n_threads=args.threads,
+                             gptq_group_size=args.gptq_group_size, stats=_method_config(args).stats)
+    except ValueError as exc:
+        raise QeditError(f"--gptq-group-size: {exc}") from None
     loaded = load_model(args.model, device=args.device)
     deltas, method, manifest, keys = _deltas(args, loaded, requests)
     encoding = None
     if not args.naive:
-        from qedit.commands import _method_config
         from qedit.converters.gguf_aware import encoding_for
 
         if not keys:
@@ -114,7 +128,6 @@ def cmd_survival(args: argparse.Namespace) -> int:
                         args.from_deltas)
         else:
             encoding = encoding_for(loaded, keys, _method_config(args).stats)
-    cfg = SurvivalConfig(rungs=rungs, artifacts=args.artifacts or args.output / "artifacts", n_threads=args.threads)
     result = run_survival(loaded, requests, deltas, cfg, method=method, manifest=manifest, encoding=encoding)
     gates = check_requirements(requirements, all_rung_metrics(result))
     gate_json = [{"requirement": str(g.requirement), "actual": g.actual, "passed": g.passed, "reason": g.reason}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,4 +45,31 @@ def atomic_path(target: Path) -> Iterator[Path]:
         raise QeditError(f"{target}: could not write ({exc.strerror or exc}); nothing was written") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_output_dir(out: Path, source: Path) -> None:
+    """An output directory must not be the source, and must be new or empty."""
+    refuse_same_file(out, source)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QeditError(f"{out}: already exists and is not empty; choose a new output directory")
+
+
+@contextmanager
+def staged_dir(out: Path, source: Path, what: str = "the output") -> Iterator[Path]:
+    """A temp directory beside `out`, renamed to `out` on success and removed on failure."""
+    check_output_dir(out, source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, umask_mode(directory=True))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QeditError(f"{out}: could not write {what} ({exc.strerror or exc}); nothing was written") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -113,6 +113,12 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: to
         raise QeditError(f"{path}: no such file or directory; give an HF model directory or a .gguf file")
     log.info("loading %s", path)
     if path.is_dir():
+        from qedit.converters.gptq import is_gptq_checkpoint
+
+        if is_gptq_checkpoint(path):  # dequantized by qedit's reader: full-precision work needs no GPTQ kernels
+            from qedit.converters.gptq_export import load_dequantized
+
+            return load_dequantized(path, device, dtype)
         return _load_hf_dir(path, device, dtype)
     if path.suffix.lower() == ".gguf" or is_gguf_file(path):
         return _load_gguf(path, device, dtype)

@@ -43,7 +43,7 @@ def test_ladder_reports_gates_and_cache(gemma_gguf, facts, edited, tmp_path, cap
     assert rc == 0, out
     assert "require Q8_0:efficacy>=0.6: PASS" in out and "fp32 (torch)" in out
     # schema
-    assert data["schema"] == "qedit.survival/1" and data["n_cases"] == 3 and data["method"] == "rome"
+    assert data["schema"] == "qedit.survival/2" and data["n_cases"] == 3 and data["method"] == "rome"
     assert data["versions"]["llama-cpp-python"] != "not installed"
     assert [r["name"] for r in data["rungs"]] == ["Q8_0", "Q2_K", "LORA@Q4_K_M"]
     fp = data["full_precision"]["metrics"]

@@ -27,7 +27,7 @@ def test_default_ladder_parses_in_order():
 def test_ladder_lora_and_repeats():
     rungs = parse_ladder("q4_k_m, Q2_K,Q4_K_M", lora="q4_k_m")
     assert [r.name for r in rungs] == ["Q4_K_M", "Q2_K", "LORA@Q4_K_M"]
-    assert rungs[-1].kind is RungKind.GGUF_LORA and rungs[-1].ftype == "Q4_K_M"
+    assert rungs[-1].kind is RungKind.GGUF_LORA and rungs[-1].spec == "Q4_K_M"
 
 
 @pytest.mark.parametrize("text", ["Q4_K_X", "Q4_K_M,Q9", "LORA@Q7", ",,"])

@@ -1,6 +1,7 @@
 """The quantized artifacts of the ladder, built once and cached on disk.
 
-Each artifact's file name carries a key: the sha256 of the source model, the rung's file type, the
+GGUF files and LoRA adapters are built from the source file; GPTQ checkpoints (directories) from the
+loaded torch model. Each artifact's name carries a key: the sha256 of the source model, the rung's spec, the
 deltas' content (none for the unedited baseline) and the qedit version. A rerun with more rungs, or
 with the same edits, finds the old files and does not rebuild them. Files are written atomically,
 so an interrupted build leaves no artifact behind.
@@ -81,6 +82,64 @@ class ArtifactStore:
         self.root.mkdir(parents=True, exist_ok=True)
         write_lora_gguf(base, path, list(deltas), manifest=manifest)
         return path, True
+
+
+    def gptq(self, loaded: Any, bits: int, group_size: int, act_order: bool, seqs: Sequence[Sequence[int]],
+             deltas: Sequence[LowRankDelta] = (), manifest: dict[str, Any] | None = None,
+             keys: Any = None) -> tuple[Path, bool]:
+        """A GPTQ checkpoint of `loaded` with `deltas` folded in for the write (none: the unedited baseline);
+        `keys` (layer -> (n, in)) make the edited Linears' Hessians edit-aware. Returns (path, built)."""
+        from qedit.converters.gptq_export import GPTQWriteConfig, write_gptq
+        from qedit.delta import fold
+        from qedit.kernels.gptq import GPTQConfig
+
+        digest = deltas_digest(deltas) if deltas else None
+        if digest is not None and keys:
+            digest += hashlib.sha256(b"".join(np.ascontiguousarray(keys[k].detach().cpu().float().numpy()).tobytes()
+                                              for k in sorted(keys))).hexdigest()
+        seq_digest = hashlib.sha256(json.dumps([list(map(int, q)) for q in seqs]).encode()).hexdigest()
+        spec = f"gptq{bits}g{group_size}{'a' if act_order else ''}"
+        stem = f"{'edited' if deltas else 'base'}{'-aware' if deltas and keys else ''}-{spec}"
+        path = self._path(stem, self._key(spec + seq_digest, digest, "gptq"), "")
+        if (path / "config.json").is_file():
+            log.info("reusing %s", path)
+            return path, False
+        self.root.mkdir(parents=True, exist_ok=True)
+        cfg = GPTQWriteConfig(GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order))
+        fold(loaded.model, deltas)
+        try:
+            write_gptq(loaded, path, cfg, seqs, deltas=list(deltas), manifest=manifest if deltas else None,
+                       edit_keys=keys if deltas and keys else None)
+        finally:
+            fold(loaded.model, deltas, sign=-1.0)
+        return path, True
+
+
+def gptq_bits_per_weight(directory: Path) -> tuple[float, int]:
+    """(bits per weight over all tensors, total tensor bytes) of a GPTQ checkpoint: a packed `qweight`
+    counts as the weights it holds; its qzeros, scales and g_idx add bytes, not weights."""
+    from safetensors import safe_open
+
+    from qedit.converters.gptq import read_checkpoint_config, safetensors_files
+
+    bits = read_checkpoint_config(directory).bits
+    n_bytes = n_weights = 0
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (safe_open handles are not mappings)
+                sl = f.get_slice(name)
+                numel = int(np.prod(sl.get_shape()))
+                n_bytes += numel * _itemsize(sl.get_dtype())
+                if name.endswith(".qweight"):
+                    n_weights += numel * 32 // bits
+                elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+                    n_weights += numel
+    return 8.0 * n_bytes / max(1, n_weights), n_bytes
+
+
+def _itemsize(dtype: str) -> int:
+    sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+    return sizes.get(dtype.upper(), 1)
 
 
 def bits_per_weight(path: Path) -> tuple[float, int]:

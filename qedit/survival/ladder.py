@@ -1,7 +1,8 @@
 """The survival ladder: does each edit survive quantization at each rung, in the runtime users run?
 
 For every rung, the edited model and the unedited baseline are quantized the same way and both run
-in llama.cpp. Locality compares the edited artifact with the baseline at the same rung, so
+in the rung's runtime: llama.cpp for GGUF rungs, the GPTQ loader for GPTQ checkpoints, bitsandbytes
+modules for in-memory int8/nf4/fp4. Locality compares the edited artifact with the baseline at the same rung, so
 quantization noise is not blamed on the edit. Full precision (torch, float32) is the reference every
 "_kept" ratio divides by. Fluency drift is the perplexity of a fixed text, edited over baseline.
 """
@@ -42,10 +43,17 @@ class SurvivalConfig:
     n_threads: int = 1                    # llama.cpp threads
     n_ctx: int = 512
     progress: bool = True
+    gptq_group_size: int = 128            # GPTQ rungs: input columns per scale
+    gptq_act_order: bool = True           # GPTQ rungs: act-order (GPTQModel's default)
+    stats: Any = None                     # StatsConfig of the calibration text for GPTQ rungs (None: default)
 
     def __post_init__(self) -> None:
         if not self.rungs:
             raise ValueError("SurvivalConfig: at least one rung is needed")
+        from qedit.kernels.gptq import GROUP_SIZES
+
+        if self.gptq_group_size not in GROUP_SIZES:
+            raise ValueError(f"SurvivalConfig: gptq_group_size {self.gptq_group_size} is not one of {GROUP_SIZES}")
         if self.n_threads < 1 or self.n_ctx < 64:
             raise ValueError(f"SurvivalConfig: n_threads must be >= 1 and n_ctx >= 64, got {self.n_threads}, {self.n_ctx}")
         self.artifacts = Path(self.artifacts)
@@ -78,6 +86,7 @@ class RungResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     built: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    encoding: str = "naive"                       # how this rung encoded the edited weights: "aware" or "naive"
 
 
 @dataclass
@@ -131,7 +140,7 @@ def versions() -> dict[str, str]:
     from qedit.api import qedit_version
 
     out = {"qedit": qedit_version()}
-    for pkg in ("torch", "transformers", "llama-cpp-python", "libgguf", "gguf"):
+    for pkg in ("torch", "transformers", "llama-cpp-python", "libgguf", "gguf", "gptqmodel", "bitsandbytes"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -168,8 +177,8 @@ def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest], deltas: S
         reference = _measure(torch_runner, requests, text, ref_base, "fp32 edited" if cfg.progress else None)
     finally:
         fold(loaded.model, deltas, sign=-1.0)
-    store = ArtifactStore(cfg.artifacts, loaded.source, loaded.fingerprint)
-    make_runner = _llama_runner(cfg)
+    ctx = _RungContext(loaded, requests, list(deltas), text, manifest, encoding, cfg,
+                       ArtifactStore(cfg.artifacts, loaded.source, loaded.fingerprint), _llama_runner(cfg))
     results: list[RungResult] = []
     rungs: Any = cfg.rungs
     if cfg.progress:
@@ -177,7 +186,7 @@ def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest], deltas: S
 
         rungs = tqdm(cfg.rungs, desc="rungs", unit="rung")
     for rung in rungs:
-        results.append(_run_rung(rung, store, make_runner, requests, deltas, text, manifest, cfg.progress, encoding))
+        results.append(_run_rung(rung, ctx))
         r = results[-1]
         log.info("%s: %s%s", rung.name, r.status, f" ({r.reason})" if r.reason else "")
     return SurvivalResult(
@@ -187,34 +196,119 @@ def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest], deltas: S
     )
 
 
-def _run_rung(rung: Rung, store: ArtifactStore, make_runner: Callable[..., Runner],
-              requests: list[EditRequest], deltas: Sequence[LowRankDelta], text: str,
-              manifest: dict[str, Any] | None, progress: bool, encoding: Any = None) -> RungResult:
+@dataclass
+class _RungContext:
+    """What every rung is built and measured from."""
+
+    loaded: LoadedModel
+    requests: list[EditRequest]
+    deltas: list[LowRankDelta]
+    text: str
+    manifest: dict[str, Any] | None
+    encoding: Any                                 # EditEncoding (aware) or None (naive)
+    cfg: SurvivalConfig
+    store: ArtifactStore
+    llama: Callable[..., Runner]
+    _seqs: list[list[int]] | None = None
+
+    def label(self, rung: Rung, what: str) -> str | None:
+        return f"{rung.name} {what}" if self.cfg.progress else None
+
+    def calibration(self) -> list[list[int]]:
+        if self._seqs is None:
+            from qedit.converters.gptq_export import calibration_tokens
+
+            self._seqs = calibration_tokens(self.loaded, self.cfg.stats)
+        return self._seqs
+
+
+def _run_rung(rung: Rung, ctx: _RungContext) -> RungResult:
     start = time.perf_counter()
     result = RungResult(rung, "ok")
     try:
-        base_path, built = store.gguf(rung.ftype)
-        result.artifacts["baseline"] = str(base_path)
-        result.built += ["baseline"] if built else []
-        if rung.kind is RungKind.GGUF:
-            edit_path, built = store.gguf(rung.ftype, deltas, manifest, encoding)
-            result.artifacts["edited"] = str(edit_path)
-            edited_runner = make_runner(edit_path)
-            measured_path = edit_path
-        elif rung.kind is RungKind.GGUF_LORA:
-            lora_path, built = store.lora(base_path, deltas, manifest)
-            result.artifacts["lora"] = str(lora_path)
-            edited_runner = make_runner(base_path, lora=lora_path)
-            measured_path = base_path
-        else:  # pragma: no cover - every kind is handled above
-            raise QeditError(f"rung {rung.name}: kind {rung.kind} has no builder")
-        result.built += ["edited"] if built else []
-        result.bits_per_weight, result.size_bytes = bits_per_weight(measured_path)
-        label = (lambda what: f"{rung.name} {what}") if progress else (lambda what: None)
-        result.baseline = _cached_measure(base_path, make_runner, requests, text, label("baseline"))
-        result.edited = _measure(edited_runner, requests, text, result.baseline, label("edited"))
+        {RungKind.GGUF: _gguf_rung, RungKind.GGUF_LORA: _gguf_rung, RungKind.GPTQ: _gptq_rung,
+         RungKind.BNB: _bnb_rung}[rung.kind](rung, ctx, result)
     except QeditError as exc:
         result.status, result.reason = "skipped", str(exc)
         log.warning("rung %s skipped: %s", rung.name, exc)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _gguf_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
+    base_path, built = ctx.store.gguf(rung.spec)
+    result.artifacts["baseline"] = str(base_path)
+    result.built += ["baseline"] if built else []
+    if rung.kind is RungKind.GGUF:
+        edit_path, built = ctx.store.gguf(rung.spec, ctx.deltas, ctx.manifest, ctx.encoding)
+        result.artifacts["edited"] = str(edit_path)
+        edited_runner = ctx.llama(edit_path)
+        measured_path = edit_path
+        result.encoding = "naive" if ctx.encoding is None else "aware"
+    else:
+        lora_path, built = ctx.store.lora(base_path, ctx.deltas, ctx.manifest)
+        result.artifacts["lora"] = str(lora_path)
+        edited_runner = ctx.llama(base_path, lora=lora_path)
+        measured_path = base_path
+        result.encoding = "lora"
+    result.built += ["edited"] if built else []
+    result.bits_per_weight, result.size_bytes = bits_per_weight(measured_path)
+    result.baseline = _cached_measure(base_path, ctx.llama, ctx.requests, ctx.text, ctx.label(rung, "baseline"))
+    result.edited = _measure(edited_runner, ctx.requests, ctx.text, result.baseline, ctx.label(rung, "edited"))
+
+
+def _gptq_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
+    import torch
+
+    from qedit.runners_gptq import gptq_runner
+    from qedit.survival.artifacts import gptq_bits_per_weight
+
+    bits, cfg = int(rung.spec), ctx.cfg
+    keys = None if ctx.encoding is None else {int(k): torch.as_tensor(v).float() for k, v in ctx.encoding.keys.items()}
+    shape = (bits, cfg.gptq_group_size, cfg.gptq_act_order, ctx.calibration())
+    base_path, built = ctx.store.gptq(ctx.loaded, *shape)
+    result.artifacts["baseline"] = str(base_path)
+    result.built += ["baseline"] if built else []
+    edit_path, built = ctx.store.gptq(ctx.loaded, *shape, ctx.deltas, ctx.manifest, keys)
+    result.artifacts["edited"] = str(edit_path)
+    result.built += ["edited"] if built else []
+    result.encoding = "naive" if keys is None else "aware"
+    result.bits_per_weight, result.size_bytes = gptq_bits_per_weight(edit_path)
+    result.baseline = _cached_measure(base_path, gptq_runner, ctx.requests, ctx.text, ctx.label(rung, "baseline"))
+    result.edited = _measure(gptq_runner(edit_path), ctx.requests, ctx.text, result.baseline, ctx.label(rung, "edited"))
+
+
+def _bnb_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
+    """In memory: bitsandbytes quantizes a copy of the unedited and of the edited model (plain rounding,
+    no calibration, so there is no edit-aware path)."""
+    from qedit.runners_gptq import BitsAndBytesRunner
+
+    result.baseline = _measure(BitsAndBytesRunner(ctx.loaded, rung.spec), ctx.requests, ctx.text, None,
+                               ctx.label(rung, "baseline"))
+    fold(ctx.loaded.model, ctx.deltas)
+    try:
+        edited_runner = BitsAndBytesRunner(ctx.loaded, rung.spec)  # quantizes a copy: the fold is undone below
+    finally:
+        fold(ctx.loaded.model, ctx.deltas, sign=-1.0)
+    result.edited = _measure(edited_runner, ctx.requests, ctx.text, result.baseline, ctx.label(rung, "edited"))
+    result.bits_per_weight, result.size_bytes = _bnb_size(ctx.loaded, rung.spec)
+
+
+def _bnb_size(loaded: LoadedModel, mode: str) -> tuple[float, int]:
+    """(bits per weight over all parameters, bytes): decoder Linears as bitsandbytes stores them (int8: a byte
+    per weight and a float32 scale per row; nf4/fp4: 4 bits per weight and a float32 absmax per 64), the rest
+    as loaded."""
+    from qedit.converters.gptq_calibrate import quantizable_linears
+
+    linear = {f"{n}.weight" for n in quantizable_linears(loaded)}
+    bits = 0.0
+    n = 0
+    for name, p in loaded.model.named_parameters():  # tied weights are listed once
+        n += p.numel()
+        if name not in linear:
+            bits += p.numel() * 8 * p.element_size()
+        elif mode == "int8":
+            bits += p.numel() * 8 + p.shape[0] * 32
+        else:
+            bits += p.numel() * 4 + -(-p.numel() // 64) * 32
+    return bits / max(1, n), int(bits // 8)

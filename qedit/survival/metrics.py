@@ -7,7 +7,7 @@ from typing import Any
 from qedit.evaluate import METRICS
 from qedit.survival.ladder import FULL_PRECISION, Measured, RungResult, SurvivalResult
 
-SCHEMA = "qedit.survival/1"
+SCHEMA = "qedit.survival/2"
 _KEPT = ("efficacy", "generalization")
 
 
@@ -86,13 +86,13 @@ def case_rows(result: SurvivalResult) -> list[dict[str, Any]]:
 
 
 def to_json(result: SurvivalResult, gates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The machine-readable report (schema `qedit.survival/1`)."""
+    """The machine-readable report (schema `qedit.survival/2`)."""
     metrics = all_rung_metrics(result)
     rungs = []
     for r in result.rungs:
         rungs.append({
-            "name": r.rung.name, "kind": r.rung.kind.value, "ftype": r.rung.ftype, "runtime": r.rung.runtime,
-            "status": r.status, "reason": r.reason, "bits_per_weight": r.bits_per_weight,
+            "name": r.rung.name, "kind": r.rung.kind.value, "spec": r.rung.spec, "runtime": r.rung.runtime,
+            "status": r.status, "reason": r.reason, "encoding": r.encoding, "bits_per_weight": r.bits_per_weight,
             "size_bytes": r.size_bytes, "artifacts": r.artifacts, "built": r.built,
             "seconds": round(r.seconds, 2), "runner": None if r.edited is None else r.edited.report.runner,
             "metrics": metrics[r.rung.name],

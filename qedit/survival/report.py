@@ -127,14 +127,17 @@ def plot(data: dict[str, Any], path: Path) -> bool:
     rungs = [r for r in data["rungs"] if r["status"] == "ok" and r["bits_per_weight"]]
     fig, axes = plt.subplots(1, len(_PLOTTED), figsize=(4 * len(_PLOTTED), 3.6))
     for ax, key in zip(axes, _PLOTTED):
-        pts = sorted((r["bits_per_weight"], r["metrics"][key], r["name"]) for r in rungs if r["metrics"].get(key) is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-            for x, y, name in pts:
-                ax.annotate(name, (x, y), fontsize=7, xytext=(2, 3), textcoords="offset points")
+        for kind, marker in (("gguf", "o-"), ("gguf-lora", "s"), ("gptq", "^-"), ("bitsandbytes", "D-")):
+            pts = sorted((r["bits_per_weight"], r["metrics"][key], r["name"]) for r in rungs
+                         if r["kind"] == kind and r["metrics"].get(key) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=kind)
+                for x, y, name in pts:
+                    ax.annotate(name, (x, y), fontsize=7, xytext=(2, 3), textcoords="offset points")
         ref = data["full_precision"]["metrics"].get(key)
         if ref is not None and key not in ("margin_kept",):
             ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label="fp32")
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.set_xlabel("bits per weight")
         ax.set_title(key)
