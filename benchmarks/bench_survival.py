@@ -106,13 +106,16 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     facts = _facts(args.out, args.n, args.offset)
-    rungs = ["--ladder", args.ladder] + (["--gptq", args.gptq] if args.gptq else []) + \
-        (["--bnb", args.bnb] if args.bnb else [])
+    rungs = ["--ladder", args.ladder] + (["--gptq", args.gptq] if args.gptq else [])
     results = []
     for method in args.methods.split(","):
         edited, edit_seconds, edit_cmd = edit_once(method, facts, args.out, args.threads)
-        for encoding in args.encodings.split(","):
-            results.append(run_method(method, facts, args.out, rungs, args.threads, encoding, edited))
+        for i, encoding in enumerate(args.encodings.split(",")):
+            # bitsandbytes quantizes without calibration: no edit-aware path, so its rungs run once
+            bnb = ["--bnb", args.bnb] if args.bnb and i == 0 else []
+            if not bnb and rungs == ["--ladder", "none"]:
+                continue
+            results.append(run_method(method, facts, args.out, rungs + bnb, args.threads, encoding, edited))
             results[-1].update(edit_seconds=edit_seconds, edit_command=edit_cmd)
             print(table(results[-1]) + "\n", flush=True)
             if args.json:

@@ -23,11 +23,15 @@ EPILOG = """examples:
   qedit export hf_model/ -o model.Q8_0.gguf --quant Q8_0   an HF directory or qedit output as GGUF
   qedit inspect edited.gguf                            show the recorded edits and tensor types
   qedit survival model.gguf facts.jsonl -o report/     do the edits survive F16 ... Q2_K in llama.cpp?
+  qedit forget model.gguf forget.jsonl -o f.gguf --require output:recovery_rate<=0.05   unlearn, checked at Q4
 
 Facts are JSONL, one object per line: {"prompt", "subject", "target_new", "ground_truth",
 "rephrase_prompt", "locality_prompt", "locality_ground_truth"} (CounterFact / zsRE layout) or the
 plain {"prompt", "subject", "target"}. The subject must occur in the prompt.
 """
+
+
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -44,11 +48,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device for full-precision work (default: cpu)")
 
 
-def _add_method_args(p: argparse.ArgumentParser) -> None:
+def _add_method_args(p: argparse.ArgumentParser, default: str = "memit") -> None:
     from qedit.methods.base import EditMethod
 
-    p.add_argument("--method", default="memit", choices=[m.value for m in EditMethod],
-                   help="edit method (default: memit)")
+    p.add_argument("--method", default=default, choices=[m.value for m in EditMethod],
+                   help=f"method (default: {default}); rome, memit, alphaedit and ft edit, ga, npo and qforget "
+                        "unlearn (qedit forget, or survival with a file of facts to forget)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="edit layers, e.g. 5,6,7 (default: the architecture's layers for the method)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -59,6 +64,21 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="plain-text file for key statistics (default: text sampled from the model itself)")
     p.add_argument("--stats-samples", type=int, default=None, help="number of text samples for key statistics")
     p.add_argument("--seed", type=int, default=0, help="seed for sampled text (default: 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="a setting of the method's config, e.g. --set lr=1e-5 --set steps=60 (repeatable; "
+                        "an unknown key lists the known ones)")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """-o and the output options `edit` and `forget` share: GGUF patch/export/LoRA, GPTQ, HF."""
+    from qedit.commands_gguf import add_gguf_output_args
+    from qedit.commands_gptq import add_gptq_output_args
+
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output directory (must not exist or be empty), or X.gguf to patch a GGUF source "
+                        "(--quant TYPE: export the whole model at a llama.cpp file type)")
+    add_gguf_output_args(p)
+    add_gptq_output_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,14 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weights and write an HF directory (model, tokenizer, deltas, manifest).")
     _add_model_args(p)
     _add_method_args(p)
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="output directory (must not exist or be empty), or X.gguf to patch a GGUF source in place of a copy")
-    from qedit.commands_gguf import add_export_parser, add_gguf_output_args
-
-    add_gguf_output_args(p)
-    from qedit.commands_gptq import add_gptq_output_args
-
-    add_gptq_output_args(p)
+    add_output_args(p)
     p.add_argument("--eval", action="store_true", help="measure the metrics before and after and print them")
     p.add_argument("--json", type=Path, default=None, help="with --eval: write the metrics after the edit as JSON")
 
@@ -97,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "source sha256) and a table of tensor types with counts and bytes.")
     p.add_argument("file", type=Path, help="a .gguf file")
 
+    from qedit.commands_gguf import add_export_parser
+
     add_export_parser(sub)
+    from qedit.commands_forget import add_parser as add_forget_parser
+
+    add_forget_parser(sub, _add_method_args, add_output_args)
     from qedit.commands_survival import add_parser as add_survival_parser
 
     add_survival_parser(sub, _add_model_args, _add_method_args)
@@ -118,11 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from qedit import commands, commands_gguf, commands_survival
+    if not args.verbose:  # transformers imports torchao when it is installed (gptqmodel pulls it in); its CUDA-only
+        for name in _NOISY_LOGGERS:  # kernels and torch's pytree deprecations warn on every run otherwise
+            logging.getLogger(name).setLevel(logging.ERROR)
+    from qedit import commands, commands_forget, commands_gguf, commands_survival
 
     try:
         return {"edit": commands.cmd_edit, "eval": commands.cmd_eval, "demo": commands.cmd_demo,
-                "inspect": commands_gguf.cmd_inspect, "export": commands_gguf.cmd_export, "survival": commands_survival.cmd_survival}[args.command](args)
+                "inspect": commands_gguf.cmd_inspect, "export": commands_gguf.cmd_export, "forget": commands_forget.cmd_forget, "survival": commands_survival.cmd_survival}[args.command](args)
     except QeditError as exc:
         print(f"qedit: error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,14 @@ from qedit.model import is_gguf_file
 log = logging.getLogger(__name__)
 
 
-def _method_config(args: argparse.Namespace) -> Any:
+def _method_config(args: argparse.Namespace, **extra: Any) -> Any:
     from qedit.api import make_config
     from qedit.stats import StatsConfig
 
     stats_kw: dict[str, Any] = {"corpus": args.corpus, "seed": args.seed}
     if args.stats_samples is not None:
         stats_kw["n_samples"] = args.stats_samples
-    overrides: dict[str, Any] = {"layers": args.layers}
+    overrides: dict[str, Any] = {"layers": args.layers, **parse_settings(args.method, args.settings), **extra}
     if args.rank is not None:
         overrides["rank"] = args.rank
     if args.energy is not None:
@@ -33,6 +34,51 @@ def _method_config(args: argparse.Namespace) -> Any:
         if isinstance(exc, QeditError):
             raise
         raise QeditError(f"invalid setting for {args.method}: {exc}") from exc
+
+
+def parse_settings(method: str, items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE items -> config overrides, each value converted to its field's type."""
+    import dataclasses
+
+    from qedit.methods.base import get_method
+
+    fields = {f.name: f for f in dataclasses.fields(get_method(method).config_cls)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise QeditError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=1e-5")
+        if key not in fields:
+            raise QeditError(f"--set {item!r}: {method} has no setting {key!r}; known: {', '.join(sorted(fields))}")
+        default = fields[key].default
+        try:
+            if text.strip().lower() == "none":
+                out[key] = None
+            elif isinstance(default, bool):
+                if text.strip().lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                out[key] = text.strip().lower() in ("true", "1")
+            elif isinstance(default, (int, float)) and not isinstance(default, bool):
+                out[key] = type(default)(text)
+            elif default is None or isinstance(default, str):
+                out[key] = None if text.strip().lower() == "none" else _number_or_text(text.strip())
+            else:
+                raise QeditError(f"--set {item!r}: {key} is not a number, flag or text setting; "
+                                 "use the Python API for it")
+        except ValueError:
+            raise QeditError(f"--set {item!r}: {text!r} is not a valid value for {key} "
+                             f"(default {default!r})") from None
+    return out
+
+
+def _number_or_text(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _check_json_path(json_path: Path | None, *inputs: Path) -> None:
@@ -55,19 +101,20 @@ def _print_answers(title: str, runner: Any, requests: list[EditRequest]) -> None
         print(f"  {r.prompt} ->{runner.complete(r.prompt, max_tokens=4)!r}   (new: {r.target_new})")
 
 
-def cmd_edit(args: argparse.Namespace) -> int:
-    from qedit.api import edit, save_edited
-    from qedit.commands_gguf import (
-        gguf_output_mode,
-        parse_tensor_types,
-        write_gguf_output,
-    )
-    from qedit.commands_gptq import output_format, write_gptq_output
-    from qedit.evaluate import evaluate, format_summary
-    from qedit.model import load_model
-    from qedit.runners import TorchRunner
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where and how `edit` / `forget` write: a GGUF mode (patch, export, LoRA) or a directory format."""
 
-    requests = load_requests(args.facts, args.limit)
+    gguf_mode: Any                       # commands_gguf.GGUFMode, or None for a directory output
+    tensor_types: list[tuple[str, str]]
+    fmt: str                             # "gguf", "gptq" or "hf"
+
+
+def plan_output(args: argparse.Namespace, *inputs: Path) -> OutputPlan:
+    """Check -o and the output options against the inputs before any work is done."""
+    from qedit.commands_gguf import gguf_output_mode, parse_tensor_types
+    from qedit.commands_gptq import output_format
+
     if args.format is not None and args.output.suffix.lower() == ".gguf":
         raise QeditError(f"{args.output}: --format applies to directory outputs; a .gguf output is always GGUF")
     gguf_mode = gguf_output_mode(args.output, args.model, args.quant, args.as_lora)
@@ -77,19 +124,42 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if tensor_types:
             raise QeditError("--tensor-type applies to GGUF outputs; give -o X.gguf")
         check_output_dir(args.output, args.model)
-    _check_json_path(args.json, args.model, args.facts)
+    _check_json_path(args.json, args.model, *inputs)
     if args.json is not None and args.json.resolve() == args.output.resolve():
         raise QeditError(f"{args.json}: --json and --output are the same path; give the metrics a file name of their own")
+    return OutputPlan(gguf_mode, tensor_types, fmt)
+
+
+def write_output(plan: OutputPlan, args: argparse.Namespace, loaded: Any, outcome: Any) -> None:
+    from qedit.api import save_edited
+    from qedit.commands_gguf import write_gguf_output
+    from qedit.commands_gptq import write_gptq_output
+
+    if plan.gguf_mode is not None:
+        write_gguf_output(plan.gguf_mode, loaded, outcome, args.output, args.quant, plan.tensor_types, args.naive)
+    elif plan.fmt == "gptq":
+        write_gptq_output(loaded, outcome, args, args.naive)
+    else:
+        save_edited(loaded, outcome, args.output)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from qedit.api import edit
+    from qedit.evaluate import evaluate, format_summary
+    from qedit.methods.base import UNLEARN_METHODS, EditMethod
+    from qedit.model import load_model
+    from qedit.runners import TorchRunner
+
+    if EditMethod(args.method) in UNLEARN_METHODS:
+        raise QeditError(f"--method {args.method} unlearns facts; use `qedit forget MODEL FORGET.jsonl --method "
+                         f"{args.method}`")
+    requests = load_requests(args.facts, args.limit)
+    plan = plan_output(args, args.facts)
     cfg = _method_config(args)
     loaded = load_model(args.model, device=args.device)
     before = evaluate(TorchRunner(loaded), requests) if args.eval else None
     outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
-    if gguf_mode is not None:
-        write_gguf_output(gguf_mode, loaded, outcome, args.output, args.quant, tensor_types, args.naive)
-    elif fmt == "gptq":
-        write_gptq_output(loaded, outcome, args, args.naive)
-    else:
-        save_edited(loaded, outcome, args.output)
+    write_output(plan, args, loaded, outcome)
     print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
           f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
     if before is not None:

@@ -28,6 +28,8 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
                "  qedit survival model.gguf facts.jsonl --method alphaedit -o report/\n"
                "  qedit survival model.gguf facts.jsonl --ladder Q8_0,Q4_K_M,Q2_K --lora Q4_K_M -o report/\n"
                "  qedit survival model.gguf facts.jsonl --ladder Q4_K_M --gptq 8,4,3,2 --bnb int8,nf4 -o report/\n"
+               "  qedit survival model.gguf forget.jsonl --method npo --ladder Q4_K_M,Q4_0 -o report/   unlearning:\n"
+               "      forget score, recovery and retain accuracy per rung, and the facts quantization brought back\n"
                "  qedit survival model.gguf facts.jsonl --from-deltas edited/ --require Q4_K_M:efficacy>=0.95 -o r/\n"
                "\nOutputs in the report directory: survival.json, survival.csv, cases.csv, report.md, report.html,\n"
                "survival.png, and artifacts/ (the quantized files, reused by later runs). Exit status: 0 when\n"
@@ -54,6 +56,9 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
     p.add_argument("--artifacts", type=Path, default=None,
                    help="where the quantized files are cached (default: OUTPUT/artifacts)")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
+    p.add_argument("--retain", type=Path, default=None,
+                   help="with an unlearning method (ga, npo, qforget): JSONL of prompts whose answers must keep "
+                        "working, besides the facts' own locality prompts")
     p.add_argument("--naive", action="store_true",
                    help="quantize the edited tensors plainly (fold, then standard quantization) instead of the "
                         "default edit-aware encoding; compare the two to see what the aware path buys")
@@ -75,10 +80,9 @@ def check_report_dir(out: Path, *inputs: Path) -> None:
             raise QeditError(f"{out}: is inside the input directory {src}; write the report elsewhere")
 
 
-def _deltas(args: argparse.Namespace, loaded: Any, requests: list[Any]) -> tuple[list[Any], str, dict[str, Any], dict]:
+def _deltas(args: argparse.Namespace, loaded: Any, requests: list[Any], cfg: Any) -> tuple[list[Any], str, dict[str, Any], dict]:
     """(deltas, method name, manifest, edit keys): computed now, or read from --from-deltas."""
     from qedit.api import edit
-    from qedit.commands import _method_config
     from qedit.delta import fold, load_deltas, load_edit_keys
 
     if args.from_deltas is not None:
@@ -89,7 +93,7 @@ def _deltas(args: argparse.Namespace, loaded: Any, requests: list[Any]) -> tuple
                              f"not {args.model} ({loaded.fingerprint[:16]}...); give the model they were made for")
         return (deltas, str(manifest.get("method", "unknown")), {k: v for k, v in manifest.items() if k != "deltas"},
                 load_edit_keys(args.from_deltas))
-    outcome = edit(loaded, requests, args.method, _method_config(args), batch_size=args.batch_size)
+    outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
     fold(loaded.model, outcome.deltas, sign=-1.0)  # the ladder folds them itself
     print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s")
     return outcome.deltas, args.method, outcome.manifest(loaded), outcome.keys
@@ -98,6 +102,7 @@ def _deltas(args: argparse.Namespace, loaded: Any, requests: list[Any]) -> tuple
 def cmd_survival(args: argparse.Namespace) -> int:
     from qedit.commands import _method_config
     from qedit.facts import load_requests
+    from qedit.methods.base import UNLEARN_METHODS, EditMethod
     from qedit.model import load_model
     from qedit.survival.gate import check_requirements, parse_requirement
     from qedit.survival.ladder import SurvivalConfig, run_survival
@@ -105,30 +110,43 @@ def cmd_survival(args: argparse.Namespace) -> int:
     from qedit.survival.report import table_lines, write_reports
     from qedit.survival.rungs import parse_ladder
 
-    requests = load_requests(args.facts, args.limit)
+    forget = EditMethod(args.method) in UNLEARN_METHODS
+    if args.retain is not None and not forget:
+        raise QeditError("--retain applies to unlearning methods (ga, npo, qforget)")
+    if forget:
+        from qedit.forget import default_retain, load_forget_requests, load_retain
+
+        requests: list[Any] = load_forget_requests(args.facts, args.limit)
+        extra = load_retain(args.retain) if args.retain is not None else []
+        retain = default_retain(requests) + [x for x in extra if x not in default_retain(requests)]
+    else:
+        requests, extra, retain = load_requests(args.facts, args.limit), [], None
     rungs = parse_ladder(args.ladder, args.lora, args.gptq, args.bnb)
     requirements = [parse_requirement(t, [r.name for r in rungs]) for t in args.require]
-    inputs = [args.model, args.facts] + ([args.from_deltas] if args.from_deltas else [])
+    inputs = [args.model, args.facts] + [p for p in (args.from_deltas, args.retain) if p is not None]
     check_report_dir(args.output, *inputs)
     if args.threads < 1:
         raise QeditError(f"--threads must be at least 1, got {args.threads}")
     try:
         cfg = SurvivalConfig(rungs=rungs, artifacts=args.artifacts or args.output / "artifacts", n_threads=args.threads,
-                             gptq_group_size=args.gptq_group_size, stats=_method_config(args).stats)
+                             gptq_group_size=args.gptq_group_size)
     except ValueError as exc:
         raise QeditError(f"--gptq-group-size: {exc}") from None
+    method_cfg = _method_config(args, retain=tuple(extra)) if forget else _method_config(args)
+    cfg.stats = method_cfg.stats
     loaded = load_model(args.model, device=args.device)
-    deltas, method, manifest, keys = _deltas(args, loaded, requests)
+    deltas, method, manifest, keys = _deltas(args, loaded, requests, method_cfg)
     encoding = None
     if not args.naive:
         from qedit.converters.gguf_aware import encoding_for
 
         if not keys:
-            log.warning("%s: no edit keys were saved with these deltas; edited tensors are quantized plainly",
-                        args.from_deltas)
+            log.warning("%s: no edit keys come with these deltas; edited tensors are quantized plainly",
+                        args.from_deltas or args.method)
         else:
-            encoding = encoding_for(loaded, keys, _method_config(args).stats)
-    result = run_survival(loaded, requests, deltas, cfg, method=method, manifest=manifest, encoding=encoding)
+            encoding = encoding_for(loaded, keys, method_cfg.stats)
+    result = run_survival(loaded, requests, deltas, cfg, method=method, manifest=manifest, encoding=encoding,
+                          retain=retain)
     gates = check_requirements(requirements, all_rung_metrics(result))
     gate_json = [{"requirement": str(g.requirement), "actual": g.actual, "passed": g.passed, "reason": g.reason}
                  for g in gates]

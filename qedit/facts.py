@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from qedit.errors import QeditError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,9 @@ def request_from_dict(obj: dict[str, Any]) -> EditRequest:
     )
 
 
-def parse_lines(lines: Iterable[str], source: str) -> list[EditRequest]:
-    requests: list[EditRequest] = []
+def parse_jsonl(lines: Iterable[str], source: str, convert: Callable[[Any], T]) -> list[T]:
+    """One `convert(obj)` per non-blank JSON line; errors name `source` and the line number."""
+    out: list[T] = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -124,9 +127,14 @@ def parse_lines(lines: Iterable[str], source: str) -> list[EditRequest]:
         except json.JSONDecodeError as exc:
             raise QeditError(f"{source}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
         try:
-            requests.append(request_from_dict(obj))
+            out.append(convert(obj))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise QeditError(f"{source}:{lineno}: {exc}") from exc
+    return out
+
+
+def parse_lines(lines: Iterable[str], source: str) -> list[EditRequest]:
+    requests = parse_jsonl(lines, source, request_from_dict)
     if not requests:
         raise QeditError(f"{source}: no facts found; expected one JSON object per line")
     return requests

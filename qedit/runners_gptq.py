@@ -10,7 +10,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import importlib.util
 import logging
 import os
@@ -71,10 +73,14 @@ class GPTQModelRunner(TorchRunner):
         from qedit.converters.gptq import read_checkpoint_config
 
         self.checkpoint = read_checkpoint_config(path)   # clear errors before GPTQModel sees the files
+        printed = io.StringIO()
         try:
-            wrapped = GPTQModel.load(str(path), device="cpu")
+            with contextlib.redirect_stdout(printed):  # GPTQModel prints the whole model config while loading
+                wrapped = GPTQModel.load(str(path), device="cpu")
         except Exception as exc:  # GPTQModel raises many types; report the reason and the file
             raise QeditError(f"{path}: GPTQModel {version} could not load this checkpoint on the CPU ({exc})") from exc
+        finally:
+            log.debug("GPTQModel.load printed: %s", printed.getvalue())
         model = wrapped.model.eval().requires_grad_(False)
         tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
         arch = arch_for_model_type(model.config.model_type, source=str(path))

@@ -109,7 +109,7 @@ def test_survival_gptq_and_bnb_rungs(tiny_dirs, facts_file, tmp_path, capsys):
         assert r["metrics"]["efficacy"] is not None and r["bits_per_weight"] > 0
     assert rungs["GPTQ-4"]["encoding"] == "aware" and sorted(rungs["GPTQ-4"]["built"]) == ["baseline", "edited"]
     assert rungs["GPTQ-8"]["bits_per_weight"] > rungs["GPTQ-4"]["bits_per_weight"]
-    assert rungs["GPTQ-4"]["runner"]["runner"] in ("gptqmodel", "dequantizing")
+    assert rungs["GPTQ-4"]["runner"]["runner"] in ("gptqmodel", "gptq-dequantized-torch")
     if HAS_BNB:
         assert rungs["BNB-nf4"]["runner"]["runner"] == "bitsandbytes-nf4"
         assert rungs["BNB-int8"]["bits_per_weight"] > rungs["BNB-nf4"]["bits_per_weight"]

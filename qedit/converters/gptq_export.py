@@ -170,7 +170,8 @@ def patch_gptq(src: str | Path, out_dir: str | Path, deltas: Sequence[LowRankDel
                skip_bos: bool = True) -> GPTQWriteReport:
     """Copy GPTQ checkpoint `src` to `out_dir` with `deltas` added: each edited quantized Linear is
     dequantized, changed by dW and requantized with its own Hessian (inputs recomputed on the patched
-    model, earlier edited layers already requantized); every other tensor and file is copied unchanged."""
+    model, earlier edited layers already requantized); every other tensor and file is copied unchanged.
+    `edit_keys` (layer -> (n, in)) make the edited Linears' Hessians edit-aware."""
     start = time.perf_counter()
     src, out = Path(src), Path(out_dir)
     if not deltas:

@@ -24,6 +24,12 @@ class EditMethod(str, enum.Enum):
     MEMIT = "memit"
     ALPHAEDIT = "alphaedit"
     FT = "ft"
+    GA = "ga"            # unlearning methods: they take ForgetRequests (qedit.forget), not EditRequests
+    NPO = "npo"
+    QFORGET = "qforget"
+
+
+UNLEARN_METHODS: frozenset[EditMethod] = frozenset({EditMethod.GA, EditMethod.NPO, EditMethod.QFORGET})
 
 
 @dataclass(frozen=True)
@@ -102,10 +108,33 @@ def register_method(method: EditMethod, config_cls: type[MethodConfig], multi_la
     def deco(fn: ComputeFn) -> ComputeFn:
         if method in _REGISTRY:
             raise ValueError(f"method {method.value} registered twice")
-        _REGISTRY[method] = MethodSpec(method, config_cls, fn, multi_layer)
+        _REGISTRY[method] = MethodSpec(method, config_cls, _checked(method, fn), multi_layer)
         return fn
 
     return deco
+
+
+def _checked(method: EditMethod, fn: ComputeFn) -> ComputeFn:
+    """`fn` behind a check that the requests are of the kind the method takes."""
+
+    def compute(loaded: LoadedModel, requests: Sequence[Any], cfg: Any, ctx: EditContext) -> EditResult:
+        check_request_kind(method, requests)
+        return fn(loaded, requests, cfg, ctx)
+
+    compute.__doc__, compute.__name__ = fn.__doc__, getattr(fn, "__name__", "compute")
+    return compute
+
+
+def check_request_kind(method: EditMethod, requests: Sequence[Any]) -> None:
+    """Edit methods take EditRequests, unlearning methods (UNLEARN_METHODS) ForgetRequests; else QeditError."""
+    from qedit.forget import ForgetRequest
+
+    want, loader = (ForgetRequest, "qedit.forget.load_forget_requests") if method in UNLEARN_METHODS \
+        else (EditRequest, "qedit.facts.load_requests")
+    for i, r in enumerate(requests):
+        if not isinstance(r, want):
+            raise QeditError(f"method {method.value} takes {want.__name__}s, but request {i} is a "
+                             f"{type(r).__name__}; read the facts with {loader}")
 
 
 def get_method(name: str | EditMethod) -> MethodSpec:

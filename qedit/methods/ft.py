@@ -8,7 +8,7 @@ unedited model at every position of `n_retain` corpus snippets, weighted by `ret
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +18,10 @@ from qedit.batching import build_batch, logits_at, target_index
 from qedit.facts import EditRequest
 from qedit.hooks import edit_outputs
 from qedit.methods._common import context_prefixes
+from qedit.methods._unlearn import corpus_retain, dense_edits
 from qedit.methods.base import (EditContext, EditMethod, EditResult, MethodConfig, finish_delta, register_method,
                                 resolve_layers)
 from qedit.model import LoadedModel
-from qedit.stats import corpus_tokens
-
-
-_RETAIN_STRIDE = 6  # score every 6th position of a retain snippet
 
 
 @dataclass(frozen=True)
@@ -56,11 +53,8 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
     params = {layer: torch.zeros(tuple(loaded.edit_weight(layer).shape), requires_grad=True) for layer in layers}  # (out, in)
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
 
-    def add(dw: torch.Tensor):
-        return lambda inp, out: out + inp @ dw.t().to(inp.dtype)      # inp (..., in) -> (..., out)
-
-    edits = {loaded.arch.mlp_out.format(layer): add(p) for layer, p in params.items()}
-    retain = _retain_batch(loaded, cfg)
+    edits = dense_edits(loaded, params)
+    retain = corpus_retain(loaded, cfg.stats, cfg.n_retain, cfg.retain_len) if cfg.retain_weight > 0 else None
     nll = float("inf")
     for _ in tqdm(range(cfg.steps), desc="fine-tuning", unit="step", leave=False):
         opt.zero_grad()
@@ -83,26 +77,3 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
                 p.clamp_(-cfg.linf, cfg.linf)
     deltas = [finish_delta(loaded, layer, p.detach(), cfg, {"n_requests": len(requests)}) for layer, p in params.items()]
     return EditResult(deltas, {}, {"layers": list(layers), "train_nll": nll})
-
-
-@torch.no_grad()
-def _retain_batch(loaded: LoadedModel, cfg: FtConfig) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Corpus snippets, the positions scored on them, and the unedited model's log-probs there."""
-    if cfg.retain_weight == 0 or cfg.n_retain == 0:
-        return None
-    tok = loaded.tokenizer
-    texts = []
-    for seq in corpus_tokens(loaded, cfg.stats)[: cfg.n_retain]:
-        body = [t for t in seq if t not in tok.all_special_ids][: cfg.retain_len]
-        text = tok.decode(body, skip_special_tokens=True).strip()
-        if text:
-            texts.append(text)
-    if not texts:
-        return None
-    batch = build_batch(loaded, texts, [None] * len(texts))
-    mask = batch.attention_mask.bool()                                                    # (b, s)
-    mask[:, torch.arange(mask.shape[1]) % _RETAIN_STRIDE != _RETAIN_STRIDE - 1] = False  # every 6th position:
-    rows, cols = mask.nonzero(as_tuple=True)                                              # the 262k-way head is costly
-    ref = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                        # (n_pos, vocab)
-    return batch, rows, cols, ref
-

@@ -84,35 +84,42 @@ class ArtifactStore:
         return path, True
 
 
-    def gptq(self, loaded: Any, bits: int, group_size: int, act_order: bool, seqs: Sequence[Sequence[int]],
-             deltas: Sequence[LowRankDelta] = (), manifest: dict[str, Any] | None = None,
-             keys: Any = None) -> tuple[Path, bool]:
-        """A GPTQ checkpoint of `loaded` with `deltas` folded in for the write (none: the unedited baseline);
-        `keys` (layer -> (n, in)) make the edited Linears' Hessians edit-aware. Returns (path, built)."""
+    def gptq(self, loaded: Any, bits: int, group_size: int, act_order: bool,
+             seqs: Sequence[Sequence[int]]) -> tuple[Path, bool]:
+        """The unedited model as a GPTQ checkpoint (qedit's solver on `seqs`). Returns (path, built)."""
         from qedit.converters.gptq_export import GPTQWriteConfig, write_gptq
-        from qedit.delta import fold
         from qedit.kernels.gptq import GPTQConfig
 
-        digest = deltas_digest(deltas) if deltas else None
-        if digest is not None and keys:
-            digest += hashlib.sha256(b"".join(np.ascontiguousarray(keys[k].detach().cpu().float().numpy()).tobytes()
-                                              for k in sorted(keys))).hexdigest()
-        seq_digest = hashlib.sha256(json.dumps([list(map(int, q)) for q in seqs]).encode()).hexdigest()
         spec = f"gptq{bits}g{group_size}{'a' if act_order else ''}"
-        stem = f"{'edited' if deltas else 'base'}{'-aware' if deltas and keys else ''}-{spec}"
-        path = self._path(stem, self._key(spec + seq_digest, digest, "gptq"), "")
+        path = self._path(f"base-{spec}", self._key(spec + _seq_digest(seqs), None, "gptq"), "")
         if (path / "config.json").is_file():
             log.info("reusing %s", path)
             return path, False
         self.root.mkdir(parents=True, exist_ok=True)
-        cfg = GPTQWriteConfig(GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order))
-        fold(loaded.model, deltas)
-        try:
-            write_gptq(loaded, path, cfg, seqs, deltas=list(deltas), manifest=manifest if deltas else None,
-                       edit_keys=keys if deltas and keys else None)
-        finally:
-            fold(loaded.model, deltas, sign=-1.0)
+        write_gptq(loaded, path, GPTQWriteConfig(GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order)), seqs)
         return path, True
+
+    def gptq_patch(self, base: Path, deltas: Sequence[LowRankDelta], seqs: Sequence[Sequence[int]],
+                   manifest: dict[str, Any] | None = None, keys: Any = None) -> tuple[Path, bool]:
+        """The GPTQ checkpoint `base` patched with `deltas` (only the edited Linears requantized, as a user
+        patches a GPTQ model); `keys` (layer -> (n, in)) make their Hessians edit-aware. Returns (path, built)."""
+        from qedit.converters.gptq_export import patch_gptq
+
+        digest = deltas_digest(deltas)
+        if keys:
+            digest += hashlib.sha256(b"".join(np.ascontiguousarray(keys[k].detach().cpu().float().numpy()).tobytes()
+                                              for k in sorted(keys))).hexdigest()
+        path = self._path(f"edited{'-aware' if keys else ''}-{base.name}",
+                          self._key(base.name + _seq_digest(seqs), digest, "gptq-patch"), "")
+        if (path / "config.json").is_file():
+            log.info("reusing %s", path)
+            return path, False
+        patch_gptq(base, path, list(deltas), dict(manifest or {}), seqs, edit_keys=keys or None)
+        return path, True
+
+
+def _seq_digest(seqs: Sequence[Sequence[int]]) -> str:
+    return hashlib.sha256(json.dumps([list(map(int, q)) for q in seqs]).encode()).hexdigest()
 
 
 def gptq_bits_per_weight(directory: Path) -> tuple[float, int]:

@@ -9,10 +9,14 @@ from dataclasses import dataclass
 from qedit.errors import QeditError
 
 # Metrics a gate can name: the rung's aggregate metrics, their ratio to full precision ("_kept"),
-# and the fluency drift (perplexity of the edited artifact over the baseline at the same rung).
+# the fluency drift (perplexity of the edited artifact over the baseline at the same rung), and
+# for unlearning the forget score, recovery and retain metrics of `metrics_forget`.
 GATE_METRICS = (
     "efficacy", "efficacy_top1", "generalization", "generalization_top1", "locality", "locality_top1",
     "margin", "efficacy_kept", "generalization_kept", "margin_kept", "ppl_ratio", "died",
+    # unlearning (qedit forget / survival of ForgetRequests)
+    "forget_prob", "forget_prob_first", "recovery_rate", "recovery_change", "recovered", "forgotten", "retain_acc",
+    "retain_acc_change", "retain_kept",
 )
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
@@ -47,9 +51,11 @@ def parse_requirement(text: str, rung_names: Sequence[str]) -> Requirement:
     m = _RE.match(text)
     if m is None:
         raise QeditError(f"--require {text!r}: expected RUNG:METRIC>=VALUE, e.g. Q4_K_M:efficacy>=0.95")
-    rung, metric, op, value = m.group(1).upper(), m.group(2).lower(), m.group(3), float(m.group(4))
-    if rung not in rung_names:
-        raise QeditError(f"--require {text!r}: rung {rung} is not in the ladder ({', '.join(rung_names)}); add it to --ladder")
+    metric, op, value = m.group(2).lower(), m.group(3), float(m.group(4))
+    rung = {n.upper(): n for n in rung_names}.get(m.group(1).upper())  # names compare case-insensitively
+    if rung is None:
+        raise QeditError(f"--require {text!r}: rung {m.group(1)} is not in the ladder ({', '.join(rung_names)}); "
+                         "add it to --ladder")
     if metric not in GATE_METRICS:
         raise QeditError(f"--require {text!r}: unknown metric {metric!r}; use one of {', '.join(GATE_METRICS)}")
     return Requirement(rung, metric, op, value)

