@@ -29,7 +29,7 @@ from qedit.errors import QeditError
 from qedit.forget import ForgetRequest, RetainItem, default_retain
 from qedit.hooks import edit_outputs
 from qedit.methods._requant import dense_edits
-from qedit.methods.base import MethodConfig
+from qedit.methods.base import EditResult, MethodConfig, finish_delta, resolve_layers
 from qedit.model import LoadedModel
 from qedit.stats import StatsConfig, corpus_tokens
 
@@ -299,3 +299,15 @@ def train(loaded: LoadedModel, layers: Sequence[int], cfg: UnlearnConfig, forget
                     p.clamp_(-cfg.linf, cfg.linf)
     log.info("%s: %d steps, forget loss %.4f, stopped=%s", desc, info["steps"], info["forget_loss"], info["stopped"])
     return best if best is not None else {layer: c.detach() for layer, c in dense().items()}, info
+
+
+def unlearn(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: UnlearnConfig, forget: Targets,
+            objective: Objective, desc: str) -> EditResult:
+    """GA's and NPO's whole run: train dW on the default (multi-layer) edit layers against `objective`
+    plus the retain term, stop once every fact is forgotten (cfg.stop_forgotten), project to low rank."""
+    layers = resolve_layers(loaded, cfg, multi_layer=True)
+    retain = RetainTerm(loaded, requests, cfg)
+    stop = all_forgotten if cfg.stop_forgotten else None
+    changes, info = train(loaded, layers, cfg, forget, retain, objective, stop=stop, desc=desc)
+    deltas = [finish_delta(loaded, layer, changes[layer], cfg, {"n_requests": len(requests)}) for layer in layers]
+    return EditResult(deltas, {}, {"layers": list(layers), "n_retain": len(retain.items), **info})

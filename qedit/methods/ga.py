@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 
 from qedit.forget import ForgetRequest
-from qedit.methods._unlearn import (RetainTerm, Targets, UnlearnConfig, active_sequences, all_forgotten, forget_targets,
-                                    token_logprobs, train)
-from qedit.methods.base import EditContext, EditMethod, EditResult, finish_delta, register_method, resolve_layers
+from qedit.methods._unlearn import (Targets, UnlearnConfig, active_sequences, forget_targets, unlearn,
+                                    token_logprobs)
+from qedit.methods.base import EditContext, EditMethod, EditResult, register_method
 from qedit.model import LoadedModel
 
 
@@ -45,10 +45,5 @@ def ga_objective(drop_forgotten: bool):
 
 @register_method(EditMethod.GA, GaConfig, multi_layer=True)
 def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: GaConfig, ctx: EditContext) -> EditResult:
-    layers = resolve_layers(loaded, cfg, multi_layer=True)
-    forget = forget_targets(loaded, requests)
-    retain = RetainTerm(loaded, requests, cfg)
-    stop = all_forgotten if cfg.stop_forgotten else None
-    changes, info = train(loaded, layers, cfg, forget, retain, ga_objective(cfg.drop_forgotten), stop=stop, desc="gradient ascent")
-    deltas = [finish_delta(loaded, layer, changes[layer], cfg, {"n_requests": len(requests)}) for layer in layers]
-    return EditResult(deltas, {}, {"layers": list(layers), "n_retain": len(retain.items), **info})
+    return unlearn(loaded, requests, cfg, forget_targets(loaded, requests), ga_objective(cfg.drop_forgotten),
+                   "gradient ascent")

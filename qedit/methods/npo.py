@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from qedit.errors import QeditError
 from qedit.forget import ForgetRequest
-from qedit.methods._unlearn import (RetainTerm, Targets, UnlearnConfig, active_sequences, all_forgotten, forget_targets,
-                                    logits_with, seq_logprobs, train)
-from qedit.methods.base import EditContext, EditMethod, EditResult, finish_delta, register_method, resolve_layers
+from qedit.methods._unlearn import (Targets, UnlearnConfig, active_sequences, forget_targets, unlearn,
+                                    logits_with, seq_logprobs)
+from qedit.methods.base import EditContext, EditMethod, EditResult, register_method
 from qedit.model import LoadedModel
 
 
@@ -51,12 +51,7 @@ def npo_objective(ref: torch.Tensor, beta: float, drop_forgotten: bool):
 
 @register_method(EditMethod.NPO, NpoConfig, multi_layer=True)
 def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: NpoConfig, ctx: EditContext) -> EditResult:
-    layers = resolve_layers(loaded, cfg, multi_layer=True)
     forget = forget_targets(loaded, requests)
     with torch.no_grad():
         ref = seq_logprobs(logits_with(loaded, {}, forget), forget)                # (n_seq,)
-    retain = RetainTerm(loaded, requests, cfg)
-    stop = all_forgotten if cfg.stop_forgotten else None
-    changes, info = train(loaded, layers, cfg, forget, retain, npo_objective(ref, cfg.beta, cfg.drop_forgotten), stop=stop, desc="NPO")
-    deltas = [finish_delta(loaded, layer, changes[layer], cfg, {"n_requests": len(requests)}) for layer in layers]
-    return EditResult(deltas, {}, {"layers": list(layers), "n_retain": len(retain.items), **info})
+    return unlearn(loaded, requests, cfg, forget, npo_objective(ref, cfg.beta, cfg.drop_forgotten), "NPO")
