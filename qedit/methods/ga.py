@@ -25,8 +25,10 @@ from qedit.model import LoadedModel
 
 @dataclass(frozen=True)
 class GaConfig(UnlearnConfig):
-    steps: int = 40
-    lr: float = 2e-4
+    # The utility-constrained baseline of the literature: small steps, stopped as soon as every fact is
+    # forgotten at full precision (measured on 100 Gemma facts: 97-100 come back at Q4_K_M, RESULTS.md).
+    steps: int = 60
+    lr: float = 1e-5
 
 
 def ga_objective(drop_forgotten: bool):
