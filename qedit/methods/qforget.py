@@ -6,16 +6,28 @@ back. qforget changes three things, and needs no llama.cpp (qedit's kernels are 
 1. A target margin instead of -inf: the loss is a hinge, mean relu(log P(answer) - log P(best other
    token) + margin) over the first answer token of each fact (every token of a text), the gradient
    flowing through log P(answer) only, so training stops once the answer sits `margin` nats below the
-   best other token, rather than wrecking the model to drive it to zero. With `auto_margin`, the margin is at least `margin_scale` times the mean change of that
-   logit gap when the edited weights are requantized (a quantization step's effect on those logits).
-2. Saliency-restricted, larger updates: dW may only use the `n_columns` input columns (FFN neurons)
-   per layer with the largest gradient of the forget loss, with a larger step, so each changed weight
-   moves by several quantization steps instead of a fraction of one.
+   best other token, rather than wrecking the model to drive it to zero. With `auto_margin`, the
+   margin is at least `margin_scale` times the mean change of that gap when the unedited weights are
+   requantized to the `quant_types` (a quantization step's effect on those logits).
+2. Saliency-restricted, larger updates: dW may only use `n_columns` input columns (FFN neurons) per
+   layer, those most active at the facts' subjects relative to their activation on the retain prompts
+   (or with the largest forget gradient), trained with a step ~30x GA's, so each changed weight moves
+   by several quantization steps instead of a fraction of one. (subspace "keys" instead restricts dW
+   to the facts' whitened subject keys, ROME's C^-1 k; it needs the key covariance.)
 3. Quantization in the loop: the hinge is evaluated in every view of dW, full precision and each type
    in `quant_types` ("source": the GGUF type the weight came from), each requantized as a patched
    file would be, Q(W0 + dW) - W0, with a straight-through gradient; training stops only when every
    view forgets every fact. After the low-rank projection the views are checked again and, while a
    fact came back in one of them, training resumes from the projected update (up to `rounds` times).
+
+The retain term (KL to the unedited model at the retain answers, weight `retain_kl`) keeps working for
+`polish` steps after every view forgets, and the result is the last update at which every view did.
+Measured with these defaults on Gemma 3 270M in torch (20 known CounterFact-dev facts; retain set: their
+locality prompts + 40 other known facts; edited tensors requantized with qedit's kernels): recovery 0.00
+at fp32, at the source types (Q6_K/Q4_K) and at Q4_0; retain-set accuracy equal to the unedited model's
+at each (1.00 / 1.00 / 0.90 at Q4_0, where the unedited model has 0.90); 37 never-seen known facts:
+0.81 / 0.81 / 0.78 kept (GA/NPO: 0.62 at fp32, 0.16 at Q4_0). With the locality prompts alone as
+retain set, never-seen facts kept: 0.62.
 """
 from __future__ import annotations
 
@@ -41,10 +53,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QForgetConfig(UnlearnConfig):
-    steps: int = 60
-    lr: float = 2e-3
-    energy: float | None = None        # exact rank (at most n_columns per layer): no projection loss
-    margin: float = 2.0                # logits between the answer and the best other token
+    steps: int = 80
+    lr: float = 3e-4
+    energy: float | None = None        # exact: dW lives on n_columns columns, stored as such (no SVD)
+    retain_kl: float = 20.0             # a strong retain KL: the hinge stops pulling once the margin is met
+    margin: float = 1.0                # nats between the answer and the best other token
     auto_margin: bool = True           # raise the margin to margin_scale x the requantization effect on the gap
     margin_scale: float = 0.5
     n_columns: int = 32                # input columns (FFN neurons) per layer dW may use; 0 = all
@@ -54,7 +67,7 @@ class QForgetConfig(UnlearnConfig):
     cov_ridge: float = 0.1             # "keys": C + ridge * mean(diag C) * I
     quant_types: tuple[str, ...] = (SOURCE, "Q4_0")   # requantized views ("source" = the GGUF's own type)
     rounds: int = 3                    # re-checks after the low-rank projection (training resumes on failure)
-    polish: int = 10                   # steps on after every view forgets, the retain term pulling dW back
+    polish: int = 30                   # steps on after every view forgets, the retain term pulling dW back
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,7 +183,6 @@ def key_basis(loaded: LoadedModel, layers: Sequence[int], requests: Sequence[For
     """Per layer, B (n_facts, in): row i is (C + ridge)^-1 k_i scaled so that B_i . k_i = 1, k_i the input of the
     MLP output projection at fact i's subject-last token (ROME's key), C the key covariance."""
     from qedit import linalg
-    from qedit.hooks import record as record_inputs
     from qedit.stats import key_covariance
 
     facts = [r for r in requests if r.is_fact]
@@ -179,7 +191,7 @@ def key_basis(loaded: LoadedModel, layers: Sequence[int], requests: Sequence[For
     rows = torch.arange(len(facts))
     cols = torch.tensor([subject_last_index(loaded.tokenizer, r.prompt, r.subject) for r in facts])  # type: ignore[arg-type]
     modules = [loaded.arch.mlp_out.format(layer) for layer in layers]
-    with torch.no_grad(), record_inputs(loaded.model, modules, "input") as rec:
+    with torch.no_grad(), record(loaded.model, modules, "input") as rec:
         logits_with(loaded, {}, forget)
     covs = key_covariance(loaded, layers, cfg.stats)
     out = {}
@@ -221,7 +233,7 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: QForget
     layers = resolve_layers(loaded, cfg, multi_layer=True)
     forget = forget_targets(loaded, requests)
     quants, names = _views(loaded, layers, cfg)
-    margin = cfg.margin
+    margin, effect = cfg.margin, 0.0
     zero = {layer: torch.zeros(tuple(loaded.edit_weight(layer).shape)) for layer in layers}
     base = view_gaps(loaded, zero, forget, quants, names)
     if cfg.auto_margin and names:
@@ -237,7 +249,7 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: QForget
         return all(bool((gaps(lg.detach(), t) <= -margin).all()) for lg in logits_per_view)
 
     init: dict[int, torch.Tensor] | None = None
-    info: dict[str, Any] = {"layers": list(layers), "margin": margin, "views": ["fp32", *names],
+    info: dict[str, Any] = {"layers": list(layers), "margin": margin, "quant_effect": effect, "views": ["fp32", *names],
                             "types": {n: q.describe() for n, q in zip(names, quants)}, "rounds": []}
     for rnd in range(cfg.rounds):
         changes, run = train(loaded, layers, cfg, forget, retain, objective, views, done, masks, init,
