@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from bench_survival import _run  # the same subprocess runner (one thread, stderr tail on failure)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
@@ -57,16 +56,11 @@ def run(method: str, facts: Path, out: Path, ladder: str, threads: int, settings
            "--ladder", ladder, "-o", str(report), "--artifacts", str(out / "artifacts"), "--threads", str(threads)]
     for item in settings:
         cmd += ["--set", item]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{method}: qedit survival failed with status {proc.returncode}")
+    seconds = _run(cmd, threads, f"{method}: qedit survival")
     data = json.loads((report / "survival.json").read_text())
     rows = {"fp32": data["full_precision"]["metrics"]}
     rows.update({r["name"]: r["metrics"] for r in data["rungs"] if r["status"] == "ok"})
-    return {"method": method, "n_facts": data["n_cases"], "seconds": round(time.perf_counter() - start, 1),
+    return {"method": method, "n_facts": data["n_cases"], "seconds": round(seconds, 1),
             "delta_norm": data["delta_norm"], "rungs": rows,
             "recovered": {r["name"]: r["recovered"] for r in data["rungs"]}, "command": " ".join(cmd)}
 

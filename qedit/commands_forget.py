@@ -89,7 +89,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     plan = plan_output(args, args.facts, *([args.retain] if args.retain else []))
     cfg = _method_config(args, retain=tuple(extra))
     loaded = load_model(args.model, device=args.device)
-    retain = default_retain(requests) + [x for x in extra if x not in default_retain(requests)]
+    retain = default_retain(requests, extra)
     measure = args.eval or bool(requirements) or args.json is not None
     before = evaluate_forget(TorchRunner(loaded), requests, retain, progress="unedited") if measure else None
     outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)

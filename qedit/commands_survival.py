@@ -118,7 +118,7 @@ def cmd_survival(args: argparse.Namespace) -> int:
 
         requests: list[Any] = load_forget_requests(args.facts, args.limit)
         extra = load_retain(args.retain) if args.retain is not None else []
-        retain = default_retain(requests) + [x for x in extra if x not in default_retain(requests)]
+        retain = default_retain(requests, extra)
     else:
         requests, extra, retain = load_requests(args.facts, args.limit), [], None
     rungs = parse_ladder(args.ladder, args.lora, args.gptq, args.bnb)

@@ -177,9 +177,10 @@ def load_retain(path: str | Path) -> list[RetainItem]:
     return items
 
 
-def default_retain(requests: Sequence[ForgetRequest]) -> list[RetainItem]:
+def default_retain(requests: Sequence[ForgetRequest], extra: Sequence[RetainItem] = ()) -> list[RetainItem]:
     """The forget requests' own retain items (their lines' locality prompts), without duplicates
-    and without any whose prompt is one of the prompts to forget."""
+    and without any whose prompt is one of the prompts to forget; then the `extra` items (a shared
+    retain set, e.g. --retain) that are not among them yet."""
     forget_prompts = {r.prompt for r in requests if r.is_fact}
     seen: set[tuple[str, str]] = set()
     out: list[RetainItem] = []
@@ -190,5 +191,5 @@ def default_retain(requests: Sequence[ForgetRequest]) -> list[RetainItem]:
                 continue
             seen.add(key)
             out.append(item)
-    return out
+    return out + [x for x in extra if x not in out]
 

@@ -203,9 +203,7 @@ class RetainTerm:
     @torch.no_grad()
     def __init__(self, loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: UnlearnConfig) -> None:
         self.loaded, self.cfg = loaded, cfg
-        items = default_retain(requests)
-        items += [x for x in cfg.retain if x not in items]
-        self.items = items
+        self.items = items = default_retain(requests, cfg.retain)
         use = cfg.retain_kl > 0 or cfg.retain_nll > 0
         self.targets = retain_targets(loaded, items) if use else None
         self.ref = None if self.targets is None else F.log_softmax(logits_with(loaded, {}, self.targets), -1)
