@@ -12,6 +12,7 @@ from qedit.delta import LowRankDelta
 from qedit.facts import EditRequest
 from qedit.methods._common import context_prefixes, site_values, site_values_many
 from qedit.methods._target import optimize_targets
+from qedit.methods._target_cache import target_cache_dir
 from qedit.methods.base import EditContext, EditResult, MethodConfig, finish_delta, resolve_layers
 from qedit.model import LoadedModel
 from qedit.stats import key_covariance
@@ -48,7 +49,8 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Metho
     # residual direction is cheap to reach); z is the last layer's output with that change made.
     z_site = loaded.arch.layer.format(layers[-1])
     last_mlp = loaded.arch.mlp_out.format(layers[-1])
-    u_delta, nlls = optimize_targets(loaded, requests, last_mlp, prefixes, cfg.target)     # (n, d_out)
+    u_delta, nlls = optimize_targets(loaded, requests, last_mlp, prefixes, cfg.target,
+                                     cache_dir=target_cache_dir(loaded, cfg))     # (n, d_out)
     z_target = site_values(loaded, requests, z_site, "output", prefixes, inject=(last_mlp, u_delta))  # (n, d_model)
     applied: list[LowRankDelta] = []
     keys: dict[int, torch.Tensor] = {}

@@ -1,9 +1,14 @@
 """Target optimisation (ROME's v*, MEMIT's z): the vector that, added to a module's output at the
 subject's last token, makes the model answer target_new, with a KL term that keeps the subject's
-other properties and a norm bound."""
+other properties and a norm bound.
+
+Requests are optimised together in chunks (one batch per step) and a chunk stops once all of its
+requests are below the NLL threshold, so a target depends on its chunk-mates; the target cache is
+keyed by the whole chunk."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -15,6 +20,7 @@ from qedit.delta import LowRankDelta
 from qedit.facts import EditRequest
 from qedit.hooks import OutputEdit, add_at_positions, edit_outputs, record
 from qedit.methods._common import delta_edits
+from qedit.methods._target_cache import TargetCache
 from qedit.methods.base import TargetConfig
 from qedit.model import LoadedModel
 
@@ -76,12 +82,25 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
 
 
 def optimize_targets(loaded: LoadedModel, requests: Sequence[EditRequest], site: str, prefixes: Sequence[str],
-                     cfg: TargetConfig, applied: Sequence[LowRankDelta] = ()) -> tuple[torch.Tensor, list[float]]:
-    """delta (n, d) to add to `site`'s output at each request's subject-last token, and the final NLLs."""
-    deltas, nlls = [], []
+                     cfg: TargetConfig, applied: Sequence[LowRankDelta] = (),
+                     cache_dir: Path | None = None) -> tuple[torch.Tensor, list[float]]:
+    """delta (n, d) to add to `site`'s output at each request's subject-last token, and the final NLLs.
+
+    With cache_dir, targets computed on the model as it is (no applied deltas) are read from and
+    written to that directory (qedit.methods._target_cache)."""
+    cache = TargetCache(cache_dir if not applied else None, loaded, site, prefixes, cfg)
+    parts, nlls, hits = [], [], 0
     for lo in tqdm(range(0, len(requests), cfg.chunk), desc="optimising targets", unit="chunk", leave=False):
-        d, nll = _chunk_targets(loaded, requests[lo:lo + cfg.chunk], site, prefixes, cfg, applied)
-        deltas.append(d)
-        nlls.extend(nll)
+        chunk = list(requests[lo:lo + cfg.chunk])
+        found = cache.get(chunk)
+        if found is None:
+            found = _chunk_targets(loaded, chunk, site, prefixes, cfg, applied)
+            cache.put(chunk, *found)
+        else:
+            hits += len(chunk)
+        parts.append(found[0])
+        nlls.extend(found[1])
+    if hits:
+        log.info("%d of %d targets from the cache %s", hits, len(requests), cache.dir)
     log.info("target NLL after optimisation: mean %.3f, max %.3f", sum(nlls) / len(nlls), max(nlls))
-    return torch.cat(deltas), nlls
+    return torch.cat(parts), nlls                                                        # (n, d)

@@ -16,6 +16,7 @@ from qedit.facts import EditRequest
 from qedit.methods._common import context_prefixes, edit_keys
 from qedit.methods._strength import minimal_scale
 from qedit.methods._target import optimize_targets
+from qedit.methods._target_cache import target_cache_dir
 from qedit.methods.base import (EditContext, EditMethod, EditResult, MethodConfig, TargetConfig, register_method,
                                 resolve_layers)
 from qedit.model import LoadedModel
@@ -55,7 +56,8 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: RomeConfi
     keys, nlls = [], []
     for req in requests:  # sequential: each edit is computed on the model with the earlier ones applied
         k = edit_keys(loaded, [req], layer, prefixes, deltas)[0]                      # (d_in,)
-        resid, nll = optimize_targets(loaded, [req], site, prefixes, cfg.target, deltas)  # (1, d_out)
+        resid, nll = optimize_targets(loaded, [req], site, prefixes, cfg.target, deltas,
+                                     target_cache_dir(loaded, cfg))  # (1, d_out)
         u, v = linalg.rank_one_update(cov, k, resid[0], cfg.cov_ridge)                              # (d_out, 1), (1, d_in)
         delta = LowRankDelta(name, layer, u.float(), v.float(), 1.0, loaded.arch.mlp_out_orientation,
                              {"subject": req.subject, "target_nll": nll[0]})
