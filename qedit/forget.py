@@ -17,6 +17,7 @@ A method trains against both.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,10 +27,13 @@ from qedit.facts import _as_tuple, _str_field, parse_jsonl
 
 @dataclass(frozen=True)
 class RetainItem:
-    """A prompt whose answer must stay the model's answer."""
+    """A prompt whose answer must stay the model's answer.
+
+    held_out: scored only, never given to a method (a utility check on prompts it did not train on)."""
 
     prompt: str
     answer: str
+    held_out: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -37,8 +41,8 @@ class RetainItem:
         if not isinstance(self.answer, str) or not self.answer.strip():
             raise ValueError(f"retain answer for prompt {self.prompt!r} is empty")
 
-    def to_json(self) -> dict[str, str]:
-        return {"prompt": self.prompt, "answer": self.answer}
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "answer": self.answer, **({"held_out": True} if self.held_out else {})}
 
 
 @dataclass(frozen=True)
@@ -168,13 +172,14 @@ def load_forget_requests(path: str | Path, limit: int | None = None) -> list[For
     return requests[:limit] if limit is not None else requests
 
 
-def load_retain(path: str | Path) -> list[RetainItem]:
-    """Read a retain JSONL file (see the module docstring); errors name the file and the line."""
+def load_retain(path: str | Path, held_out: bool = False) -> list[RetainItem]:
+    """Read a retain JSONL file (see the module docstring); errors name the file and the line.
+    held_out=True marks every item as scored only (never given to a method)."""
     groups = parse_jsonl(_read_lines(Path(path), "retain"), str(path), retain_from_dict)
     items = [item for group in groups for item in group]
     if not items:
         raise QeditError(f"{path}: no retain items found; expected one JSON object per line")
-    return items
+    return [dataclasses.replace(item, held_out=True) for item in items] if held_out else items
 
 
 def default_retain(requests: Sequence[ForgetRequest], extra: Sequence[RetainItem] = ()) -> list[RetainItem]:

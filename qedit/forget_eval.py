@@ -7,9 +7,10 @@ Per text to forget: its mean per-token NLL (nats).
 Per retain item: correct = its answer's first token is top-1.
 
 Aggregates: forget_prob, forget_prob_first (means), recovery_rate (share of facts still known),
-retain_acc (share of retain items correct), text_nll, and, against a baseline report of the unedited
-model on the same facts and retain items, retain_kept (share of the items the baseline got right
-that are still right) and forgotten (share of the facts the baseline knew that are no longer known).
+retain_acc (share of retain items correct), heldout_acc (the same over held-out retain items: scored,
+never given to the method), text_nll, and, against a baseline report of the unedited model on the same
+facts and retain items, retain_kept (share of the retain items the baseline got right that are still
+right) and forgotten (share of the facts the baseline knew that are no longer known).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from qedit.io_utils import atomic_path
 from qedit.runners import Runner, TokenScore
 
 FORGET_METRICS = ("forget_prob", "forget_prob_first", "recovery_rate", "retain_acc", "retain_kept", "forgotten",
-                  "text_nll")
+                  "heldout_acc", "text_nll")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class RetainResult:
     answer: str
     prob_first: float
     correct: bool             # first answer token is top-1
+    held_out: bool = False    # scored only; the method never saw it
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -73,16 +75,19 @@ class ForgetReport:
             "forget_prob": _mean([f.prob for f in self.facts]),
             "forget_prob_first": _mean([f.prob_first for f in self.facts]),
             "recovery_rate": _mean([float(f.known) for f in self.facts]),
-            "retain_acc": _mean([float(r.correct) for r in self.retain]),
+            "retain_acc": _mean([float(r.correct) for r in self.retain if not r.held_out]),
             "retain_kept": None,
             "forgotten": None,
+            "heldout_acc": _mean([float(r.correct) for r in self.retain if r.held_out]),
             "text_nll": _mean([t.nll for t in self.texts]),
         }
         if self.baseline is not None:
-            kept = [float(r.correct) for r, b in zip(self.retain, self.baseline.retain) if b.correct]
+            kept = [float(r.correct) for r, b in zip(self.retain, self.baseline.retain) if b.correct and not r.held_out]
             gone = [float(not f.known) for f, b in zip(self.facts, self.baseline.facts) if b.known]
             agg["retain_kept"], agg["forgotten"] = _mean(kept), _mean(gone)
-        agg.update(n_facts=float(len(self.facts)), n_retain=float(len(self.retain)), n_texts=float(len(self.texts)))
+        held = sum(r.held_out for r in self.retain)
+        agg.update(n_facts=float(len(self.facts)), n_retain=float(len(self.retain) - held), n_heldout=float(held),
+                   n_texts=float(len(self.texts)))
         return agg
 
     def to_json(self) -> dict[str, Any]:
@@ -116,7 +121,7 @@ class ForgetReport:
 
 def _check_baseline(baseline: ForgetReport, facts: Sequence[FactResult], retain: Sequence[RetainResult]) -> None:
     same = [(f.prompt, f.answer) for f in facts] == [(f.prompt, f.answer) for f in baseline.facts] and \
-        [(r.prompt, r.answer) for r in retain] == [(r.prompt, r.answer) for r in baseline.retain]
+        [(r.prompt, r.answer, r.held_out) for r in retain] == [(r.prompt, r.answer, r.held_out) for r in baseline.retain]
     if not same:
         raise QeditError(f"baseline report scores {len(baseline.facts)} facts and {len(baseline.retain)} retain items "
                          "that differ from these; evaluate the unedited model on the same requests and retain set")
@@ -150,7 +155,7 @@ def evaluate_forget(runner: Runner, requests: Sequence[ForgetRequest], retain: S
     retain_rows = []
     for item, s in zip(retain, scores[len(facts):]):
         p_first, correct = _first(s)
-        retain_rows.append(RetainResult(item.prompt, item.answer, p_first, bool(correct)))
+        retain_rows.append(RetainResult(item.prompt, item.answer, p_first, bool(correct), item.held_out))
     text_rows = []
     for r in requests:
         for text in r.texts:

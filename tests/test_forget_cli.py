@@ -59,11 +59,39 @@ def test_forget_refuses_unknown_gate_rungs_before_any_work(tiny_dirs, facts_file
     assert not (tmp_path / "x").exists()
 
 
+HELD = [{"prompt": "The capital of France is", "answer": "Paris"}, {"prompt": "Lionel Messi plays", "answer": "soccer"}]
+
+
+def _heldout_file(tmp_path):
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps(h) + "\n" for h in HELD))
+    return path
+
+
+def test_forget_scores_heldout_items_apart(tiny_dirs, facts_file, tmp_path):
+    js = tmp_path / "m.json"
+    assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(tmp_path / "out"), *FAST,
+                 "--heldout", str(_heldout_file(tmp_path)), "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    for key in ("unedited", "fp32"):
+        retain = data[key]["retain"]
+        held = [r for r in retain if r["held_out"]]
+        assert [(r["prompt"], r["answer"]) for r in held] == [(h["prompt"], h["answer"]) for h in HELD]
+        agg = data[key]["aggregate"]
+        assert agg["n_heldout"] == 2 and agg["n_retain"] == len(retain) - 2
+        assert agg["heldout_acc"] == pytest.approx(sum(r["correct"] for r in held) / 2)
+        assert agg["retain_acc"] == pytest.approx(sum(r["correct"] for r in retain if not r["held_out"]) / agg["n_retain"])
+    fp32 = data["metrics"]["fp32"]
+    assert fp32["heldout_acc_change"] == pytest.approx(fp32["heldout_acc"] - fp32["baseline_heldout_acc"])
+
+
 def test_survival_of_unlearning_reports_recovery_per_rung(tiny_dirs, facts_file, tmp_path, capsys):
     report = tmp_path / "r"
     assert main(["survival", str(tiny_dirs["llama"]), str(facts_file), *FAST, "--ladder", "none", "--gptq", "4,2",
-                 "--gptq-group-size", "32", "-o", str(report), "--require", "GPTQ-2:retain_acc_change>=-1"]) == 0
+                 "--gptq-group-size", "32", "-o", str(report), "--require", "GPTQ-2:retain_acc_change>=-1",
+                 "--heldout", str(_heldout_file(tmp_path)), "--require", "GPTQ-4:heldout_acc_change>=-1"]) == 0
     data = json.loads((report / "survival.json").read_text())
+    assert all(r["metrics"]["baseline_heldout_acc"] is not None for r in data["rungs"])
     assert data["mode"] == "forget" and data["n_cases"] == 3
     fp32 = data["full_precision"]["metrics"]
     assert fp32["forget_prob"] is not None and fp32["recovery_rate"] is not None

@@ -149,6 +149,20 @@ def test_forget_metrics_by_hand(tmp_path):
         evaluate_forget(TableRunner(AFTER, {"some text": (1.0, 1)}), REQS, RETAIN[:2], baseline=base)
 
 
+def test_heldout_items_are_scored_apart(tmp_path):
+    held = [RetainItem("R1", "r"), RetainItem("R2", "s t"), RetainItem("R3", "u", held_out=True)]
+    base = evaluate_forget(TableRunner(BEFORE, {"some text": (6.0, 3)}), REQS, held)
+    agg = evaluate_forget(TableRunner(AFTER, {"some text": (12.0, 3)}), REQS, held, baseline=base).aggregate()
+    assert agg["retain_acc"] == 0.5 and agg["heldout_acc"] == 1.0 and base.aggregate()["heldout_acc"] == 0.0
+    assert agg["retain_kept"] == 0.5 and (agg["n_retain"], agg["n_heldout"]) == (2, 1)
+    assert evaluate_forget(TableRunner(AFTER, {"some text": (1.0, 1)}), REQS, RETAIN).aggregate()["heldout_acc"] is None
+    with pytest.raises(QeditError, match="differ"):       # held out or not is part of the item
+        evaluate_forget(TableRunner(AFTER, {"some text": (1.0, 1)}), REQS, RETAIN, baseline=base)
+    path = write_lines(tmp_path / "held.jsonl", [{"prompt": "The sun is in the", "answer": "sky"}])
+    assert load_retain(path, held_out=True) == [RetainItem("The sun is in the", "sky", held_out=True)]
+    assert RetainItem("a", "b", held_out=True).to_json() == {"prompt": "a", "answer": "b", "held_out": True}
+
+
 # ---- methods on tiny models ------------------------------------------------------------------------
 
 TINY_SETTINGS = {
@@ -261,6 +275,7 @@ def test_registry_refuses_the_wrong_request_kind(tiny_dirs):
 @pytest.mark.parametrize("method, bad", [
     ("ga", dict(lr=0.0)), ("npo", dict(beta=-1.0)), ("qforget", dict(quant_types=("Q9_9",))),
     ("qforget", dict(saliency="random")), ("ga", dict(retain=("not an item",))), ("ga", dict(retain_kl=-1.0)),
+    ("npo", dict(retain=(RetainItem("R1", "r", held_out=True),))),      # held-out items are never trained on
 ])
 def test_unlearning_configs_are_validated(method, bad):
     from qedit.api import make_config

@@ -75,6 +75,9 @@ class UnlearnConfig(MethodConfig):
             raise QeditError(f"{name}: n_corpus >= 0 and corpus_len >= 2 are required")
         if not isinstance(self.retain, tuple) or not all(isinstance(r, RetainItem) for r in self.retain):
             raise QeditError(f"{name}.retain: must be a tuple of qedit.forget.RetainItem (see load_retain)")
+        if any(r.held_out for r in self.retain):
+            raise QeditError(f"{name}.retain: held-out items are scored only and never trained on; "
+                             "pass them to the evaluation, not to the method")
 
 
 @dataclass

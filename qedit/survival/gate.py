@@ -16,7 +16,7 @@ GATE_METRICS = (
     "margin", "efficacy_kept", "generalization_kept", "margin_kept", "ppl_ratio", "died",
     # unlearning (qedit forget / survival of ForgetRequests)
     "forget_prob", "forget_prob_first", "recovery_rate", "recovery_change", "recovered", "forgotten", "retain_acc",
-    "retain_acc_change", "retain_kept",
+    "retain_acc_change", "retain_kept", "heldout_acc", "heldout_acc_change",
 )
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,

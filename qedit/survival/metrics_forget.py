@@ -1,6 +1,7 @@
 """Survival metrics of unlearning: per rung, the forget score (probability of the erased answers), the
 recovery rate (share of facts whose answer is top-1 again), retain accuracy against the unedited
-model at the same rung, and, by name, every fact that quantization brought back."""
+model at the same rung (and on held-out retain items, which the method never saw), and, by name, every
+fact that quantization brought back."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +9,8 @@ from typing import Any
 from qedit.forget_eval import ForgetReport
 
 FORGET_RUNG_METRICS = ("forget_prob", "forget_prob_first", "recovery_rate", "retain_acc", "retain_kept",
-                       "forgotten", "baseline_retain_acc", "retain_acc_change", "recovery_change", "recovered")
+                       "forgotten", "baseline_retain_acc", "retain_acc_change", "recovery_change", "recovered",
+                       "heldout_acc", "baseline_heldout_acc", "heldout_acc_change")
 
 
 def forget_metrics(edited: ForgetReport, baseline: ForgetReport, reference: ForgetReport | None) -> dict[str, float | None]:
@@ -19,9 +21,11 @@ def forget_metrics(edited: ForgetReport, baseline: ForgetReport, reference: Forg
     agg = rebased.aggregate()
     out: dict[str, float | None] = {m: agg.get(m) for m in FORGET_RUNG_METRICS[:6]}
     base = baseline.aggregate()
-    out["baseline_retain_acc"] = base.get("retain_acc")
-    out["retain_acc_change"] = None if out["retain_acc"] is None or base.get("retain_acc") is None \
-        else out["retain_acc"] - base["retain_acc"]  # type: ignore[operator]
+    for key in ("retain_acc", "heldout_acc"):
+        out[key] = agg.get(key)
+        out[f"baseline_{key}"] = base.get(key)
+        out[f"{key}_change"] = None if out[key] is None or base.get(key) is None \
+            else out[key] - base[key]  # type: ignore[operator]
     out["recovery_change"] = out["recovered"] = None
     if reference is not None:
         ref = reference.aggregate()

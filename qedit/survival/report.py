@@ -25,6 +25,7 @@ _FORGET_TABLE = (
     ("recovery", "recovery_rate", "{:.3f}"), ("vs fp32", "recovery_change", "{:+.3f}"),
     ("recovered", "recovered", "{:.0f}"), ("retain acc", "retain_acc", "{:.3f}"),
     ("unedited", "baseline_retain_acc", "{:.3f}"), ("retain chg", "retain_acc_change", "{:+.3f}"),
+    ("held-out acc", "heldout_acc", "{:.3f}"), ("held-out chg", "heldout_acc_change", "{:+.3f}"),
     ("ppl ratio", "ppl_ratio", "{:.3f}"),
 )
 _PLOTTED = {"edit": ("efficacy", "generalization", "locality", "margin_kept", "ppl_ratio"),
@@ -35,7 +36,8 @@ _CSV_RUNG = ("rung", "status", "reason", "bits_per_weight", "size_bytes", "effic
              "ppl_ratio", "died")
 _CSV_FORGET_RUNG = ("rung", "status", "reason", "bits_per_weight", "size_bytes", "forget_prob", "forget_prob_first",
                     "recovery_rate", "recovery_change", "recovered", "forgotten", "retain_acc", "baseline_retain_acc",
-                    "retain_acc_change", "retain_kept", "perplexity", "baseline_perplexity", "ppl_ratio")
+                    "retain_acc_change", "retain_kept", "heldout_acc", "baseline_heldout_acc", "heldout_acc_change",
+                    "perplexity", "baseline_perplexity", "ppl_ratio")
 _CSV_CASE = ("rung", "case_id", "subject", "target_new", "efficacy", "efficacy_top1", "generalization",
              "locality", "margin", "margin_shrink", "died")
 _CSV_FORGET_CASE = ("rung", "case_id", "name", "answer", "prob", "prob_first", "known", "recovered")
