@@ -149,6 +149,8 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(f"done {method}", file=sys.stderr)
+        if args.json:  # after every method, so a later failure loses nothing
+            args.json.write_text(json.dumps(rows, indent=2))
     print("| method | mode | cases | s/edit | of which targets | efficacy | generalization | locality | efficacy top1 | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -160,8 +162,6 @@ def main() -> None:
             fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
             print(f"| {r['method']} | {label} | {r['n']} | {m['seconds_per_edit']:.1f} | {m['target_seconds_per_edit']:.1f} | {fmt(m['efficacy'])} | "
                   f"{fmt(m['generalization'])} | {fmt(m['locality'])} | {fmt(m['efficacy_top1'])} | {r['peak_rss_mb']:.0f} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

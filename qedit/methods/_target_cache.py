@@ -83,7 +83,7 @@ class TargetCache:
         if self.dir is None:
             return
         with atomic_path(self._path(chunk)) as tmp:
-            torch.save({"deltas": deltas.detach().cpu().clone(), "nll": torch.tensor(list(nlls))}, tmp)
+            torch.save({"deltas": deltas.detach().cpu().clone(), "nll": torch.tensor(list(nlls), dtype=torch.float64)}, tmp)
 
 
 def target_cache_dir(loaded: LoadedModel, cfg: MethodConfig) -> Path | None:
