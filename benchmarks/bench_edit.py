@@ -64,7 +64,8 @@ class TargetClock:
             mod.optimize_targets = timed
 
 
-def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_targets: bool) -> dict:
+def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_targets: bool,
+            modes: tuple[str, ...] = ("single", "batched")) -> dict:
     from qedit.api import edit, make_config
     from qedit.evaluate import evaluate
     from qedit.facts import load_requests
@@ -99,16 +100,17 @@ def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_tar
                     "targets_cached_at_start": cached_before, "eval_unedited_seconds": eval_base_s}
     # single: one case at a time into the unedited model, scored, then the weights restored exactly
     cases, edit_s = [], 0.0
-    for i, r in enumerate(tqdm(reqs, desc=f"{method} single", unit="edit")):
+    for i, r in enumerate(tqdm(reqs if "single" in modes else [], desc=f"{method} single", unit="edit")):
         with restored(loaded.model, names):
             t0 = time.perf_counter()
             edit(loaded, [r], method, cfg)
             edit_s += time.perf_counter() - t0
             rep = evaluate(TorchRunner(loaded), [r], baseline=type(base)(base.runner, [base.cases[i]]))
         cases.extend(rep.cases)
-    agg = type(base)(base.runner, cases).aggregate()
-    result["single"] = {"seconds_per_edit": edit_s / n, "target_seconds_per_edit": clock.seconds / n, **agg}
-    if spec.multi_layer and batch > 1:
+    if "single" in modes:
+        agg = type(base)(base.runner, cases).aggregate()
+        result["single"] = {"seconds_per_edit": edit_s / n, "target_seconds_per_edit": clock.seconds / n, **agg}
+    if "batched" in modes and spec.multi_layer and batch > 1:
         # batched: each group of `batch` cases edited at once into the unedited model
         cases, edit_s, clock.seconds = [], 0.0, 0.0
         for lo in range(0, n, batch):
@@ -134,18 +136,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--modes", default="single,batched", help="which of single,batched to run")
     ap.add_argument("--keep-targets", action="store_true",
                     help="reuse cached targets (e.g. AlphaEdit after MEMIT) instead of clearing them first")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(run_one(args.worker, args.n, args.batch, args.offset, args.threads, args.keep_targets)))
+        print(json.dumps(run_one(args.worker, args.n, args.batch, args.offset, args.threads, args.keep_targets,
+                                 tuple(args.modes.split(",")))))
         return
     rows = []
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--worker", method, "--n", str(args.n), "--batch", str(args.batch),
                "--offset", str(args.offset), "--threads", str(args.threads)]
         cmd += ["--keep-targets"] if args.keep_targets else []
+        cmd += ["--modes", args.modes]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(f"done {method}", file=sys.stderr)
