@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qedit.errors import QeditError
+from qedit.forget import HELDOUT_HELP
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ def add_parser(sub: Any, add_method_args: Any, add_output_args: Any) -> None:
     p.add_argument("facts", type=Path, help="JSONL of facts (or texts) to forget")
     p.add_argument("--retain", type=Path, default=None, help="JSONL of prompts whose answers must keep working")
     p.add_argument("--heldout", type=Path, default=None,
-                   help="JSONL of retain items that are only scored, never given to the method: its utility on "
-                        "prompts it did not train on (metrics heldout_acc, heldout_acc_change)")
+                   help=HELDOUT_HELP)
     p.add_argument("--limit", type=int, default=None, help="use only the first N facts")
     p.add_argument("--device", default="cpu", help="torch device for full-precision work (default: cpu)")
     add_method_args(p, default="qforget")
@@ -75,7 +75,7 @@ def _output_runner(args: argparse.Namespace, plan: Any) -> tuple[Any, Any] | Non
 def cmd_forget(args: argparse.Namespace) -> int:
     from qedit.api import edit
     from qedit.commands import _method_config, plan_output, write_output
-    from qedit.forget import default_retain, load_forget_requests, load_retain
+    from qedit.forget import load_forget_requests, load_retain, scored_retain
     from qedit.forget_eval import evaluate_forget, format_forget_summary
     from qedit.methods.base import UNLEARN_METHODS, EditMethod
     from qedit.model import load_model
@@ -89,11 +89,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
     requests = load_forget_requests(args.facts, args.limit)
     extra = load_retain(args.retain) if args.retain is not None else []
     requirements = [parse_requirement(t, list(RUNGS)) for t in args.require]
-    held = load_retain(args.heldout, held_out=True) if args.heldout is not None else []
     plan = plan_output(args, args.facts, *[p for p in (args.retain, args.heldout) if p is not None])
     cfg = _method_config(args, retain=tuple(extra))
     loaded = load_model(args.model, device=args.device)
-    retain = default_retain(requests, extra) + held             # held-out items are scored, never trained on
+    retain = scored_retain(requests, extra, args.heldout)
     measure = args.eval or bool(requirements) or args.json is not None
     before = evaluate_forget(TorchRunner(loaded), requests, retain, progress="unedited") if measure else None
     outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qedit.errors import QeditError
+from qedit.forget import HELDOUT_HELP
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
                    help="with an unlearning method (ga, npo, qforget): JSONL of prompts whose answers must keep "
                         "working, besides the facts' own locality prompts")
     p.add_argument("--heldout", type=Path, default=None,
-                   help="JSONL of retain items that are only scored, never given to the method: its utility on "
-                        "prompts it did not train on (metrics heldout_acc, heldout_acc_change)")
+                   help=HELDOUT_HELP)
     p.add_argument("--naive", action="store_true",
                    help="quantize the edited tensors plainly (fold, then standard quantization) instead of the "
                         "default edit-aware encoding; compare the two to see what the aware path buys")
@@ -117,12 +117,11 @@ def cmd_survival(args: argparse.Namespace) -> int:
     if (args.retain is not None or args.heldout is not None) and not forget:
         raise QeditError("--retain and --heldout apply to unlearning methods (ga, npo, qforget)")
     if forget:
-        from qedit.forget import default_retain, load_forget_requests, load_retain
+        from qedit.forget import load_forget_requests, load_retain, scored_retain
 
         requests: list[Any] = load_forget_requests(args.facts, args.limit)
         extra = load_retain(args.retain) if args.retain is not None else []
-        held = load_retain(args.heldout, held_out=True) if args.heldout is not None else []
-        retain = default_retain(requests, extra) + held          # held-out items are scored, never trained on
+        retain = scored_retain(requests, extra, args.heldout)
     else:
         requests, extra, retain = load_requests(args.facts, args.limit), [], None
     rungs = parse_ladder(args.ladder, args.lora, args.gptq, args.bnb)

@@ -182,6 +182,18 @@ def load_retain(path: str | Path, held_out: bool = False) -> list[RetainItem]:
     return [dataclasses.replace(item, held_out=True) for item in items] if held_out else items
 
 
+HELDOUT_HELP = ("JSONL of retain items that are only scored, never given to the method: its utility on prompts "
+                "it did not train on (metrics heldout_acc, heldout_acc_change)")
+
+
+def scored_retain(requests: Sequence[ForgetRequest], extra: Sequence[RetainItem],
+                  heldout: str | Path | None) -> list[RetainItem]:
+    """What a forget run scores: default_retain(requests, extra), then the held-out items of `heldout`
+    (scored, never trained on)."""
+    held = load_retain(heldout, held_out=True) if heldout is not None else []
+    return default_retain(requests, extra) + held
+
+
 def default_retain(requests: Sequence[ForgetRequest], extra: Sequence[RetainItem] = ()) -> list[RetainItem]:
     """The forget requests' own retain items (their lines' locality prompts), without duplicates
     and without any whose prompt is one of the prompts to forget; then the `extra` items (a shared
