@@ -99,15 +99,15 @@ def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_tar
     result: dict = {"method": method, "n": n, "offset": offset, "layers": list(layers),
                     "targets_cached_at_start": cached_before, "eval_unedited_seconds": eval_base_s}
     # single: one case at a time into the unedited model, scored, then the weights restored exactly
-    cases, edit_s = [], 0.0
-    for i, r in enumerate(tqdm(reqs if "single" in modes else [], desc=f"{method} single", unit="edit")):
-        with restored(loaded.model, names):
-            t0 = time.perf_counter()
-            edit(loaded, [r], method, cfg)
-            edit_s += time.perf_counter() - t0
-            rep = evaluate(TorchRunner(loaded), [r], baseline=type(base)(base.runner, [base.cases[i]]))
-        cases.extend(rep.cases)
     if "single" in modes:
+        cases, edit_s = [], 0.0
+        for i, r in enumerate(tqdm(reqs, desc=f"{method} single", unit="edit")):
+            with restored(loaded.model, names):
+                t0 = time.perf_counter()
+                edit(loaded, [r], method, cfg)
+                edit_s += time.perf_counter() - t0
+                rep = evaluate(TorchRunner(loaded), [r], baseline=type(base)(base.runner, [base.cases[i]]))
+            cases.extend(rep.cases)
         agg = type(base)(base.runner, cases).aggregate()
         result["single"] = {"seconds_per_edit": edit_s / n, "target_seconds_per_edit": clock.seconds / n, **agg}
     if "batched" in modes and spec.multi_layer and batch > 1:
