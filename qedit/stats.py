@@ -100,8 +100,13 @@ def _corpus_key(cfg: StatsConfig) -> str:
     return f"file-{cfg.corpus_digest()}-n{cfg.n_samples}-l{cfg.sample_len}"
 
 
+def model_cache_dir(loaded: LoadedModel, cfg: StatsConfig) -> Path:
+    """Where everything qedit caches about this model lives (statistics per corpus, targets)."""
+    return cfg.root() / loaded.fingerprint[:20]
+
+
 def _cache_dir(loaded: LoadedModel, cfg: StatsConfig) -> Path:
-    return cfg.root() / loaded.fingerprint[:20] / _corpus_key(cfg)
+    return model_cache_dir(loaded, cfg) / _corpus_key(cfg)
 
 
 def resolve_sampling_dtype(cfg: StatsConfig, device: torch.device) -> torch.dtype:

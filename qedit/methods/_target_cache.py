@@ -22,6 +22,7 @@ from qedit.facts import EditRequest
 from qedit.io_utils import atomic_path
 from qedit.methods.base import MethodConfig, TargetConfig
 from qedit.model import LoadedModel
+from qedit.stats import model_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,4 +91,4 @@ def target_cache_dir(loaded: LoadedModel, cfg: MethodConfig) -> Path | None:
     """Where the targets of `loaded` are cached (beside its key statistics), or None when caching is off."""
     if not cfg.stats.use_cache:
         return None
-    return cfg.stats.root() / loaded.fingerprint[:20] / "targets"
+    return model_cache_dir(loaded, cfg.stats) / "targets"
