@@ -14,6 +14,7 @@ Output: a markdown table on stdout and the raw numbers as JSON (--json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import shutil
@@ -65,8 +66,9 @@ class TargetClock:
 
 
 def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_targets: bool,
-            modes: tuple[str, ...] = ("single", "batched")) -> dict:
+            modes: tuple[str, ...] = ("single", "batched"), save_deltas_to: Path | None = None) -> dict:
     from qedit.api import edit, make_config
+    from qedit.delta import save_deltas
     from qedit.evaluate import evaluate
     from qedit.facts import load_requests
     from qedit.methods._target_cache import target_cache_dir
@@ -104,10 +106,13 @@ def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_tar
         for i, r in enumerate(tqdm(reqs, desc=f"{method} single", unit="edit")):
             with restored(loaded.model, names):
                 t0 = time.perf_counter()
-                edit(loaded, [r], method, cfg)
+                outcome = edit(loaded, [r], method, cfg)
                 edit_s += time.perf_counter() - t0
                 rep = evaluate(TorchRunner(loaded), [r], baseline=type(base)(base.runner, [base.cases[i]]))
             cases.extend(rep.cases)
+            if save_deltas_to is not None:  # one directory per case, reusable by `qedit survival --from-deltas`
+                save_deltas(save_deltas_to / method / f"case{offset + i:04d}", outcome.deltas,
+                            dict(outcome.manifest(loaded), bench_case=dataclasses.asdict(rep.cases[0])), outcome.keys)
         agg = type(base)(base.runner, cases).aggregate()
         result["single"] = {"seconds_per_edit": edit_s / n, "target_seconds_per_edit": clock.seconds / n, **agg}
     if "batched" in modes and spec.multi_layer and batch > 1:
@@ -139,11 +144,13 @@ def main() -> None:
     ap.add_argument("--modes", default="single,batched", help="which of single,batched to run")
     ap.add_argument("--keep-targets", action="store_true",
                     help="reuse cached targets (e.g. AlphaEdit after MEMIT) instead of clearing them first")
+    ap.add_argument("--save-deltas", type=Path, default=None, metavar="DIR",
+                    help="single mode: save each case's deltas and scores to DIR/METHOD/caseNNNN/")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(run_one(args.worker, args.n, args.batch, args.offset, args.threads, args.keep_targets,
-                                 tuple(args.modes.split(",")))))
+                                 tuple(args.modes.split(",")), args.save_deltas)))
         return
     rows = []
     for method in args.methods.split(","):
@@ -151,6 +158,7 @@ def main() -> None:
                "--offset", str(args.offset), "--threads", str(args.threads)]
         cmd += ["--keep-targets"] if args.keep_targets else []
         cmd += ["--modes", args.modes]
+        cmd += ["--save-deltas", str(args.save_deltas)] if args.save_deltas else []
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(f"done {method}", file=sys.stderr)

@@ -80,8 +80,14 @@ def null_space_projector(cov: torch.Tensor, threshold: float = 1e-2, relative: b
     relative=True compares eigenvalues with threshold * the largest one.
     """
     evals, evecs = torch.linalg.eigh(cov.double())
+    return projector_from_eigh(evals, evecs, threshold, relative)
+
+
+def projector_from_eigh(evals: torch.Tensor, evecs: torch.Tensor, threshold: float = 1e-2,
+                        relative: bool = False) -> torch.Tensor:
+    """null_space_projector from an eigendecomposition already made: evals (d,), evecs (d, d)."""
     cut = threshold * float(evals.max()) if relative else threshold
-    basis = evecs[:, evals < cut]                          # (d, k)
+    basis = evecs.double()[:, evals < cut]                 # (d, k)
     return basis @ basis.t()
 
 

@@ -350,3 +350,28 @@ def key_covariance(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig)
                 with atomic_path(cache / f"cov_layer{layer}.pt") as tmp:
                     torch.save({"cov": cov, "count": count}, tmp)
     return out
+
+
+def key_eigh(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Eigendecomposition (eigenvalues (d_in,), eigenvectors (d_in, d_in), float64) of each layer's
+    E[k k^T], cached beside the covariance: a float64 eigh of Gemma's 2048 x 2048 covariance takes
+    seconds, and AlphaEdit needs one per layer per edit."""
+    covs = key_covariance(loaded, layers, cfg)
+    cache = _cache_dir(loaded, cfg)
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer, cov in covs.items():
+        path = cache / f"eigh_layer{layer}.pt"
+        if cfg.use_cache and path.is_file():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved["evecs"].shape == (cov.shape[0], cov.shape[0]):
+                    out[layer] = (saved["evals"], saved["evecs"])
+                    continue
+            except Exception as exc:  # a damaged cache entry is recomputed, never trusted
+                log.warning("%s: unreadable cached eigendecomposition (%s); computing it again", path, exc)
+        evals, evecs = torch.linalg.eigh(cov.double())      # (d_in,), (d_in, d_in)
+        out[layer] = (evals, evecs)
+        if cfg.use_cache:
+            with atomic_path(path) as tmp:
+                torch.save({"evals": evals, "evecs": evecs}, tmp)
+    return out

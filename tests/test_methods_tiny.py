@@ -241,6 +241,33 @@ def test_ft_rank_setting_truncates(tiny):
     assert [d.rank for d in result.deltas] == [2]
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "normalized"])
+def test_ft_key_penalty_shrinks_the_change_on_ordinary_keys(tiny, optimizer):
+    """FT's key_weight penalises tr(dW C dW^T): the output change on the statistics' keys. A strong
+    penalty must leave a smaller change there than none (same request, steps and optimizer)."""
+    from qedit.stats import key_covariance
+
+    loaded = load_model(tiny["llama"])
+    request = counterfactual(TorchRunner(loaded))
+    lr = 2e-2 if optimizer == "adam" else 0.5
+
+    def key_energy(weight: float) -> float:
+        cfg = method_config("ft", "llama", optimizer=optimizer, lr=lr, key_weight=weight, stop_nll=1e-3, steps=15)
+        (d,) = get_method("ft").compute(loaded, [request], cfg, EditContext()).deltas
+        cov = key_covariance(loaded, [d.layer], STATS)[d.layer]                       # (in, in)
+        dw = d.dense()                                                                 # (out, in)
+        return float(((dw @ cov) * dw).sum())
+
+    free, held = key_energy(0.0), key_energy(1e3)
+    assert held < 0.5 * free, f"{optimizer}: penalised change {held:.3g} against {free:.3g} without"
+
+
+def test_ft_config_checks():
+    for bad in (dict(optimizer="sgd"), dict(key_weight=-1.0), dict(retain_weight=-1.0), dict(linf=0.0)):
+        with pytest.raises(ValueError):
+            method_config_for("ft", **bad)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_edit_keys_at_subject_last_token(tiny, family):
     """The key of a mid-prompt subject is the MLP-out input at the subject's last token."""

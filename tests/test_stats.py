@@ -115,6 +115,28 @@ def test_without_cache_nothing_is_written(models, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_eigendecomposition_is_cached_and_exact(models, tmp_path, monkeypatch):
+    loaded = models["gemma3"]
+    cfg = StatsConfig(n_samples=4, sample_len=8, cache_dir=tmp_path)
+    cov = stats.key_covariance(loaded, [1], cfg)[1]
+    evals, evecs = stats.key_eigh(loaded, [1], cfg)[1]
+    # (d, d): V diag(e) V^T reproduces the covariance
+    assert torch.allclose(evecs @ torch.diag(evals) @ evecs.t(), cov.double(), atol=1e-5 * float(cov.abs().max()))
+    path = tmp_path / loaded.fingerprint[:20] / "self-s0-n4-l8" / "eigh_layer1.pt"
+    assert path.is_file()
+
+    def no_eigh(*_args, **_kw):
+        raise AssertionError("a cached eigendecomposition must not be recomputed")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    again = stats.key_eigh(loaded, [1], cfg)[1]
+    assert torch.equal(again[0], evals) and torch.equal(again[1], evecs)
+    monkeypatch.undo()
+    path.write_bytes(b"broken")
+    fixed = stats.key_eigh(loaded, [1], cfg)[1]
+    assert torch.equal(fixed[1], evecs)
+
+
 def test_broken_token_cache_is_resampled(models, tmp_path):
     loaded = models["llama"]
     cfg = StatsConfig(n_samples=3, sample_len=6, cache_dir=tmp_path)

@@ -15,8 +15,9 @@ from qedit import linalg
 from qedit.errors import QeditError
 from qedit.facts import EditRequest
 from qedit.methods._spread import spread_edit
-from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, register_method
+from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, register_method, resolve_layers
 from qedit.model import LoadedModel
+from qedit.stats import key_eigh
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class AlphaEditConfig(MethodConfig):
 @register_method(EditMethod.ALPHAEDIT, AlphaEditConfig, multi_layer=True)
 def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: AlphaEditConfig, ctx: EditContext) -> EditResult:
     def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        proj = linalg.null_space_projector(cov, cfg.nullspace_threshold, relative=True)      # (d_in, d_in)
+        proj = linalg.projector_from_eigh(*eighs[layer], cfg.nullspace_threshold, relative=True)  # (d_in, d_in)
         null_dim = int(round(float(torch.trace(proj))))
         if null_dim == 0:
             raise QeditError(
@@ -43,6 +44,7 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: AlphaEdit
         prior = ctx.history.get(layer, torch.zeros_like(cov))
         return linalg.batch_update(keys, resid, prior, projector=proj, l2=cfg.l2).float()
 
+    eighs = key_eigh(loaded, resolve_layers(loaded, cfg, multi_layer=True), cfg.stats)  # cached with the statistics
     null_dims: dict[int, int] = {}
     result = spread_edit(loaded, requests, cfg, ctx, solve)
     result.info["null_space_dims"] = null_dims
