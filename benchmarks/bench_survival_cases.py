@@ -18,6 +18,8 @@ model per case:
   model sees them at once; the case is scored, and the original bytes are written back.
 `--verify` checks both shortcuts on the first case of every rung: the spliced file equals the full
 export tensor for tensor, and the in-place scores equal a fresh load of the spliced file.
+`--repack` runs llama.cpp's default instead (repacked weights, a fresh load of every spliced file,
+about 3x slower), to see what the no-repack arithmetic changes.
 The unedited model at each rung is scored by the same loaded model before any splice, so locality
 and margins compare like with like. Repacking changes llama.cpp's arithmetic for Q4_0 and Q4_K
 tensors (log-probs differ by up to ~0.3 nats from the repacked kernels), which is why both sides
@@ -47,14 +49,20 @@ LADDER = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K"
 class RungFile:
     """A working copy of one rung's unedited file, into which one case's edited tensors are spliced."""
 
-    def __init__(self, base: Path, work: Path) -> None:
+    def __init__(self, base: Path, work: Path, repack: bool = False) -> None:
         from qedit.converters.gguf_read import GGUFFile
 
         shutil.copyfile(base, work)
         self.path = work
         self.gf = GGUFFile(base)            # types and absolute offsets are the same in the copy
         self._saved: dict[str, bytes] = {}
-        self.runner = no_repack_runner(work)  # maps the copy: splices are seen by the loaded model
+        self.repack = repack
+        # no repacking: the model maps the copy, so splices are seen by the loaded model
+        self.runner = default_runner(work) if repack else no_repack_runner(work)
+
+    def scoring_runner(self):
+        """The loaded model, or with repacking (llama.cpp's default) a fresh load of the spliced copy."""
+        return default_runner(self.path) if self.repack else self.runner
 
     def splice(self, src, deltas) -> None:
         """Write Q_t(W + dW) over each edited tensor; W from the source model `src` (a GGUFFile)."""
@@ -78,6 +86,12 @@ class RungFile:
                 fh.seek(self.gf.tensors[name].offset)
                 fh.write(data)
         self._saved.clear()
+
+
+def default_runner(path: Path):
+    from qedit.runners_llama import LlamaCppRunner
+
+    return LlamaCppRunner(path, n_ctx=512, n_threads=1)
 
 
 def no_repack_runner(path: Path):
@@ -124,7 +138,7 @@ def _verify(store, ftype: str, rung: RungFile, deltas, req, scored) -> None:
     from qedit.converters.gguf_read import GGUFFile
     from qedit.evaluate import evaluate
 
-    fresh = evaluate(no_repack_runner(rung.path), [req]).cases[0]
+    fresh = evaluate(default_runner(rung.path) if rung.repack else no_repack_runner(rung.path), [req]).cases[0]
     if (fresh.logp_new, fresh.logp_true) != (scored.logp_new, scored.logp_true):
         raise SystemExit(f"{ftype}: in-place scores {scored.logp_new}, {scored.logp_true} differ from a fresh load "
                          f"{fresh.logp_new}, {fresh.logp_true}: llama.cpp did not read the spliced weights")
@@ -185,6 +199,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/dev/shm"), help="where the working copies live (a RAM disk)")
     ap.add_argument("--json", type=Path, default=None, help="per-case rows and per-rung summary, rewritten after every case")
     ap.add_argument("--limit", type=int, default=None, help="at most this many cases per method")
+    ap.add_argument("--repack", action="store_true",
+                    help="llama.cpp's default (weights repacked): load every spliced file afresh (slow; to check the shortcut)")
     ap.add_argument("--verify", action="store_true", help="check the splice against a full export on the first case")
     args = ap.parse_args()
 
@@ -212,8 +228,15 @@ def main() -> None:
     bases, files = {}, {}
     for ftype in tqdm(ladder, desc="unedited rungs", unit="rung"):
         path, _ = store.gguf(ftype)
-        files[ftype] = RungFile(path, args.work / f"qedit-bench-{ftype}.gguf")
-        bases[ftype] = dict(zip(cases, evaluate(files[ftype].runner, reqs, progress=f"{ftype} unedited").cases))
+        files[ftype] = RungFile(path, args.work / f"qedit-bench-{ftype}.gguf", args.repack)
+        mode = "repack" if args.repack else "norepack"
+        cache = args.out / f"{path.stem}-{mode}-{cases[0]}-{cases[-1]}-{len(cases)}.json"  # the file name holds its hash
+        if cache.is_file():
+            rep = EvalReport.from_json(json.loads(cache.read_text()))
+        else:
+            rep = evaluate(files[ftype].runner, reqs, progress=f"{ftype} unedited")
+            rep.write_json(cache)
+        bases[ftype] = dict(zip(cases, rep.cases))
     src = GGUFFile(source)
     results: dict[str, list[dict]] = {}
     started = time.perf_counter()
@@ -230,7 +253,8 @@ def main() -> None:
                     rung.splice(src, deltas)
                     try:
                         base = EvalReport({}, [bases[ftype][case]])
-                        per_rung[ftype] = (evaluate(rung.runner, [req], baseline=base).cases[0], bases[ftype][case])
+                        per_rung[ftype] = (evaluate(rung.scoring_runner(), [req], baseline=base).cases[0],
+                                           bases[ftype][case])
                         if args.verify and k == 0:
                             _verify(store, ftype, rung, deltas, req, per_rung[ftype][0])
                     finally:
@@ -238,7 +262,7 @@ def main() -> None:
                 rows.append(_case_row(case, manifest["bench_case"], base32_at[case], per_rung))
                 if args.json:
                     summary = {m: summarize(r, ladder) for m, r in results.items()}
-                    args.json.write_text(json.dumps({"command": sys.argv, "ladder": ladder, "summary": summary,
+                    args.json.write_text(json.dumps({"command": sys.argv, "repack": args.repack, "ladder": ladder, "summary": summary,
                                                      "seconds": time.perf_counter() - started, "cases": results}, indent=1))
     finally:
         src.close()
