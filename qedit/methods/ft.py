@@ -81,6 +81,8 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
             logits = logits_at(loaded, batch, rows, cols)
         loss = -F.log_softmax(logits, -1).gather(1, ids[:, None]).mean()
         nll = float(loss.detach())
+        if nll < cfg.stop_nll:
+            break
         for layer, c in covs.items():  # tr(dW C dW^T) / tr(W C W^T), dW (out, in)
             loss = loss + cfg.key_weight * ((params[layer] @ c) * params[layer]).sum() / out_energy[layer]
         if retain is not None:
@@ -89,8 +91,6 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
                 r_logp = F.log_softmax(logits_at(loaded, r_batch, r_rows, r_cols), -1)      # (n_pos, vocab)
             kl = F.kl_div(r_logp, r_ref, log_target=True, reduction="batchmean")
             loss = loss + cfg.retain_weight * kl
-        if nll < cfg.stop_nll:
-            break
         loss.backward()
         with torch.no_grad():
             if opt is not None:
