@@ -355,23 +355,28 @@ def key_covariance(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig)
 def key_eigh(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Eigendecomposition (eigenvalues (d_in,), eigenvectors (d_in, d_in), float64) of each layer's
     E[k k^T], cached beside the covariance: a float64 eigh of Gemma's 2048 x 2048 covariance takes
-    seconds, and AlphaEdit needs one per layer per edit."""
-    covs = key_covariance(loaded, layers, cfg)
+    seconds, and AlphaEdit needs one per layer per edit. The covariance is read only for layers
+    whose decomposition is not cached."""
     cache = _cache_dir(loaded, cfg)
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for layer, cov in covs.items():
+    missing = []
+    for layer in layers:
+        loaded.check_layer(layer)
+        d_in = loaded.edit_weight(layer).shape[1]
         path = cache / f"eigh_layer{layer}.pt"
         if cfg.use_cache and path.is_file():
             try:
                 saved = torch.load(path, map_location="cpu", weights_only=True)
-                if saved["evecs"].shape == (cov.shape[0], cov.shape[0]):
+                if saved["evecs"].shape == (d_in, d_in):
                     out[layer] = (saved["evals"], saved["evecs"])
                     continue
             except Exception as exc:  # a damaged cache entry is recomputed, never trusted
                 log.warning("%s: unreadable cached eigendecomposition (%s); computing it again", path, exc)
+        missing.append(layer)
+    for layer, cov in (key_covariance(loaded, missing, cfg) if missing else {}).items():
         evals, evecs = torch.linalg.eigh(cov.double())      # (d_in,), (d_in, d_in)
         out[layer] = (evals, evecs)
         if cfg.use_cache:
-            with atomic_path(path) as tmp:
+            with atomic_path(cache / f"eigh_layer{layer}.pt") as tmp:
                 torch.save({"evals": evals, "evecs": evecs}, tmp)
     return out

@@ -129,6 +129,7 @@ def test_eigendecomposition_is_cached_and_exact(models, tmp_path, monkeypatch):
         raise AssertionError("a cached eigendecomposition must not be recomputed")
 
     monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    monkeypatch.setattr(stats, "key_covariance", no_eigh)  # a cached decomposition needs no covariance either
     again = stats.key_eigh(loaded, [1], cfg)[1]
     assert torch.equal(again[0], evals) and torch.equal(again[1], evecs)
     monkeypatch.undo()
