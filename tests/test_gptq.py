@@ -13,7 +13,7 @@ import torch
 from conftest import FACTS, SHARED_DATA, UNRELATED
 from qedit.errors import QeditError
 from qedit.kernels.gptq import (GPTQConfig, HessianAccumulator, dequantize_codes, gptq_quantize, pack_qweight,
-                                pack_qzeros, rtn_quantize, unpack_qweight, unpack_qzeros, v1_offset_qzeros)
+                                pack_qzeros, prepare_hessian, rtn_quantize, unpack_qweight, unpack_qzeros, v1_offset_qzeros)
 
 HAS_GPTQMODEL = importlib.util.find_spec("gptqmodel") is not None
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -87,6 +87,24 @@ def test_edit_aware_hessian_keeps_edit_keys(bits):
 
     assert key_err(aware.dequant) < 0.5 * key_err(plain.dequant), (key_err(aware.dequant), key_err(plain.dequant))
     assert _out_err(x, edited, aware.dequant) < 2.0 * _out_err(x, edited, plain.dequant)
+
+
+@pytest.mark.parametrize("with_keys", [False, True])
+def test_prepared_hessian_gives_the_same_result(with_keys):
+    """One factorisation reused for several weights: identical codes to factorising each time."""
+    w, x, h = _problem(seed=3)
+    cfg = GPTQConfig(bits=4, group_size=64, desc_act=True)
+    keys = x[:2] if with_keys else None                                       # (n, in)
+    prep = prepare_hessian(h, cfg, keys)
+    for k in range(2):
+        weight = w + 0.01 * k
+        direct, reused = gptq_quantize(weight, h, cfg, keys), gptq_quantize(weight, prep, cfg)
+        assert torch.equal(direct.codes, reused.codes) and torch.equal(direct.scales, reused.scales)
+        assert torch.equal(direct.g_idx, reused.g_idx) and direct.damp == reused.damp
+    with pytest.raises(QeditError, match="give the edit keys to prepare_hessian"):
+        gptq_quantize(w, prep, cfg, x[:2])
+    with pytest.raises(QeditError, match="prepared Hessian is for 256 input columns"):
+        gptq_quantize(w[:, :128], prep, GPTQConfig(bits=4, group_size=64))
 
 
 @pytest.mark.parametrize("kwargs,field", [({"bits": 5}, "bits"), ({"bits": 1}, "bits"), ({"bits": 16}, "bits"),

