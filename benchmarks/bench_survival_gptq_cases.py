@@ -59,25 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_survival_cases import DATA, _case_row, _fp32_baseline, summarize  # noqa: E402
 
 
-def _module_parts(directory: Path, names: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module: {qweight, qzeros, scales, g_idx}} as stored in the checkpoint's safetensors."""
-    from safetensors import safe_open
-
-    from qedit.converters.gptq import PARTS, safetensors_files
-
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                prefix, _, part = key.rpartition(".")
-                if prefix in names and part in PARTS:
-                    out.setdefault(prefix, {})[part] = f.get_tensor(key)
-    missing = names - set(out)
-    if missing:
-        raise SystemExit(f"{directory}: no quantized tensors for {sorted(missing)}")
-    return out
-
-
 class GPTQRung:
     """One unedited GPTQ checkpoint loaded in GPTQModel; a case's requantized Linears are written into it in place.
 
@@ -90,14 +71,14 @@ class GPTQRung:
     """
 
     def __init__(self, base: Path, targets: set[str], seqs, hess_cache: Path) -> None:
-        from qedit.converters.gptq import PARTS, dequantize_module, read_checkpoint_config
+        from qedit.converters.gptq import PARTS, dequantize_module, read_checkpoint_config, read_module_parts
         from qedit.converters.gptq_calibrate import make_batches, module_hessian
         from qedit.converters.gptq_export import load_dequantized
         from qedit.runners_gptq import GPTQModelRunner
 
         self.base = base
         self.ckpt = read_checkpoint_config(base)
-        parts = _module_parts(base, targets)
+        parts = read_module_parts(base, targets)
         self.w0 = {n: dequantize_module(p, self.ckpt, n) for n, p in parts.items()}   # (out, in) float32
         if hess_cache.is_file():
             self.hessians = torch.load(hess_cache)

@@ -9,12 +9,14 @@ new layer reuses it and only runs the forward pass up to that layer.
 Sampling is the slow part of a first edit (one forward pass per token, and each pass ends in the
 output layer over the whole vocabulary: 262k rows for Gemma 3). The sampler keeps a KV cache,
 draws tokens by inverse CDF (exact; torch.multinomial's exponential race over 262k columns cost
-as much as the output layer), and can compute the output layer in bfloat16 (`sampling_precision`;
-a bfloat16 copy of the output weight, 335 MB for Gemma, lives while sampling). The body of the
+as much as the output layer), and computes the output layer in bfloat16 by default
+(`sampling_precision`; a bfloat16 copy of the output weight, 335 MB for Gemma, lives while sampling).
+The precision is fixed, never chosen by the CPU: the drawn text, and with it every statistic and
+every edit, would otherwise depend on the machine. The body of the
 model always runs in its own dtype, so the keys recorded while sampling are the keys of the model
 being edited: when the text is sampled for a covariance request, the covariance is accumulated
-during sampling and no second forward pass over the text is needed. The sampling precision is not
-part of the cache key: a cached text is reused whatever precision drew it.
+during sampling and no second forward pass over the text is needed. The sampling precision is part
+of the cache key of a sampled corpus.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from qedit.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
-SAMPLING_PRECISIONS = ("auto", "float32", "bfloat16")
+SAMPLING_PRECISIONS = ("bfloat16", "float32")
 _DRAW_BLOCK = 1024  # vocabulary block of the two-level inverse-CDF draw
 
 
@@ -57,9 +59,9 @@ class StatsConfig:
     batch_size: int = 64
     cache_dir: Path | None = None  # None = $QEDIT_CACHE or ~/.cache/qedit
     use_cache: bool = True
-    # Precision of the output layer while sampling text ("auto": bfloat16 on a CPU with native
-    # bfloat16 dot products, else float32). The keys are always computed in the model's dtype.
-    sampling_precision: str = "auto"
+    # Precision of the output layer while sampling text. The keys are always computed in the
+    # model's dtype. Fixed rather than per-CPU, so the same config samples the same text everywhere.
+    sampling_precision: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.sample_len < 4 or self.batch_size < 1:
@@ -96,7 +98,7 @@ class StatsConfig:
 
 def _corpus_key(cfg: StatsConfig) -> str:
     if cfg.corpus is None:
-        return f"self-s{cfg.seed}-n{cfg.n_samples}-l{cfg.sample_len}"
+        return f"self-s{cfg.seed}-n{cfg.n_samples}-l{cfg.sample_len}-{cfg.sampling_precision}"
     return f"file-{cfg.corpus_digest()}-n{cfg.n_samples}-l{cfg.sample_len}"
 
 
@@ -109,15 +111,9 @@ def _cache_dir(loaded: LoadedModel, cfg: StatsConfig) -> Path:
     return model_cache_dir(loaded, cfg) / _corpus_key(cfg)
 
 
-def resolve_sampling_dtype(cfg: StatsConfig, device: torch.device) -> torch.dtype:
-    """The dtype of the output layer while sampling: cfg.sampling_precision with "auto" resolved."""
-    if cfg.sampling_precision == "float32":
-        return torch.float32
-    if cfg.sampling_precision == "bfloat16":
-        return torch.bfloat16
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
+def resolve_sampling_dtype(cfg: StatsConfig) -> torch.dtype:
+    """The dtype of the output layer while sampling (cfg.sampling_precision), the same on every CPU."""
+    return torch.bfloat16 if cfg.sampling_precision == "bfloat16" else torch.float32
 
 
 class _KeySums:
@@ -229,7 +225,7 @@ def _sample_from_model(loaded: LoadedModel, cfg: StatsConfig, keys: _KeySums | N
     """
     tok = loaded.tokenizer
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    dtype = resolve_sampling_dtype(cfg, loaded.device)
+    dtype = resolve_sampling_dtype(cfg)
     head = _sampling_head(loaded, dtype)
     # Special tokens are not banned: on the tiny gpt2 test model, banning them made AlphaEdit's and
     # ROME's statistics much worse (unrelated-prompt KL 0.3 -> 1.3 nats); to be understood.

@@ -224,6 +224,22 @@ def test_checkpoint_dequantizes_to_solver_output(tiny_ckpt):
     assert manifest["gptq"]["calibration_skips_bos"] is True
 
 
+def test_module_parts_are_read_as_stored(tiny_ckpt):
+    from qedit.converters.gptq import PARTS, dequantize_module, read_checkpoint_config, read_module_parts
+
+    _, out, results, _ = tiny_ckpt
+    names = {"model.layers.0.mlp.down_proj", "model.layers.3.self_attn.q_proj"}
+    parts = read_module_parts(out, names)
+    raw = _tensors(out)
+    assert set(parts) == names
+    for name in names:
+        assert set(parts[name]) == set(PARTS)
+        assert all(torch.equal(parts[name][p], raw[f"{name}.{p}"]) for p in PARTS)
+        assert torch.equal(dequantize_module(parts[name], read_checkpoint_config(out), name), results[name].dequant)
+    with pytest.raises(QeditError, match=r"no quantized tensors for \['model.norm'\]"):
+        read_module_parts(out, names | {"model.norm"})
+
+
 def test_qwen2_asymmetric_checkpoint_round_trip(tiny_dirs, tmp_path):
     from qedit.converters.gptq import read_dequantized_state
     from qedit.converters.gptq_calibrate import quantize_model

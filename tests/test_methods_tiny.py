@@ -330,7 +330,7 @@ def test_key_statistics_cache(tiny, tmp_path, monkeypatch):
     cfg = StatsConfig(n_samples=8, sample_len=8, cache_dir=tmp_path)
     loaded = load_model(tiny["llama"])
     first = stats.key_covariance(loaded, [1, 2], cfg)
-    entry = tmp_path / loaded.fingerprint[:20] / "self-s0-n8-l8"
+    entry = tmp_path / loaded.fingerprint[:20] / "self-s0-n8-l8-bfloat16"
     assert sorted(p.name for p in entry.iterdir()) == ["cov_layer1.pt", "cov_layer2.pt", "tokens.json"]
     calls: list[tuple[int, ...]] = []
     real_compute, real_sample = stats._compute, stats._sample_from_model
@@ -353,8 +353,8 @@ def test_key_statistics_cache(tiny, tmp_path, monkeypatch):
     other = load_model(tiny["gpt2"])
     stats.key_covariance(other, [1], cfg)                                      # other model
     assert calls == [(0,), (1,), (1,)]
-    assert (tmp_path / loaded.fingerprint[:20] / "self-s0-n4-l8" / "cov_layer1.pt").is_file()
-    assert (tmp_path / other.fingerprint[:20] / "self-s0-n8-l8" / "cov_layer1.pt").is_file()
+    assert (tmp_path / loaded.fingerprint[:20] / "self-s0-n4-l8-bfloat16" / "cov_layer1.pt").is_file()
+    assert (tmp_path / other.fingerprint[:20] / "self-s0-n8-l8-bfloat16" / "cov_layer1.pt").is_file()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

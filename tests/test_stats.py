@@ -57,7 +57,7 @@ def test_covariance_while_sampling_matches_a_separate_pass(models, family, tmp_p
     loaded = models[family]
     cfg = StatsConfig(n_samples=10, sample_len=24, batch_size=4, cache_dir=tmp_path)
     inline = stats._compute(loaded, [1, 3], cfg)          # nothing cached: samples and sums together
-    entry = tmp_path / loaded.fingerprint[:20] / "self-s0-n10-l24"
+    entry = tmp_path / loaded.fingerprint[:20] / "self-s0-n10-l24-bfloat16"
     assert (entry / "tokens.json").is_file()
     seqs = stats.corpus_tokens(loaded, cfg)
     assert len(seqs) == 10 and all(len(s) == 24 for s in seqs)
@@ -104,7 +104,7 @@ def test_new_layer_reuses_the_sampled_text(models, tmp_path, monkeypatch):
     monkeypatch.setattr(stats, "_sample_from_model", no_sampling)
     cov = stats.key_covariance(loaded, [2], cfg)[2]
     assert cov.shape == (128, 128) and torch.allclose(cov, cov.t())
-    assert (tmp_path / loaded.fingerprint[:20] / "self-s0-n4-l8" / "cov_layer2.pt").is_file()
+    assert (tmp_path / loaded.fingerprint[:20] / "self-s0-n4-l8-bfloat16" / "cov_layer2.pt").is_file()
 
 
 def test_without_cache_nothing_is_written(models, tmp_path):
@@ -122,7 +122,7 @@ def test_eigendecomposition_is_cached_and_exact(models, tmp_path, monkeypatch):
     evals, evecs = stats.key_eigh(loaded, [1], cfg)[1]
     # (d, d): V diag(e) V^T reproduces the covariance
     assert torch.allclose(evecs @ torch.diag(evals) @ evecs.t(), cov.double(), atol=1e-5 * float(cov.abs().max()))
-    path = tmp_path / loaded.fingerprint[:20] / "self-s0-n4-l8" / "eigh_layer1.pt"
+    path = tmp_path / loaded.fingerprint[:20] / "self-s0-n4-l8-bfloat16" / "eigh_layer1.pt"
     assert path.is_file()
 
     def no_eigh(*_args, **_kw):
@@ -141,7 +141,7 @@ def test_eigendecomposition_is_cached_and_exact(models, tmp_path, monkeypatch):
 def test_broken_token_cache_is_resampled(models, tmp_path):
     loaded = models["llama"]
     cfg = StatsConfig(n_samples=3, sample_len=6, cache_dir=tmp_path)
-    path = tmp_path / loaded.fingerprint[:20] / "self-s0-n3-l6" / "tokens.json"
+    path = tmp_path / loaded.fingerprint[:20] / "self-s0-n3-l6-bfloat16" / "tokens.json"
     path.parent.mkdir(parents=True)
     path.write_text("[[1, 2")
     seqs = stats.corpus_tokens(loaded, cfg)
@@ -175,7 +175,14 @@ def test_config_checks():
         StatsConfig(sampling_precision="fp8")
     with pytest.raises(QeditError, match="corpus file not found"):
         StatsConfig(corpus="/nonexistent/corpus.txt")
-    cpu = torch.device("cpu")
-    assert stats.resolve_sampling_dtype(StatsConfig(sampling_precision="float32"), cpu) is torch.float32
-    assert stats.resolve_sampling_dtype(StatsConfig(sampling_precision="bfloat16"), cpu) is torch.bfloat16
-    assert stats.resolve_sampling_dtype(StatsConfig(), torch.device("meta")) is torch.float32
+    assert stats.resolve_sampling_dtype(StatsConfig(sampling_precision="float32")) is torch.float32
+    assert stats.resolve_sampling_dtype(StatsConfig(sampling_precision="bfloat16")) is torch.bfloat16
+
+
+def test_sampling_precision_is_fixed_and_keyed(monkeypatch):
+    """The default does not depend on the CPU (it once did, and edits differed between machines),
+    and a corpus drawn at one precision is never reused for another."""
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
+        assert stats.resolve_sampling_dtype(StatsConfig()) is torch.bfloat16
+    assert stats._corpus_key(StatsConfig()) != stats._corpus_key(StatsConfig(sampling_precision="float32"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,16 +230,42 @@ def read_dequantized_state(directory: Path) -> tuple[dict[str, torch.Tensor], GP
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (OSError, SafetensorError) as exc:
             raise QeditError(f"{path}: unreadable safetensors file ({exc})") from exc
-        groups: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in tensors.items():
-            prefix, _, part = key.rpartition(".")
-            if part in PARTS:
-                groups.setdefault(prefix, {})[part] = t
-            else:
-                state[key] = t
+        groups, rest = _split_parts(tensors)
+        state.update(rest)
         for prefix, parts in groups.items():
             state[prefix + ".weight"] = dequantize_module(parts, ckpt, f"{path}: {prefix}")
     return state, ckpt
+
+
+def _split_parts(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """({module prefix: {part: tensor}} of the quantized parts, {key: tensor} of the other tensors)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        prefix, _, part = key.rpartition(".")
+        if part in PARTS:
+            groups.setdefault(prefix, {})[part] = t
+        else:
+            rest[key] = t
+    return groups, rest
+
+
+def read_module_parts(directory: Path, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {qweight, qzeros, scales, g_idx}} of the named modules, as stored; only those are read."""
+    from safetensors import safe_open
+
+    wanted = set(names)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            keys = [k for k in f.keys() if k.rpartition(".")[0] in wanted]
+            groups, _ = _split_parts({k: f.get_tensor(k) for k in keys})
+        for prefix, parts in groups.items():
+            out.setdefault(prefix, {}).update(parts)
+    missing = sorted(wanted - set(out))
+    if missing:
+        raise QeditError(f"{directory}: no quantized tensors for {missing}; is it the checkpoint these modules came from?")
+    return out
 
 
 def rewrite_safetensors(path: Path, convert: Callable[[str, torch.Tensor], Mapping[str, torch.Tensor] | None]) -> dict[str, str]:
