@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,19 +159,37 @@ def cmd_edit(args: argparse.Namespace) -> int:
     requests = load_requests(args.facts, args.limit)
     plan = plan_output(args, args.facts)
     cfg = _method_config(args)
-    loaded = load_model(args.model, device=args.device)
-    before = evaluate(TorchRunner(loaded), requests) if args.eval else None
-    outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
-    write_output(plan, args, loaded, outcome)
-    print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
-          f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
-    if before is not None:
-        after = evaluate(TorchRunner(loaded), requests, baseline=before)
-        print(format_summary("before", before))
-        print(format_summary("after ", after))
-        if args.json:
-            after.write_json(args.json)
+    with _edit_source(args, plan) as (source, plan):
+        loaded = load_model(source, device=args.device)
+        before = evaluate(TorchRunner(loaded), requests) if args.eval else None
+        outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
+        if source != args.model:
+            outcome.info["computed_on"] = f"{args.model} exported at {args.quant.upper()}"
+        write_output(plan, args, loaded, outcome)
+        print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
+              f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
+        if before is not None:
+            after = evaluate(TorchRunner(loaded), requests, baseline=before)
+            print(format_summary("before", before))
+            print(format_summary("after ", after))
+            if args.json:
+                after.write_json(args.json)
     return 0
+
+
+@contextlib.contextmanager
+def _edit_source(args: argparse.Namespace, plan: OutputPlan) -> Iterator[tuple[Path, OutputPlan]]:
+    """(the model to compute the edit on, how to write it). An edit-aware --quant export computes the
+    edit on the unedited model as exported at --quant and patches that file; otherwise the model given."""
+    from qedit.commands_gguf import GGUFMode, quantized_base
+
+    if plan.gguf_mode is not GGUFMode.EXPORT or args.naive:
+        yield args.model, plan
+        return
+    print(f"exporting the unedited model at {args.quant.upper()} to compute the edit on its quantized weights "
+          "(--naive: edit the source weights instead)")
+    with quantized_base(args.model, args.output, args.quant, plan.tensor_types) as base:
+        yield base, dataclasses.replace(plan, gguf_mode=GGUFMode.PATCH)
 
 
 def _baseline_report(args: argparse.Namespace, loaded: Any, requests: list[EditRequest]) -> Any:

@@ -33,7 +33,9 @@ def add_gguf_output_args(p: argparse.ArgumentParser) -> None:
                         "(a patch applies it to edited tensors; repeatable); the size cost is reported")
     p.add_argument("--naive", action="store_true",
                    help="re-encode edited tensors by plain requantization of W + dW instead of the default "
-                        "edit-aware encoding (which keeps the edit's output change at its keys through rounding)")
+                        "edit-aware encoding (which keeps the edit's output change at its keys through rounding); "
+                        "with --quant, also compute the edit on the source weights instead of on the model as "
+                        "exported at --quant")
     p.add_argument("--as-lora", action="store_true",
                    help="with -o X.gguf: write the edit as a LoRA adapter (F32) for the source GGUF; "
                         "run it with llama.cpp --lora X.gguf on the unedited file")
@@ -127,7 +129,12 @@ def write_gguf_output(mode: GGUFMode, loaded: Any, outcome: Any, out: Path, quan
                         encoding=encoding)
     for t in report.tensors:
         change = "" if t.bytes_after == t.bytes_before else f", {t.bytes_after - t.bytes_before:+,} bytes"
-        kept = "" if t.kept is None else f"; edit-aware: kept {t.kept:.3f} of the edit at its keys (plain: {t.kept_naive:.3f})"
+        if t.kept is None:
+            kept = ""
+        elif t.kept != t.kept:   # NaN: the change is zero at the keys (e.g. the fact already held)
+            kept = "; edit-aware: the edit is zero at its keys, nothing to keep"
+        else:
+            kept = f"; edit-aware: kept {t.kept:.3f} of the edit at its keys (plain: {t.kept_naive:.3f})"
         print(f"  re-encoded {t.name} as {t.type_after}{change}{kept}")
     print(f"size: {report.size_before:,} -> {report.size_after:,} bytes ({report.size_change:+,})")
 
@@ -158,6 +165,24 @@ def _export(source: Path, out: Path, quant: str, deltas: Sequence[Any], manifest
         print("  --tensor-type: " + ", ".join(f"{n}={t}" for n, t in overrides.items()))
     if fell_back:
         print(f"  {len(fell_back)} tensor(s) fell back to another type, as llama.cpp does, e.g. {fell_back[0]}")
+
+
+@contextlib.contextmanager
+def quantized_base(source: Path, out: Path, quant: str, tensor_types: Sequence[tuple[str, str]]) -> Iterator[Path]:
+    """The unedited model exported at `quant`, in a temporary file beside `out` that is removed afterwards.
+
+    The edit-aware export computes the edit on this file's weights (its keys, targets and statistics are
+    those of the model as quantized, which at Q3_K/Q2_K differ enough from full precision to lose half
+    of an edit's margin) and then patches it onto the same grid, edit-aware.
+    """
+    import os
+
+    tmp = out.with_name(f".{out.name}.unedited-{quant.upper()}.{os.getpid()}.gguf")
+    try:
+        _export(source, tmp, quant, [], None, tensor_types)
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

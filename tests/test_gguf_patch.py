@@ -236,3 +236,48 @@ def test_gguf_output_needs_a_gguf_source(tiny_dirs, facts_file, tmp_path, capsys
     assert main(["edit", str(tiny_dirs["llama"]), str(facts_file), "-o", str(tmp_path / "x.gguf")]) == 2
     assert "needs a .gguf source" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_quant_export_edits_the_quantized_model_and_patches_it(tiny_dirs, tmp_path, capsys):
+    """`edit --quant T` (edit-aware): the edit is computed on the unedited model exported at T and patched onto
+    that file, so every tensor the edit leaves alone is the plain export's, byte for byte; --naive edits the
+    source weights and quantizes W + dW. Neither leaves its temporary file behind."""
+    from conftest import FACTS, make_tokenizer
+    from qedit.cli import main
+    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf_read import GGUFFile
+    from test_gguf_export import _tokenizer_template
+
+    work = tmp_path / "in"
+    work.mkdir()
+    tok = make_tokenizer()
+    template = _tokenizer_template(work / "vocab.gguf", tok.convert_ids_to_tokens(list(range(len(tok)))))
+    src = work / "tiny.gguf"
+    export_gguf(tiny_dirs["llama"], src, "F32", template=template)
+    fact = dict(FACTS[0], target_new=FACTS[0]["ground_truth"], ground_truth=FACTS[0]["target_new"])  # not yet true here
+    facts = work / "fact.jsonl"
+    facts.write_text(json.dumps(fact) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    plain, aware, naive = out / "plain.gguf", out / "aware.gguf", out / "naive.gguf"
+    assert main(["export", str(src), "-o", str(plain), "--quant", "Q4_K_M"]) == 0
+    argv = ["edit", str(src), str(facts), "--method", "rome", "--layers", "1", "--quant", "Q4_K_M"]
+    assert main(argv + ["-o", str(aware)]) == 0
+    text = capsys.readouterr().out
+    assert "to compute the edit on its quantized weights" in text
+    assert "re-encoded blk.1.ffn_down.weight as Q5_0; edit-aware: kept 1.0" in text   # Q4_K falls back (rows of 128)
+    assert main(argv + ["-o", str(naive), "--naive"]) == 0
+    assert "quantized weights" not in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["aware.gguf", "naive.gguf", "plain.gguf"]
+    edited = "blk.1.ffn_down.weight"
+    with GGUFFile(plain) as p, GGUFFile(aware) as a, GGUFFile(naive) as n:
+        assert list(p.tensors) == list(a.tensors) == list(n.tensors)
+        assert a.fields["general.file_type"] == p.fields["general.file_type"]
+        manifest = json.loads(a.fields["qedit.manifest"])
+        assert manifest["info"]["computed_on"] == f"{src} exported at Q4_K_M"
+        assert manifest["encoding"]["path"] == "aware"
+        assert "computed_on" not in json.loads(n.fields["qedit.manifest"])["info"]
+        for name, info in p.tensors.items():
+            assert (p.raw(name).tobytes() == a.raw(name).tobytes()) == (name != edited), name
+            assert a.tensors[name].ggml_type == info.ggml_type == n.tensors[name].ggml_type, name
+        assert n.raw(edited).tobytes() not in (a.raw(edited).tobytes(), p.raw(edited).tobytes())
