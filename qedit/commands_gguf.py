@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import fnmatch
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
@@ -131,7 +132,7 @@ def write_gguf_output(mode: GGUFMode, loaded: Any, outcome: Any, out: Path, quan
         change = "" if t.bytes_after == t.bytes_before else f", {t.bytes_after - t.bytes_before:+,} bytes"
         if t.kept is None:
             kept = ""
-        elif t.kept != t.kept:   # NaN: the change is zero at the keys (e.g. the fact already held)
+        elif math.isnan(t.kept):   # kept_share's NaN: the change is zero at the keys (e.g. the fact already held)
             kept = "; edit-aware: the edit is zero at its keys, nothing to keep"
         else:
             kept = f"; edit-aware: kept {t.kept:.3f} of the edit at its keys (plain: {t.kept_naive:.3f})"

@@ -59,12 +59,12 @@ def test_ten_edits_exported_at_q3_k_m_survive_in_llama_cpp(gemma_gguf, tmp_path,
     facts.write_text("\n".join(data.read_text().splitlines()[100:110]) + "\n")
     requests = load_requests(facts)
     kept = {}
-    for path in ("aware", "naive"):
-        out = tmp_path / f"{path}.Q3_K_M.gguf"
+    for mode in ("aware", "naive"):
+        out = tmp_path / f"{mode}.Q3_K_M.gguf"
         argv = ["edit", str(gemma_gguf), str(facts), "--method", "memit", "--quant", "Q3_K_M", "-o", str(out)]
-        assert main(argv + (["--naive"] if path == "naive" else [])) == 0
+        assert main(argv + (["--naive"] if mode == "naive" else [])) == 0
         report = evaluate(LlamaCppRunner(out), requests)
-        kept[path] = (sum(c.efficacy for c in report.cases), report.aggregate()["margin"])
+        kept[mode] = (sum(c.efficacy for c in report.cases), report.aggregate()["margin"])
     text = capsys.readouterr().out
     assert text.count("edit-aware: kept") == 4          # the four MEMIT layers were re-encoded edit-aware
     print(f"Q3_K_M, 10 MEMIT edits kept in llama.cpp (count, mean margin): {kept}")
