@@ -69,16 +69,22 @@ class RungFile:
         from qedit.converters.gguf_patch import summed_changes
         from qedit.kernels import quantize_tensor
 
+        data = {}
+        for name, (_hf, change) in summed_changes(src, deltas).items():
+            w = np.array(src.dequantize(name), dtype=np.float32, copy=True) + change   # (rows, cols)
+            data[name] = quantize_tensor(w, self.gf.tensors[name].ggml_type).tobytes()
+        self.write(data)
+
+    def write(self, data: dict[str, bytes]) -> None:
+        """Overwrite each named tensor of the copy with `data` (same type and size); restore() undoes it."""
         with open(self.path, "r+b") as fh:
-            for name, (_hf, change) in summed_changes(src, deltas).items():
+            for name, raw in data.items():
                 info = self.gf.tensors[name]
-                w = np.array(src.dequantize(name), dtype=np.float32, copy=True) + change   # (rows, cols)
-                data = quantize_tensor(w, info.ggml_type).tobytes()
-                if len(data) != info.nbytes:
-                    raise RuntimeError(f"{name}: {len(data)} bytes re-encoded against {info.nbytes} in the file")
-                self._saved[name] = bytes(self.gf.raw(name))
+                if len(raw) != info.nbytes:
+                    raise RuntimeError(f"{name}: {len(raw)} bytes re-encoded against {info.nbytes} in the file")
+                self._saved.setdefault(name, bytes(self.gf.raw(name)))
                 fh.seek(info.offset)
-                fh.write(data)
+                fh.write(raw)
 
     def restore(self) -> None:
         with open(self.path, "r+b") as fh:

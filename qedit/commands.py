@@ -299,6 +299,7 @@ def _demo_survival(args: argparse.Namespace, loaded: Any, outcome: Any, requests
     from qedit.stats import default_cache_dir
     from qedit.survival.ladder import SurvivalConfig, run_survival
     from qedit.survival.metrics import to_json
+    from qedit.survival.on_rung import edit_with
     from qedit.survival.report import table_lines
     from qedit.survival.rungs import parse_ladder
 
@@ -307,7 +308,8 @@ def _demo_survival(args: argparse.Namespace, loaded: Any, outcome: Any, requests
     fold(loaded.model, outcome.deltas, sign=-1.0)  # the ladder measures the unedited model too
     try:
         result = run_survival(loaded, requests, outcome.deltas, cfg, method=args.method,
-                              manifest=outcome.manifest(loaded), encoding=edit_encoding(loaded, outcome, naive=False))
+                              manifest=outcome.manifest(loaded), encoding=edit_encoding(loaded, outcome, naive=False),
+                              edit_fn=edit_with(requests, args.method, outcome.config))
     finally:
         fold(loaded.model, outcome.deltas)
     print("\n".join(table_lines(to_json(result))))

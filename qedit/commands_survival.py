@@ -24,7 +24,9 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
                     "edited model and the unedited baseline the same way, run both in the rung's runtime\n"
                     "(llama.cpp for GGUF, the GPTQ loader for GPTQ, bitsandbytes for int8/nf4/fp4), and report\n"
                     "efficacy, generalization, locality (against the baseline at the same rung), fluency drift\n"
-                    "and the share of each kept against full precision.",
+                    "and the share of each kept against full precision. By default the path is quantization-aware:\n"
+                    "at GGUF rungs coarser than 8 bits the edit is computed on the rung's unedited file and patched\n"
+                    "onto it edit-aware (what `qedit edit --quant T` writes); --naive measures the plain path.",
         epilog="examples:\n"
                "  qedit survival model.gguf facts.jsonl --method alphaedit -o report/\n"
                "  qedit survival model.gguf facts.jsonl --ladder Q8_0,Q4_K_M,Q2_K --lora Q4_K_M -o report/\n"
@@ -63,8 +65,10 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
     p.add_argument("--heldout", type=Path, default=None,
                    help=HELDOUT_HELP)
     p.add_argument("--naive", action="store_true",
-                   help="quantize the edited tensors plainly (fold, then standard quantization) instead of the "
-                        "default edit-aware encoding; compare the two to see what the aware path buys")
+                   help="measure the full-precision edit, folded and quantized plainly, at every rung, instead of "
+                        "the default quantization-aware path (at GGUF rungs coarser than 8 bits the edit is computed "
+                        "on the rung's unedited file and patched onto it edit-aware; at the others the "
+                        "full-precision edit is encoded edit-aware); compare the two to see what the aware path buys")
 
 
 def check_report_dir(out: Path, *inputs: Path) -> None:
@@ -148,8 +152,16 @@ def cmd_survival(args: argparse.Namespace) -> int:
                         args.from_deltas or args.method)
         else:
             encoding = encoding_for(loaded, keys, method_cfg.stats)
+    edit_fn = None
+    if args.from_deltas is None:
+        from qedit.survival.on_rung import edit_with
+
+        edit_fn = edit_with(requests, args.method, method_cfg, args.batch_size)
+    elif encoding is not None:
+        log.info("--from-deltas: every rung measures the saved edit; without it, rungs coarser than 8 bits "
+                 "measure the edit computed on their own unedited file")
     result = run_survival(loaded, requests, deltas, cfg, method=method, manifest=manifest, encoding=encoding,
-                          retain=retain)
+                          retain=retain, edit_fn=edit_fn)
     gates = check_requirements(requirements, all_rung_metrics(result))
     gate_json = [{"requirement": str(g.requirement), "actual": g.actual, "passed": g.passed, "reason": g.reason}
                  for g in gates]

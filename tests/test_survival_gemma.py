@@ -83,3 +83,25 @@ def test_ladder_reports_gates_and_cache(gemma_gguf, facts, edited, tmp_path, cap
     assert built == {"Q8_0": [], "Q4_K_M": ["edited"], "Q2_K": [], "LORA@Q4_K_M": []}
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert [g["passed"] for g in data["gates"]] == [False, True]
+
+
+def test_default_ladder_computes_the_edit_on_coarse_rungs_in_llama_cpp(gemma_gguf, facts, tmp_path, capsys):
+    """Without --from-deltas the aware ladder computes the edit on the Q3_K_M rung's own unedited file and
+    patches it there; --naive measures the full-precision edit quantized plainly. Run in llama.cpp."""
+    from qedit.cli import main
+
+    runs = {}
+    for mode in ("aware", "naive"):
+        report = tmp_path / mode
+        argv = ["survival", str(gemma_gguf), str(facts), "--method", "memit", "--ladder", "Q8_0,Q3_K_M",
+                "-o", str(report), "--artifacts", str(tmp_path / "artifacts")]
+        assert main(argv + (["--naive"] if mode == "naive" else [])) == 0, capsys.readouterr().err
+        runs[mode] = {r["name"]: r for r in json.loads((report / "survival.json").read_text())["rungs"]}
+    aware, naive = runs["aware"], runs["naive"]
+    assert aware["Q8_0"]["computed_on"] == naive["Q8_0"]["computed_on"] == naive["Q3_K_M"]["computed_on"] == "source"
+    assert aware["Q3_K_M"]["computed_on"] == "rung" and aware["Q3_K_M"]["encoding"] == "aware"
+    assert "onrung" in aware["Q3_K_M"]["artifacts"]["edited"]
+    assert aware["Q3_K_M"]["artifacts"]["baseline"] == naive["Q3_K_M"]["artifacts"]["baseline"]
+    assert aware["Q3_K_M"]["delta_norm"] != pytest.approx(naive["Q3_K_M"]["delta_norm"], rel=1e-4)
+    a, n = aware["Q3_K_M"]["metrics"], naive["Q3_K_M"]["metrics"]
+    assert a["efficacy"] >= n["efficacy"] and a["margin_kept"] > n["margin_kept"], (a, n)

@@ -73,7 +73,8 @@ def _result() -> SurvivalResult:
     reqs = [EditRequest(prompt=f"P{i} is in", subject=f"P{i}", target_new="new", ground_truth="old", case_id=str(i))
             for i in range(2)]
     ok = RungResult(parse_ladder("Q4_K_M")[0], "ok", edited=_measured([1.0, 0.0], [1.0, -0.5], 210.0, loc=0.5),
-                    baseline=_measured([0.0, 0.0], [-2.0, -2.0], 200.0), bits_per_weight=4.8, size_bytes=1000)
+                    baseline=_measured([0.0, 0.0], [-2.0, -2.0], 200.0), bits_per_weight=4.8, size_bytes=1000,
+                    encoding="aware", computed_on="rung", delta_norm=1.25)
     skipped = RungResult(parse_ladder("Q2_K")[0], "skipped", reason="row length 100 does not fit")
     return SurvivalResult(source=Path("model.gguf"), source_sha256="ab" * 32, method="rome", requests=reqs,
                           reference=_measured([1.0, 1.0], [3.0, 2.0], 205.0, loc=1.0),
@@ -120,6 +121,8 @@ def test_report_files_and_table(tmp_path):
     assert len(cases) == 4 and {c["rung"] for c in cases} == {"fp32", "Q4_K_M"}
     md = (tmp_path / "report.md").read_text()
     assert "| Q2_K | skipped: row length 100 does not fit |" in md and "-0.50 x" in md
+    assert "Quantization-aware: at Q4_K_M (|dW| = 1.250) the edit was computed on the rung's unedited file" in md
+    assert data["rungs"][0]["computed_on"] == "rung" and data["rungs"][1]["computed_on"] == "source"
     html = (tmp_path / "report.html").read_text()
     assert "<table" in html and "Q4_K_M" in html
     if "survival.png" in names:

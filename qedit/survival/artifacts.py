@@ -71,6 +71,11 @@ class ArtifactStore:
                     encoding=encoding if deltas else None)
         return path, True
 
+    def on_rung(self, base: Path, deltas: Sequence[LowRankDelta]) -> Path:
+        """Where the edit computed on the unedited rung file `base` is patched onto it. Keyed by `base` and
+        the source edit's deltas (the rung's edit is a function of both), so a rerun reuses it unrecomputed."""
+        return self._path(f"edited-onrung-{base.stem}", self._key(base.name, deltas_digest(deltas), "on-rung"))
+
     def lora(self, base: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any] | None = None) -> tuple[Path, bool]:
         """A GGUF LoRA adapter of `deltas` for the base file `base`. Returns (path, built)."""
         from qedit.converters.gguf_lora import write_lora_gguf

@@ -25,6 +25,7 @@ from qedit.forget_eval import ForgetReport
 from qedit.model import LoadedModel
 from qedit.runners import Runner, TorchRunner
 from qedit.survival.artifacts import ArtifactStore, bits_per_weight
+from qedit.survival.on_rung import EditFn
 from qedit.survival.rungs import Rung, RungKind
 from qedit.survival.scoring import Scoring, scoring_for
 
@@ -90,6 +91,8 @@ class RungResult:
     built: list[str] = field(default_factory=list)
     seconds: float = 0.0
     encoding: str = "naive"                       # how this rung encoded the edited weights: "aware" or "naive"
+    computed_on: str = "source"                   # "rung": the edit was computed on this rung's unedited artifact
+    delta_norm: float | None = None               # sum of |dW| of the edit this rung measures
 
 
 @dataclass
@@ -163,13 +166,15 @@ def _llama_runner(cfg: SurvivalConfig) -> Callable[..., Runner]:
 def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest] | Sequence[ForgetRequest],
                  deltas: Sequence[LowRankDelta], cfg: SurvivalConfig, method: str,
                  manifest: dict[str, Any] | None = None, encoding: Any = None,
-                 retain: Sequence[RetainItem] | None = None) -> SurvivalResult:
+                 retain: Sequence[RetainItem] | None = None, edit_fn: EditFn | None = None) -> SurvivalResult:
     """Measure `deltas` (not folded into `loaded.model`) at full precision and at every rung.
 
     The torch model is left as it was given (the deltas are folded for the reference run, then taken
     out again). A rung that cannot be built is reported as skipped with the reason. `encoding`
     (qedit.converters.gguf_aware.EditEncoding) encodes the edited tensors edit-aware; None: plainly.
     With ForgetRequests the ladder checks unlearning: forget score, recovery and accuracy on `retain`.
+    With `edit_fn` and an `encoding` (the aware ladder), GGUF rungs coarser than 8 bits measure the edit
+    computed by `edit_fn` on the rung's unedited artifact, patched onto it (qedit.survival.on_rung).
     """
     if not deltas:
         raise QeditError("survival: no deltas to check; run an edit or give --from-deltas DIR")
@@ -184,7 +189,8 @@ def run_survival(loaded: LoadedModel, requests: Sequence[EditRequest] | Sequence
     finally:
         fold(loaded.model, deltas, sign=-1.0)
     ctx = _RungContext(loaded, scoring, list(deltas), text, manifest, encoding, cfg,
-                       ArtifactStore(cfg.artifacts, loaded.source, loaded.fingerprint), _llama_runner(cfg))
+                       ArtifactStore(cfg.artifacts, loaded.source, loaded.fingerprint), _llama_runner(cfg),
+                       edit_fn if encoding is not None else None)
     results: list[RungResult] = []
     rungs: Any = cfg.rungs
     if cfg.progress:
@@ -216,6 +222,7 @@ class _RungContext:
     cfg: SurvivalConfig
     store: ArtifactStore
     llama: Callable[..., Runner]
+    edit_fn: EditFn | None = None                 # computes the edit on a rung's unedited model (aware ladder)
     _seqs: list[list[int]] | None = None
 
     def label(self, rung: Rung, what: str) -> str | None:
@@ -247,7 +254,7 @@ def _gguf_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
     result.artifacts["baseline"] = str(base_path)
     result.built += ["baseline"] if built else []
     if rung.kind is RungKind.GGUF:
-        edit_path, built = ctx.store.gguf(rung.spec, ctx.deltas, ctx.manifest, ctx.encoding)
+        edit_path, built = _edited_gguf(rung, ctx, base_path, result)
         result.artifacts["edited"] = str(edit_path)
         edited_runner = ctx.llama(edit_path)
         measured_path = edit_path
@@ -262,6 +269,35 @@ def _gguf_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
     result.bits_per_weight, result.size_bytes = bits_per_weight(measured_path)
     result.baseline = _cached_measure(base_path, ctx.llama, ctx.scoring, ctx.text, ctx.label(rung, "baseline"))
     result.edited = _measure(edited_runner, ctx.scoring, ctx.text, result.baseline, ctx.label(rung, "edited"))
+
+
+def _edited_gguf(rung: Rung, ctx: _RungContext, base_path: Path, result: RungResult) -> tuple[Path, bool]:
+    """The edited file of a GGUF rung: the full-precision edit exported at the rung, or (aware ladder, rungs
+    coarser than 8 bits) the edit computed on the rung's unedited file and patched onto it."""
+    from qedit.survival.on_rung import recomputes
+
+    result.delta_norm = sum(d.norm() for d in ctx.deltas)
+    if ctx.edit_fn is None or not recomputes(rung):
+        return ctx.store.gguf(rung.spec, ctx.deltas, ctx.manifest, ctx.encoding)
+    from qedit.converters.gguf_patch import patch_gguf, read_manifests
+    from qedit.converters.gguf_read import GGUFFile
+    from qedit.survival.on_rung import edit_on_rung
+
+    result.computed_on = "rung"
+    path = ctx.store.on_rung(base_path, ctx.deltas)
+    if path.is_file():
+        log.info("reusing %s", path)
+        with GGUFFile(path) as gf:
+            result.delta_norm = float(read_manifests(gf)[-1]["info"]["rung_delta_norm"])
+        return path, False
+    made = edit_on_rung(base_path, ctx.loaded, ctx.edit_fn, ctx.deltas, ctx.encoding, ctx.cfg.stats)
+    manifest = dict(ctx.manifest or {})
+    manifest["info"] = dict(manifest.get("info") or {}, computed_on=f"{rung.name} artifact {base_path.name}",
+                            rung_delta_norm=made.delta_norm, source_edit_reused=made.reused)
+    manifest["encoding"] = {"path": "naive"} if made.encoding is None else made.encoding.describe()
+    patch_gguf(base_path, path, list(made.deltas), manifest, encoding=made.encoding)
+    result.delta_norm = made.delta_norm
+    return path, True
 
 
 def _gptq_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:

@@ -106,7 +106,8 @@ def to_json(result: SurvivalResult, gates: list[dict[str, Any]] | None = None) -
     for r in result.rungs:
         rungs.append({
             "name": r.rung.name, "kind": r.rung.kind.value, "spec": r.rung.spec, "runtime": r.rung.runtime,
-            "status": r.status, "reason": r.reason, "encoding": r.encoding, "bits_per_weight": r.bits_per_weight,
+            "status": r.status, "reason": r.reason, "encoding": r.encoding, "computed_on": r.computed_on,
+            "delta_norm": r.delta_norm, "bits_per_weight": r.bits_per_weight,
             "size_bytes": r.size_bytes, "artifacts": r.artifacts, "built": r.built,
             "seconds": round(r.seconds, 2), "runner": None if r.edited is None else r.edited.report.runner,
             "metrics": metrics[r.rung.name],

@@ -114,6 +114,11 @@ def _markdown(data: dict[str, Any]) -> str:
             out.append(f"| {name} | skipped: {reason} |" + " |" * (len(table) - 1))
         else:
             out.append(f"| {name} | " + " | ".join(_fmt(metrics.get(k), f) for _, k, f in table) + " |")
+    on_rung = [f"{r['name']} (|dW| = {r['delta_norm']:.3f})" for r in data["rungs"]
+               if r.get("computed_on") == "rung" and r["status"] == "ok" and r.get("delta_norm") is not None]
+    if on_rung:
+        out += ["", "Quantization-aware: at " + ", ".join(on_rung) + " the edit was computed on the rung's unedited "
+                "file and patched onto it edit-aware; the other rungs measure the full-precision edit."]
     rung_names = [r["name"] for r in data["rungs"] if r["status"] == "ok"]
     out += _case_section(data, rung_names)
     if data.get("gates"):

