@@ -98,6 +98,7 @@ def test_coarse_rungs_measure_the_edit_computed_on_their_own_file(tiny_gguf, tmp
     # a rerun reuses the patched file without computing the edit again, and reports the same norm
     again = {r.rung.name: r for r in run().rungs}
     assert len(seen) == 1 and again["Q4_K_M"].built == [] and again["Q4_K_M"].delta_norm == pytest.approx(rung_norm)
+    assert again["Q4_K_M"].encoding == by["Q4_K_M"].encoding == "aware" and again["Q4_K_M"].computed_on == "rung"
     assert again["Q4_K_M"].edited.report.to_json() == by["Q4_K_M"].edited.report.to_json()
 
 

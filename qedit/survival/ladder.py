@@ -254,11 +254,11 @@ def _gguf_rung(rung: Rung, ctx: _RungContext, result: RungResult) -> None:
     result.artifacts["baseline"] = str(base_path)
     result.built += ["baseline"] if built else []
     if rung.kind is RungKind.GGUF:
+        result.encoding = "naive" if ctx.encoding is None else "aware"
         edit_path, built = _edited_gguf(rung, ctx, base_path, result)
         result.artifacts["edited"] = str(edit_path)
         edited_runner = ctx.llama(edit_path)
         measured_path = edit_path
-        result.encoding = "naive" if ctx.encoding is None else "aware"
     else:
         lora_path, built = ctx.store.lora(base_path, ctx.deltas, ctx.manifest)
         result.artifacts["lora"] = str(lora_path)
@@ -288,7 +288,8 @@ def _edited_gguf(rung: Rung, ctx: _RungContext, base_path: Path, result: RungRes
     if path.is_file():
         log.info("reusing %s", path)
         with GGUFFile(path) as gf:
-            result.delta_norm = float(read_manifests(gf)[-1]["info"]["rung_delta_norm"])
+            last = read_manifests(gf)[-1]
+        result.delta_norm, result.encoding = float(last["info"]["rung_delta_norm"]), last["encoding"]["path"]
         return path, False
     made = edit_on_rung(base_path, ctx.loaded, ctx.edit_fn, ctx.deltas, ctx.encoding, ctx.cfg.stats)
     manifest = dict(ctx.manifest or {})
@@ -296,7 +297,7 @@ def _edited_gguf(rung: Rung, ctx: _RungContext, base_path: Path, result: RungRes
                             rung_delta_norm=made.delta_norm, source_edit_reused=made.reused)
     manifest["encoding"] = {"path": "naive"} if made.encoding is None else made.encoding.describe()
     patch_gguf(base_path, path, list(made.deltas), manifest, encoding=made.encoding)
-    result.delta_norm = made.delta_norm
+    result.delta_norm, result.encoding = made.delta_norm, manifest["encoding"]["path"]
     return path, True
 
 
