@@ -364,7 +364,7 @@ def test_rome_minimal_strength_reaches_the_target_margin_with_a_smaller_edit(tin
     loaded = load_model(tiny[family])
     request = counterfactual(TorchRunner(loaded))
     full = get_method("rome").compute(loaded, [request], method_config("rome", family), EditContext())
-    full_margin = _margin(loaded, request, [""], full.deltas)
+    full_margin = _margin(loaded, [request], [""], full.deltas)
     target = max(0.5, full_margin / 3)  # well below what the full edit reaches
     cfg = method_config("rome", family, target_margin=target)
     minimal = get_method("rome").compute(loaded, [request], cfg, EditContext())
@@ -374,3 +374,32 @@ def test_rome_minimal_strength_reaches_the_target_margin_with_a_smaller_edit(tin
     assert torch.allclose(d.a, full.deltas[0].a) and torch.allclose(d.b, full.deltas[0].b)
     with pytest.raises(ValueError, match="target_margin"):
         method_config("rome", family, target_margin=0.0)
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_spread_minimal_strength_scales_the_whole_batch_to_the_target_margin(tiny, method):
+    """MEMIT and AlphaEdit with target_margin: every layer's delta is the full edit's, scaled by one factor
+    alpha < 1 at which the batch's weakest request still reaches the target margin."""
+    from qedit.methods._common import context_prefixes
+    from qedit.methods._strength import _margin
+
+    loaded = load_model(tiny["llama"])
+    request = counterfactual(TorchRunner(loaded))
+    full = get_method(method).compute(loaded, [request], method_config(method, "llama"), EditContext())
+    prefixes = context_prefixes(loaded, method_config(method, "llama"))
+    full_margin = _margin(loaded, [request], prefixes, full.deltas)
+    target = max(0.5, full_margin / 3)
+    assert full_margin > target
+    res = get_method(method).compute(loaded, [request], method_config(method, "llama", target_margin=target),
+                                     EditContext())
+    alpha = res.info["scale"]
+    assert 0.0 < alpha < 1.0 and res.info["margin"] >= target
+    assert _margin(loaded, [request], prefixes, res.deltas) == pytest.approx(res.info["margin"], abs=1e-4)
+    assert len(res.deltas) == len(full.deltas)
+    for d, f in zip(res.deltas, full.deltas):
+        assert d.layer == f.layer and d.scale == pytest.approx(alpha * f.scale)
+        assert torch.allclose(d.dense(), alpha * f.dense(), atol=1e-6)
+    for layer, k in full.keys.items():
+        assert torch.allclose(res.keys[layer], k)
+    with pytest.raises(ValueError, match="target_margin"):
+        method_config(method, "llama", target_margin=-1.0)

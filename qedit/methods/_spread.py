@@ -3,6 +3,7 @@ layer, then walk the layers in order, giving each an equal share of what is stil
 solving that layer's least-squares update with the method's own solver."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 from qedit.delta import LowRankDelta
 from qedit.facts import EditRequest
 from qedit.methods._common import context_prefixes, site_values, site_values_many
+from qedit.methods._strength import minimal_scale
 from qedit.methods._target import optimize_targets
 from qedit.methods._target_cache import target_cache_dir
 from qedit.methods.base import EditContext, EditResult, MethodConfig, finish_delta, resolve_layers
@@ -23,6 +25,20 @@ PINV_RTOL = 1e-3
 
 # (layer, keys (n, d_in), residuals (n, d_out), key covariance (d_in, d_in)) -> dW (d_out, d_in)
 LayerSolver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SpreadConfig(MethodConfig):
+    """Settings of the methods that spread a batch over several layers (MEMIT, AlphaEdit)."""
+
+    # Minimal strength: scale the batch's deltas down to the smallest factor at which every request's margin
+    # log P(new) - log P(true) over its prompt and context prefixes is still >= this many nats (None: full).
+    target_margin: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_margin is not None and self.target_margin <= 0:
+            raise ValueError("target_margin must be > 0 nats, or None to keep the full strength")
 
 
 def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
@@ -39,7 +55,7 @@ def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out:
     return torch.stack(out)
 
 
-def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: MethodConfig, ctx: EditContext,
+def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: SpreadConfig, ctx: EditContext,
                 solver: LayerSolver) -> EditResult:
     layers = resolve_layers(loaded, cfg, multi_layer=True)
     covs = key_covariance(loaded, layers, cfg.stats)
@@ -63,4 +79,9 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Metho
         dw = solver(layer, k, resid, covs[layer])                                            # (d_out, d_in)
         applied.append(finish_delta(loaded, layer, dw, cfg, {"n_requests": len(requests)}))
         keys[layer] = k
-    return EditResult(applied, keys, {"layers": list(layers), "target_nll": nlls})
+    info = {"layers": list(layers), "target_nll": nlls}
+    if cfg.target_margin is not None:
+        alpha, margin = minimal_scale(loaded, requests, prefixes, applied, [], cfg.target_margin)
+        applied = [d.scaled(alpha) for d in applied]
+        info.update(scale=alpha, margin=margin)
+    return EditResult(applied, keys, info)

@@ -4,7 +4,10 @@ Locate-then-edit targets overshoot: ROME's optimised output change typically lea
 log P(new) - log P(true) of about 10 nats, and every nat beyond what the edit needs is damage to
 the subject's neighbours. `minimal_scale` bisects a factor alpha in [min_scale, 1] on the mean
 margin over the edit prompt and its context prefixes (the deltas applied through hooks, the model
-untouched) and returns the smallest alpha whose margin is at least `target_margin`.
+untouched) and returns the smallest alpha whose margin is at least `target_margin`. For a batch
+(MEMIT, AlphaEdit) the batch's deltas on every layer are scaled together until its weakest request
+reaches the target. Computed on a quantized model's weights (`edit --quant`, the aware ladder) and
+encoded edit-aware, the margin reached is the margin after quantization.
 """
 from __future__ import annotations
 
@@ -25,41 +28,50 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def _margin(loaded: LoadedModel, req: EditRequest, prefixes: Sequence[str], deltas: Sequence[LowRankDelta]) -> float:
-    """Mean over prefixes of mean log P(target_new) - mean log P(ground_truth), with `deltas` applied."""
-    texts = [pre + req.prompt for pre in prefixes] * 2
-    targets = [req.target_new] * len(prefixes) + [req.ground_truth] * len(prefixes)
+def _margin(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
+            deltas: Sequence[LowRankDelta]) -> float:
+    """The smallest over `reqs` of the mean over prefixes of mean log P(target_new) - mean log P(ground_truth),
+    with `deltas` applied (through hooks; the model is not changed)."""
+    texts = [pre + r.prompt for r in reqs for pre in prefixes] * 2
+    targets = [r.target_new for r in reqs for _ in prefixes] + [r.ground_truth or "" for r in reqs for _ in prefixes]
     batch = build_batch(loaded, texts, targets)
     rows, cols, ids = target_index(batch)
     with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
         logp = F.log_softmax(logits_at(loaded, batch, rows, cols), -1).gather(1, ids[:, None])[:, 0]  # (n_tok,)
     per_row = torch.zeros(len(texts)).index_add(0, rows, logp) / torch.bincount(rows, minlength=len(texts)).clamp(min=1)
-    n = len(prefixes)
-    return float((per_row[:n] - per_row[n:]).mean())
+    n = len(texts) // 2
+    per_req = (per_row[:n] - per_row[n:]).view(len(reqs), len(prefixes)).mean(1)       # (n_reqs,)
+    return float(per_req.min())
 
 
-def minimal_scale(loaded: LoadedModel, req: EditRequest, prefixes: Sequence[str], delta: LowRankDelta,
-                  applied: Sequence[LowRankDelta], target_margin: float, min_scale: float = 0.05,
-                  steps: int = 6) -> tuple[float, float]:
-    """(alpha, margin at alpha): the smallest alpha in [min_scale, 1] (to 1/2^steps) with margin >= target.
+def minimal_scale(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
+                  deltas: Sequence[LowRankDelta], applied: Sequence[LowRankDelta], target_margin: float,
+                  min_scale: float = 0.05, steps: int = 6) -> tuple[float, float]:
+    """(alpha, margin at alpha): the smallest alpha in [min_scale, 1] (to 1/2^steps) at which every request's
+    margin, with `deltas` scaled by alpha on top of `applied`, is >= target_margin.
 
-    alpha = 1 when even the full edit stays below the target, or the request has no ground truth.
+    alpha = 1 when even the full edit stays below the target, or a request has no ground truth.
     """
-    if req.ground_truth is None:
+    if any(r.ground_truth is None for r in reqs):
         return 1.0, float("nan")
-    full = _margin(loaded, req, prefixes, [*applied, delta])
+
+    def margin(alpha: float) -> float:
+        return _margin(loaded, reqs, prefixes, [*applied, *(d.scaled(alpha) for d in deltas)])
+
+    full = margin(1.0)
     if full <= target_margin:
         return 1.0, full
     lo, hi, hi_margin = min_scale, 1.0, full
-    lo_margin = _margin(loaded, req, prefixes, [*applied, delta.scaled(lo)])
+    lo_margin = margin(lo)
     if lo_margin >= target_margin:
         return lo, lo_margin
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
-        m = _margin(loaded, req, prefixes, [*applied, delta.scaled(mid)])
+        m = margin(mid)
         if m >= target_margin:
             hi, hi_margin = mid, m
         else:
             lo = mid
-    log.info("%s: edit scaled to %.3f (margin %.2f -> %.2f nats)", req.subject, hi, full, hi_margin)
+    log.info("%s: edit scaled to %.3f (margin %.2f -> %.2f nats)", ", ".join(r.subject for r in reqs[:3]),
+             hi, full, hi_margin)
     return hi, hi_margin

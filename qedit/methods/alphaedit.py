@@ -14,14 +14,14 @@ import torch
 from qedit import linalg
 from qedit.errors import QeditError
 from qedit.facts import EditRequest
-from qedit.methods._spread import spread_edit
-from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, register_method, resolve_layers
+from qedit.methods._spread import SpreadConfig, spread_edit
+from qedit.methods.base import EditContext, EditMethod, EditResult, register_method, resolve_layers
 from qedit.model import LoadedModel
 from qedit.stats import key_eigh
 
 
 @dataclass(frozen=True)
-class AlphaEditConfig(MethodConfig):
+class AlphaEditConfig(SpreadConfig):
     nullspace_threshold: float = 1e-3   # eigenvalues of C below threshold * max eigenvalue span the null space
     l2: float = 1.0
 

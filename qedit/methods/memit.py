@@ -11,13 +11,13 @@ import torch
 
 from qedit import linalg
 from qedit.facts import EditRequest
-from qedit.methods._spread import spread_edit
-from qedit.methods.base import EditContext, EditMethod, EditResult, MethodConfig, register_method
+from qedit.methods._spread import SpreadConfig, spread_edit
+from qedit.methods.base import EditContext, EditMethod, EditResult, register_method
 from qedit.model import LoadedModel
 
 
 @dataclass(frozen=True)
-class MemitConfig(MethodConfig):
+class MemitConfig(SpreadConfig):
     cov_weight: float = 1e3     # lambda: how strongly the covariance of ordinary keys is preserved
 
     def __post_init__(self) -> None:

@@ -62,7 +62,7 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: RomeConfi
         delta = LowRankDelta(name, layer, u.float(), v.float(), 1.0, loaded.arch.mlp_out_orientation,
                              {"subject": req.subject, "target_nll": nll[0]})
         if cfg.target_margin is not None:
-            alpha, margin = minimal_scale(loaded, req, prefixes, delta, deltas, cfg.target_margin)
+            alpha, margin = minimal_scale(loaded, [req], prefixes, [delta], deltas, cfg.target_margin)
             delta = LowRankDelta(name, layer, u.float(), v.float(), alpha, loaded.arch.mlp_out_orientation,
                                  dict(delta.meta, scale=alpha, margin=margin))
         deltas.append(delta)

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 FINE_TYPES = frozenset({"F32", "F16", "BF16", "Q8_0"})
 
-# (the rung's unedited model) -> (deltas, edit keys layer -> (n, d_in)); must not leave the model edited
-# in a way the caller relies on: the model is discarded afterwards.
+# (the rung's unedited model) -> (deltas, edit keys layer -> (n, d_in)). It may fold the edit into the
+# model it is given (qedit.api.edit does): that model is loaded for the call and discarded afterwards.
 EditFn = Callable[[LoadedModel], tuple[Sequence[LowRankDelta], Mapping[int, Any]]]
 
 
