@@ -18,6 +18,10 @@ CounterFact-dev case is edited alone and its edited tensors are spliced into the
   targets and statistics are the quantized model's), then plain requantization of Wq + dW;
 - `aware` (qedit's default, `qedit edit --quant T`): recomputed and encoded edit-aware.
 
+With --target-margin M every edit is computed at minimal strength (the method's `target_margin`: the
+smallest scale at which the margin over the prompt and its context prefixes is >= M nats) on the source
+model, whose torch float32 scores are then the full-precision reference, instead of using saved deltas.
+
 The rung's W is the tensor dequantized from the unedited rung file for all four (what a patch of that
 file starts from). Per case and variant: efficacy, generalization, locality (against the unedited rung
 file, scored by the same loaded model), the margin log P(new) - log P(true), |dW| (Frobenius, summed
@@ -28,6 +32,7 @@ case; a rerun with the same --json skips the cases it already holds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -102,7 +107,7 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rung", required=True, help="llama.cpp file type, e.g. Q4_K_M")
-    ap.add_argument("--deltas", type=Path, required=True, help="bench_edit --save-deltas directory (the fp32 edits)")
+    ap.add_argument("--deltas", type=Path, default=None, help="bench_edit --save-deltas directory (the fp32 edits)")
     ap.add_argument("--method", default="memit")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--offset", type=int, default=0)
@@ -110,6 +115,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/dev/shm"), help="where the working copy lives (a RAM disk)")
     ap.add_argument("--json", type=Path, required=True, help="per-case rows and the summary (also the resume point)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--target-margin", type=float, default=None,
+                    help="compute every edit at minimal strength (this margin in nats) instead of reading --deltas")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -122,13 +129,17 @@ def main() -> None:
     from qedit.evaluate import EvalReport, evaluate
     from qedit.facts import load_requests
     from qedit.model import fingerprint_source, load_model
+    from qedit.runners import TorchRunner
     from qedit.survival.artifacts import ArtifactStore
 
     source = Path(assemble())
     args.out.mkdir(parents=True, exist_ok=True)
     store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
     all_reqs = load_requests(DATA)
-    cases = [c for c in range(args.offset, args.offset + args.n) if (args.deltas / args.method / f"case{c:04d}").is_dir()]
+    if (args.deltas is None) == (args.target_margin is None):
+        raise SystemExit("give --deltas (saved full-strength edits) or --target-margin (edits computed here)")
+    cases = [c for c in range(args.offset, args.offset + args.n)
+             if args.deltas is None or (args.deltas / args.method / f"case{c:04d}").is_dir()]
     if len(cases) < args.n:
         raise SystemExit(f"{args.deltas / args.method}: {args.n - len(cases)} of the {args.n} cases have no saved deltas")
     reqs = [all_reqs[c] for c in cases]
@@ -143,10 +154,12 @@ def main() -> None:
         base_rep.write_json(cache)
     bases = dict(zip(cases, base_rep.cases))
 
-    cfg = make_config(args.method)
+    cfg = make_config(args.method) if args.target_margin is None else \
+        make_config(args.method, target_margin=args.target_margin)
     quantized = load_model(path)           # the rung's unedited weights in torch (float32)
     names = [quantized.arch.weight_name(layer) for layer in range(quantized.n_layers)]
-    src_model = load_model(source)         # only for the source covariances of `aware_encoding`
+    src_model = load_model(source)         # covariances of `aware_encoding`; with --target-margin, the edits
+    src_names = [src_model.arch.weight_name(layer) for layer in range(src_model.n_layers)]
     src_params = dict(src_model.model.named_parameters())
     same = all(torch.equal(p, src_params[n]) for n, p in quantized.model.named_parameters())
     if same:  # e.g. Q4_K_M of the Q4_K_M source: the edit on the rung's weights is the source edit
@@ -158,16 +171,23 @@ def main() -> None:
     try:
         for case in tqdm([c for c in cases if c not in done], desc=f"{args.method} at {args.rung}", unit="case"):
             req, base = all_reqs[case], bases[case]
-            d = args.deltas / args.method / f"case{case:04d}"
-            fp_deltas, manifest = load_deltas(d)
-            fp32 = manifest["bench_case"]
+            if args.deltas is not None:
+                d = args.deltas / args.method / f"case{case:04d}"
+                fp_deltas, manifest = load_deltas(d)
+                fp_keys, fp32 = load_edit_keys(d), manifest["bench_case"]
+            else:
+                with restored(src_model.model, src_names):
+                    fp_out = edit(src_model, [req], args.method, cfg)
+                    fp32 = dataclasses.asdict(evaluate(TorchRunner(src_model), [req],
+                                                       baseline=EvalReport({}, [base32[case]])).cases[0])
+                fp_deltas, fp_keys = fp_out.deltas, fp_out.keys
             row = {"case": case, "fp32": {**{k: fp32[k] for k in ("efficacy", "generalization", "locality")},
                                           "margin": fp32["logp_new"] - fp32["logp_true"]},
                    "fp32_base_margin": base32[case].margin, "base_margin": base.margin}
             fp_norm = sum(x.norm() for x in fp_deltas)
             data, _ = encode_changes(rung, fp_deltas, None)
             row["naive"] = {**score(rung, data, req, base), "dw_norm": fp_norm}
-            enc = encoding_for(src_model, load_edit_keys(d), cfg.stats)
+            enc = encoding_for(src_model, fp_keys, cfg.stats)
             data, kept = encode_changes(rung, fp_deltas, enc)
             row["aware_encoding"] = {**score(rung, data, req, base), "dw_norm": fp_norm, "kept": kept}
             if same:
@@ -188,6 +208,7 @@ def main() -> None:
             rows.sort(key=lambda r: r["case"])
             tmp = args.json.with_suffix(".tmp")
             tmp.write_text(json.dumps({"command": sys.argv, "rung": args.rung, "method": args.method, "same_weights": same,
+                                       "target_margin": args.target_margin,
                                        "seconds_this_run": time.perf_counter() - started,
                                        "summary": summarize(rows), "cases": rows}, indent=1))
             tmp.replace(args.json)
