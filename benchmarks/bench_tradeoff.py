@@ -102,12 +102,12 @@ def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--deltas", type=Path, required=True)
+    ap.add_argument("--deltas", type=Path, default=None, help="bench_edit --save-deltas directory (not with --merge)")
     ap.add_argument("--method", default="memit")
     ap.add_argument("--rung", default="Q4_K_M", help="a rung whose weights are the source's (checked)")
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--alphas", default="0.25,0.5,1,2")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=None, help="artifacts directory (not with --merge)")
     ap.add_argument("--work", type=Path, default=Path("/dev/shm"))
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
@@ -117,6 +117,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.json, args.plot)
+    if args.deltas is None or args.out is None:
+        ap.error("--deltas and --out are needed to measure")
     alphas = [float(a) for a in args.alphas.split(",")]
     paths = tuple(p for p in args.paths.split(",") if p)
     if not paths or set(paths) - set(PATHS):
