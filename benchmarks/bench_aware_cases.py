@@ -22,6 +22,9 @@ With --target-margin M every edit is computed at minimal strength (the method's 
 smallest scale at which the margin over the prompt and its context prefixes is >= M nats) on the source
 model, whose torch float32 scores are then the full-precision reference, instead of using saved deltas.
 
+When the rung file's weights equal the source's (Q4_K_M of the packaged Q4_K_M file) the edit on the
+rung is the source edit: `recomputed` and `aware` then copy `naive` and `aware_encoding` (checked, printed).
+
 The rung's W is the tensor dequantized from the unedited rung file for all four (what a patch of that
 file starts from). Per case and variant: efficacy, generalization, locality (against the unedited rung
 file, scored by the same loaded model), the margin log P(new) - log P(true), |dW| (Frobenius, summed
