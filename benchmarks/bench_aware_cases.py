@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -148,7 +149,7 @@ def main() -> None:
     reqs = [all_reqs[c] for c in cases]
     base32 = dict(zip(cases, _fp32_baseline(reqs, args.out / f"fp32-base-{cases[0]}-{cases[-1]}-{len(cases)}.json").cases))
     path, _ = store.gguf(args.rung)
-    rung = RungFile(path, args.work / f"qedit-aware-{args.rung}-{path.stem}.gguf")
+    rung = RungFile(path, args.work / f"qedit-aware-{args.rung}-{path.stem}-{os.getpid()}.gguf")  # one per process
     cache = args.out / f"{path.stem}-norepack-{cases[0]}-{cases[-1]}-{len(cases)}.json"
     if cache.is_file():
         base_rep = EvalReport.from_json(json.loads(cache.read_text()))

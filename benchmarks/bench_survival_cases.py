@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -234,7 +235,7 @@ def main() -> None:
     bases, files = {}, {}
     for ftype in tqdm(ladder, desc="unedited rungs", unit="rung"):
         path, _ = store.gguf(ftype)
-        files[ftype] = RungFile(path, args.work / f"qedit-bench-{ftype}.gguf", args.repack)
+        files[ftype] = RungFile(path, args.work / f"qedit-bench-{ftype}-{os.getpid()}.gguf", args.repack)  # per process
         mode = "repack" if args.repack else "norepack"
         cache = args.out / f"{path.stem}-{mode}-{cases[0]}-{cases[-1]}-{len(cases)}.json"  # the file name holds its hash
         if cache.is_file():

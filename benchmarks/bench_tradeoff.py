@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -143,7 +144,7 @@ def main() -> None:
     src_model = load_model(source)
     if not same_weights(load_model(path), src_model):
         raise SystemExit(f"{args.rung}: its weights are not the source's; the scaled source edit is not its edit")
-    rung = RungFile(path, args.work / f"qedit-tradeoff-{path.stem}.gguf")
+    rung = RungFile(path, args.work / f"qedit-tradeoff-{path.stem}-{os.getpid()}.gguf")  # one per process
     reqs = load_requests(DATA)
     cfg = make_config(args.method)
     text = fluency_text()
