@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # qedit, from a checkout without installing
 
 from bench_edit import restored  # noqa: E402
-from bench_survival_cases import DATA, RungFile, _fp32_baseline  # noqa: E402
+from bench_survival_cases import DATA, RungFile, _fp32_baseline, cached_report  # noqa: E402
 
 VARIANTS = ("naive", "aware_encoding", "recomputed", "aware")
 
@@ -150,12 +150,8 @@ def main() -> None:
     base32 = dict(zip(cases, _fp32_baseline(reqs, args.out / f"fp32-base-{cases[0]}-{cases[-1]}-{len(cases)}.json").cases))
     path, _ = store.gguf(args.rung)
     rung = RungFile(path, args.work / f"qedit-aware-{args.rung}-{path.stem}-{os.getpid()}.gguf")  # one per process
-    cache = args.out / f"{path.stem}-norepack-{cases[0]}-{cases[-1]}-{len(cases)}.json"
-    if cache.is_file():
-        base_rep = EvalReport.from_json(json.loads(cache.read_text()))
-    else:
-        base_rep = evaluate(rung.runner, reqs, progress=f"{args.rung} unedited")
-        base_rep.write_json(cache)
+    base_rep = cached_report(args.out / f"{path.stem}-norepack-{cases[0]}-{cases[-1]}-{len(cases)}.json",
+                             lambda: rung.runner, reqs, f"{args.rung} unedited")
     bases = dict(zip(cases, base_rep.cases))
 
     cfg = make_config(args.method) if args.target_margin is None else \

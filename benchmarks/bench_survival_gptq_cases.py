@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_survival_cases import DATA, _case_row, _fp32_baseline, summarize  # noqa: E402
+from bench_survival_cases import DATA, _case_row, _fp32_baseline, cached_report, summarize  # noqa: E402
 
 
 class GPTQRung:
@@ -310,12 +310,7 @@ def main() -> None:
         rungs[f"BNB-{mode}"] = BnbRung(loaded, mode)
     bases = {}
     for name, rung in rungs.items():
-        cache = args.out / f"base-{name}-{span}.json"
-        if cache.is_file():
-            rep = EvalReport.from_json(json.loads(cache.read_text()))
-        else:
-            rep = evaluate(rung.runner, reqs, progress=f"{name} unedited")
-            rep.write_json(cache)
+        rep = cached_report(args.out / f"base-{name}-{span}.json", lambda r=rung: r.runner, reqs, f"{name} unedited")
         bases[name] = dict(zip(cases, rep.cases))
     columns = [(name, enc) for name in rungs for enc in (encodings if name.startswith("GPTQ") else ["naive"])]
     ladder = [f"{name} {enc}" for name, enc in columns]
