@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -45,6 +45,7 @@ class EditOutcome:
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
     keys: dict[int, Any] = field(default_factory=dict)   # layer -> (n, d_in) float32 keys of every edit there
+    earlier_keys: dict[int, Any] = field(default_factory=dict)  # layer -> (m, d_in) keys of edits made before
 
     def manifest(self, loaded: LoadedModel) -> dict[str, Any]:
         return {
@@ -85,12 +86,15 @@ def make_config(method: str | EditMethod, **overrides: Any) -> MethodConfig:
 
 
 def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | EditMethod,
-         cfg: MethodConfig | None = None, batch_size: int | None = None) -> EditOutcome:
+         cfg: MethodConfig | None = None, batch_size: int | None = None,
+         earlier_keys: Mapping[int, torch.Tensor] | None = None) -> EditOutcome:
     """Compute the edits and fold them into `loaded.model`.
 
     With batch_size, requests are edited in sequential batches: each batch is computed on the
     model with the earlier batches folded in, and the keys of earlier batches are passed on
-    (AlphaEdit keeps them out of later updates).
+    (MEMIT and AlphaEdit keep their updates off them). `earlier_keys` (layer -> (m, d_in)) are the
+    keys of edits already in the model, e.g. recorded in a patched GGUF (`stored_edit_keys`): they
+    start that history.
     """
     spec = get_method(method)
     cfg = cfg or spec.config_cls()
@@ -101,6 +105,9 @@ def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | Edi
     if not requests:
         raise QeditError("no edit requests: give at least one fact")
     ctx = EditContext(device=loaded.device)
+    earlier = {int(layer): k.detach().float().cpu() for layer, k in (earlier_keys or {}).items()}
+    for layer, keys in earlier.items():          # keys (m, d_in)
+        ctx.history[layer] = keys.double().t() @ keys.double()
     size = batch_size or len(requests)
     deltas: list[LowRankDelta] = []
     info: dict[str, Any] = {"batches": []}
@@ -117,7 +124,7 @@ def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | Edi
             ctx.history[layer] = ctx.history[layer] + gram if layer in ctx.history else gram
         info["batches"].append(result.info)
     return EditOutcome(spec.method, cfg, list(requests), deltas, time.perf_counter() - start, info,
-                       {layer: torch.cat(ks) for layer, ks in all_keys.items()})
+                       {layer: torch.cat(ks) for layer, ks in all_keys.items()}, earlier)
 
 
 def save_edited(loaded: LoadedModel, outcome: EditOutcome, out_dir: str | Path) -> Path:

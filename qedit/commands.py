@@ -148,6 +148,7 @@ def write_output(plan: OutputPlan, args: argparse.Namespace, loaded: Any, outcom
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from qedit.api import edit
+    from qedit.converters.gguf_keys import stored_edit_keys
     from qedit.evaluate import evaluate, format_summary
     from qedit.methods.base import UNLEARN_METHODS, EditMethod
     from qedit.model import load_model
@@ -162,7 +163,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     with _edit_source(args, plan) as (source, plan):
         loaded = load_model(source, device=args.device)
         before = evaluate(TorchRunner(loaded), requests) if args.eval else None
-        outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
+        earlier = stored_edit_keys(loaded.source)   # edits an earlier patch recorded in a GGUF source
+        if earlier:
+            print(f"{loaded.source.name}: protecting the keys of earlier edits recorded in the file "
+                  f"({', '.join(f'blk.{layer}: {len(k)}' for layer, k in sorted(earlier.items()))})")
+        outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size, earlier_keys=earlier)
         if source != args.model:
             outcome.info["computed_on"] = f"{args.model} exported at {args.quant.upper()}"
         write_output(plan, args, loaded, outcome)

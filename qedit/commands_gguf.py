@@ -96,12 +96,17 @@ def _match_types(names: Sequence[str], rules: Sequence[tuple[str, str]]) -> dict
 
 
 def edit_encoding(loaded: Any, outcome: Any, naive: bool) -> Any:
-    """The edit-aware encoding of an outcome's edited tensors, or None for --naive / no keys."""
+    """The edit-aware encoding of an outcome's edited tensors, or None for --naive / no keys.
+
+    Its keys are the outcome's and those of earlier edits in the source (`outcome.earlier_keys`), so
+    re-encoding a tensor keeps both the new edit and the earlier ones at their keys.
+    """
     if naive or not outcome.keys:
         return None
     from qedit.converters.gguf_aware import encoding_for
+    from qedit.converters.gguf_keys import merged_keys
 
-    return encoding_for(loaded, outcome.keys, outcome.config.stats)
+    return encoding_for(loaded, merged_keys(outcome.earlier_keys, outcome.keys), outcome.config.stats)
 
 
 def write_gguf_output(mode: GGUFMode, loaded: Any, outcome: Any, out: Path, quant: str | None = None,
@@ -127,7 +132,7 @@ def write_gguf_output(mode: GGUFMode, loaded: Any, outcome: Any, out: Path, quan
     with GGUFFile(loaded.source) as gf:
         edited = sorted({gguf_tensor_name(gf, d.name) for d in outcome.deltas})
     report = patch_gguf(loaded.source, out, outcome.deltas, manifest, type_overrides=_match_types(edited, tensor_types),
-                        encoding=encoding)
+                        encoding=encoding, keys=outcome.keys)
     for t in report.tensors:
         change = "" if t.bytes_after == t.bytes_before else f", {t.bytes_after - t.bytes_before:+,} bytes"
         if t.kept is None:

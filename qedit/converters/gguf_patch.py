@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 
 from qedit.converters.gguf_aware import EditEncoding, EncodedTensor
+from qedit.converters.gguf_keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
 from qedit.converters.gguf_names import gguf_tensor_name
 from qedit.converters.gguf_read import GGUFFile
 from qedit.converters.gguf_write import KVEntry, TensorSpec, copied_kvs, encode_kv, source_tensor, write_gguf
@@ -149,12 +150,15 @@ def _resolve_overrides(gf: GGUFFile, overrides: Mapping[str, Any] | None,
 
 
 def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any],
-               type_overrides: Mapping[str, Any] | None = None, encoding: EditEncoding | None = None) -> PatchReport:
+               type_overrides: Mapping[str, Any] | None = None, encoding: EditEncoding | None = None,
+               keys: Mapping[int, Any] | None = None) -> PatchReport:
     """Copy GGUF `src` to `dst` with `deltas` added to their tensors and `manifest` in the metadata.
 
     Only edited tensors change; every other tensor and every original key-value entry is copied
     byte for byte. `type_overrides` maps an edited tensor (GGUF or HF name) to a new GGML type.
     `encoding` (edit keys and covariances) makes the re-encoding edit-aware; None requantizes plainly.
+    `keys` (layer -> (n, d)), the new edit's keys, are recorded after those `src` already records
+    (`qedit.converters.gguf_keys`), so that a later patch of `dst` can protect this edit.
     """
     from qedit.api import qedit_version
 
@@ -177,7 +181,8 @@ def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: d
                                         None if enc is None else enc.kept, None if enc is None else enc.kept_naive))
             log.info("%s: re-encoded %s as %s", src.name, name, new_type.name)
         meta, n_manifests = manifest_kvs(read_manifests(gf), manifest, qedit_version())
-        kept = copied_kvs(gf, [k for k in gf.fields if k not in (MANIFEST_KEY, VERSION_KEY)])
+        kept = copied_kvs(gf, [k for k in gf.fields if k not in (MANIFEST_KEY, VERSION_KEY) and not is_keys_field(k)])
+        meta += edit_keys_kvs(merged_keys(read_edit_keys(gf), keys or {}))
         tensors = [TensorSpec(info.name, info.shape, overrides.get(info.name, info.ggml_type),
                               (lambda data=new_bytes[info.name]: data) if info.name in new_bytes
                               else source_tensor(gf, info.name))
@@ -209,6 +214,8 @@ def inspect_lines(path: Path) -> list[str]:
                 + (", ".join(f"{k}={v}" for k, v in ranks.items()) if isinstance(ranks, dict) else str(ranks)),
                 f"  source sha256: {m.get('source_sha256', '?')}",
             ]
+        for layer, k in sorted(read_edit_keys(gf).items()):
+            lines.append(f"edit keys recorded for blk.{layer}: {k.shape[0]} (protected by later patches)")
         if VERSION_KEY in gf.fields:
             lines.append(f"written by qedit {gf.fields[VERSION_KEY]}")
         by_type: dict[str, list[int]] = {}
