@@ -66,8 +66,10 @@ class TargetClock:
 
 
 def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_targets: bool,
-            modes: tuple[str, ...] = ("single", "batched"), save_deltas_to: Path | None = None) -> dict:
+            modes: tuple[str, ...] = ("single", "batched"), save_deltas_to: Path | None = None,
+            settings: tuple[str, ...] = ()) -> dict:
     from qedit.api import edit, make_config
+    from qedit.commands import parse_settings
     from qedit.delta import save_deltas
     from qedit.evaluate import evaluate
     from qedit.facts import load_requests
@@ -83,7 +85,7 @@ def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_tar
     loaded = load_model(assemble())
     reqs = load_requests(DATA)[offset:offset + n]
     spec = get_method(method)
-    cfg = make_config(method)
+    cfg = make_config(method, **parse_settings(method, list(settings)))
     layers = resolve_layers(loaded, cfg, spec.multi_layer)
     key_covariance(loaded, layers, cfg.stats)  # warm the statistics cache
     cache = target_cache_dir(loaded, cfg)
@@ -98,23 +100,25 @@ def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_tar
     t0 = time.perf_counter()
     base = evaluate(TorchRunner(loaded), reqs)
     eval_base_s = time.perf_counter() - t0
-    result: dict = {"method": method, "n": n, "offset": offset, "layers": list(layers),
+    result: dict = {"method": method, "n": n, "offset": offset, "layers": list(layers), "settings": list(settings),
                     "targets_cached_at_start": cached_before, "eval_unedited_seconds": eval_base_s}
     # single: one case at a time into the unedited model, scored, then the weights restored exactly
     if "single" in modes:
-        cases, edit_s = [], 0.0
+        cases, edit_s, norm = [], 0.0, 0.0
         for i, r in enumerate(tqdm(reqs, desc=f"{method} single", unit="edit")):
             with restored(loaded.model, names):
                 t0 = time.perf_counter()
                 outcome = edit(loaded, [r], method, cfg)
                 edit_s += time.perf_counter() - t0
+                norm += sum(d.norm() for d in outcome.deltas)
                 rep = evaluate(TorchRunner(loaded), [r], baseline=type(base)(base.runner, [base.cases[i]]))
             cases.extend(rep.cases)
             if save_deltas_to is not None:  # one directory per case, reusable by `qedit survival --from-deltas`
                 save_deltas(save_deltas_to / method / f"case{offset + i:04d}", outcome.deltas,
                             dict(outcome.manifest(loaded), bench_case=dataclasses.asdict(rep.cases[0])), outcome.keys)
         agg = type(base)(base.runner, cases).aggregate()
-        result["single"] = {"seconds_per_edit": edit_s / n, "target_seconds_per_edit": clock.seconds / n, **agg}
+        result["single"] = {"seconds_per_edit": edit_s / n, "target_seconds_per_edit": clock.seconds / n,
+                            "delta_norm": norm / n, **agg}
     if "batched" in modes and spec.multi_layer and batch > 1:
         # batched: each group of `batch` cases edited at once into the unedited model
         cases, edit_s, clock.seconds = [], 0.0, 0.0
@@ -146,11 +150,13 @@ def main() -> None:
                     help="reuse cached targets (e.g. AlphaEdit after MEMIT) instead of clearing them first")
     ap.add_argument("--save-deltas", type=Path, default=None, metavar="DIR",
                     help="single mode: save each case's deltas and scores to DIR/METHOD/caseNNNN/")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                    help="a method setting, as `qedit edit --set` (e.g. target_margin=3); repeatable")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(run_one(args.worker, args.n, args.batch, args.offset, args.threads, args.keep_targets,
-                                 tuple(args.modes.split(",")), args.save_deltas)))
+                                 tuple(args.modes.split(",")), args.save_deltas, tuple(args.settings))))
         return
     rows = []
     for method in args.methods.split(","):
@@ -159,6 +165,7 @@ def main() -> None:
         cmd += ["--keep-targets"] if args.keep_targets else []
         cmd += ["--modes", args.modes]
         cmd += ["--save-deltas", str(args.save_deltas)] if args.save_deltas else []
+        cmd += [f"--set={item}" for item in args.settings]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(f"done {method}", file=sys.stderr)
