@@ -50,8 +50,7 @@ def read_edit_keys(gf: GGUFFile) -> dict[int, np.ndarray]:
         values = gf.fields[key]
         if not isinstance(shape, list) or len(shape) != 2 or not isinstance(values, list):
             raise QeditError(f"{gf.path.name}: metadata {key!r} needs a 2-entry {shape_key!r} array; the qedit "
-                             "edit keys are corrupt (re-patch from the unedited file, or remove them with "
-                             "`qedit export`)")
+                             "edit keys are corrupt; patch the unedited file again")
         n, d = (int(x) for x in shape)
         if n * d != len(values) or d <= 0:
             raise QeditError(f"{gf.path.name}: metadata {key!r} has {len(values)} values, but its shape is "
