@@ -385,7 +385,8 @@ def test_spread_minimal_strength_scales_the_whole_batch_to_the_target_margin(tin
 
     loaded = load_model(tiny["llama"])
     request = counterfactual(TorchRunner(loaded))
-    full = get_method(method).compute(loaded, [request], method_config(method, "llama"), EditContext())
+    full = get_method(method).compute(loaded, [request], method_config(method, "llama", target_margin=None),
+                                      EditContext())
     prefixes = context_prefixes(loaded, method_config(method, "llama"))
     full_margin = _margin(loaded, [request], prefixes, full.deltas)
     target = max(0.5, full_margin / 3)
