@@ -38,6 +38,8 @@ EDIT_PROMPT, EDIT_SUBJECT = "the city of the Eiffel Tower", "Eiffel Tower"
 # 64 x 15 = 960 key tokens, more than the widest key (gpt2: 256), so C is full rank.
 STATS = StatsConfig(n_samples=64, sample_len=16)
 TARGET = TargetConfig(steps=25, stop_nll=1.0)   # stop once the target is likely; overshooting only costs locality
+# For minimal strength: a full edit that makes the target top-1 with room to spare, so there is something to scale.
+STRONG_TARGET = TargetConfig(steps=100, stop_nll=0.05, clamp_norm=10.0)
 FT_SETTINGS = {
     "default": dict(steps=30, lr=2e-2, linf=5e-2, stop_nll=1.5),
     # gpt2's GELU keys share a large mean direction, so an entrywise update shifts every
@@ -359,14 +361,17 @@ def test_key_statistics_cache(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_rome_minimal_strength_reaches_the_target_margin_with_a_smaller_edit(tiny, family):
+    from qedit.methods._common import context_prefixes
     from qedit.methods._strength import _margin
 
     loaded = load_model(tiny[family])
     request = counterfactual(TorchRunner(loaded))
-    full = get_method("rome").compute(loaded, [request], method_config("rome", family), EditContext())
-    full_margin = _margin(loaded, [request], [""], full.deltas)
-    target = max(0.5, full_margin / 3)  # well below what the full edit reaches
-    cfg = method_config("rome", family, target_margin=target)
+    full = get_method("rome").compute(loaded, [request], method_config("rome", family, target=STRONG_TARGET,
+                                                                       target_margin=None), EditContext())
+    full_margin = _margin(loaded, [request], context_prefixes(loaded, method_config("rome", family)), full.deltas)
+    assert full_margin > 0, "the full edit must make the new target top-1"
+    target = full_margin / 3  # well below what the full edit reaches
+    cfg = method_config("rome", family, target=STRONG_TARGET, target_margin=target)
     minimal = get_method("rome").compute(loaded, [request], cfg, EditContext())
     (d,) = minimal.deltas
     assert 0.0 < d.scale < 1.0 and d.norm() < full.deltas[0].norm()
@@ -385,14 +390,14 @@ def test_spread_minimal_strength_scales_the_whole_batch_to_the_target_margin(tin
 
     loaded = load_model(tiny["llama"])
     request = counterfactual(TorchRunner(loaded))
-    full = get_method(method).compute(loaded, [request], method_config(method, "llama", target_margin=None),
-                                      EditContext())
+    full = get_method(method).compute(loaded, [request], method_config(method, "llama", target=STRONG_TARGET,
+                                                                       target_margin=None), EditContext())
     prefixes = context_prefixes(loaded, method_config(method, "llama"))
     full_margin = _margin(loaded, [request], prefixes, full.deltas)
     target = max(0.5, full_margin / 3)
     assert full_margin > target
-    res = get_method(method).compute(loaded, [request], method_config(method, "llama", target_margin=target),
-                                     EditContext())
+    res = get_method(method).compute(loaded, [request], method_config(method, "llama", target=STRONG_TARGET,
+                                                                      target_margin=target), EditContext())
     alpha = res.info["scale"]
     assert 0.0 < alpha < 1.0 and res.info["margin"] >= target
     assert _margin(loaded, [request], prefixes, res.deltas) == pytest.approx(res.info["margin"], abs=1e-4)
@@ -404,3 +409,22 @@ def test_spread_minimal_strength_scales_the_whole_batch_to_the_target_margin(tin
         assert torch.allclose(res.keys[layer], k)
     with pytest.raises(ValueError, match="target_margin"):
         method_config(method, "llama", target_margin=-1.0)
+
+
+def test_the_minimal_strength_margin_is_the_lead_over_every_other_token(tiny):
+    """`_margin` is the new target's lead over the true answer AND over the strongest other token: a target
+    that beats the true answer but is not the model's top-1 has a negative margin."""
+    from qedit.methods._strength import _margin
+
+    loaded = load_model(tiny["llama"])
+    runner = TorchRunner(loaded)
+    logp = [s.mean_logprob for s in runner.score([(EDIT_PROMPT, c) for c in CANDIDATES])]
+    order = sorted(range(len(CANDIDATES)), key=lambda i: -logp[i])
+    runner_up, last = CANDIDATES[order[1]], CANDIDATES[order[-1]]    # beats `last`, loses to order[0]
+    request = EditRequest(EDIT_PROMPT, EDIT_SUBJECT, runner_up, last)
+    vs_true = logp[order[1]] - logp[order[-1]]
+    assert vs_true > 0
+    margin = _margin(loaded, [request], [""], [])
+    assert margin < 0 < vs_true
+    leader = EditRequest(EDIT_PROMPT, EDIT_SUBJECT, CANDIDATES[order[0]], last)
+    assert _margin(loaded, [leader], [""], []) <= logp[order[0]] - logp[order[-1]] + 1e-4

@@ -4,7 +4,10 @@ Locate-then-edit targets overshoot: ROME's optimised output change typically lea
 log P(new) - log P(true) of about 10 nats, and every nat beyond what the edit needs is damage to
 the subject's neighbours. `minimal_scale` bisects a factor alpha in [min_scale, 1] on the mean
 margin over the edit prompt and its context prefixes (the deltas applied through hooks, the model
-untouched) and returns the smallest alpha whose margin is at least `target_margin`. For a batch
+untouched) and returns the smallest alpha whose margin is at least `target_margin`. The margin is
+the new target's lead over the true answer and over every other token (see `_margin`): measured
+against the true answer alone, a MEMIT edit scaled to 5 nats still preferred the new target in 40 of
+40 cases but said it (top-1) in only 25. For a batch
 (MEMIT, AlphaEdit) the batch's deltas on every layer are scaled together until its weakest request
 reaches the target. Computed on a quantized model's weights (`edit --quant`, the aware ladder) and
 encoded edit-aware, the margin reached is the margin after quantization.
@@ -30,18 +33,27 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def _margin(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
             deltas: Sequence[LowRankDelta]) -> float:
-    """The smallest over `reqs` of the mean over prefixes of mean log P(target_new) - mean log P(ground_truth),
-    with `deltas` applied (through hooks; the model is not changed)."""
+    """The smallest over `reqs` of the mean over prefixes of the edit's lead, with `deltas` applied (through
+    hooks; the model is not changed). A request's lead is the smaller of
+    - mean log P(target_new) - mean log P(ground_truth) (CounterFact's margin), and
+    - the mean over target_new's tokens of log P(token) - the largest log P of any other token there,
+    so that at a positive target the model says the new target (top-1), not only prefers it to the old.
+    """
     texts = [pre + r.prompt for r in reqs for pre in prefixes] * 2
     targets = [r.target_new for r in reqs for _ in prefixes] + [r.ground_truth or "" for r in reqs for _ in prefixes]
     batch = build_batch(loaded, texts, targets)
     rows, cols, ids = target_index(batch)
     with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
-        logp = F.log_softmax(logits_at(loaded, batch, rows, cols), -1).gather(1, ids[:, None])[:, 0]  # (n_tok,)
-    per_row = torch.zeros(len(texts)).index_add(0, rows, logp) / torch.bincount(rows, minlength=len(texts)).clamp(min=1)
+        logp = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                     # (n_tok, vocab)
+    own = logp.gather(1, ids[:, None])[:, 0]                                               # (n_tok,)
+    best_other = logp.scatter(1, ids[:, None], float("-inf")).max(1).values                # (n_tok,)
+    count = torch.bincount(rows, minlength=len(texts)).clamp(min=1)                        # (2 n,)
+    per_row = torch.zeros(len(texts)).index_add(0, rows, own) / count                      # (2 n,)
+    lead = torch.zeros(len(texts)).index_add(0, rows, own - best_other) / count            # (2 n,)
     n = len(texts) // 2
-    per_req = (per_row[:n] - per_row[n:]).view(len(reqs), len(prefixes)).mean(1)       # (n_reqs,)
-    return float(per_req.min())
+    vs_true = (per_row[:n] - per_row[n:]).view(len(reqs), len(prefixes)).mean(1)          # (n_reqs,)
+    top1 = lead[:n].view(len(reqs), len(prefixes)).mean(1)                                 # (n_reqs,)
+    return float(torch.minimum(vs_true, top1).min())
 
 
 def minimal_scale(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
