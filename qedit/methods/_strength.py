@@ -46,7 +46,8 @@ def _margin(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence
     with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
         logp = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                     # (n_tok, vocab)
     own = logp.gather(1, ids[:, None])[:, 0]                                               # (n_tok,)
-    best_other = logp.scatter(1, ids[:, None], float("-inf")).max(1).values                # (n_tok,)
+    top2 = logp.topk(2, dim=1)                                     # values, indices (n_tok, 2); no vocab-sized copy
+    best_other = torch.where(top2.indices[:, 0] == ids, top2.values[:, 1], top2.values[:, 0])  # (n_tok,)
     count = torch.bincount(rows, minlength=len(texts)).clamp(min=1)                        # (2 n,)
     per_row = torch.zeros(len(texts)).index_add(0, rows, own) / count                      # (2 n,)
     lead = torch.zeros(len(texts)).index_add(0, rows, own - best_other) / count            # (2 n,)
