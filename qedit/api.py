@@ -107,7 +107,7 @@ def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | Edi
     ctx = EditContext(device=loaded.device)
     earlier = {int(layer): k.detach().float().cpu() for layer, k in (earlier_keys or {}).items()}
     for layer, keys in earlier.items():          # keys (m, d_in)
-        ctx.history[layer] = keys.double().t() @ keys.double()
+        _add_history(ctx, layer, keys.to(ctx.device))
     size = batch_size or len(requests)
     deltas: list[LowRankDelta] = []
     info: dict[str, Any] = {"batches": []}
@@ -120,11 +120,16 @@ def edit(loaded: LoadedModel, requests: Sequence[EditRequest], method: str | Edi
         deltas.extend(result.deltas)
         for layer, keys in result.keys.items():      # keys (n, d_in)
             all_keys.setdefault(layer, []).append(keys.detach().float().cpu())
-            gram = keys.double().t() @ keys.double()
-            ctx.history[layer] = ctx.history[layer] + gram if layer in ctx.history else gram
+            _add_history(ctx, layer, keys)
         info["batches"].append(result.info)
     return EditOutcome(spec.method, cfg, list(requests), deltas, time.perf_counter() - start, info,
                        {layer: torch.cat(ks) for layer, ks in all_keys.items()}, earlier)
+
+
+def _add_history(ctx: EditContext, layer: int, keys: torch.Tensor) -> None:
+    """Add sum_i k_i k_i^T over `keys` (n, d_in) to the layer's history of earlier edits (float64)."""
+    gram = keys.double().t() @ keys.double()                                    # (d_in, d_in)
+    ctx.history[layer] = ctx.history[layer] + gram if layer in ctx.history else gram
 
 
 def save_edited(loaded: LoadedModel, outcome: EditOutcome, out_dir: str | Path) -> Path:

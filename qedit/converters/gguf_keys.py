@@ -68,16 +68,14 @@ def _numpy(keys: Any) -> np.ndarray:
 def merged_keys(earlier: Mapping[int, Any], new: Mapping[int, Any]) -> dict[int, np.ndarray]:
     """layer -> earlier keys stacked over the new ones, float32 (n_earlier + n_new, d)."""
     out = {int(layer): _numpy(k) for layer, k in earlier.items()}
-    for layer, k in new.items():
-        k = _numpy(k)
+    for layer, k in ((int(layer), _numpy(k)) for layer, k in new.items()):
         if k.ndim != 2:
             raise QeditError(f"edit keys of layer {layer} must be (n, d), got shape {k.shape}")
-        if int(layer) in out:
-            if out[int(layer)].shape[1] != k.shape[1]:
-                raise QeditError(f"edit keys of layer {layer}: the file records {out[int(layer)].shape[1]}-wide keys "
-                                 f"but the new edit's are {k.shape[1]}-wide; the file was edited on another model")
-            k = np.concatenate([out[int(layer)], k])
-        out[int(layer)] = k
+        before = out.get(layer)
+        if before is not None and before.shape[1] != k.shape[1]:
+            raise QeditError(f"edit keys of layer {layer}: the file records {before.shape[1]}-wide keys "
+                             f"but the new edit's are {k.shape[1]}-wide; the file was edited on another model")
+        out[layer] = k if before is None else np.concatenate([before, k])
     return out
 
 
