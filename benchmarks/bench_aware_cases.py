@@ -18,6 +18,12 @@ CounterFact-dev case is edited alone and its edited tensors are spliced into the
   targets and statistics are the quantized model's), then plain requantization of Wq + dW;
 - `aware` (qedit's default, `qedit edit --quant T`): recomputed and encoded edit-aware.
 
+With --hi-type T2 (item 4, placement / the higher-type option alone) a fifth variant, `naive_hi`: the
+full-precision edit with the edited tensors re-encoded plainly at T2, what `qedit patch --naive
+--tensor-type 'blk.*.ffn_down.weight=T2'` writes. It is scored in a second working copy whose edited
+tensors are T2 (the rung file patched with a zero edit at that type); the JSON records that copy's size
+cost in bytes. Rows of a resumed run that lack a variant are left out of that variant's summary (its n).
+
 With --target-margin M every edit is computed at minimal strength (the method's `target_margin`: the
 smallest scale at which the margin over the prompt and its context prefixes is >= M nats) on the source
 model, whose torch float32 scores are then the full-precision reference, instead of using saved deltas.
@@ -51,18 +57,20 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # qedit, from a ch
 from bench_edit import restored  # noqa: E402
 from bench_survival_cases import DATA, RungFile, _fp32_baseline, cached_report  # noqa: E402
 
-VARIANTS = ("naive", "aware_encoding", "recomputed", "aware")
+VARIANTS = ("naive", "aware_encoding", "recomputed", "aware", "naive_hi")
 
 
-def encode_changes(rung: RungFile, deltas, encoding) -> tuple[dict[str, bytes], dict[str, list[float]]]:
-    """GGUF tensor name -> new bytes of the rung's type for W (from the unedited rung file) + the summed
-    change, edit-aware with `encoding` (None: plain). Also name -> [kept, kept_naive] for aware tensors."""
+def encode_changes(rung: RungFile, deltas, encoding, types: RungFile | None = None,
+                   ) -> tuple[dict[str, bytes], dict[str, list[float]]]:
+    """GGUF tensor name -> new bytes for W (from the unedited rung file) + the summed change, of the type
+    the tensor has in `types` (default: the rung), edit-aware with `encoding` (None: plain). Also
+    name -> [kept, kept_naive] for aware tensors."""
     from qedit.converters.gguf_patch import group_deltas
     from qedit.kernels import quantize_tensor
 
     out, kept = {}, {}
     for name, group in group_deltas(rung.gf, deltas).items():
-        info = rung.gf.tensors[name]
+        info = (types or rung).gf.tensors[name]
         change = sum(d.dense() for d in group).detach().cpu().numpy().astype(np.float32)   # (rows, cols)
         w0 = np.array(rung.gf.dequantize(name), dtype=np.float32, copy=True)               # (rows, cols)
         enc = None if encoding is None else encoding.encode(name, group[-1].layer, w0, change, info.ggml_type)
@@ -72,6 +80,20 @@ def encode_changes(rung: RungFile, deltas, encoding) -> tuple[dict[str, bytes], 
             out[name] = enc.data.tobytes()
             kept[name] = [enc.kept, enc.kept_naive]
     return out, kept
+
+
+def hi_rung(rung: RungFile, work: Path, deltas, type_name: str) -> tuple[RungFile, int, set[str]]:
+    """(a working copy of the rung file whose tensors edited by `deltas` are re-encoded at `type_name`, in
+    which `naive_hi` is scored; the size cost in tensor bytes; those tensors' names). Made by a patch with
+    the edit scaled to zero (W0 at the new type); every later case must edit the same tensors."""
+    from qedit.converters.gguf_patch import patch_gguf
+
+    stem = f"{type_name}-{rung.gf.path.stem}-{os.getpid()}.gguf"
+    zero = [d.scaled(0.0) for d in deltas]
+    rep = patch_gguf(rung.gf.path, work / f"qedit-aware-hi-{stem}", zero, {"bench": "naive_hi base"},
+                     type_overrides={d.name: type_name for d in zero})
+    cost = sum(t.bytes_after - t.bytes_before for t in rep.tensors)
+    return RungFile(rep.dst, work / f"qedit-aware-hi-work-{stem}"), cost, {t.name for t in rep.tensors}
 
 
 def score(rung: RungFile, data: dict[str, bytes], req, base_case):
@@ -95,15 +117,20 @@ def summarize(rows: list[dict]) -> dict:
     out = {"n": len(rows), "fp32": {"efficacy": fp_eff, "generalization": mean(r["fp32"]["generalization"] for r in rows),
                                     "locality": mean(r["fp32"]["locality"] for r in rows), "margin_gain": fp_gain}}
     for v in VARIANTS:
-        at = [r[v] for r in rows]
+        have = [r for r in rows if v in r]
+        if not have:
+            continue
+        at = [r[v] for r in have]
+        ref_eff = mean(r["fp32"]["efficacy"] for r in have)
+        ref_gain = mean(r["fp32"]["margin"] - r["fp32_base_margin"] for r in have)
         eff = mean(a["efficacy"] for a in at)
-        gain = mean(a["margin"] - r["base_margin"] for a, r in zip(at, rows))
+        gain = mean(a["margin"] - r["base_margin"] for a, r in zip(at, have))
         kept = [k[0] for a in at for k in a.get("kept", {}).values() if k[0] == k[0]]
-        out[v] = {"efficacy": eff, "efficacy_kept": eff / fp_eff if fp_eff else None,
+        out[v] = {"n": len(have), "efficacy": eff, "efficacy_kept": eff / ref_eff if ref_eff else None,
                   "generalization": mean(a["generalization"] for a in at), "locality": mean(a["locality"] for a in at),
-                  "margin_gain": gain, "margin_kept": gain / fp_gain if fp_gain else None,
+                  "margin_gain": gain, "margin_kept": gain / ref_gain if ref_gain else None,
                   "dw_norm": mean(a["dw_norm"] for a in at),
-                  "died": sum(1 for a, r in zip(at, rows) if r["fp32"]["efficacy"] == 1.0 and a["efficacy"] == 0.0),
+                  "died": sum(1 for a, r in zip(at, have) if r["fp32"]["efficacy"] == 1.0 and a["efficacy"] == 0.0),
                   "kept_at_keys_mean": mean(kept), "kept_at_keys_min": min(kept) if kept else None}
     return out
 
@@ -121,6 +148,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target-margin", type=float, default=None,
                     help="compute every edit at minimal strength (this margin in nats) instead of reading --deltas")
+    ap.add_argument("--hi-type", default=None,
+                    help="also score `naive_hi`: the edited tensors re-encoded plainly at this GGML type (e.g. Q6_K)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -129,6 +158,7 @@ def main() -> None:
 
     from qedit.api import edit, make_config
     from qedit.converters.gguf_aware import encoding_for
+    from qedit.converters.gguf_patch import group_deltas
     from qedit.delta import load_deltas, load_edit_keys
     from qedit.evaluate import EvalReport, evaluate
     from qedit.facts import load_requests
@@ -164,6 +194,8 @@ def main() -> None:
     same = all(torch.equal(p, src_params[n]) for n, p in quantized.model.named_parameters())
     if same:  # e.g. Q4_K_M of the Q4_K_M source: the edit on the rung's weights is the source edit
         print(f"{args.rung}: every weight equals the source's; `recomputed` and `aware` reuse the source edit")
+    hi: RungFile | None = None   # the rung with the edited tensors at --hi-type, made at the first case
+    hi_bytes = None
     old = json.loads(args.json.read_text()) if args.json.is_file() else {}
     rows = [r for r in old.get("cases", []) if r["case"] in bases]
     done = {r["case"] for r in rows}
@@ -204,22 +236,35 @@ def main() -> None:
                 data, kept = encode_changes(rung, outcome.deltas, encoding_for(quantized, outcome.keys, cfg.stats))
                 row["encode_seconds"] = time.perf_counter() - t0
                 row["aware"] = {**score(rung, data, req, base), "dw_norm": q_norm, "kept": kept}
+            if args.hi_type:
+                if hi is None:
+                    hi, hi_bytes, hi_names = hi_rung(rung, args.work, fp_deltas, args.hi_type)
+                    print(f"{args.rung} with the edited tensors at {args.hi_type}: {hi_bytes:+,} tensor bytes")
+                if set(group_deltas(rung.gf, fp_deltas)) != hi_names:
+                    raise SystemExit(f"case {case} edits other tensors than {sorted(hi_names)}, retyped at the first case")
+                data, _ = encode_changes(rung, fp_deltas, None, types=hi)
+                row["naive_hi"] = {**score(hi, data, req, base), "dw_norm": fp_norm}
             rows.append(row)
             rows.sort(key=lambda r: r["case"])
             tmp = args.json.with_suffix(".tmp")
             tmp.write_text(json.dumps({"command": sys.argv, "rung": args.rung, "method": args.method, "same_weights": same,
                                        "target_margin": args.target_margin,
+                                       "hi_type": args.hi_type, "hi_bytes": hi_bytes,
                                        "seconds_this_run": time.perf_counter() - started,
                                        "summary": summarize(rows), "cases": rows}, indent=1))
             tmp.replace(args.json)
     finally:
-        rung.gf.close()
-        rung.path.unlink(missing_ok=True)
+        for f in (rung, hi):
+            if f is not None:
+                f.gf.close()
+                f.path.unlink(missing_ok=True)
+        if hi is not None:
+            hi.gf.path.unlink(missing_ok=True)   # the zero patch the working copy was made from
     s = summarize(rows)
     print(f"\n{args.method} at {args.rung}, {s['n']} single edits; fp32 efficacy {s['fp32']['efficacy']:.3f}")
     print("| variant | efficacy | kept | generalization | locality | margin kept | died | |dW| | kept at keys (mean/min) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for v in VARIANTS:
+    for v in (v for v in VARIANTS if v in s):
         a = s[v]
         keys = "-" if a["kept_at_keys_mean"] is None else f"{a['kept_at_keys_mean']:.3f} / {a['kept_at_keys_min']:.3f}"
         print(f"| {v} | {a['efficacy']:.3f} | {a['efficacy_kept']:.3f} | {a['generalization']:.3f} | {a['locality']:.3f} | "
