@@ -39,7 +39,7 @@ class EditEncoding:
 
     def __post_init__(self) -> None:
         for layer, k in self.keys.items():
-            if np.asarray(_numpy(k)).ndim != 2:
+            if np.asarray(as_numpy(k)).ndim != 2:
                 raise ValueError(f"EditEncoding: keys of layer {layer} must be (n, in)")
 
     def describe(self) -> dict[str, Any]:
@@ -50,7 +50,7 @@ class EditEncoding:
         """What identifies this encoding for caches: its settings and the content of keys and covariances."""
         import hashlib
 
-        content = {f"{what}{int(k)}": hashlib.sha256(_numpy(v).tobytes()).hexdigest()
+        content = {f"{what}{int(k)}": hashlib.sha256(as_numpy(v).tobytes()).hexdigest()
                    for what, table in (("keys", self.keys), ("cov", self.covs)) for k, v in table.items()}
         return [self.describe(), content]
 
@@ -59,18 +59,19 @@ class EditEncoding:
         """Aware bytes for tensor `name` (w0, change: (rows, cols) float32), or None when `layer` has no keys."""
         if layer not in self.keys:
             return None
-        keys = _numpy(self.keys[layer])                                   # (n, in)
-        cov = _numpy(self.covs[layer]) if layer in self.covs else None    # (in, in)
+        keys = as_numpy(self.keys[layer])                                   # (n, in)
+        cov = as_numpy(self.covs[layer]) if layer in self.covs else None    # (in, in)
         res = quantize_edited(w0, change, keys, ggml_type, cov=cov, cfg=self.cfg)
         log.info("%s: edit-aware %s, kept %.3f of the edit at its keys (plain requantization: %.3f)",
                  name, ggml_type.name, res.kept, res.kept_naive)
         return EncodedTensor(res.data, float(res.kept), float(res.kept_naive))
 
 
-def _numpy(t: Any) -> np.ndarray:
+def as_numpy(t: Any, dtype: Any = np.float64) -> np.ndarray:
+    """A torch tensor or array-like as a contiguous numpy array of `dtype` (float64 by default)."""
     if hasattr(t, "detach"):
         t = t.detach().cpu().double().numpy()
-    return np.ascontiguousarray(np.asarray(t, dtype=np.float64))
+    return np.ascontiguousarray(np.asarray(t, dtype=dtype))
 
 
 def encoding_for(loaded: Any, keys: Mapping[int, Any], stats_cfg: Any, cfg: AwareConfig | None = None) -> EditEncoding:

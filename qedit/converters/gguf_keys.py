@@ -24,6 +24,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from qedit.converters.gguf_aware import as_numpy
 from qedit.converters.gguf_read import GGUFFile
 from qedit.converters.gguf_write import KVEntry, encode_kv
 from qedit.errors import QeditError
@@ -59,16 +60,10 @@ def read_edit_keys(gf: GGUFFile) -> dict[int, np.ndarray]:
     return out
 
 
-def _numpy(keys: Any) -> np.ndarray:
-    if hasattr(keys, "detach"):
-        keys = keys.detach().cpu().float().numpy()
-    return np.ascontiguousarray(np.asarray(keys, dtype=np.float32))
-
-
 def merged_keys(earlier: Mapping[int, Any], new: Mapping[int, Any]) -> dict[int, np.ndarray]:
     """layer -> earlier keys stacked over the new ones, float32 (n_earlier + n_new, d)."""
-    out = {int(layer): _numpy(k) for layer, k in earlier.items()}
-    for layer, k in ((int(layer), _numpy(k)) for layer, k in new.items()):
+    out = {int(layer): as_numpy(k, np.float32) for layer, k in earlier.items()}
+    for layer, k in ((int(layer), as_numpy(k, np.float32)) for layer, k in new.items()):
         if k.ndim != 2:
             raise QeditError(f"edit keys of layer {layer} must be (n, d), got shape {k.shape}")
         before = out.get(layer)
@@ -83,7 +78,7 @@ def edit_keys_kvs(keys: Mapping[int, Any]) -> list[KVEntry]:
     """The metadata entries recording `keys` (layer -> (n, d)), layers in order."""
     out: list[KVEntry] = []
     for layer in sorted(int(x) for x in keys):
-        k = _numpy(keys[layer])                                                 # (n, d)
+        k = as_numpy(keys[layer], np.float32)                                   # (n, d)
         name = f"{KEYS_PREFIX}{layer}"
         out.append(encode_kv(name, k.reshape(-1), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32))
         out.append(encode_kv(f"{name}.shape", list(k.shape), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32))
