@@ -194,6 +194,15 @@ def scored_retain(requests: Sequence[ForgetRequest], extra: Sequence[RetainItem]
     return default_retain(requests, extra) + held
 
 
+def check_retain_setting(field_name: str, retain: Any) -> None:
+    """A method config's shared retain set: a tuple of RetainItems, none held out; else QeditError."""
+    if not isinstance(retain, tuple) or not all(isinstance(r, RetainItem) for r in retain):
+        raise QeditError(f"{field_name}: must be a tuple of qedit.forget.RetainItem (see load_retain)")
+    if any(r.held_out for r in retain):
+        raise QeditError(f"{field_name}: held-out items are scored only and never trained on; "
+                         "pass them to the evaluation, not to the method")
+
+
 def default_retain(requests: Sequence[ForgetRequest], extra: Sequence[RetainItem] = ()) -> list[RetainItem]:
     """The forget requests' own retain items (their lines' locality prompts), without duplicates
     and without any whose prompt is one of the prompts to forget; then the `extra` items (a shared

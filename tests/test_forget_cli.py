@@ -42,7 +42,7 @@ def test_forget_to_gptq_measures_the_written_checkpoint(tiny_dirs, facts_file, t
 
 
 @pytest.mark.parametrize("command, method, message", [
-    ("forget", "memit", "edits facts; forget takes one of ga, npo, qforget"),
+    ("forget", "memit", "edits facts; forget takes one of ga, kforget, npo, qforget"),
     ("edit", "npo", "unlearns facts; use `qedit forget"),
 ])
 def test_methods_and_commands_must_match(tiny_dirs, facts_file, tmp_path, capsys, command, method, message):

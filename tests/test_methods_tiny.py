@@ -428,3 +428,36 @@ def test_the_minimal_strength_margin_is_the_lead_over_every_other_token(tiny):
     assert margin < 0 < vs_true
     leader = EditRequest(EDIT_PROMPT, EDIT_SUBJECT, CANDIDATES[order[0]], last)
     assert _margin(loaded, [leader], [""], []) <= logp[order[0]] - logp[order[-1]] + 1e-4
+
+
+@pytest.mark.parametrize("target, max_scale, expected", [
+    (1.0, 1.0, 0.5),      # the full edit overshoots: scaled down
+    (3.0, 1.0, 1.0),      # below the target at full strength, and no scaling up allowed
+    (3.0, 4.0, 1.5),      # scaled up to reach it
+    (10.0, 4.0, 4.0),     # even max_scale stays below: max_scale
+])
+def test_minimal_scale_bisects_down_to_the_margin_and_up_to_max_scale(target, max_scale, expected):
+    """minimal_scale on a margin that grows as 2 x the edit's scale (a stand-in margin function)."""
+    from qedit.methods._strength import minimal_scale
+
+    delta = LowRankDelta("w", 0, torch.ones(2, 1), torch.ones(1, 3))
+
+    def margin(loaded, reqs, prefixes, deltas):
+        return 2.0 * sum(d.scale for d in deltas)
+
+    alpha, reached = minimal_scale(None, [], [""], [delta], [], target, steps=10, max_scale=max_scale, margin_fn=margin)
+    assert alpha == pytest.approx(expected, abs=4.0 / 2 ** 10)
+    assert reached == pytest.approx(2.0 * alpha)
+    assert reached >= target or alpha in (1.0, max_scale)
+
+
+def test_forget_gap_is_the_lead_of_the_best_other_token_over_the_answer(tiny):
+    """`forget_gap`: log P(best other) - log P(answer's first token), negative while the answer is top-1."""
+    from qedit.methods._strength import forget_gap
+
+    loaded = load_model(tiny["llama"])
+    logp = [s.mean_logprob for s in TorchRunner(loaded).score([(EDIT_PROMPT, c) for c in CANDIDATES])]
+    order = sorted(range(len(CANDIDATES)), key=lambda i: -logp[i])
+    top, other = (EditRequest(EDIT_PROMPT, EDIT_SUBJECT, CANDIDATES[i]) for i in (order[0], order[-1]))
+    assert forget_gap(loaded, [other], [""], []) > 0
+    assert forget_gap(loaded, [top, other], [""], []) == pytest.approx(forget_gap(loaded, [top], [""], []))

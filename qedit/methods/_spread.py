@@ -60,7 +60,10 @@ def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out:
 
 
 def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: SpreadConfig, ctx: EditContext,
-                solver: LayerSolver) -> EditResult:
+                solver: LayerSolver, away_margin: float | None = None) -> EditResult:
+    """MEMIT's spread of `requests` with `solver`. With `away_margin` the residual target pushes each
+    request's target_new (there: the answer to erase) that many nats below the best other token instead
+    (unlearning, `kforget`), and minimal strength does not apply."""
     layers = resolve_layers(loaded, cfg, multi_layer=True)
     covs = key_covariance(loaded, layers, cfg.stats)
     prefixes = context_prefixes(loaded, cfg)
@@ -70,7 +73,7 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
     z_site = loaded.arch.layer.format(layers[-1])
     last_mlp = loaded.arch.mlp_out.format(layers[-1])
     u_delta, nlls = optimize_targets(loaded, requests, last_mlp, prefixes, cfg.target,
-                                     cache_dir=target_cache_dir(loaded, cfg))     # (n, d_out)
+                                     cache_dir=target_cache_dir(loaded, cfg), away_margin=away_margin)  # (n, d_out)
     z_target = site_values(loaded, requests, z_site, "output", prefixes, inject=(last_mlp, u_delta))  # (n, d_model)
     applied: list[LowRankDelta] = []
     keys: dict[int, torch.Tensor] = {}
@@ -84,7 +87,7 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
         applied.append(finish_delta(loaded, layer, dw, cfg, {"n_requests": len(requests)}))
         keys[layer] = k
     info = {"layers": list(layers), "target_nll": nlls}
-    if cfg.target_margin is not None:
+    if cfg.target_margin is not None and away_margin is None:
         alpha, margin = minimal_scale(loaded, requests, prefixes, applied, [], cfg.target_margin)
         applied = [d.scaled(alpha) for d in applied]
         info.update(scale=alpha, margin=margin)

@@ -15,7 +15,7 @@ encoded edit-aware, the margin reached is the margin after quantization.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,27 +57,63 @@ def _margin(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence
     return float(torch.minimum(vs_true, top1).min())
 
 
+MarginFn = Callable[[LoadedModel, Sequence[EditRequest], Sequence[str], Sequence[LowRankDelta]], float]
+
+
+@torch.no_grad()
+def forget_gap(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
+               deltas: Sequence[LowRankDelta]) -> float:
+    """For unlearning (`kforget`, whose requests carry the answer to erase as target_new), with `deltas`
+    applied through hooks: per request, the gap log P(best other token) - log P(the answer's first token),
+    the smaller of its mean over the prefixes and its value on the bare prompt (prefixes[0], the one a
+    user types); the smallest over `reqs`. Positive: the answer is not top-1 on the bare prompt."""
+    texts = [pre + r.prompt for r in reqs for pre in prefixes]
+    batch = build_batch(loaded, texts, [r.target_new for r in reqs for _ in prefixes])
+    rows = torch.arange(len(texts))
+    cols = torch.tensor([pos[0] for pos in batch.target_pos])                               # (n,) first answer token
+    ids = torch.tensor([tid[0] for tid in batch.target_ids])                                # (n,)
+    with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
+        logp = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                     # (n, vocab)
+    own = logp.gather(1, ids[:, None])[:, 0]                                               # (n,)
+    other = logp.scatter(1, ids[:, None], float("-inf")).max(-1).values                    # (n,)
+    gap = (other - own).view(len(reqs), len(prefixes))                                     # (n_reqs, n_prefixes)
+    return float(torch.minimum(gap.mean(1), gap[:, 0]).min())
+
+
 def minimal_scale(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
                   deltas: Sequence[LowRankDelta], applied: Sequence[LowRankDelta], target_margin: float,
-                  min_scale: float = 0.05, steps: int = 6) -> tuple[float, float]:
-    """(alpha, margin at alpha): the smallest alpha in [min_scale, 1] (to 1/2^steps) at which every request's
-    margin, with `deltas` scaled by alpha on top of `applied`, is >= target_margin.
+                  min_scale: float = 0.05, steps: int = 6, max_scale: float = 1.0,
+                  margin_fn: MarginFn | None = None) -> tuple[float, float]:
+    """(alpha, margin at alpha): the smallest alpha in [min_scale, max_scale] (bisected `steps` times) at which
+    every request's margin (`margin_fn`, default `_margin`), with `deltas` scaled by alpha on top of
+    `applied`, is >= target_margin.
 
-    alpha = 1 when even the full edit stays below the target, or a request has no ground truth.
+    When even the full edit (alpha = 1) stays below the target: alpha = 1 if max_scale is 1, else the
+    smallest alpha in (1, max_scale] that reaches it, or max_scale when none does. alpha = 1 when a
+    request has no ground truth (the default margin needs it).
     """
-    if any(r.ground_truth is None for r in reqs):
+    fn = margin_fn or _margin
+    if fn is _margin and any(r.ground_truth is None for r in reqs):
         return 1.0, float("nan")
 
     def margin(alpha: float) -> float:
-        return _margin(loaded, reqs, prefixes, [*applied, *(d.scaled(alpha) for d in deltas)])
+        return fn(loaded, reqs, prefixes, [*applied, *(d.scaled(alpha) for d in deltas)])
 
     full = margin(1.0)
-    if full <= target_margin:
-        return 1.0, full
-    lo, hi, hi_margin = min_scale, 1.0, full
-    lo_margin = margin(lo)
-    if lo_margin >= target_margin:
-        return lo, lo_margin
+    if full >= target_margin:
+        lo, hi, hi_margin = min_scale, 1.0, full
+        lo_margin = margin(lo)
+        if lo_margin >= target_margin:
+            return lo, lo_margin
+    else:
+        if max_scale <= 1.0:
+            return 1.0, full
+        top = margin(max_scale)
+        if top < target_margin:
+            log.info("%s: even %.1f x the edit stays below the margin (%.2f nats)",
+                     ", ".join(r.subject for r in reqs[:3]), max_scale, top)
+            return max_scale, top
+        lo, hi, hi_margin = 1.0, max_scale, top
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
         m = margin(mid)

@@ -1,6 +1,8 @@
 """Target optimisation (ROME's v*, MEMIT's z): the vector that, added to a module's output at the
 subject's last token, makes the model answer target_new, with a KL term that keeps the subject's
-other properties and a norm bound.
+other properties and a norm bound. With `away_margin` (unlearning, `kforget`) the objective turns
+around: the vector pushes the first token of the request's `target_new` (the answer to erase) at least
+`away_margin` nats below the best other token, a hinge that stops pulling once the margin holds.
 
 Requests are optimised together in chunks (one batch per step) and a chunk stops once all of its
 requests are below the NLL threshold, so a target depends on its chunk-mates; the target cache is
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, prefixes: Sequence[str],
-                   cfg: TargetConfig, applied: Sequence[LowRankDelta]) -> tuple[torch.Tensor, list[float]]:
+                   cfg: TargetConfig, applied: Sequence[LowRankDelta],
+                   away_margin: float | None = None) -> tuple[torch.Tensor, list[float]]:
     n, p = len(reqs), len(prefixes)
     texts = [pre + r.prompt for r in reqs for pre in prefixes] + [f"{r.subject} is a" for r in reqs]
     targets: list[str | None] = [r.target_new for r in reqs for _ in prefixes] + [None] * n
@@ -38,6 +41,10 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
     rows_all = torch.arange(len(texts))
     lookup = torch.tensor(batch.lookup)
     t_rows, t_cols, t_ids = target_index(batch)
+    if away_margin is not None:   # the hinge reads each row's first target token only
+        first = torch.ones_like(t_rows, dtype=torch.bool)
+        first[1:] = t_rows[1:] != t_rows[:-1]
+        t_rows, t_cols, t_ids = t_rows[first], t_cols[first], t_ids[first]
     kl_rows = torch.arange(n * p, n * p + n)
     kl_cols = torch.tensor([batch.last[i] for i in kl_rows.tolist()])
     q_rows, q_cols = torch.cat([t_rows, kl_rows]), torch.cat([t_cols, kl_cols])
@@ -65,8 +72,14 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
         # hooks on one module chain in registration order: the applied deltas first, then the injection
         with edit_outputs(loaded.model, base_edits), edit_outputs(loaded.model, {site: inject}):
             logits = logits_at(loaded, batch, q_rows, q_cols)
-        logp = F.log_softmax(logits[:n_t], dim=-1).gather(1, t_ids[:, None])[:, 0]      # (n_t,)
-        nll_per = -torch.zeros(n).index_add(0, tok_owner, logp) / counts                 # (n,) mean over tokens and prefixes
+        logp_all = F.log_softmax(logits[:n_t], dim=-1)                                   # (n_t, vocab)
+        logp = logp_all.gather(1, t_ids[:, None])[:, 0]                                  # (n_t,)
+        if away_margin is None:
+            nll_per = -torch.zeros(n).index_add(0, tok_owner, logp) / counts             # (n,) mean over tokens and prefixes
+        else:   # the runner-up held fixed: lowering the answer spreads its mass over every other token
+            other = logp_all.scatter(1, t_ids[:, None], float("-inf")).max(-1).values.detach()   # (n_t,)
+            hinge = torch.relu(logp - other + away_margin)                                        # (n_t,)
+            nll_per = torch.zeros(n).index_add(0, tok_owner, hinge) / counts             # (n,) mean over prefixes
         kl = F.kl_div(F.log_softmax(logits[n_t:], dim=-1), ref_kl, log_target=True, reduction="none").sum(-1)  # (n,)
         decay = (delta.norm(dim=-1) / orig_norm) ** 2
         loss = (nll_per + cfg.kl_factor * kl + cfg.weight_decay * decay).sum()
@@ -83,18 +96,19 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
 
 def optimize_targets(loaded: LoadedModel, requests: Sequence[EditRequest], site: str, prefixes: Sequence[str],
                      cfg: TargetConfig, applied: Sequence[LowRankDelta] = (),
-                     cache_dir: Path | None = None) -> tuple[torch.Tensor, list[float]]:
-    """delta (n, d) to add to `site`'s output at each request's subject-last token, and the final NLLs.
+                     cache_dir: Path | None = None, away_margin: float | None = None) -> tuple[torch.Tensor, list[float]]:
+    """delta (n, d) to add to `site`'s output at each request's subject-last token, and the final NLLs
+    (with `away_margin`: the final hinge values, 0 where the answer trails by the margin).
 
     With cache_dir, targets computed on the model as it is (no applied deltas) are read from and
     written to that directory (qedit.methods._target_cache)."""
-    cache = TargetCache(cache_dir if not applied else None, loaded, site, prefixes, cfg)
+    cache = TargetCache(cache_dir if not applied else None, loaded, site, prefixes, cfg, away_margin)
     parts, nlls, hits = [], [], 0
     for lo in tqdm(range(0, len(requests), cfg.chunk), desc="optimising targets", unit="chunk", leave=False):
         chunk = list(requests[lo:lo + cfg.chunk])
         found = cache.get(chunk)
         if found is None:
-            found = _chunk_targets(loaded, chunk, site, prefixes, cfg, applied)
+            found = _chunk_targets(loaded, chunk, site, prefixes, cfg, applied, away_margin)
             cache.put(chunk, *found)
         else:
             hits += len(chunk)
@@ -102,5 +116,6 @@ def optimize_targets(loaded: LoadedModel, requests: Sequence[EditRequest], site:
         nlls.extend(found[1])
     if hits:
         log.info("%d of %d targets from the cache %s", hits, len(requests), cache.dir)
-    log.info("target NLL after optimisation: mean %.3f, max %.3f", sum(nlls) / len(nlls), max(nlls))
+    log.info("target %s after optimisation: mean %.3f, max %.3f", "NLL" if away_margin is None else "hinge",
+             sum(nlls) / len(nlls), max(nlls))
     return torch.cat(parts), nlls                                                        # (n, d)

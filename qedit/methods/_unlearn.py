@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from qedit.batching import Batch, build_batch, continuation_ids, logits_at
 from qedit.errors import QeditError
-from qedit.forget import ForgetRequest, RetainItem, default_retain
+from qedit.forget import ForgetRequest, RetainItem, check_retain_setting, default_retain
 from qedit.hooks import edit_outputs
 from qedit.methods._requant import dense_edits
 from qedit.methods.base import EditResult, MethodConfig, finish_delta, resolve_layers
@@ -73,11 +73,7 @@ class UnlearnConfig(MethodConfig):
                 raise QeditError(f"{name}.{key}: must be a finite number >= 0 (0 switches it off), got {value!r}")
         if self.n_corpus < 0 or self.corpus_len < 2:
             raise QeditError(f"{name}: n_corpus >= 0 and corpus_len >= 2 are required")
-        if not isinstance(self.retain, tuple) or not all(isinstance(r, RetainItem) for r in self.retain):
-            raise QeditError(f"{name}.retain: must be a tuple of qedit.forget.RetainItem (see load_retain)")
-        if any(r.held_out for r in self.retain):
-            raise QeditError(f"{name}.retain: held-out items are scored only and never trained on; "
-                             "pass them to the evaluation, not to the method")
+        check_retain_setting(f"{name}.retain", self.retain)
 
 
 @dataclass

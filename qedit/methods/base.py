@@ -27,9 +27,11 @@ class EditMethod(str, enum.Enum):
     GA = "ga"            # unlearning methods: they take ForgetRequests (qedit.forget), not EditRequests
     NPO = "npo"
     QFORGET = "qforget"
+    KFORGET = "kforget"
 
 
-UNLEARN_METHODS: frozenset[EditMethod] = frozenset({EditMethod.GA, EditMethod.NPO, EditMethod.QFORGET})
+UNLEARN_METHODS: frozenset[EditMethod] = frozenset({EditMethod.GA, EditMethod.NPO, EditMethod.QFORGET,
+                                                    EditMethod.KFORGET})
 
 
 @dataclass(frozen=True)

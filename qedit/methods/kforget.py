@@ -1,0 +1,126 @@
+"""kforget: key-local unlearning, MEMIT's closed form turned around (qedit issue 7).
+
+GA, NPO and qforget train dW by gradient steps on the facts and a retain loss; a change large enough
+to outlast rounding then also moves the answers of the retain prompts (CounterFact's neighbourhood
+prompts, which share the erased answer). kforget instead edits the way MEMIT does, keyed to each
+fact's subject:
+
+1. Target: a residual vector at the last edit layer, at the subject's last token, optimised until
+   the answer's first token trails the best other token by `forget_margin` nats over the prompt and
+   its context prefixes (a hinge; the KL on "<subject> is a" keeps the subject's other properties).
+2. Spread: MEMIT's per-layer least squares, dW = R K^T (lambda C + K K^T + w R_keep)^-1, where C is the
+   key covariance and R_keep = sum of k k^T over every token of the retain prompts (weight
+   `retain_weight` per token): the solve keeps the retain prompts' MLP outputs where they were.
+3. Strength: the spread under a strong prior reaches less than its target, so the deltas are scaled
+   (on every layer together) to the smallest factor in [0.05, `max_scale`] at which every fact's answer
+   trails the best other token by `forget_margin` nats on the bare prompt and on average over its
+   context prefixes (`_strength.minimal_scale` with `forget_gap` as the margin).
+4. The edit keys come back with the deltas, so patches, exports and the survival ladder encode the
+   edited tensors edit-aware (the change kept at the keys through requantization) and, at coarse GGUF
+   rungs, compute the unlearning on the rung's own weights, as they do for edits.
+
+Facts only: a request needs a prompt, a subject and the answer to erase (texts are GA/NPO/qforget's).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qedit import linalg
+from qedit.batching import build_batch, logits_at
+from qedit.errors import QeditError
+from qedit.facts import EditRequest
+from qedit.forget import ForgetRequest, RetainItem, check_retain_setting, default_retain
+from qedit.hooks import record
+from qedit.methods._common import context_prefixes
+from qedit.methods._spread import spread_edit
+from qedit.methods._strength import forget_gap, minimal_scale
+from qedit.methods.base import EditContext, EditMethod, EditResult, register_method, resolve_layers
+from qedit.methods.memit import MemitConfig
+from qedit.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class KForgetConfig(MemitConfig):
+    target_margin: float | None = None    # minimal strength is for edits; kforget's strength is forget_margin
+    forget_margin: float = 3.0            # nats the answer's first token must trail the best other token by
+    retain: tuple[RetainItem, ...] = ()   # a shared retain set, besides each request's own retain items
+    retain_weight: float = 1.0            # weight of each retain-prompt token's key in the solve's prior
+    retain_chunk: int = 32                # retain prompts per forward pass
+    max_scale: float = 4.0                # the most the spread deltas may be scaled up to reach forget_margin
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_margin is not None:
+            raise QeditError("KForgetConfig.target_margin: must stay None (an edit setting); "
+                             "kforget's strength is forget_margin")
+        if isinstance(self.max_scale, bool) or not isinstance(self.max_scale, (int, float)) \
+                or not 1.0 <= self.max_scale <= 100.0:
+            raise QeditError(f"KForgetConfig.max_scale: must be a number in [1, 100], got {self.max_scale!r}")
+        for key in ("forget_margin", "retain_weight"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise QeditError(f"KForgetConfig.{key}: must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.retain_chunk, int) or self.retain_chunk < 1:
+            raise QeditError(f"KForgetConfig.retain_chunk: must be an integer >= 1, got {self.retain_chunk!r}")
+        check_retain_setting("KForgetConfig.retain", self.retain)
+
+
+def as_edit_requests(requests: Sequence[ForgetRequest]) -> list[EditRequest]:
+    """Each fact as the EditRequest the spread optimises: target_new carries the answer to push away."""
+    out = []
+    for i, r in enumerate(requests):
+        if not r.is_fact or r.texts:
+            raise QeditError(f"kforget: request {i} ({r.name!r}) has texts to forget; kforget erases facts "
+                             "(prompt, subject, answer) only: use ga, npo or qforget for texts")
+        assert r.prompt is not None and r.subject is not None and r.answer is not None
+        out.append(EditRequest(r.prompt, r.subject, r.answer, case_id=r.case_id))
+    return out
+
+
+@torch.no_grad()
+def retain_grams(loaded: LoadedModel, layers: Sequence[int], prompts: Sequence[str],
+                 chunk: int) -> dict[int, torch.Tensor]:
+    """Per layer, sum of k k^T (d_in, d_in) float64 over the MLP output projection's input at every token of
+    `prompts` (the unedited model)."""
+    modules = [loaded.arch.mlp_out.format(layer) for layer in layers]
+    d_in = {layer: loaded.edit_weight(layer).shape[1] for layer in layers}
+    grams = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64) for layer in layers}
+    origin = torch.zeros(1, dtype=torch.long)
+    for lo in range(0, len(prompts), chunk):
+        part = list(prompts[lo:lo + chunk])
+        batch = build_batch(loaded, part, [None] * len(part))
+        with record(loaded.model, modules, "input") as rec:
+            logits_at(loaded, batch, origin, origin)
+        mask = batch.attention_mask.bool()                                          # (b, s)
+        for layer, m in zip(layers, modules):
+            k = rec[m][mask].double()                                               # (tokens, d_in)
+            grams[layer] += k.t() @ k
+    return grams
+
+
+@register_method(EditMethod.KFORGET, KForgetConfig, multi_layer=True)
+def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForgetConfig,
+            ctx: EditContext) -> EditResult:
+    edits = as_edit_requests(requests)
+    layers = resolve_layers(loaded, cfg, multi_layer=True)
+    items = default_retain(requests, cfg.retain)
+    keep = retain_grams(loaded, layers, [x.prompt for x in items], cfg.retain_chunk) if cfg.retain_weight > 0 and items \
+        else {}
+
+    def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        prior = cfg.cov_weight * cov.double() + ctx.history.get(layer, torch.zeros_like(cov)).double()
+        if layer in keep:
+            prior = prior + cfg.retain_weight * keep[layer].to(prior.device)
+        return linalg.batch_update(keys, resid, prior).float()                      # (d_out, d_in)
+
+    result = spread_edit(loaded, edits, cfg, ctx, solve, away_margin=cfg.forget_margin)
+    alpha, margin = minimal_scale(loaded, edits, context_prefixes(loaded, cfg), result.deltas, [], cfg.forget_margin,
+                                  max_scale=cfg.max_scale, margin_fn=forget_gap)
+    deltas = [d.scaled(alpha) for d in result.deltas]
+    result.info.update(forget_margin=cfg.forget_margin, scale=alpha, margin=margin, n_retain=len(items),
+                       retain_weight=cfg.retain_weight)
+    return EditResult(deltas, result.keys, result.info)
