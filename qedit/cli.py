@@ -52,8 +52,8 @@ def _add_method_args(p: argparse.ArgumentParser, default: str = "memit") -> None
     from qedit.methods.base import EditMethod
 
     p.add_argument("--method", default=default, choices=[m.value for m in EditMethod],
-                   help=f"method (default: {default}); rome, memit, alphaedit and ft edit, ga, npo and qforget "
-                        "unlearn (qedit forget, or survival with a file of facts to forget)")
+                   help=f"method (default: {default}); rome, memit, alphaedit and ft edit, ga, npo, qforget and "
+                        "kforget unlearn (qedit forget, or survival with a file of facts to forget)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="edit layers, e.g. 5,6,7 (default: the architecture's layers for the method)")
     p.add_argument("--batch-size", type=int, default=None,

@@ -5,7 +5,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +147,6 @@ def write_output(plan: OutputPlan, args: argparse.Namespace, loaded: Any, outcom
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from qedit.api import edit
-    from qedit.converters.gguf_keys import stored_edit_keys
     from qedit.evaluate import evaluate, format_summary
     from qedit.methods.base import UNLEARN_METHODS, EditMethod
     from qedit.model import load_model
@@ -163,13 +161,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     with _edit_source(args, plan) as (source, plan):
         loaded = load_model(source, device=args.device)
         before = evaluate(TorchRunner(loaded), requests) if args.eval else None
-        earlier = stored_edit_keys(loaded.source)   # edits an earlier patch recorded in a GGUF source
-        if earlier:
-            print(f"{loaded.source.name}: protecting the keys of earlier edits recorded in the file "
-                  f"({', '.join(f'blk.{layer}: {len(k)}' for layer, k in sorted(earlier.items()))})")
-        outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size, earlier_keys=earlier)
-        if source != args.model:
-            outcome.info["computed_on"] = f"{args.model} exported at {args.quant.upper()}"
+        outcome = run_method(args, loaded, requests, cfg, source)
         write_output(plan, args, loaded, outcome)
         print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
               f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
@@ -180,6 +172,22 @@ def cmd_edit(args: argparse.Namespace) -> int:
             if args.json:
                 after.write_json(args.json)
     return 0
+
+
+def run_method(args: argparse.Namespace, loaded: Any, requests: Sequence[Any], cfg: Any, source: Path) -> Any:
+    """`qedit.api.edit` as `edit` and `forget` run it: the keys of edits an earlier patch recorded in a GGUF
+    source are protected, and an edit computed on the --quant export of the model says so."""
+    from qedit.api import edit
+    from qedit.converters.gguf_keys import stored_edit_keys
+
+    earlier = stored_edit_keys(loaded.source)
+    if earlier:
+        print(f"{loaded.source.name}: protecting the keys of earlier edits recorded in the file "
+              f"({', '.join(f'blk.{layer}: {len(k)}' for layer, k in sorted(earlier.items()))})")
+    outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size, earlier_keys=earlier)
+    if source != args.model:
+        outcome.info["computed_on"] = f"{args.model} exported at {args.quant.upper()}"
+    return outcome
 
 
 @contextlib.contextmanager

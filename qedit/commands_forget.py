@@ -1,4 +1,4 @@
-"""`qedit forget`: unlearn facts (GA, NPO or the quantization-robust qforget) and write the model with
+"""`qedit forget`: unlearn facts (GA, NPO, or the quantization-robust qforget and kforget) and write the model with
 the same outputs as `edit`: an HF directory, a GGUF patch or export, a GPTQ checkpoint. With --eval or
 --require the forget score is measured at full precision (torch) and on the written artifact in its
 runtime (llama.cpp for GGUF, the GPTQ loader for GPTQ), each against the unedited model there."""
@@ -25,7 +25,9 @@ def add_parser(sub: Any, add_method_args: Any, add_output_args: Any) -> None:
         description="Make the model stop giving the answers in FORGET.jsonl (CounterFact layout: the ground_truth\n"
                     "of each line is erased; or {prompt, subject, answer}; or {text}) while the retain set keeps\n"
                     "working (default: the lines' locality prompts, plus --retain). Methods: qforget (default,\n"
-                    "quantization-robust: margin targets, requantization in the loop), npo, ga.",
+                    "quantization-robust: margin targets, requantization in the loop), kforget (facts only:\n"
+                    "MEMIT's closed form keyed to each subject, the retain prompts held in the solve, encoded\n"
+                    "edit-aware like an edit), npo, ga.",
         epilog="examples:\n"
                "  qedit forget model.gguf forget.jsonl -o forgotten.gguf --require output:recovery_rate<=0.05\n"
                "  qedit forget model.gguf forget.jsonl --retain keep.jsonl --method npo -o out/ --eval\n"
@@ -48,16 +50,18 @@ def add_parser(sub: Any, add_method_args: Any, add_output_args: Any) -> None:
                    help="fail (exit 1) unless it holds, e.g. output:recovery_rate<=0.05 (repeatable)")
 
 
-def _output_runner(args: argparse.Namespace, plan: Any) -> tuple[Any, Any] | None:
+def _output_runner(args: argparse.Namespace, plan: Any, source: Path) -> tuple[Any, Any] | None:
     """(runner of the written artifact, runner of the unedited source in the same runtime), or None
-    when the output is a full-precision directory (the fp32 measurement covers it)."""
+    when the output is a full-precision directory (the fp32 measurement covers it). `source`: the model the
+    forgetting was computed on (for an edit-aware --quant export, the unedited model exported at --quant,
+    which the output patches)."""
     from qedit.commands_gguf import GGUFMode
 
     if plan.gguf_mode in (GGUFMode.PATCH, GGUFMode.EXPORT):
         from qedit.runners_llama import LlamaCppRunner
 
         if plan.gguf_mode is GGUFMode.PATCH:
-            return LlamaCppRunner(args.output), LlamaCppRunner(args.model)
+            return LlamaCppRunner(args.output), LlamaCppRunner(source)
         log.warning("the unedited baseline of an export is the source at full precision in torch")
         return LlamaCppRunner(args.output), None
     if plan.gguf_mode is GGUFMode.LORA:
@@ -73,15 +77,13 @@ def _output_runner(args: argparse.Namespace, plan: Any) -> tuple[Any, Any] | Non
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from qedit.api import edit
-    from qedit.commands import _method_config, plan_output, write_output
+    from qedit.commands import _edit_source, _method_config, plan_output, run_method, write_output
     from qedit.forget import load_forget_requests, load_retain, scored_retain
-    from qedit.forget_eval import evaluate_forget, format_forget_summary
+    from qedit.forget_eval import evaluate_forget
     from qedit.methods.base import UNLEARN_METHODS, EditMethod
     from qedit.model import load_model
     from qedit.runners import TorchRunner
-    from qedit.survival.gate import check_requirements, parse_requirement
-    from qedit.survival.metrics_forget import forget_metrics
+    from qedit.survival.gate import parse_requirement
 
     if EditMethod(args.method) not in UNLEARN_METHODS:
         raise QeditError(f"--method {args.method} edits facts; forget takes one of "
@@ -91,20 +93,32 @@ def cmd_forget(args: argparse.Namespace) -> int:
     requirements = [parse_requirement(t, list(RUNGS)) for t in args.require]
     plan = plan_output(args, args.facts, *[p for p in (args.retain, args.heldout) if p is not None])
     cfg = _method_config(args, retain=tuple(extra))
-    loaded = load_model(args.model, device=args.device)
     retain = scored_retain(requests, extra, args.heldout)
-    measure = args.eval or bool(requirements) or args.json is not None
-    before = evaluate_forget(TorchRunner(loaded), requests, retain, progress="unedited") if measure else None
-    outcome = edit(loaded, requests, args.method, cfg, batch_size=args.batch_size)
-    write_output(plan, args, loaded, outcome)
-    print(f"unlearned {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
-          f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
-    if before is None:
-        return 0
+    with _edit_source(args, plan) as (source, plan):
+        loaded = load_model(source, device=args.device)
+        measure = args.eval or bool(requirements) or args.json is not None
+        before = evaluate_forget(TorchRunner(loaded), requests, retain, progress="unedited") if measure else None
+        outcome = run_method(args, loaded, requests, cfg, source)
+        write_output(plan, args, loaded, outcome)
+        print(f"unlearned {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
+              f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
+        if before is None:
+            return 0
+        return _measure(args, plan, loaded, requests, retain, requirements, before, source)
+
+
+def _measure(args: argparse.Namespace, plan: Any, loaded: Any, requests: list[Any], retain: list[Any],
+             requirements: list[Any], before: Any, source: Path) -> int:
+    """Score the forgetting in torch and on the written artifact, print it, check the gates: the exit status."""
+    from qedit.forget_eval import evaluate_forget, format_forget_summary
+    from qedit.runners import TorchRunner
+    from qedit.survival.gate import check_requirements
+    from qedit.survival.metrics_forget import forget_metrics
+
     after = evaluate_forget(TorchRunner(loaded), requests, retain, baseline=before, progress="fp32")
     metrics = {"fp32": forget_metrics(after, before, None), "output": None}
     lines = [format_forget_summary("unedited (fp32)", before), format_forget_summary("forgotten (fp32)", after)]
-    runners = _output_runner(args, plan)
+    runners = _output_runner(args, plan, source)
     output_report = None
     if runners is not None:
         out_runner, base_runner = runners

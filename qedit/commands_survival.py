@@ -60,7 +60,7 @@ def add_parser(sub: Any, add_model_args: Any, add_method_args: Any) -> None:
                    help="where the quantized files are cached (default: OUTPUT/artifacts)")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
     p.add_argument("--retain", type=Path, default=None,
-                   help="with an unlearning method (ga, npo, qforget): JSONL of prompts whose answers must keep "
+                   help="with an unlearning method (ga, npo, qforget, kforget): JSONL of prompts whose answers must keep "
                         "working, besides the facts' own locality prompts")
     p.add_argument("--heldout", type=Path, default=None,
                    help=HELDOUT_HELP)
@@ -119,7 +119,7 @@ def cmd_survival(args: argparse.Namespace) -> int:
 
     forget = EditMethod(args.method) in UNLEARN_METHODS
     if (args.retain is not None or args.heldout is not None) and not forget:
-        raise QeditError("--retain and --heldout apply to unlearning methods (ga, npo, qforget)")
+        raise QeditError("--retain and --heldout apply to unlearning methods (ga, npo, qforget, kforget)")
     if forget:
         from qedit.forget import load_forget_requests, load_retain, scored_retain
 

@@ -141,3 +141,33 @@ def test_set_overrides_method_settings(tiny_dirs, facts_file, tmp_path, capsys):
                      "--set", bad]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_kforget_writes_a_gguf_edit_aware_with_its_keys(tiny_dirs, tmp_path, capsys):
+    """kforget returns edit keys like an edit, so `forget --quant T` patches the quantized file edit-aware
+    and records the keys (a later patch of the file protects them). The facts are the tiny model's own
+    answers (test_forget_tiny.tiny_requests), so there is something to forget."""
+    from conftest import make_tokenizer
+    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf_keys import stored_edit_keys
+    from qedit.converters.gguf_read import GGUFFile
+    from qedit.model import load_model
+    from test_forget_tiny import tiny_requests
+    from test_gguf_export import _tokenizer_template
+
+    tok = make_tokenizer()
+    template = _tokenizer_template(tmp_path / "vocab.gguf", tok.convert_ids_to_tokens(list(range(len(tok)))))
+    src = tmp_path / "tiny.gguf"
+    export_gguf(tiny_dirs["llama"], src, "F32", template=template)
+    facts_file = tmp_path / "known.jsonl"      # answers as the GGUF (its own tokenizer) gives them
+    facts_file.write_text("".join(json.dumps(r.to_json()) + "\n" for r in tiny_requests(load_model(src))))
+    out = tmp_path / "forgotten.gguf"
+    assert main(["forget", str(src), str(facts_file), "--method", "kforget", "--set", "cov_weight=100",
+                 "--stats-samples", "16", "--quant", "Q4_K_M", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "kforget in" in text and "edit-aware: kept" in text, text
+    with GGUFFile(out) as gf:
+        manifest = json.loads(gf.fields["qedit.manifest"])
+    assert manifest["method"] == "kforget" and manifest["encoding"]["path"] == "aware"
+    keys = stored_edit_keys(out)
+    assert sorted(keys) == manifest["layers"] and all(k.shape[0] == 3 for k in keys.values())
