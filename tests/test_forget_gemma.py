@@ -83,3 +83,36 @@ def test_qforget_stays_forgotten_at_q4_k_m_and_q4_0(setup):
         assert agg["retain_kept"] >= 0.8, f"{view}: retain facts lost: {agg}"
     assert result.info["views"] == ["fp32", "source", "Q4_0"]
     assert set(result.info["types"]["source"].values()) == {"Q4_K", "Q6_K"}
+
+
+def aware_view(loaded, result, changes, view):
+    """The change a patched file of `view`'s types holds for a kforget edit: each edited tensor encoded
+    edit-aware at the edit's keys (what `qedit forget` writes), dequantized, minus W0."""
+    from qedit.api import make_config
+    from qedit.converters.gguf_aware import encoding_for
+    from qedit.kernels import dequantize_tensor
+    from qedit.methods._requant import resolve_qtype
+
+    encoding = encoding_for(loaded, result.keys, make_config("kforget").stats)
+    out = {}
+    for layer, dw in changes.items():
+        w0 = loaded.edit_weight(layer).detach().float().cpu().numpy()                 # (out, in)
+        qtype = resolve_qtype(loaded, layer, view)
+        enc = encoding.encode(f"blk.{layer}.ffn_down.weight", layer, w0, dw.float().cpu().numpy(), qtype)
+        assert enc is not None and enc.kept >= 0.98, f"layer {layer} {qtype.name}: kept {enc and enc.kept}"
+        out[layer] = torch.from_numpy(dequantize_tensor(enc.data, qtype, w0.shape) - w0)
+    return out
+
+
+def test_kforget_forgets_keeps_the_retain_facts_and_survives_requantization_edit_aware(setup):
+    """kforget (MEMIT's closed form keyed to each subject, retain prompts in the solve): the facts are
+    forgotten at full precision and stay forgotten once the edited tensors are encoded edit-aware at their
+    source types and at Q4_0, and the retain facts stay as the unedited model had them."""
+    loaded, requests, retain, items, base = setup
+    changes, result = run(loaded, requests, retain, "kforget")
+    assert sorted(result.keys) == sorted(changes) and result.info["n_retain"] >= len(retain)
+    for view in ("fp32", "source", "Q4_0"):
+        eff = changes if view == "fp32" else aware_view(loaded, result, changes, view)
+        agg = score(loaded, requests, items, eff, "fp32", base[view]).aggregate()
+        assert agg["recovery_rate"] == 0.0, f"{view}: {agg}"
+        assert agg["retain_kept"] >= 0.8, f"{view}: retain facts lost: {agg}"
