@@ -16,7 +16,11 @@ CounterFact-dev case is edited alone and its edited tensors are spliced into the
   k*, error feedback, and the requantize loop at the keys), C and k* of the source model;
 - `recomputed`: the edit computed on the rung's unedited weights (the file loaded in torch: its keys,
   targets and statistics are the quantized model's), then plain requantization of Wq + dW;
-- `aware` (qedit's default, `qedit edit --quant T`): recomputed and encoded edit-aware.
+- `aware` (qedit's default, `qedit edit --quant T`): recomputed and encoded edit-aware;
+- `aware_scaled` (item 3 checked after quantization): `aware` where it holds in llama.cpp (efficacy 1 and
+  margin >= --hold-margin nats), else the same edit scaled by the first of 1.5 and 2.25 at which it holds
+  (or 2.25), re-encoded edit-aware; the row records the scale. A resumed run fills it in for rows that
+  lack it (recomputing the edit only where `aware` did not hold).
 
 With --hi-type T2 (item 4, placement / the higher-type option alone) a fifth variant, `naive_hi`: the
 full-precision edit with the edited tensors re-encoded plainly at T2, what `qedit patch --naive
@@ -57,7 +61,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # qedit, from a ch
 from bench_edit import restored  # noqa: E402
 from bench_survival_cases import DATA, RungFile, _fp32_baseline, cached_report  # noqa: E402
 
-VARIANTS = ("naive", "aware_encoding", "recomputed", "aware", "naive_hi")
+VARIANTS = ("naive", "aware_encoding", "recomputed", "aware", "aware_scaled", "naive_hi")
+SCALES = (1.5, 2.25)   # `aware_scaled`: the strengths tried when the aware edit does not hold in llama.cpp
 
 
 def encode_changes(rung: RungFile, deltas, encoding, types: RungFile | None = None,
@@ -107,6 +112,19 @@ def score(rung: RungFile, data: dict[str, bytes], req, base_case):
     return {"efficacy": c.efficacy, "generalization": c.generalization, "locality": c.locality, "margin": c.margin}
 
 
+def scaled_until_held(rung: RungFile, req, base, deltas, encoding, first: dict, hold_margin: float) -> dict:
+    """`aware_scaled`: `first` (the aware edit's scores) when it holds in llama.cpp, else the edit scaled by
+    the first of SCALES at which it holds (or the last), encoded edit-aware with `encoding`."""
+    out = {**first, "scale": 1.0}
+    for factor in SCALES:
+        if out["efficacy"] == 1.0 and out["margin"] >= hold_margin:
+            break
+        scaled = [d.scaled(factor) for d in deltas]
+        data, kept = encode_changes(rung, scaled, encoding)
+        out = {**score(rung, data, req, base), "dw_norm": sum(x.norm() for x in scaled), "kept": kept, "scale": factor}
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
     def mean(xs):
         xs = [x for x in xs if x is not None]
@@ -132,6 +150,8 @@ def summarize(rows: list[dict]) -> dict:
                   "dw_norm": mean(a["dw_norm"] for a in at),
                   "died": sum(1 for a, r in zip(at, have) if r["fp32"]["efficacy"] == 1.0 and a["efficacy"] == 0.0),
                   "kept_at_keys_mean": mean(kept), "kept_at_keys_min": min(kept) if kept else None}
+        if any("scale" in a for a in at):
+            out[v]["scaled_up"] = sum(1 for a in at if a.get("scale", 1.0) > 1.0)
     return out
 
 
@@ -148,6 +168,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target-margin", type=float, default=None,
                     help="compute every edit at minimal strength (this margin in nats) instead of reading --deltas")
+    ap.add_argument("--hold-margin", type=float, default=1.0,
+                    help="`aware_scaled`: the llama.cpp margin (nats over the true answer) an edit must keep")
     ap.add_argument("--hi-type", default=None,
                     help="also score `naive_hi`: the edited tensors re-encoded plainly at this GGML type (e.g. Q6_K)")
     args = ap.parse_args()
@@ -200,7 +222,20 @@ def main() -> None:
     rows = [r for r in old.get("cases", []) if r["case"] in bases]
     done = {r["case"] for r in rows}
     started = time.perf_counter()
+
+    def aware_edit(req):
+        """(deltas, encoding) of the `aware` variant, recomputed (targets come from the cache)."""
+        model, model_names = (src_model, src_names) if same else (quantized, names)
+        with restored(model.model, model_names):
+            out = edit(model, [req], args.method, cfg)
+        return out.deltas, encoding_for(model, out.keys, cfg.stats)
+
     try:
+        for row in tqdm([r for r in rows if "aware_scaled" not in r], desc="filling in aware_scaled", unit="case"):
+            req, base, first = all_reqs[row["case"]], bases[row["case"]], row["aware"]
+            holds = first["efficacy"] == 1.0 and first["margin"] >= args.hold_margin
+            row["aware_scaled"] = {**first, "scale": 1.0} if holds else \
+                scaled_until_held(rung, req, base, *aware_edit(req), first, args.hold_margin)
         for case in tqdm([c for c in cases if c not in done], desc=f"{args.method} at {args.rung}", unit="case"):
             req, base = all_reqs[case], bases[case]
             if args.deltas is not None:
@@ -224,6 +259,7 @@ def main() -> None:
             row["aware_encoding"] = {**score(rung, data, req, base), "dw_norm": fp_norm, "kept": kept}
             if same:
                 row["recomputed"], row["aware"] = dict(row["naive"]), dict(row["aware_encoding"])
+                aware_deltas, aware_enc = fp_deltas, enc
             else:
                 t0 = time.perf_counter()
                 with restored(quantized.model, names):
@@ -233,9 +269,12 @@ def main() -> None:
                 data, _ = encode_changes(rung, outcome.deltas, None)
                 row["recomputed"] = {**score(rung, data, req, base), "dw_norm": q_norm}
                 t0 = time.perf_counter()
-                data, kept = encode_changes(rung, outcome.deltas, encoding_for(quantized, outcome.keys, cfg.stats))
+                aware_deltas, aware_enc = outcome.deltas, encoding_for(quantized, outcome.keys, cfg.stats)
+                data, kept = encode_changes(rung, aware_deltas, aware_enc)
                 row["encode_seconds"] = time.perf_counter() - t0
                 row["aware"] = {**score(rung, data, req, base), "dw_norm": q_norm, "kept": kept}
+            row["aware_scaled"] = scaled_until_held(rung, req, base, aware_deltas, aware_enc, row["aware"],
+                                                    args.hold_margin)
             if args.hi_type:
                 if hi is None:
                     hi, hi_bytes, hi_names = hi_rung(rung, args.work, fp_deltas, args.hi_type)
