@@ -157,12 +157,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
                          f"{args.method}`")
     requests = load_requests(args.facts, args.limit)
     plan = plan_output(args, args.facts)
+    if args.verify:
+        _check_verify(args, plan)
     cfg = _method_config(args)
     with _edit_source(args, plan) as (source, plan):
         loaded = load_model(source, device=args.device)
         before = evaluate(TorchRunner(loaded), requests) if args.eval else None
         outcome = run_method(args, loaded, requests, cfg, source)
         write_output(plan, args, loaded, outcome)
+        if args.verify:
+            outcome = _verify(args, plan, loaded, outcome)
         print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
               f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
         if before is not None:
@@ -172,6 +176,24 @@ def cmd_edit(args: argparse.Namespace) -> int:
             if args.json:
                 after.write_json(args.json)
     return 0
+
+
+def _check_verify(args: argparse.Namespace, plan: OutputPlan) -> None:
+    """--verify needs an output that is a GGUF patch (of a .gguf source, or of an edit-aware --quant export)."""
+    from qedit.commands_gguf import GGUFMode
+
+    if not (plan.gguf_mode is GGUFMode.PATCH or (plan.gguf_mode is GGUFMode.EXPORT and not args.naive)):
+        raise QeditError("--verify checks a GGUF patch in llama.cpp: give a .gguf source and -o X.gguf, or "
+                         "--quant without --naive")
+    if args.hold_margin < 0:
+        raise QeditError(f"--hold-margin must be >= 0 nats, got {args.hold_margin}")
+
+
+def _verify(args: argparse.Namespace, plan: OutputPlan, loaded: Any, outcome: Any) -> Any:
+    """--verify: the written GGUF patch checked in llama.cpp, the edit scaled up while an edit does not hold."""
+    from qedit.commands_gguf import verify_in_llama_cpp
+
+    return verify_in_llama_cpp(lambda o: write_output(plan, args, loaded, o), outcome, args.output, args.hold_margin)
 
 
 def run_method(args: argparse.Namespace, loaded: Any, requests: Sequence[Any], cfg: Any, source: Path) -> Any:

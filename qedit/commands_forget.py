@@ -88,6 +88,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if EditMethod(args.method) not in UNLEARN_METHODS:
         raise QeditError(f"--method {args.method} edits facts; forget takes one of "
                          f"{', '.join(sorted(m.value for m in UNLEARN_METHODS))}")
+    if args.verify:
+        raise QeditError("--verify checks edits in llama.cpp; for unlearning use --require output:recovery_rate<=X, "
+                         "which scores the written file in llama.cpp")
     requests = load_forget_requests(args.facts, args.limit)
     extra = load_retain(args.retain) if args.retain is not None else []
     requirements = [parse_requirement(t, list(RUNGS)) for t in args.require]

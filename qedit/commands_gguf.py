@@ -19,6 +19,9 @@ from qedit.model import is_gguf_file
 log = logging.getLogger(__name__)
 
 
+VERIFY_SCALES = (1.5, 2.25)   # --verify: the strengths tried for an edit that does not hold in llama.cpp
+
+
 class GGUFMode(str, Enum):
     PATCH = "patch"     # re-encode only the edited tensors of the source GGUF
     EXPORT = "export"   # write a whole file at a llama.cpp file type (--quant)
@@ -37,6 +40,13 @@ def add_gguf_output_args(p: argparse.ArgumentParser) -> None:
                         "edit-aware encoding (which keeps the edit's output change at its keys through rounding); "
                         "with --quant, also compute the edit on the source weights instead of on the model as "
                         "exported at --quant")
+    p.add_argument("--verify", action="store_true",
+                   help="after writing a GGUF patch (or an edit-aware --quant export), score each edit in llama.cpp; "
+                        "while one prefers its new target by less than --hold-margin nats, scale the whole edit up "
+                        f"({', '.join(f'x{f:g}' for f in VERIFY_SCALES)}) and write it again (`edit` only)")
+    p.add_argument("--hold-margin", type=float, default=1.0, metavar="NATS",
+                   help="with --verify: the margin log P(new) - log P(true) each edit must keep in llama.cpp "
+                        "(default: 1.0)")
     p.add_argument("--as-lora", action="store_true",
                    help="with -o X.gguf: write the edit as a LoRA adapter (F32) for the source GGUF; "
                         "run it with llama.cpp --lora X.gguf on the unedited file")
@@ -266,3 +276,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     print("\n".join(inspect_lines(args.file)))
     return 0
+
+
+def verify_in_llama_cpp(write: Any, outcome: Any, out: Path, hold_margin: float) -> Any:
+    """Score `outcome`'s requests on the written GGUF `out` in llama.cpp; while one's margin over its true
+    answer (or, without a true answer, its top-1 target) falls short of `hold_margin`, scale every delta by
+    the next of VERIFY_SCALES and `write(scaled_outcome)` again. Returns the outcome last written."""
+    import dataclasses
+
+    from qedit.evaluate import evaluate
+    from qedit.runners_llama import LlamaCppRunner
+
+    def short(current: Any) -> list[str]:
+        cases = evaluate(LlamaCppRunner(out), current.requests).cases
+        return [c.subject for c in cases if (c.efficacy_top1 < 1.0 if c.margin is None else c.margin < hold_margin)]
+
+    failing = short(outcome)
+    for factor in VERIFY_SCALES:
+        if not failing:
+            break
+        print(f"verify: {len(failing)} of {len(outcome.requests)} edit(s) hold by less than {hold_margin:g} nats in "
+              f"llama.cpp ({', '.join(failing[:3])}{', ...' if len(failing) > 3 else ''}); writing the edit x{factor:g}")
+        scaled = dataclasses.replace(outcome, deltas=[d.scaled(factor) for d in outcome.deltas],
+                                     info={**outcome.info, "verify_scale": factor})
+        write(scaled)
+        outcome, failing = scaled, short(scaled)
+    held = len(outcome.requests) - len(failing)
+    print(f"verify: {held} of {len(outcome.requests)} edit(s) hold by >= {hold_margin:g} nats in llama.cpp"
+          + (f" (edit scaled x{outcome.info['verify_scale']:g})" if "verify_scale" in outcome.info else ""))
+    return outcome

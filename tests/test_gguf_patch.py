@@ -281,3 +281,34 @@ def test_quant_export_edits_the_quantized_model_and_patches_it(tiny_dirs, tmp_pa
             assert (p.raw(name).tobytes() == a.raw(name).tobytes()) == (name != edited), name
             assert a.tensors[name].ggml_type == info.ggml_type == n.tensors[name].ggml_type, name
         assert n.raw(edited).tobytes() not in (a.raw(edited).tobytes(), p.raw(edited).tobytes())
+
+
+def test_verify_scales_an_edit_that_does_not_hold_in_llama_cpp(tiny_dirs, tmp_path, capsys):
+    """`edit --verify` scores the written patch in llama.cpp and, while an edit holds by less than
+    --hold-margin nats, writes it again scaled x1.5, then x2.25 (the manifest says so). An unreachable
+    margin forces both steps; outputs that are not GGUF patches, and negative margins, are refused first."""
+    from conftest import FACTS
+    from qedit.cli import main
+    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf_read import GGUFFile
+    from test_gguf_export import _byte_level_dir
+
+    pytest.importorskip("llama_cpp")
+    hf, _ = _byte_level_dir("llama", tmp_path / "bpe")     # a tokenizer llama.cpp reproduces
+    src = tmp_path / "tiny.gguf"
+    export_gguf(hf, src, "F32")
+    facts = tmp_path / "fact.jsonl"
+    facts.write_text(json.dumps(FACTS[0]) + "\n")
+    argv = ["edit", str(src), str(facts), "--method", "rome", "--layers", "1", "--stats-samples", "16"]
+    out = tmp_path / "verified.gguf"
+    assert main(argv + ["-o", str(out), "--verify", "--hold-margin", "1000"]) == 0
+    text = capsys.readouterr().out
+    assert "writing the edit x1.5" in text and "writing the edit x2.25" in text
+    assert "verify: 0 of 1 edit(s) hold by >= 1000 nats in llama.cpp (edit scaled x2.25)" in text
+    with GGUFFile(out) as gf:
+        assert json.loads(gf.fields["qedit.manifest"])["info"]["verify_scale"] == 2.25
+    assert main(argv + ["-o", str(tmp_path / "dir"), "--verify"]) == 2
+    assert "--verify checks a GGUF patch" in capsys.readouterr().err
+    assert main(argv + ["-o", str(tmp_path / "x.gguf"), "--verify", "--hold-margin", "-1"]) == 2
+    assert "--hold-margin must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "dir").exists() and not (tmp_path / "x.gguf").exists()
