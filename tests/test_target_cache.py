@@ -75,3 +75,16 @@ def test_damaged_cache_entry_is_recomputed(tiny_dirs, tmp_path):
     again, _ = _target.optimize_targets(loaded, reqs[:1], site, [""], CFG, cache_dir=tmp_path)
     assert torch.equal(again, first)
     assert torch.load(entry, weights_only=True)["deltas"].shape == first.shape
+
+
+def test_unlearning_targets_have_their_own_entries(tiny_dirs, tmp_path, monkeypatch):
+    """kforget's targets (away_margin) never answer for an edit's targets with the same requests, nor the
+    other way round, and each margin has its own entry."""
+    loaded, reqs, site = _setup(tiny_dirs)
+    edit_t, _ = _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path)
+    seen = _count_chunks(monkeypatch)
+    away, hinge = _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path, away_margin=3.0)
+    assert seen == [2] and not torch.equal(away, edit_t) and all(h >= 0 for h in hinge)
+    _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path, away_margin=3.0)   # a hit
+    _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path, away_margin=1.0)   # a miss
+    assert seen == [2, 2]
