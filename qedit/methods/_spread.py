@@ -60,10 +60,12 @@ def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out:
 
 
 def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: SpreadConfig, ctx: EditContext,
-                solver: LayerSolver, away_margin: float | None = None) -> EditResult:
+                solver: LayerSolver, away_margin: float | None = None,
+                base: Sequence[LowRankDelta] = ()) -> EditResult:
     """MEMIT's spread of `requests` with `solver`. With `away_margin` the residual target pushes each
     request's target_new (there: the answer to erase) that many nats below the best other token instead
-    (unlearning, `kforget`), and minimal strength does not apply."""
+    (unlearning, `kforget`), and minimal strength does not apply. `base`: deltas already made (applied
+    through hooks, the model untouched) that this edit is computed on top of; not returned."""
     layers = resolve_layers(loaded, cfg, multi_layer=True)
     covs = key_covariance(loaded, layers, cfg.stats)
     prefixes = context_prefixes(loaded, cfg)
@@ -72,15 +74,16 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
     # residual direction is cheap to reach); z is the last layer's output with that change made.
     z_site = loaded.arch.layer.format(layers[-1])
     last_mlp = loaded.arch.mlp_out.format(layers[-1])
-    u_delta, nlls = optimize_targets(loaded, requests, last_mlp, prefixes, cfg.target,
+    u_delta, nlls = optimize_targets(loaded, requests, last_mlp, prefixes, cfg.target, applied=base,
                                      cache_dir=target_cache_dir(loaded, cfg), away_margin=away_margin)  # (n, d_out)
-    z_target = site_values(loaded, requests, z_site, "output", prefixes, inject=(last_mlp, u_delta))  # (n, d_model)
+    z_target = site_values(loaded, requests, z_site, "output", prefixes, applied=base,
+                           inject=(last_mlp, u_delta))                                   # (n, d_model)
     applied: list[LowRankDelta] = []
     keys: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(tqdm(layers, desc="spreading over layers", unit="layer", leave=False)):
         mlp = loaded.arch.mlp_out.format(layer)
         k, mlp_now, cur = site_values_many(loaded, requests, [(mlp, "input"), (mlp, "output"), (z_site, "output")],
-                                           prefixes, applied)                    # (n, d_in), (n, d_out), (n, d_model)
+                                           prefixes, [*base, *applied])          # (n, d_in), (n, d_out), (n, d_model)
         resid = (z_target - cur) / (len(layers) - i)                                         # (n, d_model)
         resid = _to_mlp_space(loaded, layer, resid, mlp_now)                                 # (n, d_out)
         dw = solver(layer, k, resid, covs[layer])                                            # (d_out, d_in)
@@ -88,7 +91,7 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
         keys[layer] = k
     info = {"layers": list(layers), "target_nll": nlls}
     if cfg.target_margin is not None and away_margin is None:
-        alpha, margin = minimal_scale(loaded, requests, prefixes, applied, [], cfg.target_margin)
+        alpha, margin = minimal_scale(loaded, requests, prefixes, applied, base, cfg.target_margin)
         applied = [d.scaled(alpha) for d in applied]
         info.update(scale=alpha, margin=margin)
     return EditResult(applied, keys, info)

@@ -60,13 +60,19 @@ def _margin(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence
 MarginFn = Callable[[LoadedModel, Sequence[EditRequest], Sequence[str], Sequence[LowRankDelta]], float]
 
 
-@torch.no_grad()
 def forget_gap(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
                deltas: Sequence[LowRankDelta]) -> float:
+    """The smallest over `reqs` of `forget_gaps` (a MarginFn for minimal_scale)."""
+    return float(forget_gaps(loaded, reqs, prefixes, deltas).min())
+
+
+@torch.no_grad()
+def forget_gaps(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
+                deltas: Sequence[LowRankDelta]) -> torch.Tensor:
     """For unlearning (`kforget`, whose requests carry the answer to erase as target_new), with `deltas`
-    applied through hooks: per request, the gap log P(best other token) - log P(the answer's first token),
-    the smaller of its mean over the prefixes and its value on the bare prompt (prefixes[0], the one a
-    user types); the smallest over `reqs`. Positive: the answer is not top-1 on the bare prompt."""
+    applied through hooks: per request (n_reqs,), the gap log P(best other token) - log P(the answer's
+    first token), the smaller of its mean over the prefixes and its value on the bare prompt (prefixes[0],
+    the one a user types). Positive: the answer is not top-1 on the bare prompt."""
     texts = [pre + r.prompt for r in reqs for pre in prefixes]
     batch = build_batch(loaded, texts, [r.target_new for r in reqs for _ in prefixes])
     rows = torch.arange(len(texts))
@@ -77,7 +83,7 @@ def forget_gap(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Seque
     own = logp.gather(1, ids[:, None])[:, 0]                                               # (n,)
     other = logp.scatter(1, ids[:, None], float("-inf")).max(-1).values                    # (n,)
     gap = (other - own).view(len(reqs), len(prefixes))                                     # (n_reqs, n_prefixes)
-    return float(torch.minimum(gap.mean(1), gap[:, 0]).min())
+    return torch.minimum(gap.mean(1), gap[:, 0])                                           # (n_reqs,)
 
 
 def minimal_scale(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],

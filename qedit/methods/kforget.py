@@ -15,7 +15,10 @@ fact's subject:
    (on every layer together) to the smallest factor in [0.05, `max_scale`] at which every fact's answer
    trails the best other token by `forget_margin` nats on the bare prompt and on average over its
    context prefixes (`_strength.minimal_scale` with `forget_gap` as the margin).
-4. The edit keys come back with the deltas, so patches, exports and the survival ladder encode the
+4. Passes: the facts whose answer is still top-1 after that (the spread under a strong prior falls
+   short for some) get a second spread of their own (`passes`), computed on top of the first deltas,
+   with the first pass's keys held in the solve so that it does not undo the other facts.
+5. The edit keys come back with the deltas, so patches, exports and the survival ladder encode the
    edited tensors edit-aware (the change kept at the keys through requantization) and, at coarse GGUF
    rungs, compute the unlearning on the rung's own weights, as they do for edits.
 
@@ -37,7 +40,7 @@ from qedit.forget import ForgetRequest, RetainItem, check_retain_setting, defaul
 from qedit.hooks import record
 from qedit.methods._common import context_prefixes
 from qedit.methods._spread import spread_edit
-from qedit.methods._strength import forget_gap, minimal_scale
+from qedit.methods._strength import forget_gap, forget_gaps, minimal_scale
 from qedit.methods.base import EditContext, EditMethod, EditResult, register_method, resolve_layers
 from qedit.methods.memit import MemitConfig
 from qedit.model import LoadedModel
@@ -58,6 +61,7 @@ class KForgetConfig(MemitConfig):
     retain_weight: float = 10.0           # weight of each retain-prompt token's key in the solve's prior
     retain_chunk: int = 32                # retain prompts per forward pass
     max_scale: float = 1.0                # > 1: scale the spread deltas up (to this factor) to reach forget_margin
+    passes: int = 2                       # more passes for the facts whose answer is still top-1 after one
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +75,8 @@ class KForgetConfig(MemitConfig):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise QeditError(f"KForgetConfig.{key}: must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.passes, int) or isinstance(self.passes, bool) or not 1 <= self.passes <= 10:
+            raise QeditError(f"KForgetConfig.passes: must be an integer in [1, 10], got {self.passes!r}")
         if not isinstance(self.retain_chunk, int) or self.retain_chunk < 1:
             raise QeditError(f"KForgetConfig.retain_chunk: must be an integer >= 1, got {self.retain_chunk!r}")
         check_retain_setting("KForgetConfig.retain", self.retain)
@@ -118,16 +124,36 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForget
     keep = retain_grams(loaded, layers, [x.prompt for x in items], cfg.retain_chunk) if cfg.retain_weight > 0 and items \
         else {}
 
+    done: dict[int, list[torch.Tensor]] = {}   # layer -> keys (n, d_in) of earlier passes, kept in later solves
+
     def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         prior = cfg.cov_weight * cov.double() + ctx.history.get(layer, torch.zeros_like(cov)).double()
         if layer in keep:
             prior = prior + cfg.retain_weight * keep[layer].to(prior.device)
+        for k in done.get(layer, []):
+            prior = prior + k.double().t() @ k.double()
         return linalg.batch_update(keys, resid, prior).float()                      # (d_out, d_in)
 
+    prefixes = context_prefixes(loaded, cfg)
     result = spread_edit(loaded, edits, cfg, ctx, solve, away_margin=cfg.forget_margin)
-    alpha, margin = minimal_scale(loaded, edits, context_prefixes(loaded, cfg), result.deltas, [], cfg.forget_margin,
+    alpha, margin = minimal_scale(loaded, edits, prefixes, result.deltas, [], cfg.forget_margin,
                                   max_scale=cfg.max_scale, margin_fn=forget_gap)
     deltas = [d.scaled(alpha) for d in result.deltas]
-    result.info.update(forget_margin=cfg.forget_margin, scale=alpha, margin=margin, n_retain=len(items),
-                       retain_weight=cfg.retain_weight)
-    return EditResult(deltas, result.keys, result.info)
+    keys = {layer: [k] for layer, k in result.keys.items()}
+    info = {**result.info, "forget_margin": cfg.forget_margin, "scale": alpha, "margin": margin, "n_retain": len(items),
+            "retain_weight": cfg.retain_weight, "passes": [len(edits)]}
+    for _ in range(cfg.passes - 1):
+        # the facts whose answer is still top-1 (bare prompt or mean over prefixes) get a pass of their own,
+        # computed on top of the deltas so far, with the keys of the earlier passes held in the solve
+        gaps = forget_gaps(loaded, edits, prefixes, deltas)                         # (n,)
+        left = [r for r, g in zip(edits, gaps.tolist()) if g <= 0]
+        if not left:
+            break
+        done.clear()
+        done.update(keys)
+        more = spread_edit(loaded, left, cfg, ctx, solve, away_margin=cfg.forget_margin, base=deltas)
+        deltas += more.deltas
+        for layer, k in more.keys.items():
+            keys.setdefault(layer, []).append(k)
+        info["passes"].append(len(left))
+    return EditResult(deltas, {layer: torch.cat(ks) for layer, ks in keys.items()}, info)
