@@ -1,5 +1,5 @@
-"""`qedit forget`: unlearn facts (GA, NPO, or the quantization-robust qforget and kforget) and write the model with
-the same outputs as `edit`: an HF directory, a GGUF patch or export, a GPTQ checkpoint. With --eval or
+"""`qedit forget`: unlearn facts (GA, NPO, or the quantization-robust kforget and qforget) and write the
+model with the same outputs as `edit`: an HF directory, a GGUF patch or export, a GPTQ checkpoint. With --eval or
 --require the forget score is measured at full precision (torch) and on the written artifact in its
 runtime (llama.cpp for GGUF, the GPTQ loader for GPTQ), each against the unedited model there."""
 from __future__ import annotations
@@ -24,14 +24,15 @@ def add_parser(sub: Any, add_method_args: Any, add_output_args: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Make the model stop giving the answers in FORGET.jsonl (CounterFact layout: the ground_truth\n"
                     "of each line is erased; or {prompt, subject, answer}; or {text}) while the retain set keeps\n"
-                    "working (default: the lines' locality prompts, plus --retain). Methods: qforget (default,\n"
-                    "quantization-robust: margin targets, requantization in the loop), kforget (facts only:\n"
-                    "MEMIT's closed form keyed to each subject, the retain prompts held in the solve, encoded\n"
-                    "edit-aware like an edit), npo, ga.",
+                    "working (default: the lines' locality prompts, plus --retain). Methods: kforget (default,\n"
+                    "facts only: MEMIT's closed form keyed to each subject, the answer pushed 4 nats below the\n"
+                    "best other token, the retain prompts held in the solve, written edit-aware like an edit),\n"
+                    "qforget (also texts: margin hinge trained against requantized views), npo, ga.",
         epilog="examples:\n"
                "  qedit forget model.gguf forget.jsonl -o forgotten.gguf --require output:recovery_rate<=0.05\n"
                "  qedit forget model.gguf forget.jsonl --retain keep.jsonl --method npo -o out/ --eval\n"
-               "  qedit survival model.gguf forget.jsonl --method qforget --ladder Q4_K_M,Q4_0 -o report/\n"
+               "  qedit forget model.gguf texts.jsonl --method qforget -o forgotten.gguf\n"
+               "  qedit survival model.gguf forget.jsonl --method kforget --ladder Q4_K_M,Q4_0 -o report/\n"
                "\nGates: RUNG is fp32 (torch, full precision) or output (the written file in its runtime);\n"
                "metrics: recovery_rate, forget_prob, retain_acc, retain_acc_change, heldout_acc, recovered, ...\n"
                "Exit status: 0, 1 when a --require falls short, 2 on bad input.")
@@ -42,7 +43,7 @@ def add_parser(sub: Any, add_method_args: Any, add_output_args: Any) -> None:
                    help=HELDOUT_HELP)
     p.add_argument("--limit", type=int, default=None, help="use only the first N facts")
     p.add_argument("--device", default="cpu", help="torch device for full-precision work (default: cpu)")
-    add_method_args(p, default="qforget")
+    add_method_args(p, default="kforget")
     add_output_args(p)
     p.add_argument("--eval", action="store_true", help="measure the forget score before and after, and print it")
     p.add_argument("--json", type=Path, default=None, help="write the measurements as JSON")

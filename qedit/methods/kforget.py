@@ -93,7 +93,7 @@ def as_edit_requests(requests: Sequence[ForgetRequest]) -> list[EditRequest]:
     for i, r in enumerate(requests):
         if not r.is_fact or r.texts:
             raise QeditError(f"kforget: request {i} ({r.name!r}) has texts to forget; kforget erases facts "
-                             "(prompt, subject, answer) only: use ga, npo or qforget for texts")
+                             "(prompt, subject, answer) only: use --method qforget (or ga, npo) for texts")
         assert r.prompt is not None and r.subject is not None and r.answer is not None
         out.append(EditRequest(r.prompt, r.subject, r.answer, case_id=r.case_id))
     return out
