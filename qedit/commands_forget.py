@@ -1,7 +1,7 @@
 """`qedit forget`: unlearn facts (GA, NPO, or the quantization-robust kforget and qforget) and write the
-model with the same outputs as `edit`: an HF directory, a GGUF patch or export, a GPTQ checkpoint. With --eval or
---require the forget score is measured at full precision (torch) and on the written artifact in its
-runtime (llama.cpp for GGUF, the GPTQ loader for GPTQ), each against the unedited model there."""
+model with the same outputs as `edit`: an HF directory, a GGUF patch or export, a GPTQ checkpoint. With
+--eval or --require the forget score is measured at full precision (torch) and on the written artifact in
+its runtime (llama.cpp for GGUF, the GPTQ loader for GPTQ), each against the unedited model there."""
 from __future__ import annotations
 
 import argparse

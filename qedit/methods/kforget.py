@@ -11,10 +11,11 @@ fact's subject:
 2. Spread: MEMIT's per-layer least squares, dW = R K^T (lambda C + K K^T + w R_keep)^-1, where C is the
    key covariance and R_keep = sum of k k^T over every token of the retain prompts (weight
    `retain_weight` per token): the solve keeps the retain prompts' MLP outputs where they were.
-3. Strength: the spread under a strong prior reaches less than its target, so the deltas are scaled
-   (on every layer together) to the smallest factor in [0.05, `max_scale`] at which every fact's answer
-   trails the best other token by `forget_margin` nats on the bare prompt and on average over its
-   context prefixes (`_strength.minimal_scale` with `forget_gap` as the margin).
+3. Strength: when the spread overshoots, the deltas are scaled down (on every layer together) to the
+   smallest factor in [0.05, 1] at which every fact's answer still trails the best other token by
+   `forget_margin` nats on the bare prompt and on average over its context prefixes
+   (`_strength.minimal_scale` with `forget_gap` as the margin). Under the strong prior the spread
+   usually falls short instead; scaling up (`max_scale` > 1) cost retain accuracy, so it is off.
 4. Passes: the facts whose answer is still top-1 after that (the spread under a strong prior falls
    short for some) get a second spread of their own (`passes`), computed on top of the first deltas,
    with the first pass's keys held in the solve so that it does not undo the other facts.
