@@ -7,7 +7,7 @@ import contextlib
 import fnmatch
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,8 @@ def write_gguf_output(mode: GGUFMode, loaded: Any, outcome: Any, out: Path, quan
               f"run: llama-cli -m {loaded.source} --lora {out}")
         return
     if mode is GGUFMode.EXPORT:
-        _export(loaded.source, out, quant or "", outcome.deltas, manifest, tensor_types, encoding=encoding)
+        _export(loaded.source, out, quant or "", outcome.deltas, manifest, tensor_types, encoding=encoding,
+                keys=outcome.keys)
         return
     from qedit.converters.gguf_names import gguf_tensor_name
     from qedit.converters.gguf_patch import patch_gguf
@@ -156,7 +157,8 @@ def write_gguf_output(mode: GGUFMode, loaded: Any, outcome: Any, out: Path, quan
 
 
 def _export(source: Path, out: Path, quant: str, deltas: Sequence[Any], manifest: dict[str, Any] | None,
-            tensor_types: Sequence[tuple[str, str]], template: Path | None = None, encoding: Any = None) -> None:
+            tensor_types: Sequence[tuple[str, str]], template: Path | None = None, encoding: Any = None,
+            keys: Mapping[int, Any] | None = None) -> None:
     from qedit.converters.gguf_export import export_gguf
 
     overrides: dict[str, str] = {}
@@ -171,7 +173,8 @@ def _export(source: Path, out: Path, quant: str, deltas: Sequence[Any], manifest
             overrides = {p: t for p, t in tensor_types}
     with _fallbacks() as fell_back:
         rep = export_gguf(source, out, quant, deltas=list(deltas), manifest=manifest,
-                          type_overrides=overrides or None, template=template, progress=True, encoding=encoding)
+                          type_overrides=overrides or None, template=template, progress=True, encoding=encoding,
+                          keys=keys)
     counts: dict[str, int] = {}
     for t in rep.tensor_types.values():
         counts[t] = counts.get(t, 0) + 1

@@ -97,3 +97,31 @@ def test_a_patch_of_a_patch_records_and_protects_the_earlier_keys(tiny_dirs, tmp
         assert [m["encoding"]["path"] for m in manifests] == ["naive", "aware"]
     assert main(["inspect", str(paths[1])]) == 0
     assert "edit keys recorded for blk.2: 2" in capsys.readouterr().out
+
+
+def test_an_export_records_the_edit_keys_after_the_sources(tiny_dirs, tmp_path):
+    """export_gguf records an edit's keys as a patch does: after those of a GGUF source, or alone for an HF
+    source; an export without keys copies the source's."""
+    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf_keys import stored_edit_keys
+
+    a, b = np.ones((2, 128), np.float32), 2 * np.ones((1, 128), np.float32)
+    src = tmp_path / "src.gguf"
+    export_gguf(tiny_dirs["llama"], src, "F32", keys={1: a},
+                template=_template(tmp_path))
+    assert np.array_equal(stored_edit_keys(src)[1].numpy(), a)
+    out = tmp_path / "out.gguf"
+    export_gguf(src, out, "Q8_0", keys={1: torch.from_numpy(b), 0: b})
+    got = stored_edit_keys(out)
+    assert sorted(got) == [0, 1] and np.array_equal(got[1].numpy(), np.concatenate([a, b]))
+    again = tmp_path / "again.gguf"
+    export_gguf(out, again, "Q8_0")
+    assert all(np.array_equal(stored_edit_keys(again)[k].numpy(), got[k].numpy()) for k in got)
+
+
+def _template(tmp_path):
+    from conftest import make_tokenizer
+    from test_gguf_export import _tokenizer_template
+
+    tok = make_tokenizer()
+    return _tokenizer_template(tmp_path / "vocab.gguf", tok.convert_ids_to_tokens(list(range(len(tok)))))

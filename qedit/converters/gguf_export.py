@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 
 from qedit.converters.gguf_aware import EditEncoding
+from qedit.converters.gguf_keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
 from qedit.converters.gguf_patch import MANIFEST_KEY, VERSION_KEY, group_deltas, manifest_kvs, read_manifests
 from qedit.converters.gguf_read import GGUFFile
 from qedit.converters.gguf_write import (KVEntry, RowReader, TensorSpec, copied_kvs, encode_kv, encoded_tensor,
@@ -132,6 +133,7 @@ def export_gguf(
     template: Path | None = None,
     progress: bool = False,
     encoding: EditEncoding | None = None,
+    keys: Mapping[int, Any] | None = None,
 ) -> ExportReport:
     """Write `model` (a .gguf file or an HF/qedit output directory) to `dst` as a GGUF of `ftype`.
 
@@ -140,7 +142,9 @@ def export_gguf(
     `importance` maps tensor names to float32 (n_cols,) per-column importance for the quantizer (used by
     the tensors that are re-encoded; it does not force a copied tensor to be re-encoded); `template`
     is a .gguf whose tokenizer metadata an HF export copies. `encoding` makes the encoding of edited
-    tensors edit-aware (GGUF sources; an HF source is encoded plainly).
+    tensors edit-aware (GGUF sources; an HF source is encoded plainly). `keys` (layer -> (n, d)), the
+    edit's keys, are recorded after those a GGUF source records (`qedit.converters.gguf_keys`), as a
+    patch records them.
     """
     start = time.perf_counter()
     src, dst = Path(model), Path(dst)
@@ -161,9 +165,10 @@ def export_gguf(
         if src.is_dir():
             if encoding is not None:
                 log.warning("%s: edit-aware encoding applies to GGUF sources; the HF export is encoded plainly", src)
-            report = _from_hf(src, dst, ft, deltas, manifest, type_overrides, importance, template, bar)
+            report = _from_hf(src, dst, ft, deltas, manifest, type_overrides, importance, template, bar, keys)
         else:
-            report = _from_gguf(src, dst, ft, deltas, manifest, type_overrides, importance, template, bar, encoding)
+            report = _from_gguf(src, dst, ft, deltas, manifest, type_overrides, importance, template, bar, encoding,
+                                keys)
     finally:
         if bar is not None:
             bar.close()
@@ -185,7 +190,8 @@ def _progress(bar: Any, total: int) -> Callable[[TensorSpec], None] | None:
 
 def _from_gguf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[LowRankDelta], manifest: dict | None,
                overrides: Mapping[str, str] | None, importance: Mapping[str, np.ndarray] | None,
-               template: Path | None, bar: Any, encoding: EditEncoding | None = None) -> ExportReport:
+               template: Path | None, bar: Any, encoding: EditEncoding | None = None,
+               keys: Mapping[int, Any] | None = None) -> ExportReport:
     from qedit.api import qedit_version
 
     if template is not None:
@@ -212,7 +218,9 @@ def _from_gguf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[Lo
             else:
                 specs.append(reencoded_tensor(gf, name, types[name], changes.get(name, []), weights.get(name)))
         meta, n_manifests = manifest_kvs(read_manifests(gf), manifest, qedit_version())
-        kvs = copied_kvs(gf, [k for k in gf.fields if k not in _REWRITTEN]) + _ftype_kvs(ft) + meta
+        meta += edit_keys_kvs(merged_keys(read_edit_keys(gf), keys or {}))
+        kept = [k for k in gf.fields if k not in _REWRITTEN and not is_keys_field(k)]
+        kvs = copied_kvs(gf, kept) + _ftype_kvs(ft) + meta
         size = write_gguf(dst, kvs, specs, alignment=gf.alignment, on_tensor=_progress(bar, len(specs)))
     finally:
         gf.close()
@@ -401,7 +409,7 @@ def _hf_rows(path: Path, hf_name: str, name: str, group: Sequence[LowRankDelta],
 
 def _from_hf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[LowRankDelta], manifest: dict | None,
              overrides: Mapping[str, str] | None, importance: Mapping[str, np.ndarray] | None,
-             template: Path | None, bar: Any) -> ExportReport:
+             template: Path | None, bar: Any, keys: Mapping[int, Any] | None = None) -> ExportReport:
     from qedit.api import qedit_version
 
     cfg, arch = _read_config(src)
@@ -428,6 +436,7 @@ def _from_hf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[LowR
             reader = partial(_hf_rows, path, hf_name, name, changes.get(name, []), transform)
         specs.append(encoded_tensor(name, shapes[name], types[name], reader, weights.get(name)))
     meta, n_manifests = manifest_kvs([], manifest, qedit_version())
+    meta += edit_keys_kvs(merged_keys({}, keys or {}))
     general = [encode_kv("general.architecture", arch, VT.STRING), encode_kv("general.type", "model", VT.STRING),
                encode_kv("general.name", src.resolve().name, VT.STRING)]
     kvs = general + [encode_kv(*kv) for kv in hparams] + tokenizer + _ftype_kvs(ft) + meta
