@@ -112,12 +112,17 @@ def score(rung: RungFile, data: dict[str, bytes], req, base_case):
     return {"efficacy": c.efficacy, "generalization": c.generalization, "locality": c.locality, "margin": c.margin}
 
 
+def holds(scores: dict, hold_margin: float) -> bool:
+    """An edit holds in llama.cpp: effective, by at least `hold_margin` nats over the true answer."""
+    return scores["efficacy"] == 1.0 and scores["margin"] >= hold_margin
+
+
 def scaled_until_held(rung: RungFile, req, base, deltas, encoding, first: dict, hold_margin: float) -> dict:
     """`aware_scaled`: `first` (the aware edit's scores) when it holds in llama.cpp, else the edit scaled by
     the first of SCALES at which it holds (or the last), encoded edit-aware with `encoding`."""
     out = {**first, "scale": 1.0}
     for factor in SCALES:
-        if out["efficacy"] == 1.0 and out["margin"] >= hold_margin:
+        if holds(out, hold_margin):
             break
         scaled = [d.scaled(factor) for d in deltas]
         data, kept = encode_changes(rung, scaled, encoding)
@@ -233,8 +238,7 @@ def main() -> None:
     try:
         for row in tqdm([r for r in rows if "aware_scaled" not in r], desc="filling in aware_scaled", unit="case"):
             req, base, first = all_reqs[row["case"]], bases[row["case"]], row["aware"]
-            holds = first["efficacy"] == 1.0 and first["margin"] >= args.hold_margin
-            row["aware_scaled"] = {**first, "scale": 1.0} if holds else \
+            row["aware_scaled"] = {**first, "scale": 1.0} if holds(first, args.hold_margin) else \
                 scaled_until_held(rung, req, base, *aware_edit(req), first, args.hold_margin)
         for case in tqdm([c for c in cases if c not in done], desc=f"{args.method} at {args.rung}", unit="case"):
             req, base = all_reqs[case], bases[case]

@@ -92,6 +92,13 @@ def logits_at(loaded: LoadedModel, batch: Batch, rows: torch.Tensor, cols: torch
     return logits.float()
 
 
+def best_other(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The largest log-prob (n,) in each row of `logp` (n, vocab) other than the one at `ids` (n,), from the
+    top two of each row (no vocabulary-sized copy); differentiable like a max."""
+    top2 = logp.topk(2, dim=1)                                                        # values, indices (n, 2)
+    return torch.where(top2.indices[:, 0] == ids, top2.values[:, 1], top2.values[:, 0])
+
+
 def target_index(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flattened (row, col, token id) over every target token of the batch."""
     rows, cols, ids = [], [], []

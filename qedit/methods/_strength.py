@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from qedit.batching import build_batch, logits_at, target_index
+from qedit.batching import best_other, build_batch, logits_at, target_index
 from qedit.delta import LowRankDelta
 from qedit.facts import EditRequest
 from qedit.hooks import edit_outputs
@@ -46,11 +46,10 @@ def _margin(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence
     with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
         logp = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                     # (n_tok, vocab)
     own = logp.gather(1, ids[:, None])[:, 0]                                               # (n_tok,)
-    top2 = logp.topk(2, dim=1)                                     # values, indices (n_tok, 2); no vocab-sized copy
-    best_other = torch.where(top2.indices[:, 0] == ids, top2.values[:, 1], top2.values[:, 0])  # (n_tok,)
+    other = best_other(logp, ids)                                                          # (n_tok,)
     count = torch.bincount(rows, minlength=len(texts)).clamp(min=1)                        # (2 n,)
     per_row = torch.zeros(len(texts)).index_add(0, rows, own) / count                      # (2 n,)
-    lead = torch.zeros(len(texts)).index_add(0, rows, own - best_other) / count            # (2 n,)
+    lead = torch.zeros(len(texts)).index_add(0, rows, own - other) / count            # (2 n,)
     n = len(texts) // 2
     vs_true = (per_row[:n] - per_row[n:]).view(len(reqs), len(prefixes)).mean(1)          # (n_reqs,)
     top1 = lead[:n].view(len(reqs), len(prefixes)).mean(1)                                 # (n_reqs,)
@@ -81,8 +80,7 @@ def forget_gaps(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequ
     with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
         logp = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                     # (n, vocab)
     own = logp.gather(1, ids[:, None])[:, 0]                                               # (n,)
-    other = logp.scatter(1, ids[:, None], float("-inf")).max(-1).values                    # (n,)
-    gap = (other - own).view(len(reqs), len(prefixes))                                     # (n_reqs, n_prefixes)
+    gap = (best_other(logp, ids) - own).view(len(reqs), len(prefixes))                     # (n_reqs, n_prefixes)
     return torch.minimum(gap.mean(1), gap[:, 0])                                           # (n_reqs,)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qedit.batching import build_batch, logits_at, target_index
+from qedit.batching import best_other, build_batch, logits_at, target_index
 from qedit.delta import LowRankDelta
 from qedit.facts import EditRequest
 from qedit.hooks import OutputEdit, add_at_positions, edit_outputs, record
@@ -77,7 +77,7 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
         if away_margin is None:
             nll_per = -torch.zeros(n).index_add(0, tok_owner, logp) / counts             # (n,) mean over tokens and prefixes
         else:   # the runner-up held fixed: lowering the answer spreads its mass over every other token
-            other = logp_all.scatter(1, t_ids[:, None], float("-inf")).max(-1).values.detach()   # (n_t,)
+            other = best_other(logp_all, t_ids).detach()                                          # (n_t,)
             hinge = torch.relu(logp - other + away_margin)                                        # (n_t,)
             nll_per = torch.zeros(n).index_add(0, tok_owner, hinge) / counts             # (n,) mean over prefixes
         kl = F.kl_div(F.log_softmax(logits[n_t:], dim=-1), ref_kl, log_target=True, reduction="none").sum(-1)  # (n,)

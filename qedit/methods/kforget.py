@@ -156,7 +156,7 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForget
         if not left:
             break
         done.clear()
-        done.update(keys)
+        done.update({layer: list(ks) for layer, ks in keys.items()})   # a copy: this pass's keys join after it
         more = spread_edit(loaded, left, cfg, ctx, solve, away_margin=cfg.forget_margin, base=deltas)
         deltas += more.deltas
         for layer, k in more.keys.items():

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from qedit.batching import subject_last_index
+from qedit.batching import best_other, subject_last_index
 from qedit.delta import LowRankDelta
 from qedit.errors import QeditError
 from qedit.forget import ForgetRequest
@@ -105,7 +105,7 @@ def gaps(logits: torch.Tensor, t: Targets, detach_other: bool = False) -> torch.
     logp = torch.log_softmax(logits[sel], -1)                                        # (n, vocab)
     ids = t.ids[sel]
     own = logp.gather(1, ids[:, None])[:, 0]                                         # (n,)
-    other = logp.scatter(1, ids[:, None], float("-inf")).max(-1).values              # (n,)
+    other = best_other(logp, ids)                                                    # (n,)
     return own - (other.detach() if detach_other else other)
 
 
