@@ -26,7 +26,9 @@ With --hi-type T2 (item 4, placement / the higher-type option alone) a fifth var
 full-precision edit with the edited tensors re-encoded plainly at T2, what `qedit patch --naive
 --tensor-type 'blk.*.ffn_down.weight=T2'` writes. It is scored in a second working copy whose edited
 tensors are T2 (the rung file patched with a zero edit at that type); the JSON records that copy's size
-cost in bytes. Rows of a resumed run that lack a variant are left out of that variant's summary (its n).
+cost in bytes. Rows of a resumed run that lack a variant are left out of that variant's summary (its n);
+`--skip aware_encoding --skip recomputed` adds cases with only the main variants (about 12 s less a case
+at Q2_K), for extending a run whose ablation already has enough cases.
 
 With --target-margin M every edit is computed at minimal strength (the method's `target_margin`: the
 smallest scale at which the margin over the prompt and its context prefixes is >= M nats) on the source
@@ -62,6 +64,7 @@ from bench_edit import restored  # noqa: E402
 from bench_survival_cases import DATA, RungFile, _fp32_baseline, cached_report  # noqa: E402
 
 VARIANTS = ("naive", "aware_encoding", "recomputed", "aware", "aware_scaled", "naive_hi")
+SKIPPABLE = ("aware_encoding", "recomputed")   # ablation variants `--skip` can leave out (items 1 and 3 alone)
 SCALES = (1.5, 2.25)   # `aware_scaled`: the strengths tried when the aware edit does not hold in llama.cpp
 
 
@@ -175,6 +178,9 @@ def main() -> None:
                     help="compute every edit at minimal strength (this margin in nats) instead of reading --deltas")
     ap.add_argument("--hold-margin", type=float, default=1.0,
                     help="`aware_scaled`: the llama.cpp margin (nats over the true answer) an edit must keep")
+    ap.add_argument("--skip", action="append", default=[], choices=SKIPPABLE,
+                    help="leave an ablation variant out of the cases this run adds (repeatable); ignored on a rung "
+                         "whose weights equal the source's, where `recomputed` and `aware` are copies of them")
     ap.add_argument("--hi-type", default=None,
                     help="also score `naive_hi`: the edited tensors re-encoded plainly at this GGML type (e.g. Q6_K)")
     args = ap.parse_args()
@@ -221,6 +227,7 @@ def main() -> None:
     same = all(torch.equal(p, src_params[n]) for n, p in quantized.model.named_parameters())
     if same:  # e.g. Q4_K_M of the Q4_K_M source: the edit on the rung's weights is the source edit
         print(f"{args.rung}: every weight equals the source's; `recomputed` and `aware` reuse the source edit")
+    skip = set() if same else set(args.skip)
     hi: RungFile | None = None   # the rung with the edited tensors at --hi-type, made at the first case
     hi_bytes = None
     old = json.loads(args.json.read_text()) if args.json.is_file() else {}
@@ -258,9 +265,10 @@ def main() -> None:
             fp_norm = sum(x.norm() for x in fp_deltas)
             data, _ = encode_changes(rung, fp_deltas, None)
             row["naive"] = {**score(rung, data, req, base), "dw_norm": fp_norm}
-            enc = encoding_for(src_model, fp_keys, cfg.stats)
-            data, kept = encode_changes(rung, fp_deltas, enc)
-            row["aware_encoding"] = {**score(rung, data, req, base), "dw_norm": fp_norm, "kept": kept}
+            if same or "aware_encoding" not in skip:
+                enc = encoding_for(src_model, fp_keys, cfg.stats)
+                data, kept = encode_changes(rung, fp_deltas, enc)
+                row["aware_encoding"] = {**score(rung, data, req, base), "dw_norm": fp_norm, "kept": kept}
             if same:
                 row["recomputed"], row["aware"] = dict(row["naive"]), dict(row["aware_encoding"])
                 aware_deltas, aware_enc = fp_deltas, enc
@@ -270,8 +278,9 @@ def main() -> None:
                     outcome = edit(quantized, [req], args.method, cfg)
                 row["edit_seconds"] = time.perf_counter() - t0
                 q_norm = sum(x.norm() for x in outcome.deltas)
-                data, _ = encode_changes(rung, outcome.deltas, None)
-                row["recomputed"] = {**score(rung, data, req, base), "dw_norm": q_norm}
+                if "recomputed" not in skip:
+                    data, _ = encode_changes(rung, outcome.deltas, None)
+                    row["recomputed"] = {**score(rung, data, req, base), "dw_norm": q_norm}
                 t0 = time.perf_counter()
                 aware_deltas, aware_enc = outcome.deltas, encoding_for(quantized, outcome.keys, cfg.stats)
                 data, kept = encode_changes(rung, aware_deltas, aware_enc)
