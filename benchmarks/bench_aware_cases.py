@@ -43,6 +43,10 @@ file, scored by the same loaded model), the margin log P(new) - log P(true), |dW
 over the edited tensors), and for the aware encodings the share of the edit kept at its keys per tensor.
 Full precision is bench_edit's torch float32 score of the saved edit. The JSON is rewritten after every
 case; a rerun with the same --json skips the cases it already holds.
+
+    python benchmarks/bench_aware_cases.py --report RUN.json [RUN.json ...]
+
+prints each saved run's table and one cross-rung table of the main variants, without running anything.
 """
 from __future__ import annotations
 
@@ -163,7 +167,51 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+LABELS = {"naive": "naive", "aware_encoding": "aware encoding alone", "recomputed": "recomputed alone",
+          "aware": "**aware (both)**", "aware_scaled": "aware, scaled until it holds in llama.cpp",
+          "naive_hi": "edited tensors at --hi-type alone"}
+
+
+def print_table(s: dict, title: str) -> None:
+    """The markdown table of one run's summary (RESULTS.md's per-rung tables)."""
+    print(f"\n{title}, {s['n']} single edits; fp32 efficacy {s['fp32']['efficacy']:.3f}")
+    print("| variant | n | efficacy | kept | generalization | locality | margin kept | died | |dW| | kept at keys (mean / min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for v in (v for v in VARIANTS if v in s):
+        a = s[v]
+        keys = "–" if a["kept_at_keys_mean"] is None else f"{a['kept_at_keys_mean']:.3f} / {a['kept_at_keys_min']:.3f}"
+        label = LABELS[v] + (f" ({a['scaled_up']} scaled up)" if a.get("scaled_up") else "")
+        print(f"| {label} | {a['n']} | {a['efficacy']:.3f} | {a['efficacy_kept']:.3f} | {a['generalization']:.3f} | "
+              f"{a['locality']:.3f} | {a['margin_kept']:.3f} | {a['died']} | {a['dw_norm']:.3f} | {keys} |")
+
+
+def report(paths: list[Path]) -> None:
+    """--report: each run's table, then one row per run with the main variants (the cross-rung table)."""
+    runs = []
+    for path in paths:
+        try:
+            d = json.loads(path.read_text())
+            s = summarize(d["cases"])
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"{path}: not a bench_aware_cases JSON ({e})") from None
+        runs.append((d, s))
+        print_table(s, f"{d['method']} at {d['rung']} ({path.name})")
+    print("\n| method | rung | n | naive kept (died) | aware kept (died) | scaled until it holds kept (died) | "
+          "keys kept, min |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for d, s in runs:
+        def cell(v: str) -> str:
+            return "–" if v not in s else f"{s[v]['efficacy_kept']:.3f} ({s[v]['died']})"
+        low = s["aware"]["kept_at_keys_min"] if "aware" in s else None
+        print(f"| {d['method']} | {d['rung']} | {s['n']} | {cell('naive')} | {cell('aware')} | {cell('aware_scaled')} | "
+              f"{'–' if low is None else f'{low:.3f}'} |")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--report"]:
+        if len(sys.argv) < 3:
+            raise SystemExit("usage: bench_aware_cases.py --report RUN.json [RUN.json ...]")
+        return report([Path(a) for a in sys.argv[2:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rung", required=True, help="llama.cpp file type, e.g. Q4_K_M")
     ap.add_argument("--deltas", type=Path, default=None, help="bench_edit --save-deltas directory (the fp32 edits)")
@@ -312,16 +360,7 @@ def main() -> None:
                 f.path.unlink(missing_ok=True)
         if hi is not None:
             hi.gf.path.unlink(missing_ok=True)   # the zero patch the working copy was made from
-    s = summarize(rows)
-    print(f"\n{args.method} at {args.rung}, {s['n']} single edits; fp32 efficacy {s['fp32']['efficacy']:.3f}")
-    print("| variant | efficacy | kept | generalization | locality | margin kept | died | |dW| | kept at keys (mean/min) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for v in (v for v in VARIANTS if v in s):
-        a = s[v]
-        keys = "-" if a["kept_at_keys_mean"] is None else f"{a['kept_at_keys_mean']:.3f} / {a['kept_at_keys_min']:.3f}"
-        print(f"| {v} | {a['efficacy']:.3f} | {a['efficacy_kept']:.3f} | {a['generalization']:.3f} | {a['locality']:.3f} | "
-              f"{a['margin_kept']:.3f} | {a['died']} | {a['dw_norm']:.3f} | {keys} |")
-
+    print_table(summarize(rows), f"{args.method} at {args.rung}")
 
 if __name__ == "__main__":
     main()
