@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from conftest import FACTS, FAMILIES, UNRELATED, WORDS, make_config
 from qedit.api import edit, make_config as method_config_for
 from qedit.delta import LowRankDelta, combine, fold
+from qedit.errors import QeditError
 from qedit.evaluate import evaluate
 from qedit.facts import EditRequest, request_from_dict
 from qedit.methods.base import EditContext, MethodConfig, TargetConfig, get_method
@@ -409,6 +410,34 @@ def test_spread_minimal_strength_scales_the_whole_batch_to_the_target_margin(tin
         assert torch.allclose(res.keys[layer], k)
     with pytest.raises(ValueError, match="target_margin"):
         method_config(method, "llama", target_margin=-1.0)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_an_edit_below_its_target_margin_is_scaled_up_to_max_scale(tiny, method):
+    """max_scale > 1: an edit whose full strength stays below target_margin is scaled up by one factor, to the
+    smallest that reaches the margin (or max_scale); with the default max_scale 1 it keeps full strength."""
+    from qedit.methods._common import context_prefixes
+    from qedit.methods._strength import _margin
+
+    loaded = load_model(tiny["llama"])
+    request = counterfactual(TorchRunner(loaded))
+    full = get_method(method).compute(loaded, [request], method_config(method, "llama", target_margin=None),
+                                      EditContext())
+    prefixes = context_prefixes(loaded, method_config(method, "llama"))
+    full_margin = _margin(loaded, [request], prefixes, full.deltas)
+    target = full_margin + 1.0                        # out of the full edit's reach
+    kept = get_method(method).compute(loaded, [request], method_config(method, "llama", target_margin=target),
+                                      EditContext())
+    up = get_method(method).compute(loaded, [request], method_config(method, "llama", target_margin=target,
+                                                                     max_scale=8.0), EditContext())
+    for d, f in zip(kept.deltas, full.deltas):
+        assert torch.allclose(d.dense(), f.dense(), atol=1e-6)
+    alphas = {round(d.scale / f.scale, 6) for d, f in zip(up.deltas, full.deltas)}
+    assert len(alphas) == 1 and 1.0 < alphas.pop() <= 8.0
+    reached = _margin(loaded, [request], prefixes, up.deltas)
+    assert reached >= target or all(d.scale == pytest.approx(8.0 * f.scale) for d, f in zip(up.deltas, full.deltas))
+    with pytest.raises(QeditError, match="max_scale"):
+        method_config(method, "llama", max_scale=0.5)
 
 
 def test_the_minimal_strength_margin_is_the_lead_over_every_other_token(tiny):

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from qedit.delta import LowRankDelta
 from qedit.facts import EditRequest
 from qedit.methods._common import context_prefixes, site_values, site_values_many
-from qedit.methods._strength import minimal_scale
+from qedit.methods._strength import check_strength, minimal_scale
 from qedit.methods._target import optimize_targets
 from qedit.methods._target_cache import target_cache_dir
 from qedit.methods.base import EditContext, EditResult, MethodConfig, finish_delta, resolve_layers
@@ -38,11 +38,13 @@ class SpreadConfig(MethodConfig):
     # generalization 0.75 -> 0.70 (benchmarks/RESULTS.md). A batch is scaled until its weakest request
     # reaches the margin, so large batches are seldom scaled at all.
     target_margin: float | None = 2.0
+    # When even the full edit stays below target_margin (the spread leaves part of the target unreached),
+    # scale it up to the smallest factor that reaches it, at most this much (1: never scale up).
+    max_scale: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.target_margin is not None and self.target_margin <= 0:
-            raise ValueError("target_margin must be > 0 nats, or None to keep the full strength")
+        check_strength(self.target_margin, self.max_scale)
 
 
 def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,8 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
         keys[layer] = k
     info = {"layers": list(layers), "target_nll": nlls}
     if cfg.target_margin is not None and away_margin is None:
-        alpha, margin = minimal_scale(loaded, requests, prefixes, applied, base, cfg.target_margin)
+        alpha, margin = minimal_scale(loaded, requests, prefixes, applied, base, cfg.target_margin,
+                                      max_scale=cfg.max_scale)
         applied = [d.scaled(alpha) for d in applied]
         info.update(scale=alpha, margin=margin)
     return EditResult(applied, keys, info)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from qedit.batching import best_other, build_batch, logits_at, target_index
 from qedit.delta import LowRankDelta
+from qedit.errors import QeditError
 from qedit.facts import EditRequest
 from qedit.hooks import edit_outputs
 from qedit.methods._common import delta_edits
@@ -54,6 +55,14 @@ def _margin(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence
     vs_true = (per_row[:n] - per_row[n:]).view(len(reqs), len(prefixes)).mean(1)          # (n_reqs,)
     top1 = lead[:n].view(len(reqs), len(prefixes)).mean(1)                                 # (n_reqs,)
     return float(torch.minimum(vs_true, top1).min())
+
+
+def check_strength(target_margin: float | None, max_scale: float) -> None:
+    """Validate the minimal-strength settings of a method's config (QeditError naming the field)."""
+    if target_margin is not None and target_margin <= 0:
+        raise QeditError("target_margin must be > 0 nats, or None to keep the full strength")
+    if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)) or not 1.0 <= max_scale < float("inf"):
+        raise QeditError(f"max_scale must be a finite number >= 1 (1: never scale an edit up), got {max_scale!r}")
 
 
 MarginFn = Callable[[LoadedModel, Sequence[EditRequest], Sequence[str], Sequence[LowRankDelta]], float]

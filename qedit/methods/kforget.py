@@ -66,7 +66,6 @@ class KForgetConfig(MemitConfig):
     retain: tuple[RetainItem, ...] = ()   # a shared retain set, besides each request's own retain items
     retain_weight: float = 100.0          # weight of each retain-prompt token's key in the solve's prior
     retain_chunk: int = 32                # retain prompts per forward pass
-    max_scale: float = 1.0                # > 1: scale the spread deltas up (to this factor) to reach forget_margin
     passes: int = 3                       # more passes for the facts whose answer is still top-1 after one
 
     def __post_init__(self) -> None:
@@ -74,9 +73,6 @@ class KForgetConfig(MemitConfig):
         if self.target_margin is not None:
             raise QeditError("KForgetConfig.target_margin: must stay None (an edit setting); "
                              "kforget's strength is forget_margin")
-        if isinstance(self.max_scale, bool) or not isinstance(self.max_scale, (int, float)) \
-                or not 1.0 <= self.max_scale <= 100.0:
-            raise QeditError(f"KForgetConfig.max_scale: must be a number in [1, 100], got {self.max_scale!r}")
         for key in ("forget_margin", "retain_weight"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

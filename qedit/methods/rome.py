@@ -14,7 +14,7 @@ from qedit import linalg
 from qedit.delta import LowRankDelta
 from qedit.facts import EditRequest
 from qedit.methods._common import context_prefixes, edit_keys
-from qedit.methods._strength import minimal_scale
+from qedit.methods._strength import check_strength, minimal_scale
 from qedit.methods._target import optimize_targets
 from qedit.methods._target_cache import target_cache_dir
 from qedit.methods.base import (EditContext, EditMethod, EditResult, MethodConfig, TargetConfig, register_method,
@@ -35,13 +35,13 @@ class RomeConfig(MethodConfig):
     # 0.900, generalization 0.825, top-1 0.975; at 5 nats |dW| 3.28, locality 0.825, generalization 0.900,
     # top-1 1.0; efficacy 1.0 at both (benchmarks/RESULTS.md).
     target_margin: float | None = 2.0
+    max_scale: float = 1.0      # when the full edit stays below target_margin, scale it up at most this much
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.cov_ridge < 0:
             raise ValueError("cov_ridge must be >= 0")
-        if self.target_margin is not None and self.target_margin <= 0:
-            raise ValueError("target_margin must be > 0 nats, or None to keep the full strength")
+        check_strength(self.target_margin, self.max_scale)
         if self.layers is not None and len(self.layers) != 1:
             raise ValueError("ROME edits exactly one layer")
 
@@ -63,7 +63,8 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: RomeConfi
         delta = LowRankDelta(name, layer, u.float(), v.float(), 1.0, loaded.arch.mlp_out_orientation,
                              {"subject": req.subject, "target_nll": nll[0]})
         if cfg.target_margin is not None:
-            alpha, margin = minimal_scale(loaded, [req], prefixes, [delta], deltas, cfg.target_margin)
+            alpha, margin = minimal_scale(loaded, [req], prefixes, [delta], deltas, cfg.target_margin,
+                                          max_scale=cfg.max_scale)
             delta = LowRankDelta(name, layer, u.float(), v.float(), alpha, loaded.arch.mlp_out_orientation,
                                  dict(delta.meta, scale=alpha, margin=margin))
         deltas.append(delta)
