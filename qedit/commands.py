@@ -157,15 +157,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
                          f"{args.method}`")
     requests = load_requests(args.facts, args.limit)
     plan = plan_output(args, args.facts)
-    if args.verify:
-        _check_verify(args, plan)
+    verify = _resolve_verify(args, plan)
     cfg = _method_config(args)
     with _edit_source(args, plan) as (source, plan):
         loaded = load_model(source, device=args.device)
         before = evaluate(TorchRunner(loaded), requests) if args.eval else None
         outcome = run_method(args, loaded, requests, cfg, source)
         write_output(plan, args, loaded, outcome)
-        if args.verify:
+        if verify:
             outcome = _verify(args, plan, loaded, outcome)
         print(f"edited {len(requests)} fact(s) with {args.method} in {outcome.seconds:.1f} s "
               f"(layers {sorted({d.layer for d in outcome.deltas})}); wrote {args.output}")
@@ -178,15 +177,29 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_verify(args: argparse.Namespace, plan: OutputPlan) -> None:
-    """--verify needs an output that is a GGUF patch (of a .gguf source, or of an edit-aware --quant export)."""
+def _resolve_verify(args: argparse.Namespace, plan: OutputPlan) -> bool:
+    """Whether `edit` checks its output in llama.cpp. --verify needs an output that is a GGUF patch (of a .gguf
+    source, or of an edit-aware --quant export); --no-verify skips the check; by default it runs on an edit-aware
+    GGUF patch or export when llama-cpp-python is installed, and a naive output is left as written."""
+    import importlib.util
+
     from qedit.commands_gguf import GGUFMode
 
-    if not (plan.gguf_mode is GGUFMode.PATCH or (plan.gguf_mode is GGUFMode.EXPORT and not args.naive)):
-        raise QeditError("--verify checks a GGUF patch in llama.cpp: give a .gguf source and -o X.gguf, or "
-                         "--quant without --naive")
     if args.hold_margin < 0:
         raise QeditError(f"--hold-margin must be >= 0 nats, got {args.hold_margin}")
+    applies = plan.gguf_mode is GGUFMode.PATCH or (plan.gguf_mode is GGUFMode.EXPORT and not args.naive)
+    if args.verify:
+        if not applies:
+            raise QeditError("--verify checks a GGUF patch in llama.cpp: give a .gguf source and -o X.gguf, or "
+                             "--quant without --naive")
+        return True
+    if args.verify is False or not applies or args.naive:
+        return False
+    if importlib.util.find_spec("llama_cpp") is None:
+        log.warning("llama-cpp-python is not installed: %s is not checked in llama.cpp (pip install 'qedit[llama]' "
+                    "to check it; --no-verify silences this)", args.output)
+        return False
+    return True
 
 
 def _verify(args: argparse.Namespace, plan: OutputPlan, loaded: Any, outcome: Any) -> Any:

@@ -40,10 +40,11 @@ def add_gguf_output_args(p: argparse.ArgumentParser) -> None:
                         "edit-aware encoding (which keeps the edit's output change at its keys through rounding); "
                         "with --quant, also compute the edit on the source weights instead of on the model as "
                         "exported at --quant")
-    p.add_argument("--verify", action="store_true",
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="after writing a GGUF patch (or an edit-aware --quant export), score each edit in llama.cpp; "
                         "while one prefers its new target by less than --hold-margin nats, scale the whole edit up "
-                        f"({', '.join(f'x{f:g}' for f in VERIFY_SCALES)}) and write it again (`edit` only)")
+                        f"({', '.join(f'x{f:g}' for f in VERIFY_SCALES)}) and write it again (`edit` only). Default: "
+                        "on for those outputs (not with --naive) when llama-cpp-python is installed")
     p.add_argument("--hold-margin", type=float, default=1.0, metavar="NATS",
                    help="with --verify: the margin log P(new) - log P(true) each edit must keep in llama.cpp "
                         "(default: 1.0)")
@@ -284,7 +285,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def verify_in_llama_cpp(write: Any, outcome: Any, out: Path, hold_margin: float) -> Any:
     """Score `outcome`'s requests on the written GGUF `out` in llama.cpp; while one's margin over its true
     answer (or, without a true answer, its top-1 target) falls short of `hold_margin`, scale every delta by
-    the next of VERIFY_SCALES and `write(scaled_outcome)` again. Returns the outcome last written."""
+    the next of VERIFY_SCALES and `write(scaled_outcome)` again. When no scale makes every edit hold, the
+    smallest scale with the fewest failing edits is the one left written. Returns that outcome."""
     import dataclasses
 
     from qedit.evaluate import evaluate
@@ -294,16 +296,26 @@ def verify_in_llama_cpp(write: Any, outcome: Any, out: Path, hold_margin: float)
         cases = evaluate(LlamaCppRunner(out), current.requests).cases
         return [c.subject for c in cases if (c.efficacy_top1 < 1.0 if c.margin is None else c.margin < hold_margin)]
 
+    base = outcome
     failing = short(outcome)
+    best = (len(failing), outcome, failing)
     for factor in VERIFY_SCALES:
         if not failing:
             break
+        shown = ", ".join(failing[:3]) + (", ..." if len(failing) > 3 else "")
         print(f"verify: {len(failing)} of {len(outcome.requests)} edit(s) hold by less than {hold_margin:g} nats in "
-              f"llama.cpp ({', '.join(failing[:3])}{', ...' if len(failing) > 3 else ''}); writing the edit x{factor:g}")
-        scaled = dataclasses.replace(outcome, deltas=[d.scaled(factor) for d in outcome.deltas],
-                                     info={**outcome.info, "verify_scale": factor})
+              f"llama.cpp ({shown}); writing the edit x{factor:g}")
+        scaled = dataclasses.replace(base, deltas=[d.scaled(factor) for d in base.deltas],
+                                     info={**base.info, "verify_scale": factor})
         write(scaled)
         outcome, failing = scaled, short(scaled)
+        if len(failing) < best[0]:
+            best = (len(failing), outcome, failing)
+    if best[1] is not outcome:
+        outcome, failing = best[1], best[2]
+        print("verify: no scale holds every edit; writing the edit again at the smallest scale with the fewest "
+              f"failing (x{outcome.info.get('verify_scale', 1):g})")
+        write(outcome)
     held = len(outcome.requests) - len(failing)
     print(f"verify: {held} of {len(outcome.requests)} edit(s) hold by >= {hold_margin:g} nats in llama.cpp"
           + (f" (edit scaled x{outcome.info['verify_scale']:g})" if "verify_scale" in outcome.info else ""))

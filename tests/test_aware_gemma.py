@@ -43,8 +43,8 @@ def test_aware_patch_keeps_minimal_edits_that_plain_requantization_loses(gemma_g
 def test_ten_minimal_edits_exported_at_q3_k_m_survive_in_llama_cpp(gemma_gguf, tmp_path, capsys):
     """`qedit edit SOURCE FACTS --quant Q3_K_M --set target_margin=2`: ten minimal MEMIT edits (four layers,
     one batch scaled down until its weakest fact has a 2-nat margin) computed on the model as exported at
-    Q3_K_M and patched onto it edit-aware keep at least 9 in llama.cpp; the same run shows what --naive
-    (edit in full precision, fold, quantize) keeps."""
+    Q3_K_M and patched onto it edit-aware (and checked in llama.cpp, the default) keep at least 9 in llama.cpp;
+    the same run shows what --naive (edit in full precision, fold, quantize) keeps."""
     from conftest import SHARED_DATA
     from qedit.cli import main
     from qedit.evaluate import evaluate
@@ -66,7 +66,9 @@ def test_ten_minimal_edits_exported_at_q3_k_m_survive_in_llama_cpp(gemma_gguf, t
         report = evaluate(LlamaCppRunner(out), requests)
         kept[mode] = (sum(c.efficacy for c in report.cases), report.aggregate()["margin"])
     text = capsys.readouterr().out
-    assert text.count("edit-aware: kept") == 4          # the four MEMIT layers were re-encoded edit-aware
+    writes = text.count("edit-aware: kept")             # the four MEMIT layers re-encoded edit-aware, per write
+    assert writes >= 4 and writes % 4 == 0, writes      # of the default llama.cpp check, which ran:
+    assert "nats in llama.cpp" in text.split("naive.Q3_K_M")[0]
     print(f"Q3_K_M, 10 MEMIT edits kept in llama.cpp (count, mean margin): {kept}")
     assert kept["aware"][0] >= 9, kept
     assert kept["aware"][0] >= kept["naive"][0] and kept["aware"][1] > kept["naive"][1], kept
