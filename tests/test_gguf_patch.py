@@ -287,8 +287,9 @@ def test_quant_export_edits_the_quantized_model_and_patches_it(tiny_dirs, tmp_pa
 def test_verify_scales_an_edit_that_does_not_hold_in_llama_cpp(tiny_dirs, tmp_path, capsys):
     """`edit --verify` scores the written patch in llama.cpp and, while an edit holds by less than
     --hold-margin nats, writes it again scaled x1.5, then x2.25. An unreachable margin forces both steps,
-    and as neither makes the edit hold the edit as computed is written again (no verify_scale); outputs that are not GGUF patches, and negative margins, are refused first.
-    The check is on by default for an edit-aware patch, off with --no-verify and for a --naive patch."""
+    and as neither makes the edit hold the edit as computed is written again (no verify_scale); outputs that
+    are not GGUF patches, and negative margins, are refused first. The check is on by default for an
+    edit-aware patch, off with --no-verify and for a --naive patch."""
     from conftest import FACTS
     from qedit.cli import main
     from qedit.converters.gguf_export import export_gguf
