@@ -66,10 +66,11 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # qedit, from a ch
 
 from bench_edit import restored  # noqa: E402
 from bench_survival_cases import DATA, RungFile, _fp32_baseline, cached_report  # noqa: E402
+from qedit.commands_gguf import VERIFY_SCALES  # noqa: E402
 
 VARIANTS = ("naive", "aware_encoding", "recomputed", "aware", "aware_scaled", "naive_hi")
 SKIPPABLE = ("aware_encoding", "recomputed")   # ablation variants `--skip` can leave out (items 1 and 3 alone)
-SCALES = (1.5, 2.25)   # `aware_scaled`: the strengths tried when the aware edit does not hold in llama.cpp
+SCALES = VERIFY_SCALES   # `aware_scaled`: the strengths `qedit edit` tries when an edit does not hold
 
 
 def encode_changes(rung: RungFile, deltas, encoding, types: RungFile | None = None,

@@ -298,7 +298,7 @@ def verify_in_llama_cpp(write: Any, outcome: Any, out: Path, hold_margin: float)
 
     base = outcome
     failing = short(outcome)
-    best = (len(failing), outcome, failing)
+    best, best_failing = outcome, failing   # the smallest scale with the fewest failing edits so far
     for factor in VERIFY_SCALES:
         if not failing:
             break
@@ -309,10 +309,10 @@ def verify_in_llama_cpp(write: Any, outcome: Any, out: Path, hold_margin: float)
                                      info={**base.info, "verify_scale": factor})
         write(scaled)
         outcome, failing = scaled, short(scaled)
-        if len(failing) < best[0]:
-            best = (len(failing), outcome, failing)
-    if best[1] is not outcome:
-        outcome, failing = best[1], best[2]
+        if len(failing) < len(best_failing):
+            best, best_failing = outcome, failing
+    if best is not outcome:
+        outcome, failing = best, best_failing
         print("verify: no scale holds every edit; writing the edit again at the smallest scale with the fewest "
               f"failing (x{outcome.info.get('verify_scale', 1):g})")
         write(outcome)
