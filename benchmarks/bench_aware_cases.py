@@ -18,9 +18,10 @@ CounterFact-dev case is edited alone and its edited tensors are spliced into the
   targets and statistics are the quantized model's), then plain requantization of Wq + dW;
 - `aware` (qedit's default, `qedit edit --quant T`): recomputed and encoded edit-aware;
 - `aware_scaled` (item 3 checked after quantization): `aware` where it holds in llama.cpp (efficacy 1 and
-  margin >= --hold-margin nats), else the same edit scaled by the first of 1.5 and 2.25 at which it holds
-  (or 2.25), re-encoded edit-aware; the row records the scale. A resumed run fills it in for rows that
-  lack it (recomputing the edit only where `aware` did not hold).
+  margin >= --hold-margin nats), else the same edit scaled by the first of 1.5 and 2.25 at which it holds,
+  re-encoded edit-aware (when none holds, the edit as computed, which is what `qedit edit` writes back);
+  the row records the scale. A resumed run fills it in for rows that lack it (recomputing the edit only
+  where `aware` did not hold) and gives rows saved under the old rule (the last scale) the unscaled edit.
 
 With --hi-type T2 (item 4, placement / the higher-type option alone) a fifth variant, `naive_hi`: the
 full-precision edit with the edited tensors re-encoded plainly at T2, what `qedit patch --naive
@@ -127,15 +128,31 @@ def holds(scores: dict, hold_margin: float) -> bool:
 
 def scaled_until_held(rung: RungFile, req, base, deltas, encoding, first: dict, hold_margin: float) -> dict:
     """`aware_scaled`: `first` (the aware edit's scores) when it holds in llama.cpp, else the edit scaled by
-    the first of SCALES at which it holds (or the last), encoded edit-aware with `encoding`."""
-    out = {**first, "scale": 1.0}
+    the first of SCALES at which it holds, encoded edit-aware with `encoding`. When no scale holds, `first`
+    again: `qedit edit --verify` then writes back the smallest scale with the fewest failing edits, which for
+    one edit is the edit as computed."""
+    unscaled = {**first, "scale": 1.0}
+    if holds(unscaled, hold_margin):
+        return unscaled
     for factor in SCALES:
-        if holds(out, hold_margin):
-            break
         scaled = [d.scaled(factor) for d in deltas]
         data, kept = encode_changes(rung, scaled, encoding)
         out = {**score(rung, data, req, base), "dw_norm": sum(x.norm() for x in scaled), "kept": kept, "scale": factor}
-    return out
+        if holds(out, hold_margin):
+            return out
+    return unscaled
+
+
+def settle_unheld(rows: list[dict], hold_margin: float) -> int:
+    """Rows saved before `scaled_until_held` adopted `qedit edit`'s rule kept the last scale when none held;
+    give them the unscaled edit's scores, as the rule does. Returns how many rows changed."""
+    changed = 0
+    for row in rows:
+        s = row.get("aware_scaled")
+        if s is not None and s["scale"] != 1.0 and not holds(s, hold_margin):
+            row["aware_scaled"] = {**row["aware"], "scale": 1.0}
+            changed += 1
+    return changed
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -291,6 +308,8 @@ def main() -> None:
             out = edit(model, [req], args.method, cfg)
         return out.deltas, encoding_for(model, out.keys, cfg.stats)
 
+    if settled := settle_unheld(rows, args.hold_margin):
+        print(f"{settled} saved case(s) held at no scale: `aware_scaled` is now their unscaled edit, as in qedit edit")
     try:
         for row in tqdm([r for r in rows if "aware_scaled" not in r], desc="filling in aware_scaled", unit="case"):
             req, base, first = all_reqs[row["case"]], bases[row["case"]], row["aware"]
