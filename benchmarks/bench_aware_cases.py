@@ -179,7 +179,10 @@ def summarize(rows: list[dict]) -> dict:
                   "margin_gain": gain, "margin_kept": gain / ref_gain if ref_gain else None,
                   "dw_norm": mean(a["dw_norm"] for a in at),
                   "died": sum(1 for a, r in zip(at, have) if r["fp32"]["efficacy"] == 1.0 and a["efficacy"] == 0.0),
-                  "kept_at_keys_mean": mean(kept), "kept_at_keys_min": min(kept) if kept else None}
+                  "kept_at_keys_mean": mean(kept), "kept_at_keys_min": min(kept) if kept else None,
+                  # per case against the fp32 edit's own locality: cases worse / better (a paired sign count)
+                  "locality_worse": sum(1 for a, r in zip(at, have) if a["locality"] < r["fp32"]["locality"] - 1e-9),
+                  "locality_better": sum(1 for a, r in zip(at, have) if a["locality"] > r["fp32"]["locality"] + 1e-9)}
         if any("scale" in a for a in at):
             out[v]["scaled_up"] = sum(1 for a in at if a.get("scale", 1.0) > 1.0)
     return out
@@ -193,14 +196,17 @@ LABELS = {"naive": "naive", "aware_encoding": "aware encoding alone", "recompute
 def print_table(s: dict, title: str) -> None:
     """The markdown table of one run's summary (RESULTS.md's per-rung tables)."""
     print(f"\n{title}, {s['n']} single edits; fp32 efficacy {s['fp32']['efficacy']:.3f}")
-    print("| variant | n | efficacy | kept | generalization | locality | margin kept | died | |dW| | kept at keys (mean / min) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(f"fp32 generalization {s['fp32']['generalization']:.3f}, locality {s['fp32']['locality']:.3f}; "
+          "locality -/+: cases whose locality is below / above their fp32 edit's")
+    print("| variant | n | efficacy | kept | generalization | locality | locality -/+ | margin kept | died | |dW| | "
+          "kept at keys (mean / min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for v in (v for v in VARIANTS if v in s):
         a = s[v]
         keys = "–" if a["kept_at_keys_mean"] is None else f"{a['kept_at_keys_mean']:.3f} / {a['kept_at_keys_min']:.3f}"
         label = LABELS[v] + (f" ({a['scaled_up']} scaled up)" if a.get("scaled_up") else "")
         print(f"| {label} | {a['n']} | {a['efficacy']:.3f} | {a['efficacy_kept']:.3f} | {a['generalization']:.3f} | "
-              f"{a['locality']:.3f} | {a['margin_kept']:.3f} | {a['died']} | {a['dw_norm']:.3f} | {keys} |")
+              f"{a['locality']:.3f} | {a['locality_worse']}/{a['locality_better']} | {a['margin_kept']:.3f} | {a['died']} | {a['dw_norm']:.3f} | {keys} |")
 
 
 def report(paths: list[Path]) -> None:
