@@ -174,12 +174,14 @@ def summarize(rows: list[dict]) -> dict:
         eff = mean(a["efficacy"] for a in at)
         gain = mean(a["margin"] - r["base_margin"] for a, r in zip(at, have))
         kept = [k[0] for a in at for k in a.get("kept", {}).values() if k[0] == k[0]]
+        plain = [k[1] for a in at for k in a.get("kept", {}).values() if k[1] == k[1]]  # same change, requantized plainly
         out[v] = {"n": len(have), "efficacy": eff, "efficacy_kept": eff / ref_eff if ref_eff else None,
                   "generalization": mean(a["generalization"] for a in at), "locality": mean(a["locality"] for a in at),
                   "margin_gain": gain, "margin_kept": gain / ref_gain if ref_gain else None,
                   "dw_norm": mean(a["dw_norm"] for a in at),
                   "died": sum(1 for a, r in zip(at, have) if r["fp32"]["efficacy"] == 1.0 and a["efficacy"] == 0.0),
                   "kept_at_keys_mean": mean(kept), "kept_at_keys_min": min(kept) if kept else None,
+                  "plain_at_keys_mean": mean(plain), "plain_at_keys_min": min(plain) if plain else None,
                   # per case against the fp32 edit's own locality: cases worse / better (a paired sign count)
                   "locality_worse": sum(1 for a, r in zip(at, have) if a["locality"] < r["fp32"]["locality"] - 1e-9),
                   "locality_better": sum(1 for a, r in zip(at, have) if a["locality"] > r["fp32"]["locality"] + 1e-9)}
@@ -221,14 +223,17 @@ def report(paths: list[Path]) -> None:
         runs.append((d, s))
         print_table(s, f"{d['method']} at {d['rung']} ({path.name})")
     print("\n| method | rung | n | naive kept (died) | aware kept (died) | scaled until it holds kept (died) | "
-          "keys kept, min |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          "keys kept, aware: mean / min | the same edits requantized plainly: mean / min |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for d, s in runs:
         def cell(v: str) -> str:
             return "–" if v not in s else f"{s[v]['efficacy_kept']:.3f} ({s[v]['died']})"
-        low = s["aware"]["kept_at_keys_min"] if "aware" in s else None
+        def keys(prefix: str) -> str:
+            a = s.get("aware", {})
+            low = a.get(f"{prefix}_at_keys_min")
+            return "–" if low is None else f"{a[f'{prefix}_at_keys_mean']:.3f} / {low:.3f}"
         print(f"| {d['method']} | {d['rung']} | {s['n']} | {cell('naive')} | {cell('aware')} | {cell('aware_scaled')} | "
-              f"{'–' if low is None else f'{low:.3f}'} |")
+              f"{keys('kept')} | {keys('plain')} |")
 
 
 def main() -> None:
