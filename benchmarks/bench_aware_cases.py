@@ -87,7 +87,9 @@ def encode_changes(rung: RungFile, deltas, encoding, types: RungFile | None = No
         info = (types or rung).gf.tensors[name]
         change = sum(d.dense() for d in group).detach().cpu().numpy().astype(np.float32)   # (rows, cols)
         w0 = np.array(rung.gf.dequantize(name), dtype=np.float32, copy=True)               # (rows, cols)
-        enc = None if encoding is None else encoding.encode(name, group[-1].layer, w0, change, info.ggml_type)
+        original = None if types is not None else \
+            np.asarray(rung.gf.raw(name)).reshape(w0.shape[0], -1)   # the rung file's bytes
+        enc = None if encoding is None else encoding.encode(name, group[-1].layer, w0, change, info.ggml_type, original)
         if enc is None:
             out[name] = quantize_tensor(w0 + change, info.ggml_type).tobytes()
         else:

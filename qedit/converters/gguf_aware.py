@@ -55,13 +55,14 @@ class EditEncoding:
         return [self.describe(), content]
 
     def encode(self, name: str, layer: int, w0: np.ndarray, change: np.ndarray,
-               ggml_type: GGMLQuantizationType) -> EncodedTensor | None:
-        """Aware bytes for tensor `name` (w0, change: (rows, cols) float32), or None when `layer` has no keys."""
+               ggml_type: GGMLQuantizationType, original: np.ndarray | None = None) -> EncodedTensor | None:
+        """Aware bytes for tensor `name` (w0, change: (rows, cols) float32), or None when `layer` has no keys.
+        `original`: the file's bytes w0 was dequantized from when they are of `ggml_type` (a patch)."""
         if layer not in self.keys:
             return None
         keys = as_numpy(self.keys[layer])                                   # (n, in)
         cov = as_numpy(self.covs[layer]) if layer in self.covs else None    # (in, in)
-        res = quantize_edited(w0, change, keys, ggml_type, cov=cov, cfg=self.cfg)
+        res = quantize_edited(w0, change, keys, ggml_type, cov=cov, cfg=self.cfg, original=original)
         log.info("%s: edit-aware %s, kept %.3f of the edit at its keys (plain requantization: %.3f)",
                  name, ggml_type.name, res.kept, res.kept_naive)
         return EncodedTensor(res.data, float(res.kept), float(res.kept_naive))

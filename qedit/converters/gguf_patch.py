@@ -125,7 +125,9 @@ def _requantize(gf: GGUFFile, name: str, layer: int, change: np.ndarray, new_typ
         return np.ascontiguousarray(w0 + change).tobytes(), None
     try:
         if encoding is not None and new_type not in _UNROUNDED:
-            encoded = encoding.encode(name, layer, w0, change, new_type)
+            same = new_type == info.ggml_type   # the file's blocks can be kept where they still fit
+            original = np.asarray(gf.raw(name)).reshape(w0.shape[0], -1) if same else None
+            encoded = encoding.encode(name, layer, w0, change, new_type, original)
             if encoded is not None:
                 return encoded.data.tobytes(), encoded
         data = quantize_tensor(w0 + change, new_type)  # uint8 (rows, row_bytes)

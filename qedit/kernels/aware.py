@@ -21,6 +21,14 @@ edit keys K (n, in), with three mechanisms that can be switched on and off one b
    R (K K^T + eps I)^-1 K, which on Gemma's layer 6 (Q4_K) costs 1.3-8.8x naive's output error on the
    key distribution against 1.0-1.9x for H's norm (benchmarks/bench_aware.py).
 
+4. Keeping the file's blocks (a patch; off by default): given the bytes W0 came from, each block of the
+   result is the file's own block wherever that represents the running target at least as well (error
+   weighted by diag(C) + lambda * k^2). The K-quant searches do not map deq(bytes) back to the same
+   bytes: a zero edit re-encoded plainly changes 0.02-7% of the edited tensors' weights and the top-1
+   answer of 3-7% of unrelated prompts in llama.cpp (benchmarks/bench_requant_drift.py). With this a
+   zero edit gives the file's bytes back, but for real edits it moves only a tenth fewer weights, the
+   loop needs more rounds on coarse grids, and locality was no better (benchmarks/bench_keep_blocks.py).
+
 The output is the bytes of the requested type; llama.cpp reads them unchanged.
 """
 from __future__ import annotations
@@ -61,9 +69,10 @@ class AwareConfig:
     loop_metric: str = "hessian"  # the correction's norm: "hessian" (least output damage, H) or "euclid"
     tol: float = 0.005            # stop the loop once |1 - kept| <= tol
     damp: float = 0.01            # GPTQ damping, a share of mean(diag(H)) added to H's diagonal
+    keep_blocks: bool = False     # with the file's bytes (a patch): keep each block that fits at least as well
 
     def __post_init__(self) -> None:
-        for name in ("importance", "error_feedback"):
+        for name in ("importance", "error_feedback", "keep_blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise QeditError(f"AwareConfig.{name}: must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.loop_rounds, int) or isinstance(self.loop_rounds, bool) or self.loop_rounds < 0:
@@ -222,12 +231,42 @@ def _encode_slab(kernel: QuantKernel, slab: np.ndarray, importance: np.ndarray |
     return data[:, : width // kernel.block_size * kernel.type_size]
 
 
+@dataclass(frozen=True)
+class KeepBlocks:
+    """The file's bytes of W0 (uint8 (out, row_bytes)) and the per-column error weights (in,) that decide,
+    block by block, whether a new encoding replaces them."""
+
+    original: np.ndarray
+    weights: np.ndarray
+
+    def merge(self, kernel: QuantKernel, data: np.ndarray, target: np.ndarray, col0: int = 0) -> np.ndarray:
+        """data uint8 (out, nb * type_size) encoding target (out, nb * block) from column `col0` -> the same
+        bytes with each block replaced by the file's where its weighted squared error is not larger."""
+        n_out, width = target.shape
+        nb, bs, ts = width // kernel.block_size, kernel.block_size, kernel.type_size
+        b0 = col0 // bs * ts
+        old = self.original[:, b0: b0 + nb * ts]                               # (out, nb * ts)
+        w = self.weights[col0: col0 + width]                                   # (width,)
+
+        def err(raw: np.ndarray) -> np.ndarray:
+            d = kernel.dequantize(raw, (n_out, width)).astype(np.float64) - target  # (out, width)
+            return (d * d * w).reshape(n_out, nb, bs).sum(axis=2)               # (out, nb)
+
+        keep = err(old) <= err(data)                                           # (out, nb)
+        if not keep.any():
+            return data
+        out = data.reshape(n_out, nb, ts).copy()
+        out[keep] = old.reshape(n_out, nb, ts)[keep]
+        return out.reshape(n_out, nb * ts)
+
+
 def gptq_encode(kernel: QuantKernel, p: np.ndarray, u: np.ndarray, importance: np.ndarray | None,
-                n_threads: int | None = None) -> np.ndarray:
+                n_threads: int | None = None, keep: KeepBlocks | None = None) -> np.ndarray:
     """GPTQ in the block format: p float64 (out, in) target, u (in, in) upper factor of H^-1 -> uint8 rows.
 
     Slabs of one block width are quantized left to right; each slab's error E (out, B) is pushed onto
-    the later columns as W[:, R] -= (E U_SS^-1) U_SR (applied lazily per batch of columns).
+    the later columns as W[:, R] -= (E U_SS^-1) U_SR (applied lazily per batch of columns). With `keep`,
+    each slab's blocks are merged with the file's before its error is taken.
     """
     n_out, n_in = p.shape
     width = kernel.block_size if kernel.block_size > 1 else n_in               # float types: one slab
@@ -243,6 +282,8 @@ def gptq_encode(kernel: QuantKernel, p: np.ndarray, u: np.ndarray, importance: n
             sigma2 = row_sigma2(w.astype(np.float32)) if row_global else None  # (out,)
             imp = None if importance is None else np.ascontiguousarray(importance[s])
             data = _encode_slab(kernel, w[:, s].astype(np.float32), imp, sigma2, n_threads)
+            if keep is not None:
+                data = keep.merge(kernel, data, w[:, s], j)
             parts.append(data)
             err = w[:, s] - kernel.dequantize(data, (n_out, width))            # (out, B)
             if not np.isfinite(err).all():
@@ -273,11 +314,13 @@ def _matrix(value: Any, name: str, rows: int | None = None, cols: int | None = N
 
 def quantize_edited(w0: np.ndarray, dw: np.ndarray, keys: np.ndarray, ggml_type: GGMLQuantizationType | int | str,
                     *, cov: np.ndarray | None = None, cfg: AwareConfig = AwareConfig(),
-                    n_threads: int | None = None) -> AwareResult:
+                    original: np.ndarray | None = None, n_threads: int | None = None) -> AwareResult:
     """Quantize Wt = w0 + dw to `ggml_type` so that Wq keeps Wt's outputs at `keys`.
 
     w0, dw (out, in) float in GGUF numpy order (blocks run along `in`); keys (n, in); cov (in, in) = E[k k^T]
-    of the layer or None (identity). Returns the bytes (out, row_bytes) and the share of dW K^T kept.
+    of the layer or None (identity); original: the file's bytes of w0 in `ggml_type` (uint8 (out, row_bytes))
+    when the tensor is patched, whose blocks are kept where they fit as well (cfg.keep_blocks).
+    Returns the bytes (out, row_bytes) and the share of dW K^T kept.
     """
     kernel = get_kernel(ggml_type)
     if not isinstance(cfg, AwareConfig):
@@ -293,6 +336,14 @@ def quantize_edited(w0: np.ndarray, dw: np.ndarray, keys: np.ndarray, ggml_type:
     if not kernel.fits(n_in):
         raise QeditError(f"w0: rows of {n_in} values do not fit {kernel.name} (block size {kernel.block_size}); "
                          "pick the type with qedit.kernels.resolve_type first")
+    keep = None
+    if original is not None and cfg.keep_blocks:
+        if not isinstance(original, np.ndarray) or original.dtype != np.uint8 \
+                or original.shape != (n_out, kernel.row_bytes(n_in)):
+            got = f"{original.dtype} {original.shape}" if isinstance(original, np.ndarray) else type(original).__name__
+            raise QeditError(f"original: expected the {kernel.name} bytes of w0, uint8 ({n_out}, "
+                             f"{kernel.row_bytes(n_in)}), got {got}")
+        keep = KeepBlocks(original, edit_importance(k, c, cfg.key_weight).astype(np.float64))
     start = time.perf_counter()
     target = base + change                                                     # (out, in) Wt
     want = change @ k.T                                                        # (out, n) intended change at the keys
@@ -320,8 +371,9 @@ def quantize_edited(w0: np.ndarray, dw: np.ndarray, keys: np.ndarray, ggml_type:
 
     def encode(p: np.ndarray) -> np.ndarray:
         if feedback:
-            return gptq_encode(kernel, p, u, imp, n_threads)
-        return kernel.quantize(p.astype(np.float32), imp, n_threads=n_threads)
+            return gptq_encode(kernel, p, u, imp, n_threads, keep)
+        data = kernel.quantize(p.astype(np.float32), imp, n_threads=n_threads)
+        return data if keep is None else keep.merge(kernel, data, p)
 
     p = target.copy()                                                 # (out, in) running pre-quantization weight
     history: list[float] = []
@@ -344,5 +396,6 @@ def quantize_edited(w0: np.ndarray, dw: np.ndarray, keys: np.ndarray, ggml_type:
              kernel.name, n_out, n_in, k.shape[0], kept, kept_naive, ran, seconds)
     info = {"kept_history": history, "best_round": best_round, "residual_naive": residual_naive,
             "importance": imp is not None, "error_feedback": feedback, "slab_width": width,
-            "loop_metric": cfg.loop_metric, "n_keys": int(k.shape[0]), "seconds": seconds}
+            "loop_metric": cfg.loop_metric, "n_keys": int(k.shape[0]), "seconds": seconds,
+            "kept_blocks": keep is not None}
     return AwareResult(data, kernel.ggml_type, kept, kept_naive, ran, residual, info)
