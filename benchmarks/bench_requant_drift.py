@@ -12,6 +12,8 @@ spliced into a working copy of the file (bench_survival_cases.py's in-place shor
 cases 0..n-1 are scored in llama.cpp against the unedited file. Per rung: the share of bytes and of
 weights that changed, the largest weight change, and locality, efficacy and generalization; any
 locality below 1 is drift alone, which every patch of these tensors carries, naive or edit-aware.
+For each flipped answer token the JSON records the unedited file's gap between its two top logits and
+the largest change of any logit at that position.
 """
 from __future__ import annotations
 
@@ -45,6 +47,34 @@ def requantized(rung: RungFile, names: list[str]) -> tuple[dict[str, bytes], dic
         changed[name] = {"type": info.ggml_type.name, "bytes": float(np.mean(new != old)),
                          "weights": float(np.mean(w1 != w0)), "max_abs": float(np.abs(w1 - w0).max())}
     return data, changed
+
+
+def flips(rung: RungFile, data: dict[str, bytes], reqs, cases: list[int]) -> list[dict]:
+    """For each locality answer position of `cases` whose top-1 token the requantized tensors change: the
+    unedited file's gap between its top two logits, and the largest change of any logit there."""
+    from qedit.batching import continuation_ids
+
+    r = rung.runner
+
+    def logits(prompt: str, answer: str) -> tuple[np.ndarray, list[int]]:
+        p, t = continuation_ids(r.tokenizer, prompt, answer)
+        r.llm.reset()
+        return np.stack([r._last_logits(p)] + [r._last_logits([tok]) for tok in t[:-1]]), t  # (len(t), vocab)
+
+    pairs = [(i, pr, an) for i in cases for pr, an in zip(reqs[i].locality_prompts, reqs[i].locality_answers)]
+    before = [logits(pr, an)[0] for _, pr, an in pairs]
+    rung.write(data)
+    try:
+        after = [logits(pr, an)[0] for _, pr, an in pairs]
+    finally:
+        rung.restore()
+    out = []
+    for (case, _, _), lb, la in zip(pairs, before, after):
+        for j in np.flatnonzero(lb.argmax(axis=1) != la.argmax(axis=1)):
+            top2 = np.sort(lb[j])[-2:]
+            out.append({"case": case, "position": int(j), "gap": float(top2[1] - top2[0]),
+                        "max_logit_change": float(np.abs(la[j] - lb[j]).max())})
+    return out
 
 
 def mean(xs) -> float:
@@ -85,6 +115,8 @@ def main() -> None:
                 rep = evaluate(rung.runner, reqs, baseline=base, progress=f"{rung_name} requantized")
             finally:
                 rung.restore()
+            flipped = flips(rung, data, reqs, [i for i, c in enumerate(rep.cases)
+                                               if c.locality is not None and c.locality < 1])
         finally:
             rung.gf.close()
             rung.path.unlink(missing_ok=True)
@@ -92,7 +124,7 @@ def main() -> None:
                "locality_cases_below_1": sum(1 for c in rep.cases if c.locality is not None and c.locality < 1),
                "efficacy": mean(c.efficacy for c in rep.cases), "efficacy_unedited": mean(c.efficacy for c in base.cases),
                "generalization": mean(c.generalization for c in rep.cases),
-               "generalization_unedited": mean(c.generalization for c in base.cases)}
+               "generalization_unedited": mean(c.generalization for c in base.cases), "flips": flipped}
         out["rungs"][rung_name] = row
         tmp = args.json.with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1))
@@ -107,6 +139,12 @@ def main() -> None:
               f"{max(c['max_abs'] for c in ch):.4f} | {r['locality']:.3f} | {r['locality_cases_below_1']} | "
               f"{r['efficacy']:.3f} ({r['efficacy_unedited']:.3f}) | {r['generalization']:.3f} "
               f"({r['generalization_unedited']:.3f}) |")
+    for rung_name, r in out["rungs"].items():
+        if r["flips"]:
+            gaps = [f["gap"] for f in r["flips"]]
+            print(f"{rung_name}: {len(gaps)} flipped answer tokens; unedited top-2 gap median {np.median(gaps):.3f} "
+                  f"nats (max {max(gaps):.3f}); largest logit change median "
+                  f"{np.median([f['max_logit_change'] for f in r['flips']]):.2f} nats")
 
 
 if __name__ == "__main__":
