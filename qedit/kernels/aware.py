@@ -3,7 +3,7 @@
 When a quantized GGUF is patched, the edited tensor Wt = W0 + dW (W0 dequantized from the file) is
 requantized to the grid W0 came from, and a small dW largely rounds back to W0. `quantize_edited`
 chooses the values of the same block format so that the quantized weight keeps Wt's outputs at the
-edit keys K (n, in), with three mechanisms that can be switched on and off one by one:
+edit keys K (n, in), with three mechanisms that can be switched on and off one by one (and a fourth, off):
 
 1. Importance (llama.cpp imatrix semantics, one weight per input column): diag(C) + lambda * sum_i k_i^2,
    each term normalised to mean 1 over the columns, so `key_weight` = lambda is the keys' share
