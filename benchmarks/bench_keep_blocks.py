@@ -31,6 +31,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from bench_aware_cases import encode_changes, score  # noqa: E402
 from bench_edit import restored  # noqa: E402
+from bench_requant_drift import tensor_change  # noqa: E402
 from bench_survival_cases import DATA, RungFile, cached_report  # noqa: E402
 
 VARIANTS = ("fresh", "keep")
@@ -38,17 +39,9 @@ VARIANTS = ("fresh", "keep")
 
 def changed_share(rung: RungFile, data: dict[str, bytes]) -> tuple[float, float]:
     """(share of bytes, share of weights) of the edited tensors that differ from the rung file's."""
-    from qedit.kernels import dequantize_tensor
-
-    nb = nw = tb = tw = 0
-    for name, raw in data.items():
-        info = rung.gf.tensors[name]
-        new, old = np.frombuffer(raw, dtype=np.uint8), np.asarray(rung.gf.raw(name)).reshape(-1)
-        w0 = rung.gf.dequantize(name)                                            # (rows, cols)
-        w1 = dequantize_tensor(new, info.ggml_type, w0.shape)                    # (rows, cols)
-        nb, tb = nb + int(np.sum(new != old)), tb + new.size
-        nw, tw = nw + int(np.sum(w1 != w0)), tw + w0.size
-    return nb / tb, nw / tw
+    changes = [tensor_change(rung, name, raw) for name, raw in data.items()]
+    return (sum(c["bytes"] for c in changes) / sum(c["n_bytes"] for c in changes),
+            sum(c["weights"] for c in changes) / sum(c["n_weights"] for c in changes))
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -31,21 +31,31 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from bench_survival_cases import DATA, RungFile, cached_report  # noqa: E402
 
 
+def tensor_change(rung: RungFile, name: str, raw: bytes) -> dict:
+    """What `raw` (new bytes of tensor `name`, its type and size) changes against the rung file's bytes:
+    differing bytes and weights (counts and totals) and the largest weight change."""
+    from qedit.kernels import dequantize_tensor
+
+    info = rung.gf.tensors[name]
+    new, old = np.frombuffer(raw, dtype=np.uint8), np.asarray(rung.gf.raw(name)).reshape(-1)
+    w0 = rung.gf.dequantize(name)                                                        # (rows, cols)
+    w1 = dequantize_tensor(new, info.ggml_type, w0.shape)                                # (rows, cols)
+    return {"type": info.ggml_type.name, "bytes": int(np.sum(new != old)), "n_bytes": int(new.size),
+            "weights": int(np.sum(w1 != w0)), "n_weights": int(w0.size), "max_abs": float(np.abs(w1 - w0).max())}
+
+
 def requantized(rung: RungFile, names: list[str]) -> tuple[dict[str, bytes], dict[str, dict]]:
-    """name -> Q_t(deq(bytes)) of each tensor, and what changed (bytes, weights, largest weight change)."""
-    from qedit.kernels import dequantize_tensor, quantize_tensor
+    """name -> Q_t(deq(bytes)) of each tensor, and what changed (shares of bytes and weights, largest
+    weight change)."""
+    from qedit.kernels import quantize_tensor
 
     data, changed = {}, {}
     for name in names:
-        info = rung.gf.tensors[name]
         w0 = np.array(rung.gf.dequantize(name), dtype=np.float32, copy=True)          # (rows, cols)
-        q = quantize_tensor(w0, info.ggml_type)                                          # (rows, row_bytes)
-        old = np.frombuffer(bytes(rung.gf.raw(name)), dtype=np.uint8)
-        new = q.reshape(-1)
-        w1 = dequantize_tensor(q, info.ggml_type, w0.shape)                              # (rows, cols)
-        data[name] = q.tobytes()
-        changed[name] = {"type": info.ggml_type.name, "bytes": float(np.mean(new != old)),
-                         "weights": float(np.mean(w1 != w0)), "max_abs": float(np.abs(w1 - w0).max())}
+        data[name] = quantize_tensor(w0, rung.gf.tensors[name].ggml_type).tobytes()
+        c = tensor_change(rung, name, data[name])
+        changed[name] = {"type": c["type"], "bytes": c["bytes"] / c["n_bytes"], "weights": c["weights"] / c["n_weights"],
+                         "max_abs": c["max_abs"]}
     return data, changed
 
 
