@@ -18,7 +18,6 @@ The edits (dW, k*) are cached in --edits (npz), so a rerun skips the ROME edits.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench_io import save_json  # noqa: E402  (the sibling benchmarks: the script's directory)
 
 from qedit.kernels import dequantize_tensor, quantize_tensor
 from qedit.kernels.aware import AwareConfig, kept_share, quantize_edited
@@ -172,9 +173,7 @@ def main() -> None:
         out = {"command": " ".join(sys.argv), "layer": args.layer, "source_type": str(edits["source_type"]),
                "subjects": [str(s) for s in edits["subjects"]], "seconds": time.perf_counter() - start,
                "rows": rows, "table": table}
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2))
-        os.replace(tmp, args.json)
+        save_json(args.json, out, indent=2)
 
 
 if __name__ == "__main__":

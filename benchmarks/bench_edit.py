@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bench_io import save_json  # the sibling benchmarks (the script's directory)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 
@@ -170,7 +172,7 @@ def main() -> None:
         rows.append(json.loads(out))
         print(f"done {method}", file=sys.stderr)
         if args.json:  # after every method, so a later failure loses nothing
-            args.json.write_text(json.dumps(rows, indent=2))
+            save_json(args.json, rows, indent=2)
     print("| method | mode | cases | s/edit | of which targets | efficacy | generalization | locality | efficacy top1 | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

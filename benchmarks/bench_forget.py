@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from bench_survival import _run  # the same subprocess runner (one thread, stderr tail on failure)
+from bench_io import save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
@@ -127,7 +128,7 @@ def main() -> None:
         results.append(run(method, facts, args.out, args.ladder, args.threads, settings, heldout, extra))
         print(table(results[-1]) + "\n", flush=True)
         if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+            save_json(args.json, results, indent=2)
 
 
 if __name__ == "__main__":

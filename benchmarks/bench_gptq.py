@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_io import save_json  # the sibling benchmarks (the script's directory)
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 
@@ -163,7 +165,7 @@ def main() -> None:
         got = e.pop("argmax", None)
         if ref and got:
             e["agrees_with_full"] = round(sum(a == b for a, b in zip(got, ref)) / len(ref), 3)
-    args.json.write_text(json.dumps(out, indent=2))
+    save_json(args.json, out, indent=2)
     print(f"GPTQ {args.bits}-bit, group {args.group_size}, Gemma 3 270M, {out['prepare']}")
     for name, q in out["quantize"].items():
         print(f"  quantize with {name}: {q}")

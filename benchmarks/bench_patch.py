@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_io import save_json  # the sibling benchmarks (the script's directory)
+
 ROOT = Path(__file__).resolve().parents[1]
 # label -> (edited layers, encoding): "plain" requantizes W0 + dW; "aware" is the edit-aware encoding
 # that `qedit edit -o X.gguf` uses by default (qedit.converters.gguf_aware), skipped when absent.
@@ -298,7 +300,7 @@ def main() -> None:
     results["loadavg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     _print_tables(results)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        save_json(args.json, results, indent=2)
         print(f"\nwrote {args.json}")
 
 

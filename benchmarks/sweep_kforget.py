@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))       # the sibling ben
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))   # qedit, from a checkout without installing
 
 from bench_forget import DATA, known_facts  # noqa: E402
+from bench_io import save_json  # noqa: E402
 
 VIEWS = ("fp32", "source", "Q4_0")
 KEYS = ("forget_prob_first", "recovery_rate", "retain_acc", "heldout_acc")
@@ -81,8 +82,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
-            args.json.write_text(json.dumps({"command": sys.argv, "n": args.n, "heldout_lines": args.heldout,
-                                             "rows": rows}, indent=1))
+            save_json(args.json, {"command": sys.argv, "n": args.n, "heldout_lines": args.heldout, "rows": rows})
     print("| setting | |dW| | " + " | ".join(f"{v} {k}" for v in VIEWS for k in ("recovery_rate", "retain_acc", "heldout_acc")) + " |")
     for r in rows:
         dw = f"{r['dw_norm']:.2f}" if "dw_norm" in r else "-"
