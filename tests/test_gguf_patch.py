@@ -294,7 +294,7 @@ def test_verify_scales_an_edit_that_does_not_hold_in_llama_cpp(tiny_dirs, tmp_pa
     from qedit.cli import main
     from qedit.converters.gguf_export import export_gguf
     from qedit.converters.gguf_read import GGUFFile
-    from test_gguf_export import _byte_level_dir
+    from test_gguf_hf import _byte_level_dir
 
     pytest.importorskip("llama_cpp")
     hf, _ = _byte_level_dir("llama", tmp_path / "bpe")     # a tokenizer llama.cpp reproduces
