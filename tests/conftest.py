@@ -35,6 +35,12 @@ FACTS = [
 ]
 
 UNRELATED = ["The sun is in the sky", "A dog and a cat", "The river in the mountain", "His music is famous"]
+# The edit request of the method tests (test_methods_tiny, test_minimal_strength).
+# The subject ends the prompt: in a random 4-layer model little information flows from a
+# mid-prompt subject to the answer position, so efficacy there depends on attention luck more
+# than on the method. The key lookup at a mid-prompt subject is tested on
+# its own (test_methods_tiny).
+EDIT_PROMPT, EDIT_SUBJECT = "the city of the Eiffel Tower", "Eiffel Tower"
 
 
 def make_tokenizer():
@@ -115,3 +121,49 @@ def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Two OpenMP threads on two shared cores slow small ops down ~100x when the other core is busy.
     torch.set_num_threads(1)
+
+
+def _byte_level_tokenizer():
+    """conftest's vocabulary as a byte-level BPE (every word one token), which transformers'
+    Qwen2Tokenizer can rebuild: for model_type qwen2, transformers 5 ignores the saved
+    tokenizer class and rebuilds a BPE from vocab + merges, dropping every word of the
+    word-level tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(dict.fromkeys(WORDS))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4000, min_frequency=1, show_progress=False,
+                                  special_tokens=["<pad>", "</s>", "<s>", "[UNK]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(words), " " + " ".join(words), " ".join(w.capitalize() for w in words), *words]
+    tok.train_from_iterator(corpus * 2, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="[UNK]")
+
+
+def _tokenizer_works(path: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(path)(EDIT_PROMPT)["input_ids"]) >= 5
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    """conftest's tiny dirs, with a qwen2 whose tokenizer survives transformers' reload."""
+    from transformers import AutoModelForCausalLM
+
+    dirs = dict(tiny_dirs)
+    if not _tokenizer_works(dirs["qwen2"]):
+        path = tmp_path_factory.mktemp("tiny-bpe") / "qwen2"
+        tok = _byte_level_tokenizer()
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(make_config("qwen2", len(tok))).save_pretrained(path)
+        tok.save_pretrained(path)
+        dirs["qwen2"] = path
+    for family, path in dirs.items():
+        assert _tokenizer_works(path), f"{family}: tokenizer drops the prompt's words"
+    return dirs
