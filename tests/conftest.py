@@ -116,6 +116,14 @@ def gemma_gguf() -> Path:
     return Path(assemble())
 
 
+@pytest.fixture(scope="module")
+def gemma(gemma_gguf):
+    """The packaged Gemma 3 270M loaded in torch, once per test module (modules may fold edits into it)."""
+    from qedit.model import load_model
+
+    return load_model(gemma_gguf)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the real Gemma 3 270M model (runs in CI too)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

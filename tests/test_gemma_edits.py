@@ -19,13 +19,6 @@ THRESHOLDS = {"rome": (0.9, 0.7), "memit": (0.8, 0.8), "alphaedit": (0.8, 0.8)}
 
 
 @pytest.fixture(scope="module")
-def gemma(gemma_gguf):
-    from qedit.model import load_model
-
-    return load_model(gemma_gguf)
-
-
-@pytest.fixture(scope="module")
 def cases():
     from qedit.facts import load_requests
 

@@ -288,13 +288,6 @@ def test_an_interrupted_export_leaves_no_file(synthetic, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def gemma(gemma_gguf):
-    from qedit.model import load_model
-
-    return load_model(gemma_gguf)
-
-
-@pytest.fixture(scope="module")
 def torch_scores(gemma):
     from qedit.runners import TorchRunner
 

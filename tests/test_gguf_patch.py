@@ -24,13 +24,6 @@ def _fast_rome():
 
 
 @pytest.fixture(scope="module")
-def gemma(gemma_gguf):
-    from qedit.model import load_model
-
-    return load_model(gemma_gguf)
-
-
-@pytest.fixture(scope="module")
 def torch_before(gemma):
     """Torch scores of PROMPTS on the unedited model (taken before `patched` folds the edits in)."""
     from qedit.runners import TorchRunner
