@@ -8,16 +8,15 @@ new layer reuses it and only runs the forward pass up to that layer.
 
 Sampling is the slow part of a first edit (one forward pass per token, and each pass ends in the
 output layer over the whole vocabulary: 262k rows for Gemma 3). The sampler keeps a KV cache,
-draws tokens with `qedit.sampling` (by default by inverse CDF; torch.multinomial's exponential race
-over 262k columns cost as much as the output layer, qedit's "race" sampler races the 1024 most likely
-tokens and the rest as one), and computes the output layer in bfloat16 by default
+draws tokens by inverse CDF (exact; torch.multinomial's exponential race over 262k columns cost
+as much as the output layer), and computes the output layer in bfloat16 by default
 (`sampling_precision`; a bfloat16 copy of the output weight, 335 MB for Gemma, lives while sampling).
 The precision is fixed, never chosen by the CPU: the drawn text, and with it every statistic and
 every edit, would otherwise depend on the machine. The body of the
 model always runs in its own dtype, so the keys recorded while sampling are the keys of the model
 being edited: when the text is sampled for a covariance request, the covariance is accumulated
-during sampling and no second forward pass over the text is needed. The sampling precision and a
-non-default sampler are part of the cache key of a sampled corpus.
+during sampling and no second forward pass over the text is needed. The sampling precision is part
+of the cache key of a sampled corpus.
 """
 from __future__ import annotations
 
@@ -38,11 +37,11 @@ from qedit.errors import QeditError
 from qedit.hooks import record, stop_after
 from qedit.io_utils import atomic_path
 from qedit.model import LoadedModel
-from qedit.sampling import SAMPLERS, draw_tokens
 
 log = logging.getLogger(__name__)
 
 SAMPLING_PRECISIONS = ("bfloat16", "float32")
+_DRAW_BLOCK = 1024  # vocabulary block of the two-level inverse-CDF draw
 
 
 def default_cache_dir() -> Path:
@@ -63,10 +62,6 @@ class StatsConfig:
     # Precision of the output layer while sampling text. The keys are always computed in the
     # model's dtype. Fixed rather than per-CPU, so the same config samples the same text everywhere.
     sampling_precision: str = "bfloat16"
-    # How a token is drawn (both exact): "inverse-cdf" over the vocabulary in id order, or "race", an
-    # exponential race (draw_tokens), which a slightly different model (another quantization of it) follows
-    # token for token far longer.
-    sampler: str = "inverse-cdf"
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.sample_len < 4 or self.batch_size < 1:
@@ -74,8 +69,6 @@ class StatsConfig:
         if self.sampling_precision not in SAMPLING_PRECISIONS:
             raise ValueError(f"StatsConfig: sampling_precision must be one of {SAMPLING_PRECISIONS}, "
                              f"not {self.sampling_precision!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"StatsConfig: sampler must be one of {SAMPLERS}, not {self.sampler!r}")
         if self.corpus is not None and not Path(self.corpus).is_file():
             raise QeditError(f"{self.corpus}: corpus file not found; give a plain-text file or omit --corpus")
 
@@ -105,8 +98,7 @@ class StatsConfig:
 
 def _corpus_key(cfg: StatsConfig) -> str:
     if cfg.corpus is None:
-        race = "-race" if cfg.sampler == "race" else ""   # the default keeps the keys caches were made under
-        return f"self-s{cfg.seed}-n{cfg.n_samples}-l{cfg.sample_len}-{cfg.sampling_precision}{race}"
+        return f"self-s{cfg.seed}-n{cfg.n_samples}-l{cfg.sample_len}-{cfg.sampling_precision}"
     return f"file-{cfg.corpus_digest()}-n{cfg.n_samples}-l{cfg.sample_len}"
 
 
@@ -173,9 +165,36 @@ def _sampling_head(loaded: LoadedModel, dtype: torch.dtype) -> Callable[[torch.T
     return logits
 
 
+def draw_tokens(logits: torch.Tensor, generator: torch.Generator, banned: Sequence[int] = ()) -> torch.Tensor:
+    """One token per row from softmax(logits) (rows, vocab), by inverse CDF; returns (rows, 1) int64.
+
+    Two levels: cumulative block masses pick a block of the vocabulary, then a cumulative sum
+    inside that block picks the token, so one pass of block sums is the only full-width scan.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)                              # (rows, vocab), a new tensor
+    rows, vocab = probs.shape
+    banned = [t for t in banned if 0 <= t < vocab]
+    if banned:
+        probs[:, banned] = 0.0
+    full = vocab // _DRAW_BLOCK
+    masses = probs[:, : full * _DRAW_BLOCK].view(rows, full, _DRAW_BLOCK).sum(-1)  # (rows, full)
+    if full * _DRAW_BLOCK < vocab:
+        masses = torch.cat([masses, probs[:, full * _DRAW_BLOCK:].sum(-1, keepdim=True)], dim=1)
+    cum = masses.double().cumsum(-1)                                           # (rows, n_blocks)
+    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64) * cum[:, -1:]
+    b = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)    # (rows, 1) block index
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))
+    offsets = torch.arange(_DRAW_BLOCK, device=probs.device)
+    cols = b * _DRAW_BLOCK + offsets                                           # (rows, block)
+    chosen = probs.gather(1, cols.clamp(max=vocab - 1)) * (cols < vocab)       # (rows, block)
+    j = torch.searchsorted(chosen.double().cumsum(-1), u - before, right=True)  # (rows, 1)
+    last = torch.where(chosen > 0, offsets, -1).amax(-1, keepdim=True)         # rounding may overshoot the block
+    return b * _DRAW_BLOCK + torch.minimum(j, last)
+
+
 def _sample_batch(loaded: LoadedModel, first: torch.Tensor, length: int, generator: torch.Generator,
                   head: Callable[[torch.Tensor], torch.Tensor], keys: _KeySums | None, step: Callable[[], object],
-                  banned: Sequence[int] = (), sampler: str = "inverse-cdf") -> torch.Tensor:
+                  banned: Sequence[int] = ()) -> torch.Tensor:
     """Continue `first` (rows, 1) to (rows, length) tokens, one KV-cached forward pass per token;
     `banned` tokens (the special ones: no end of text, no padding) are never drawn."""
     base = loaded.module(loaded.arch.base_model)
@@ -187,7 +206,7 @@ def _sample_batch(loaded: LoadedModel, first: torch.Tensor, length: int, generat
         if keys is not None and names:
             keys.add_step(rec)
         past = out.past_key_values
-        ids = draw_tokens(head(out.last_hidden_state[:, -1]), generator, banned, sampler)  # (rows, 1)
+        ids = draw_tokens(head(out.last_hidden_state[:, -1]), generator, banned)     # (rows, 1)
         columns.append(ids)
         step()
     if keys is not None:  # the last token is never fed to draw a successor: a partial pass for its keys
@@ -219,7 +238,7 @@ def _sample_from_model(loaded: LoadedModel, cfg: StatsConfig, keys: _KeySums | N
             rows = min(cfg.batch_size, cfg.n_samples - lo)
             first = torch.full((rows, 1), start, dtype=torch.long, device=loaded.device)
             batch = _sample_batch(loaded, first, cfg.sample_len, generator, head, keys, partial(bar.update, rows),
-                                  banned, cfg.sampler)
+                                  banned)
             seqs.extend(batch.tolist())
     log.info("sampled %d x %d tokens from the model in %.1f s (output layer in %s)", cfg.n_samples,
              cfg.sample_len, time.perf_counter() - began, str(dtype).removeprefix("torch."))
