@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -63,8 +64,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True, help="per-case rows and summary (a rerun resumes from it)")
     args = ap.parse_args()
 
-    import shutil
-
     import torch
     from tqdm.auto import tqdm
 
@@ -82,7 +81,7 @@ def main() -> None:
     src_tokens, rung_tokens = stats.corpus_tokens(src, cfg.stats), stats.corpus_tokens(rung, cfg.stats)
     entry = stats._cache_dir(rung, shared.stats)
     entry.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(stats._cache_dir(src, cfg.stats) / "tokens.json", entry / "tokens.json")  # the source's text
+    (entry / "tokens.json").write_text(json.dumps(src_tokens))   # the rung model keyed to the source's text
     diffs = first_differences(src_tokens, rung_tokens)
     reqs = load_requests(DATA)[: args.n]
     rows = saved_rows(args.json, lambda c: c < args.n)
