@@ -88,8 +88,8 @@ def main() -> None:
     done, started = {r["case"] for r in rows}, time.perf_counter()
 
     def norm(model, req, config) -> float:
-        """|dW| of the edit of `req` alone on `model` (api.edit folds it in; the weights are put back)."""
-        with restored(model.model, [n for n, _ in model.model.named_parameters()]):
+        """|dW| of the edit of `req` alone on `model` (api.edit folds it in; the edited weights are put back)."""
+        with restored(model.model, [model.arch.weight_name(layer) for layer in range(model.n_layers)]):
             return float(sum(d.norm() for d in edit(model, [req], args.method, config).deltas))
 
     for case in tqdm([c for c in range(args.n) if c not in done], desc=f"{args.method} on {args.rung}", unit="case"):
@@ -101,7 +101,7 @@ def main() -> None:
         save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method,
                               "target_margin": args.target_margin, "seconds_this_run": time.perf_counter() - started,
                               "summary": summarize(rows, diffs, len(src_tokens[0])), "cases": rows})
-    s = summarize(rows, diffs, len(src_tokens[0]))
+    s = summarize(rows, diffs, len(src_tokens[0]))   # also for a rerun that had nothing left to do
     for k in ("own_corpus", "source_corpus"):
         v = s[k]
         print(f"{k}: rung/source |dW| over {s['n']} cases: sd(log) {v['sd_log']:.3f}, p10 {v['p10']:.2f}, "
