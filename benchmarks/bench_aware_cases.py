@@ -14,6 +14,8 @@ CounterFact-dev case is edited alone and its edited tensors are spliced into the
   `qedit edit --quant T --naive`, and the ladder's plain path;
 - `aware_encoding`: the same deltas, encoded edit-aware on the rung's grid (item 1: importance from C and
   k*, error feedback, and the requantize loop at the keys), C and k* of the source model;
+- `encoding_scaled`: `aware_encoding` checked in llama.cpp and scaled until it holds, as `aware_scaled`
+  below (the source's edit with qedit's check, without recomputing it on the rung);
 - `recomputed`: the edit computed on the rung's unedited weights (the file loaded in torch: its keys,
   targets and statistics are the quantized model's), then plain requantization of Wq + dW;
 - `aware` (qedit's default, `qedit edit --quant T`): recomputed and encoded edit-aware;
@@ -29,7 +31,9 @@ full-precision edit with the edited tensors re-encoded plainly at T2, what `qedi
 tensors are T2 (the rung file patched with a zero edit at that type); the JSON records that copy's size
 cost in bytes. Rows of a resumed run that lack a variant are left out of that variant's summary (its n);
 `--skip aware_encoding --skip recomputed` adds cases with only the main variants (about 12 s less a case
-at Q2_K), for extending a run whose ablation already has enough cases.
+at Q2_K), for extending a run whose ablation already has enough cases. `--fill-encoding` first gives the
+saved cases that lack them `aware_encoding` and `encoding_scaled` (the source edit is computed again; its
+|dW| is checked against the saved `naive` row's).
 
 With --target-margin M every edit is computed at minimal strength (the method's `target_margin`: the
 smallest scale at which the margin over the prompt and its context prefixes is >= M nats) on the source
@@ -70,7 +74,7 @@ from bench_io import save_json, saved_rows, source_store  # noqa: E402
 from bench_survival_cases import DATA, RungFile, _fp32_baseline, cached_report  # noqa: E402
 from qedit.commands_gguf import VERIFY_SCALES  # noqa: E402
 
-VARIANTS = ("naive", "aware_encoding", "recomputed", "aware", "aware_scaled", "naive_hi")
+VARIANTS = ("naive", "aware_encoding", "encoding_scaled", "recomputed", "aware", "aware_scaled", "naive_hi")
 SKIPPABLE = ("aware_encoding", "recomputed")   # ablation variants `--skip` can leave out (items 1 and 3 alone)
 SCALES = VERIFY_SCALES   # `aware_scaled`: the strengths `qedit edit` tries when an edit does not hold
 
@@ -193,7 +197,8 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-LABELS = {"naive": "naive", "aware_encoding": "aware encoding alone", "recomputed": "recomputed alone",
+LABELS = {"naive": "naive", "aware_encoding": "aware encoding alone",
+          "encoding_scaled": "aware encoding alone, scaled until it holds", "recomputed": "recomputed alone",
           "aware": "**aware (both)**", "aware_scaled": "aware, scaled until it holds in llama.cpp",
           "naive_hi": "edited tensors at --hi-type alone"}
 
@@ -261,6 +266,9 @@ def main() -> None:
     ap.add_argument("--skip", action="append", default=[], choices=SKIPPABLE,
                     help="leave an ablation variant out of the cases this run adds (repeatable); ignored on a rung "
                          "whose weights equal the source's, where `recomputed` and `aware` are copies of them")
+    ap.add_argument("--fill-encoding", action="store_true",
+                    help="first add `aware_encoding` and `encoding_scaled` to the saved cases that lack them "
+                         "(the source edit is computed again, or read from --deltas)")
     ap.add_argument("--hi-type", default=None,
                     help="also score `naive_hi`: the edited tensors re-encoded plainly at this GGML type (e.g. Q6_K)")
     args = ap.parse_args()
@@ -317,6 +325,35 @@ def main() -> None:
             out = edit(model, [req], args.method, cfg)
         return out.deltas, encoding_for(model, out.keys, cfg.stats)
 
+    def source_edit(req, case):
+        """(deltas, keys, fp32 scores) of the full-precision edit: saved (--deltas) or computed on the source."""
+        if args.deltas is not None:
+            d = args.deltas / args.method / f"case{case:04d}"
+            fp_deltas, manifest = load_deltas(d)
+            return fp_deltas, load_edit_keys(d), manifest["bench_case"]
+        with restored(src_model.model, src_names):
+            fp_out = edit(src_model, [req], args.method, cfg)
+            fp32 = dataclasses.asdict(evaluate(TorchRunner(src_model), [req],
+                                               baseline=EvalReport({}, [base32[case]])).cases[0])
+        return fp_out.deltas, fp_out.keys, fp32
+
+    def encoded_source(row, req, base, fp_deltas, fp_keys):
+        """Adds `aware_encoding` and `encoding_scaled` to `row`; returns the encoding."""
+        enc = encoding_for(src_model, fp_keys, cfg.stats)
+        data, kept = encode_changes(rung, fp_deltas, enc)
+        row["aware_encoding"] = {**score(rung, data, req, base), "dw_norm": sum(x.norm() for x in fp_deltas),
+                                 "kept": kept}
+        row["encoding_scaled"] = scaled_until_held(rung, req, base, fp_deltas, enc, row["aware_encoding"],
+                                                   args.hold_margin)
+        return enc
+
+    def save() -> None:
+        rows.sort(key=lambda r: r["case"])
+        save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method, "same_weights": same,
+                              "target_margin": args.target_margin, "hi_type": args.hi_type, "hi_bytes": hi_bytes,
+                              "seconds_this_run": time.perf_counter() - started,
+                              "summary": summarize(rows), "cases": rows})
+
     if settled := settle_unheld(rows, args.hold_margin):
         print(f"{settled} saved case(s) held at no scale: `aware_scaled` is now their unscaled edit, as in qedit edit")
     try:
@@ -324,18 +361,23 @@ def main() -> None:
             req, base, first = all_reqs[row["case"]], bases[row["case"]], row["aware"]
             row["aware_scaled"] = {**first, "scale": 1.0} if holds(first, args.hold_margin) else \
                 scaled_until_held(rung, req, base, *aware_edit(req), first, args.hold_margin)
+        for row in tqdm([r for r in rows if args.fill_encoding and "encoding_scaled" not in r],
+                        desc="filling in aware_encoding", unit="case"):
+            req, base = all_reqs[row["case"]], bases[row["case"]]
+            first = row.get("aware_encoding")
+            if first is not None and holds(first, args.hold_margin):
+                row["encoding_scaled"] = {**first, "scale": 1.0}
+                continue
+            fp_deltas, fp_keys, _ = source_edit(req, row["case"])
+            norm = sum(x.norm() for x in fp_deltas)
+            if abs(norm - row["naive"]["dw_norm"]) > 1e-3 * row["naive"]["dw_norm"]:
+                raise SystemExit(f"case {row['case']}: the source edit computed again has |dW| {norm:.4f}, the saved "
+                                 f"naive row {row['naive']['dw_norm']:.4f}: not the same edit")
+            encoded_source(row, req, base, fp_deltas, fp_keys)
+            save()
         for case in tqdm([c for c in cases if c not in done], desc=f"{args.method} at {args.rung}", unit="case"):
             req, base = all_reqs[case], bases[case]
-            if args.deltas is not None:
-                d = args.deltas / args.method / f"case{case:04d}"
-                fp_deltas, manifest = load_deltas(d)
-                fp_keys, fp32 = load_edit_keys(d), manifest["bench_case"]
-            else:
-                with restored(src_model.model, src_names):
-                    fp_out = edit(src_model, [req], args.method, cfg)
-                    fp32 = dataclasses.asdict(evaluate(TorchRunner(src_model), [req],
-                                                       baseline=EvalReport({}, [base32[case]])).cases[0])
-                fp_deltas, fp_keys = fp_out.deltas, fp_out.keys
+            fp_deltas, fp_keys, fp32 = source_edit(req, case)
             row = {"case": case, "fp32": {**{k: fp32[k] for k in ("efficacy", "generalization", "locality")},
                                           "margin": fp32["logp_new"] - fp32["logp_true"]},
                    "fp32_base_margin": base32[case].margin, "base_margin": base.margin}
@@ -343,9 +385,7 @@ def main() -> None:
             data, _ = encode_changes(rung, fp_deltas, None)
             row["naive"] = {**score(rung, data, req, base), "dw_norm": fp_norm}
             if same or "aware_encoding" not in skip:
-                enc = encoding_for(src_model, fp_keys, cfg.stats)
-                data, kept = encode_changes(rung, fp_deltas, enc)
-                row["aware_encoding"] = {**score(rung, data, req, base), "dw_norm": fp_norm, "kept": kept}
+                enc = encoded_source(row, req, base, fp_deltas, fp_keys)
             if same:
                 row["recomputed"], row["aware"] = dict(row["naive"]), dict(row["aware_encoding"])
                 aware_deltas, aware_enc = fp_deltas, enc
@@ -363,8 +403,8 @@ def main() -> None:
                 data, kept = encode_changes(rung, aware_deltas, aware_enc)
                 row["encode_seconds"] = time.perf_counter() - t0
                 row["aware"] = {**score(rung, data, req, base), "dw_norm": q_norm, "kept": kept}
-            row["aware_scaled"] = scaled_until_held(rung, req, base, aware_deltas, aware_enc, row["aware"],
-                                                    args.hold_margin)
+            row["aware_scaled"] = dict(row["encoding_scaled"]) if same else \
+                scaled_until_held(rung, req, base, aware_deltas, aware_enc, row["aware"], args.hold_margin)
             if args.hi_type:
                 if hi is None:
                     hi, hi_bytes, hi_names = hi_rung(rung, args.work, fp_deltas, args.hi_type)
@@ -374,11 +414,7 @@ def main() -> None:
                 data, _ = encode_changes(rung, fp_deltas, None, types=hi)
                 row["naive_hi"] = {**score(hi, data, req, base), "dw_norm": fp_norm}
             rows.append(row)
-            rows.sort(key=lambda r: r["case"])
-            save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method, "same_weights": same,
-                                  "target_margin": args.target_margin, "hi_type": args.hi_type, "hi_bytes": hi_bytes,
-                                  "seconds_this_run": time.perf_counter() - started,
-                                  "summary": summarize(rows), "cases": rows})
+            save()
     finally:
         for f in (rung, hi):
             if f is not None:
