@@ -70,8 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # qedit, from a checkout without installing
 
 from bench_edit import restored  # noqa: E402
-from bench_io import save_json, saved_rows, source_store  # noqa: E402
-from bench_survival_cases import DATA, RungFile, _fp32_baseline, cached_report  # noqa: E402
+from bench_io import DATA, save_json, saved_rows, source_store  # noqa: E402
+from bench_survival_cases import RungFile, _fp32_baseline, cached_report  # noqa: E402
 from qedit.commands_gguf import VERIFY_SCALES  # noqa: E402
 
 VARIANTS = ("naive", "aware_encoding", "encoding_scaled", "recomputed", "aware", "aware_scaled", "naive_hi")

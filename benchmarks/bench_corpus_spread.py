@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from bench_edit import restored  # noqa: E402
-from bench_io import save_json, saved_rows, source_store  # noqa: E402
-from bench_survival_cases import DATA  # noqa: E402
+from bench_io import DATA, save_json, saved_rows, source_store  # noqa: E402
 
 
 def spread(ratios: list[float]) -> dict:

@@ -27,10 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench_io import save_json  # the sibling benchmarks (the script's directory)
+from bench_io import DATA, save_json
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 
 
 @contextmanager

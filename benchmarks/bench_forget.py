@@ -27,10 +27,8 @@ import sys
 from pathlib import Path
 
 from bench_survival import _run  # the same subprocess runner (one thread, stderr tail on failure)
-from bench_io import save_json
+from bench_io import DATA, save_json
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 COLUMNS = ("forget_prob", "recovery_rate", "recovery_change", "recovered", "retain_acc", "baseline_retain_acc",
            "retain_acc_change", "heldout_acc", "baseline_heldout_acc", "heldout_acc_change", "ppl_ratio")
 

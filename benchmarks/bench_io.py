@@ -6,6 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# CounterFact-dev, beside the checkout (../shared/data), as the brief lays out the machine
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-dev.jsonl"
+
 
 def source_store(out: Path) -> tuple[Path, Any]:
     """(the packaged Gemma 3 270M Q4_K_M file, an ArtifactStore of its rungs under `out`/artifacts)."""

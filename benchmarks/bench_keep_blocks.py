@@ -31,9 +31,9 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from bench_aware_cases import encode_changes, score  # noqa: E402
 from bench_edit import restored  # noqa: E402
-from bench_io import save_json, saved_rows, source_store  # noqa: E402
+from bench_io import DATA, save_json, saved_rows, source_store  # noqa: E402
 from bench_requant_drift import tensor_change  # noqa: E402
-from bench_survival_cases import DATA, RungFile, cached_report  # noqa: E402
+from bench_survival_cases import RungFile, cached_report  # noqa: E402
 
 VARIANTS = ("fresh", "keep")
 

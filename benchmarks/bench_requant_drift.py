@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from bench_io import save_json, source_store  # noqa: E402
-from bench_survival_cases import DATA, RungFile, cached_report  # noqa: E402
+from bench_io import DATA, save_json, source_store  # noqa: E402
+from bench_survival_cases import RungFile, cached_report  # noqa: E402
 
 
 def tensor_change(rung: RungFile, name: str, raw: bytes) -> dict:

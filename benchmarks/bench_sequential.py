@@ -22,10 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_io import save_json  # noqa: E402
+from bench_io import DATA, save_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 
 
 def main() -> None:

@@ -23,10 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_io import save_json  # the sibling benchmarks (the script's directory)
+from bench_io import DATA, save_json
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 LADDER = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K"
 COLUMNS = ("efficacy", "efficacy_kept", "generalization", "locality", "margin_kept", "ppl_ratio", "died")
 

@@ -42,10 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_io import save_json, source_store  # the sibling benchmarks (the script's directory)
+from bench_io import DATA, save_json, source_store
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
 LADDER = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K"
 
 

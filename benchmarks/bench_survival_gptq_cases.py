@@ -56,8 +56,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_io import save_json, source_store  # noqa: E402
-from bench_survival_cases import DATA, _case_row, _fp32_baseline, cached_report, summarize  # noqa: E402
+from bench_io import DATA, save_json, source_store  # noqa: E402
+from bench_survival_cases import _case_row, _fp32_baseline, cached_report, summarize  # noqa: E402
 
 
 class GPTQRung:

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from bench_aware_cases import encode_changes  # noqa: E402
-from bench_io import save_json, saved_rows, source_store  # noqa: E402
-from bench_survival_cases import DATA, RungFile  # noqa: E402
+from bench_io import DATA, save_json, saved_rows, source_store  # noqa: E402
+from bench_survival_cases import RungFile  # noqa: E402
 
 PATHS = ("naive", "aware")
 

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))       # the sibling benchmarks
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))   # qedit, from a checkout without installing
 
-from bench_forget import DATA, known_facts  # noqa: E402
-from bench_io import save_json  # noqa: E402
+from bench_forget import known_facts  # noqa: E402
+from bench_io import DATA, save_json  # noqa: E402
 
 VIEWS = ("fp32", "source", "Q4_0")
 KEYS = ("forget_prob_first", "recovery_rate", "retain_acc", "heldout_acc")
