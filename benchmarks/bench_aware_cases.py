@@ -356,17 +356,21 @@ def main() -> None:
 
     if settled := settle_unheld(rows, args.hold_margin):
         print(f"{settled} saved case(s) held at no scale: `aware_scaled` is now their unscaled edit, as in qedit edit")
+        save()
     try:
-        for row in tqdm([r for r in rows if "aware_scaled" not in r], desc="filling in aware_scaled", unit="case"):
+        filling = [r for r in rows if "aware_scaled" not in r]
+        for row in tqdm(filling, desc="filling in aware_scaled", unit="case"):
             req, base, first = all_reqs[row["case"]], bases[row["case"]], row["aware"]
             row["aware_scaled"] = {**first, "scale": 1.0} if holds(first, args.hold_margin) else \
                 scaled_until_held(rung, req, base, *aware_edit(req), first, args.hold_margin)
-        for row in tqdm([r for r in rows if args.fill_encoding and "encoding_scaled" not in r],
-                        desc="filling in aware_encoding", unit="case"):
+            save()
+        filling = [r for r in rows if args.fill_encoding and "encoding_scaled" not in r]
+        for row in tqdm(filling, desc="filling in aware_encoding", unit="case"):
             req, base = all_reqs[row["case"]], bases[row["case"]]
             first = row.get("aware_encoding")
             if first is not None and holds(first, args.hold_margin):
                 row["encoding_scaled"] = {**first, "scale": 1.0}
+                save()
                 continue
             fp_deltas, fp_keys, _ = source_edit(req, row["case"])
             norm = sum(x.norm() for x in fp_deltas)
