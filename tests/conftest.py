@@ -131,26 +131,31 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def byte_level_bpe(corpus: list[str], vocab_size: int, specials: tuple[str, ...] = ("<pad>", "</s>", "<s>")):
+    """A byte-level BPE (the kind Llama 3 and Qwen2 use) trained in-process on `corpus`, with `specials`
+    first in the vocabulary and <s> prepended to every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                                  special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    unk = {"unk_token": "[UNK]"} if "[UNK]" in specials else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", **unk)
+
+
 def _byte_level_tokenizer():
     """conftest's vocabulary as a byte-level BPE (every word one token), which transformers'
     Qwen2Tokenizer can rebuild: for model_type qwen2, transformers 5 ignores the saved
     tokenizer class and rebuilds a BPE from vocab + merges, dropping every word of the
     word-level tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     words = list(dict.fromkeys(WORDS))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4000, min_frequency=1, show_progress=False,
-                                  special_tokens=["<pad>", "</s>", "<s>", "[UNK]"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = [" ".join(words), " " + " ".join(words), " ".join(w.capitalize() for w in words), *words]
-    tok.train_from_iterator(corpus * 2, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="[UNK]")
+    return byte_level_bpe(corpus * 2, 4000, ("<pad>", "</s>", "<s>", "[UNK]"))
 
 
 def _tokenizer_works(path: Path) -> bool:

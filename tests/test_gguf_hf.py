@@ -65,18 +65,11 @@ def test_tiny_hf_export_runs_in_llama_cpp_with_the_torch_logits(tiny_dirs, tmp_p
 
 def _byte_level_dir(family: str, path: Path) -> tuple[Path, object]:
     """A tiny model with a byte-level BPE tokenizer (the kind Llama 3 and Qwen2 use), trained in-process."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
-    from conftest import WORDS, make_config
+    from conftest import WORDS, byte_level_bpe, make_config
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = byte_level_bpe([" ".join(WORDS)] * 4, 300)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(make_config(family, len(fast))).eval()
     model.save_pretrained(path)
