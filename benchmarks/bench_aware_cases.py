@@ -199,12 +199,23 @@ def summarize(rows: list[dict]) -> dict:
 
 LABELS = {"naive": "naive", "aware_encoding": "aware encoding alone",
           "encoding_scaled": "aware encoding alone, scaled until it holds", "recomputed": "recomputed alone",
-          "aware": "**aware (both)**", "aware_scaled": "aware, scaled until it holds in llama.cpp",
+          "aware": "aware (both)", "aware_scaled": "aware, scaled until it holds in llama.cpp",
           "naive_hi": "edited tensors at --hi-type alone"}
 
 
-def print_table(s: dict, title: str) -> None:
-    """The markdown table of one run's summary (RESULTS.md's per-rung tables)."""
+def default_variants(rung: str, s: dict) -> tuple[str, str]:
+    """(the variant `qedit edit --quant RUNG` writes without its llama.cpp check, with it): the edit computed
+    on the rung's weights below 5 bits, the source's edit at 5 bits and more (qedit.survival.on_rung), each
+    encoded edit-aware. Runs saved without `encoding_scaled` show the recomputed edit."""
+    from qedit.survival.on_rung import edits_quantized
+
+    if edits_quantized(rung) or "encoding_scaled" not in s:
+        return "aware", "aware_scaled"
+    return "aware_encoding", "encoding_scaled"
+
+
+def print_table(s: dict, title: str, rung: str) -> None:
+    """The markdown table of one run's summary (RESULTS.md's per-rung tables); the default path in bold."""
     print(f"\n{title}, {s['n']} single edits; fp32 efficacy {s['fp32']['efficacy']:.3f}")
     print(f"fp32 generalization {s['fp32']['generalization']:.3f}, locality {s['fp32']['locality']:.3f}; "
           "locality -/+: cases whose locality is below / above their fp32 edit's")
@@ -215,6 +226,7 @@ def print_table(s: dict, title: str) -> None:
         a = s[v]
         keys = "–" if a["kept_at_keys_mean"] is None else f"{a['kept_at_keys_mean']:.3f} / {a['kept_at_keys_min']:.3f}"
         label = LABELS[v] + (f" ({a['scaled_up']} scaled up)" if a.get("scaled_up") else "")
+        label = f"**{label}**" if v in default_variants(rung, s) else label
         print(f"| {label} | {a['n']} | {a['efficacy']:.3f} | {a['efficacy_kept']:.3f} | {a['generalization']:.3f} | "
               f"{a['locality']:.3f} | {a['locality_worse']}/{a['locality_better']} | {a['margin_kept']:.3f} | {a['died']} | {a['dw_norm']:.3f} | {keys} |")
 
@@ -229,19 +241,27 @@ def report(paths: list[Path]) -> None:
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"{path}: not a bench_aware_cases JSON ({e})") from None
         runs.append((d, s))
-        print_table(s, f"{d['method']} at {d['rung']} ({path.name})")
-    print("\n| method | rung | n | naive kept (died) | aware kept (died) | scaled until it holds kept (died) | "
-          "keys kept, aware: mean / min | the same edits requantized plainly: mean / min |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print_table(s, f"{d['method']} at {d['rung']} ({path.name})", d["rung"])
+    print("\n| method | rung | n | naive kept (died) | default, no llama.cpp check, kept (died) | default kept (died) | "
+          "keys kept, default: mean / min | the same edits requantized plainly: mean / min | "
+          "locality fp32 / naive / default | generalization fp32 / naive / default |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for d, s in runs:
+        unchecked, checked = default_variants(d["rung"], s)
+
         def cell(v: str) -> str:
             return "–" if v not in s else f"{s[v]['efficacy_kept']:.3f} ({s[v]['died']})"
+
         def keys(prefix: str) -> str:
-            a = s.get("aware", {})
+            a = s.get(unchecked, {})
             low = a.get(f"{prefix}_at_keys_min")
             return "–" if low is None else f"{a[f'{prefix}_at_keys_mean']:.3f} / {low:.3f}"
-        print(f"| {d['method']} | {d['rung']} | {s['n']} | {cell('naive')} | {cell('aware')} | {cell('aware_scaled')} | "
-              f"{keys('kept')} | {keys('plain')} |")
+
+        def metric(m: str) -> str:
+            return " / ".join(f"{x[m]:.3f}" for x in (s["fp32"], s["naive"], s[checked]))
+
+        print(f"| {d['method']} | {d['rung']} | {s['n']} | {cell('naive')} | {cell(unchecked)} | {cell(checked)} | "
+              f"{keys('kept')} | {keys('plain')} | {metric('locality')} | {metric('generalization')} |")
 
 
 def main() -> None:
@@ -426,7 +446,7 @@ def main() -> None:
                 f.path.unlink(missing_ok=True)
         if hi is not None:
             hi.gf.path.unlink(missing_ok=True)   # the zero patch the working copy was made from
-    print_table(summarize(rows), f"{args.method} at {args.rung}")
+    print_table(summarize(rows), f"{args.method} at {args.rung}", args.rung)
 
 if __name__ == "__main__":
     main()

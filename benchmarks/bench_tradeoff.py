@@ -10,8 +10,10 @@ Each CounterFact-dev case is edited alone, its edit scaled by alpha and spliced 
 file (bench_survival_cases.py's in-place shortcut) two ways:
 - naive: the edit computed in full precision on the source, plain requantization of W + alpha dW
   (`qedit edit --quant T --naive`, `qedit patch --naive`);
-- aware: the edit computed on the rung's weights (the source edit when they are the source's, e.g.
-  Q4_K_M of the packaged Q4_K_M file), encoded edit-aware (`qedit edit --quant T`).
+- aware: what `qedit edit --quant T` writes: below 5 bits the edit computed on the rung's weights (the
+  source edit when they are the source's, e.g. Q4_K_M of the packaged Q4_K_M file), at 5 bits and more
+  the source edit (qedit.survival.on_rung.edits_quantized), encoded edit-aware. Runs made before that
+  rule computed the aware edit on the rung's weights at every rung; the JSON's `aware_on` says which.
 With --target-margin M the edits are computed here at minimal strength (alpha 1 is the method's
 default edit); with --deltas, saved full-strength edits are scaled (rungs with the source's weights).
 Per case, alpha and path: efficacy, locality against the unedited file, margin, the perplexity of
@@ -93,7 +95,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 
 def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
-    """One summary (and plot) from several runs on the same cases, e.g. extra alphas for one path."""
+    """One summary (and plot) from several runs on the same cases, e.g. extra alphas for one path, or one
+    path run again: a later input's path@alpha replaces an earlier one's."""
     runs = [json.loads(p.read_text()) for p in inputs]
     common = set.intersection(*({r["case"] for r in d["cases"]} for d in runs))
     rows: dict[int, dict] = {}
@@ -119,7 +122,8 @@ def edits_for_case(case: int, req, args, cfg, models) -> tuple[list, list, objec
     With --deltas: the saved full-strength source edit for both paths (the rung's weights are the
     source's). With --target-margin: the minimal edit computed on the source (naive: edit in full
     precision, fold, quantize) and on the rung's weights (aware: `qedit edit --quant T`), or the source
-    edit for both when the rung's weights are the source's.
+    edit for both when the rung's weights are the source's or it has 5 bits and more (`models`: source,
+    rung model, whether the aware edit is computed on the rung's weights).
     """
     from bench_edit import restored
 
@@ -127,13 +131,13 @@ def edits_for_case(case: int, req, args, cfg, models) -> tuple[list, list, objec
     from qedit.converters.gguf_aware import encoding_for
     from qedit.delta import load_deltas, load_edit_keys
 
-    src, rung_model, same = models
+    src, rung_model, on_rung = models
     if args.deltas is not None:
         d = args.deltas / args.method / f"case{case:04d}"
         deltas, _ = load_deltas(d)
         return deltas, deltas, encoding_for(src, load_edit_keys(d), cfg.stats)
     outcomes = []
-    for model in ((src,) if same else (src, rung_model)):
+    for model in ((src, rung_model) if on_rung else (src,)):
         names = [model.arch.weight_name(layer) for layer in range(model.n_layers)]
         with restored(model.model, names):
             outcomes.append((model, edit(model, [req], args.method, cfg)))
@@ -180,7 +184,7 @@ def main() -> None:
     from qedit.facts import load_requests
     from qedit.model import load_model
     from qedit.survival.ladder import fluency_text
-    from qedit.survival.on_rung import same_weights
+    from qedit.survival.on_rung import edits_quantized, same_weights
 
     source, store = source_store(args.out)
     path, _ = store.gguf(args.rung)
@@ -189,6 +193,7 @@ def main() -> None:
     if args.deltas is not None and not same:
         raise SystemExit(f"{args.rung}: its weights are not the source's, so the scaled saved source edit is not "
                          "its edit; use --target-margin")
+    on_rung = edits_quantized(args.rung) and not same   # the aware path's edit is computed on the rung's weights
     rung = RungFile(path, args.work / f"qedit-tradeoff-{path.stem}-{os.getpid()}.gguf")  # one per process
     reqs = load_requests(DATA)
     cfg = make_config(args.method) if args.target_margin is None else \
@@ -202,7 +207,7 @@ def main() -> None:
                          unit="case"):
             req = reqs[case]
             base = evaluate(rung.runner, [req]).cases[0]
-            naive_deltas, aware_deltas, enc = edits_for_case(case, req, args, cfg, (src_model, rung_model, same))
+            naive_deltas, aware_deltas, enc = edits_for_case(case, req, args, cfg, (src_model, rung_model, on_rung))
             row = {"case": case, "base_margin": base.margin, "runs": {}}
             for p in paths:
                 deltas = aware_deltas if p == "aware" else naive_deltas
@@ -223,6 +228,7 @@ def main() -> None:
             rows.sort(key=lambda r: r["case"])
             save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method,
                                   "target_margin": args.target_margin, "same_weights": same, "alphas": alphas,
+                                  "aware_on": "rung" if on_rung else "source",
                                   "seconds_this_run": time.perf_counter() - started,
                                   "summary": summarize(rows, alphas, paths), "cases": rows})
     finally:

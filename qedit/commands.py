@@ -227,11 +227,13 @@ def run_method(args: argparse.Namespace, loaded: Any, requests: Sequence[Any], c
 
 @contextlib.contextmanager
 def _edit_source(args: argparse.Namespace, plan: OutputPlan) -> Iterator[tuple[Path, OutputPlan]]:
-    """(the model to compute the edit on, how to write it). An edit-aware --quant export computes the
-    edit on the unedited model as exported at --quant and patches that file; otherwise the model given."""
+    """(the model to compute the edit on, how to write it). An edit-aware --quant export below 5 bits
+    computes the edit on the unedited model as exported at --quant and patches that file; otherwise the
+    model given (at 5 bits and more its edit is exported edit-aware: qedit.survival.on_rung)."""
     from qedit.commands_gguf import GGUFMode, quantized_base
+    from qedit.survival.on_rung import edits_quantized
 
-    if plan.gguf_mode is not GGUFMode.EXPORT or args.naive:
+    if plan.gguf_mode is not GGUFMode.EXPORT or args.naive or not edits_quantized(args.quant):
         yield args.model, plan
         return
     print(f"exporting the unedited model at {args.quant.upper()} to compute the edit on its quantized weights "

@@ -38,8 +38,8 @@ def add_gguf_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--naive", action="store_true",
                    help="re-encode edited tensors by plain requantization of W + dW instead of the default "
                         "edit-aware encoding (which keeps the edit's output change at its keys through rounding); "
-                        "with --quant, also compute the edit on the source weights instead of on the model as "
-                        "exported at --quant")
+                        "with --quant below 5 bits, also compute the edit on the source weights instead of on the "
+                        "model as exported at --quant")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="after writing a GGUF patch (or an edit-aware --quant export), score each edit in llama.cpp; "
                         "while one prefers its new target by less than --hold-margin nats, scale the whole edit up "

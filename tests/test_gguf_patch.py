@@ -231,14 +231,11 @@ def test_gguf_output_needs_a_gguf_source(tiny_dirs, facts_file, tmp_path, capsys
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_quant_export_edits_the_quantized_model_and_patches_it(tiny_dirs, tmp_path, capsys):
-    """`edit --quant T` (edit-aware): the edit is computed on the unedited model exported at T and patched onto
-    that file, so every tensor the edit leaves alone is the plain export's, byte for byte; --naive edits the
-    source weights and quantizes W + dW. Neither leaves its temporary file behind."""
+@pytest.fixture()
+def quant_source(tiny_dirs, tmp_path):
+    """(a tiny F32 GGUF with a tokenizer, a one-fact file whose new target is not yet true, an output dir)."""
     from conftest import FACTS, make_tokenizer
-    from qedit.cli import main
     from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_read import GGUFFile
     from test_gguf_export import _tokenizer_template
 
     work = tmp_path / "in"
@@ -252,25 +249,65 @@ def test_quant_export_edits_the_quantized_model_and_patches_it(tiny_dirs, tmp_pa
     facts.write_text(json.dumps(fact) + "\n")
     out = tmp_path / "out"
     out.mkdir()
-    plain, aware, naive = out / "plain.gguf", out / "aware.gguf", out / "naive.gguf"
-    assert main(["export", str(src), "-o", str(plain), "--quant", "Q4_K_M"]) == 0
-    argv = ["edit", str(src), str(facts), "--method", "rome", "--layers", "1", "--quant", "Q4_K_M",
+    return src, facts, out
+
+
+def _quant_edits(src, facts, out, quant: str, capsys) -> tuple[str, str]:
+    """Writes plain.gguf (the unedited export), aware.gguf and naive.gguf (`edit --quant`, the latter --naive)
+    into `out`; returns the printed text of the aware and the naive edit."""
+    from qedit.cli import main
+
+    assert main(["export", str(src), "-o", str(out / "plain.gguf"), "--quant", quant]) == 0
+    capsys.readouterr()
+    argv = ["edit", str(src), str(facts), "--method", "rome", "--layers", "1", "--quant", quant,
             "--no-verify"]   # the template tokenizer is not one llama.cpp can run
-    assert main(argv + ["-o", str(aware)]) == 0
-    text = capsys.readouterr().out
+    assert main(argv + ["-o", str(out / "aware.gguf")]) == 0
+    aware = capsys.readouterr().out
+    assert main(argv + ["-o", str(out / "naive.gguf"), "--naive"]) == 0
+    naive = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["aware.gguf", "naive.gguf", "plain.gguf"]  # no temporary left
+    return aware, naive
+
+
+def test_quant_export_edits_the_quantized_model_and_patches_it(quant_source, capsys):
+    """`edit --quant T` (edit-aware) below 5 bits: the edit is computed on the unedited model exported at T and
+    patched onto that file, so every tensor the edit leaves alone is the plain export's, byte for byte; --naive
+    edits the source weights and quantizes W + dW. Neither leaves its temporary file behind."""
+    from qedit.converters.gguf_read import GGUFFile
+
+    src, facts, out = quant_source
+    text, naive_text = _quant_edits(src, facts, out, "Q4_K_M", capsys)
     assert "to compute the edit on its quantized weights" in text
     assert "re-encoded blk.1.ffn_down.weight as Q5_0; edit-aware: kept 1.0" in text   # Q4_K falls back (rows of 128)
-    assert main(argv + ["-o", str(naive), "--naive"]) == 0
-    assert "quantized weights" not in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["aware.gguf", "naive.gguf", "plain.gguf"]
+    assert "quantized weights" not in naive_text
     edited = "blk.1.ffn_down.weight"
-    with GGUFFile(plain) as p, GGUFFile(aware) as a, GGUFFile(naive) as n:
+    with GGUFFile(out / "plain.gguf") as p, GGUFFile(out / "aware.gguf") as a, GGUFFile(out / "naive.gguf") as n:
         assert list(p.tensors) == list(a.tensors) == list(n.tensors)
         assert a.fields["general.file_type"] == p.fields["general.file_type"]
         manifest = json.loads(a.fields["qedit.manifest"])
         assert manifest["info"]["computed_on"] == f"{src} exported at Q4_K_M"
         assert manifest["encoding"]["path"] == "aware"
         assert "computed_on" not in json.loads(n.fields["qedit.manifest"])["info"]
+        for name, info in p.tensors.items():
+            assert (p.raw(name).tobytes() == a.raw(name).tobytes()) == (name != edited), name
+            assert a.tensors[name].ggml_type == info.ggml_type == n.tensors[name].ggml_type, name
+        assert n.raw(edited).tobytes() not in (a.raw(edited).tobytes(), p.raw(edited).tobytes())
+
+
+def test_quant_export_at_5_bits_encodes_the_source_edit_edit_aware(quant_source, capsys):
+    """`edit --quant Q5_K_M`: at 5 bits and more the edit is the source's (nothing is exported to compute it
+    on), written by the export edit-aware: the edited tensor differs from --naive's W + dW requantized, and
+    every other tensor is the plain export's."""
+    from qedit.converters.gguf_read import GGUFFile
+
+    src, facts, out = quant_source
+    text, _ = _quant_edits(src, facts, out, "Q5_K_M", capsys)
+    assert "quantized weights" not in text
+    edited = "blk.1.ffn_down.weight"
+    with GGUFFile(out / "plain.gguf") as p, GGUFFile(out / "aware.gguf") as a, GGUFFile(out / "naive.gguf") as n:
+        manifest = json.loads(a.fields["qedit.manifest"])
+        assert "computed_on" not in manifest["info"] and manifest["encoding"]["path"] == "aware"
+        assert json.loads(n.fields["qedit.manifest"])["encoding"]["path"] == "naive"
         for name, info in p.tensors.items():
             assert (p.raw(name).tobytes() == a.raw(name).tobytes()) == (name != edited), name
             assert a.tensors[name].ggml_type == info.ggml_type == n.tensors[name].ggml_type, name

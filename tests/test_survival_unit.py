@@ -30,6 +30,21 @@ def test_ladder_lora_and_repeats():
     assert rungs[-1].kind is RungKind.GGUF_LORA and rungs[-1].spec == "Q4_K_M"
 
 
+@pytest.mark.parametrize("rung,on_rung", [("F16", False), ("Q8_0", False), ("Q6_K", False), ("q5_k_m", False),
+                                          ("Q5_K_S", False), ("Q5_0", False), ("Q4_K_M", True), ("Q4_0", True),
+                                          ("Q3_K_M", True), ("Q2_K", True), ("IQ4_XS", True)])
+def test_the_aware_path_computes_the_edit_on_the_quantized_model_below_5_bits(rung, on_rung):
+    """`edit --quant` and the aware ladder: below 5 bits the edit is computed on the quantized weights; at 5
+    bits and more it is the source edit, encoded edit-aware. A LoRA rung never recomputes (no rounding)."""
+    from qedit.survival.on_rung import edits_quantized, recomputes
+
+    assert edits_quantized(rung) is on_rung
+    if rung in gguf_rung_names():
+        (gguf,) = parse_ladder(rung)
+        assert recomputes(gguf) is on_rung
+        assert not recomputes(parse_ladder("", lora=rung)[0])
+
+
 @pytest.mark.parametrize("text", ["Q4_K_X", "Q4_K_M,Q9", "LORA@Q7", ",,"])
 def test_unknown_rung_lists_valid_ones(text):
     with pytest.raises(QeditError) as err:

@@ -5,8 +5,11 @@ model no longer has: at Q4_0, Q3_K_M and Q2_K every tensor is requantized, the k
 layers see drift, and about half of the margin is lost before the edited tensors' own rounding matters.
 The aware ladder does what `qedit edit --quant T` does: it loads the rung's unedited file, computes the
 edit on those weights, and patches the file edit-aware (only the edited tensors are re-encoded, on the
-grid they came from). Rungs that round no coarser than 8 bits (FINE_TYPES) keep the full-precision edit:
-there it measures the same (200 single MEMIT edits keep 1.000 of their efficacy at F16 and Q8_0).
+grid they came from). Types of 5 bits and more (SOURCE_EDIT_TYPES) keep the full-precision edit, encoded
+edit-aware: there the keys barely drift (the source edit keeps 0.97-0.98 of its margin at Q5_K_M), while
+an edit computed again on slightly different weights lands elsewhere (its |dW| is 0.77-1.43x the source
+edit's, p10-p90, for ROME at Q5_K_M) and loses locality (200 minimal edits at Q5_K_M: ROME 0.840
+recomputed against 0.890 for the source edit; benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from qedit.survival.rungs import Rung, RungKind
 
 log = logging.getLogger(__name__)
 
-FINE_TYPES = frozenset({"F32", "F16", "BF16", "Q8_0"})
+# llama.cpp file types at which the edit is the full-precision one; coarser types compute it on the quantized model
+SOURCE_EDIT_TYPES = frozenset({"F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1"})
 
 # (the rung's unedited model) -> (deltas, edit keys layer -> (n, d_in)). It may fold the edit into the
 # model it is given (qedit.api.edit does): that model is loaded for the call and discarded afterwards.
@@ -41,9 +45,15 @@ class RungEdit:
     delta_norm: float        # sum of the deltas' Frobenius norms
 
 
+def edits_quantized(file_type: str) -> bool:
+    """Whether the aware path computes the edit on the model quantized at this llama.cpp file type (else on
+    the source weights, encoded edit-aware)."""
+    return file_type.upper() not in SOURCE_EDIT_TYPES
+
+
 def recomputes(rung: Rung) -> bool:
     """Whether the aware ladder computes the edit on this rung's unedited artifact."""
-    return rung.kind is RungKind.GGUF and rung.spec.upper() not in FINE_TYPES
+    return rung.kind is RungKind.GGUF and edits_quantized(rung.spec)
 
 
 def same_weights(a: LoadedModel, b: LoadedModel, rel: float = 1e-5) -> bool:
