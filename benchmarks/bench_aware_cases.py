@@ -8,24 +8,25 @@
 One process per rung (a llama.cpp file type). The unedited model is exported at the rung (llama.cpp's mix,
 qedit's kernels, cached under --out/artifacts) and copied to a RAM disk that one no-repack llama.cpp model
 maps (the splice-in-place shortcut of bench_survival_cases.py, checked there against full exports). Each
-CounterFact-dev case is edited alone and its edited tensors are spliced into the copy four ways:
+CounterFact-dev case is edited alone and its edited tensors are spliced into the copy these ways:
 
 - `naive`: the full-precision edit (bench_edit's saved deltas, computed on the source model), Q_t(W + dW):
   `qedit edit --quant T --naive`, and the ladder's plain path;
 - `aware_encoding`: the same deltas, encoded edit-aware on the rung's grid (item 1: importance from C and
   k*, error feedback, and the requantize loop at the keys), C and k* of the source model;
 - `encoding_scaled`: `aware_encoding` checked in llama.cpp and scaled until it holds, as `aware_scaled`
-  below (the source's edit with qedit's check, without recomputing it on the rung);
+  below: qedit's default at 5 bits and more (`qedit edit --quant Q5_K_M` keeps the source's edit);
 - `recomputed`: the edit computed on the rung's unedited weights (the file loaded in torch: its keys,
   targets and statistics are the quantized model's), then plain requantization of Wq + dW;
-- `aware` (qedit's default, `qedit edit --quant T`): recomputed and encoded edit-aware;
-- `aware_scaled` (item 3 checked after quantization): `aware` where it holds in llama.cpp (efficacy 1 and
-  margin >= --hold-margin nats), else the same edit scaled by the first of 1.5 and 2.25 at which it holds,
+- `aware` (`qedit edit --quant T` below 5 bits, without its check): recomputed and encoded edit-aware;
+- `aware_scaled` (item 3 checked after quantization; qedit's default below 5 bits): `aware` where it
+  holds in llama.cpp (efficacy 1 and margin >= --hold-margin nats), else the same edit scaled by the
+  first of 1.5 and 2.25 at which it holds,
   re-encoded edit-aware (when none holds, the edit as computed, which is what `qedit edit` writes back);
   the row records the scale. A resumed run fills it in for rows that lack it (recomputing the edit only
   where `aware` did not hold) and gives rows saved under the old rule (the last scale) the unscaled edit.
 
-With --hi-type T2 (item 4, placement / the higher-type option alone) a fifth variant, `naive_hi`: the
+With --hi-type T2 (item 4, placement / the higher-type option alone) one more variant, `naive_hi`: the
 full-precision edit with the edited tensors re-encoded plainly at T2, what `qedit patch --naive
 --tensor-type 'blk.*.ffn_down.weight=T2'` writes. It is scored in a second working copy whose edited
 tensors are T2 (the rung file patched with a zero edit at that type); the JSON records that copy's size
