@@ -6,10 +6,10 @@ layers see drift, and about half of the margin is lost before the edited tensors
 The aware ladder does what `qedit edit --quant T` does: it loads the rung's unedited file, computes the
 edit on those weights, and patches the file edit-aware (only the edited tensors are re-encoded, on the
 grid they came from). Types of 5 bits and more (SOURCE_EDIT_TYPES) keep the full-precision edit, encoded
-edit-aware: there the keys barely drift (the source edit keeps 0.97-0.98 of its margin at Q5_K_M), while
+edit-aware: there the keys barely drift (the source edit keeps 0.97 of its margin at Q5_K_M), while
 an edit computed again on slightly different weights lands elsewhere (its |dW| is 0.77-1.43x the source
 edit's, p10-p90, for ROME at Q5_K_M) and loses locality (200 minimal edits at Q5_K_M: ROME 0.840
-recomputed against 0.890 for the source edit; benchmarks/RESULTS.md).
+recomputed against 0.890 for the source edit; benchmarks/RESULTS.md). Q6_K is not measured apart.
 """
 from __future__ import annotations
 
