@@ -326,9 +326,7 @@ def main() -> None:
     cfg = make_config(args.method) if args.target_margin is None else \
         make_config(args.method, target_margin=args.target_margin)
     quantized = load_model(path)           # the rung's unedited weights in torch (float32)
-    names = [quantized.arch.weight_name(layer) for layer in range(quantized.n_layers)]
     src_model = load_model(source)         # covariances of `aware_encoding`; with --target-margin, the edits
-    src_names = [src_model.arch.weight_name(layer) for layer in range(src_model.n_layers)]
     same = same_weights(quantized, src_model)
     if same:  # e.g. Q4_K_M of the Q4_K_M source: the edit on the rung's weights is the source edit
         print(f"{args.rung}: every weight equals the source's; `recomputed` and `aware` reuse the source edit")
@@ -341,8 +339,8 @@ def main() -> None:
 
     def aware_edit(req):
         """(deltas, encoding) of the `aware` variant, recomputed (targets come from the cache)."""
-        model, model_names = (src_model, src_names) if same else (quantized, names)
-        with restored(model.model, model_names):
+        model = src_model if same else quantized
+        with restored(model):
             out = edit(model, [req], args.method, cfg)
         return out.deltas, encoding_for(model, out.keys, cfg.stats)
 
@@ -352,7 +350,7 @@ def main() -> None:
             d = args.deltas / args.method / f"case{case:04d}"
             fp_deltas, manifest = load_deltas(d)
             return fp_deltas, load_edit_keys(d), manifest["bench_case"]
-        with restored(src_model.model, src_names):
+        with restored(src_model):
             fp_out = edit(src_model, [req], args.method, cfg)
             fp32 = dataclasses.asdict(evaluate(TorchRunner(src_model), [req],
                                                baseline=EvalReport({}, [base32[case]])).cases[0])
@@ -416,7 +414,7 @@ def main() -> None:
                 aware_deltas, aware_enc = fp_deltas, enc
             else:
                 t0 = time.perf_counter()
-                with restored(quantized.model, names):
+                with restored(quantized):
                     outcome = edit(quantized, [req], args.method, cfg)
                 row["edit_seconds"] = time.perf_counter() - t0
                 q_norm = sum(x.norm() for x in outcome.deltas)

@@ -88,7 +88,7 @@ def main() -> None:
 
     def norm(model, req, config) -> float:
         """|dW| of the edit of `req` alone on `model` (api.edit folds it in; the edited weights are put back)."""
-        with restored(model.model, [model.arch.weight_name(layer) for layer in range(model.n_layers)]):
+        with restored(model):
             return float(sum(d.norm() for d in edit(model, [req], args.method, config).deltas))
 
     for case in tqdm([c for c in range(args.n) if c not in done], desc=f"{args.method} on {args.rung}", unit="case"):

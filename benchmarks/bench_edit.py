@@ -32,11 +32,12 @@ from bench_io import DATA, save_json
 
 
 @contextmanager
-def restored(model, names):
-    """Put the named weights back exactly as they were on exit (folding -dW leaves float residue,
-    which would also make the cached targets of the unedited model look stale)."""
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in names}
+def restored(loaded):
+    """Put the edit-layer weights of a LoadedModel (every layer's, whatever an edit picks) back exactly as
+    they were on exit (folding -dW leaves float residue, which would also make the cached targets of the
+    unedited model look stale)."""
+    params = dict(loaded.model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in (loaded.arch.weight_name(i) for i in range(loaded.n_layers))}
     try:
         yield
     finally:
@@ -95,7 +96,6 @@ def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_tar
             cached_before = len(list(cache.glob("*.pt")))
         else:
             shutil.rmtree(cache)  # so the seconds include target optimisation
-    names = [loaded.arch.weight_name(layer) for layer in range(loaded.n_layers)]
     clock = TargetClock()
     t0 = time.perf_counter()
     base = evaluate(TorchRunner(loaded), reqs)
@@ -106,7 +106,7 @@ def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_tar
     if "single" in modes:
         cases, edit_s, norm = [], 0.0, 0.0
         for i, r in enumerate(tqdm(reqs, desc=f"{method} single", unit="edit")):
-            with restored(loaded.model, names):
+            with restored(loaded):
                 t0 = time.perf_counter()
                 outcome = edit(loaded, [r], method, cfg)
                 edit_s += time.perf_counter() - t0
@@ -124,7 +124,7 @@ def run_one(method: str, n: int, batch: int, offset: int, threads: int, keep_tar
         cases, edit_s, clock.seconds = [], 0.0, 0.0
         for lo in range(0, n, batch):
             group = reqs[lo:lo + batch]
-            with restored(loaded.model, names):
+            with restored(loaded):
                 t0 = time.perf_counter()
                 edit(loaded, group, method, cfg)
                 edit_s += time.perf_counter() - t0

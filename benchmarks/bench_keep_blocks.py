@@ -87,13 +87,12 @@ def main() -> None:
                              lambda: rung.runner, reqs, f"{args.rung} unedited")
     cfg = make_config(args.method, target_margin=args.target_margin)
     model = load_model(path)
-    names = [model.arch.weight_name(layer) for layer in range(model.n_layers)]
     rows = saved_rows(args.json, lambda c: c < args.n)
     done, started = {r["case"] for r in rows}, time.perf_counter()
     try:
         for case in tqdm([c for c in range(args.n) if c not in done], desc=f"{args.method} at {args.rung}", unit="case"):
             req, base = reqs[case], base_rep.cases[case]
-            with restored(model.model, names):
+            with restored(model):
                 outcome = edit(model, [req], args.method, cfg)
             fresh = encoding_for(model, outcome.keys, cfg.stats)   # qedit's default
             keep = dataclasses.replace(fresh, cfg=dataclasses.replace(fresh.cfg, keep_blocks=True))

@@ -138,8 +138,7 @@ def edits_for_case(case: int, req, args, cfg, models) -> tuple[list, list, objec
         return deltas, deltas, encoding_for(src, load_edit_keys(d), cfg.stats)
     outcomes = []
     for model in ((src, rung_model) if on_rung else (src,)):
-        names = [model.arch.weight_name(layer) for layer in range(model.n_layers)]
-        with restored(model.model, names):
+        with restored(model):
             outcomes.append((model, edit(model, [req], args.method, cfg)))
     model, aware = outcomes[-1]
     return outcomes[0][1].deltas, aware.deltas, encoding_for(model, aware.keys, cfg.stats)
