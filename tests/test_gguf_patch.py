@@ -269,49 +269,47 @@ def _quant_edits(src, facts, out, quant: str, capsys) -> tuple[str, str]:
     return aware, naive
 
 
+def _only_the_edited_tensor_differs(out, edited: str) -> tuple[dict, dict]:
+    """Checks _quant_edits' files: same tensors, types and file type as the plain export, every tensor but
+    `edited` byte-equal to the plain export's in aware.gguf, `edited` different in all three. Returns the
+    manifests of aware.gguf and naive.gguf."""
+    from qedit.converters.gguf_read import GGUFFile
+
+    with GGUFFile(out / "plain.gguf") as p, GGUFFile(out / "aware.gguf") as a, GGUFFile(out / "naive.gguf") as n:
+        assert list(p.tensors) == list(a.tensors) == list(n.tensors)
+        assert a.fields["general.file_type"] == p.fields["general.file_type"]
+        for name, info in p.tensors.items():
+            assert (p.raw(name).tobytes() == a.raw(name).tobytes()) == (name != edited), name
+            assert a.tensors[name].ggml_type == info.ggml_type == n.tensors[name].ggml_type, name
+        assert n.raw(edited).tobytes() not in (a.raw(edited).tobytes(), p.raw(edited).tobytes())
+        return json.loads(a.fields["qedit.manifest"]), json.loads(n.fields["qedit.manifest"])
+
+
 def test_quant_export_edits_the_quantized_model_and_patches_it(quant_source, capsys):
     """`edit --quant T` (edit-aware) below 5 bits: the edit is computed on the unedited model exported at T and
     patched onto that file, so every tensor the edit leaves alone is the plain export's, byte for byte; --naive
     edits the source weights and quantizes W + dW. Neither leaves its temporary file behind."""
-    from qedit.converters.gguf_read import GGUFFile
-
     src, facts, out = quant_source
     text, naive_text = _quant_edits(src, facts, out, "Q4_K_M", capsys)
     assert "to compute the edit on its quantized weights" in text
     assert "re-encoded blk.1.ffn_down.weight as Q5_0; edit-aware: kept 1.0" in text   # Q4_K falls back (rows of 128)
     assert "quantized weights" not in naive_text
-    edited = "blk.1.ffn_down.weight"
-    with GGUFFile(out / "plain.gguf") as p, GGUFFile(out / "aware.gguf") as a, GGUFFile(out / "naive.gguf") as n:
-        assert list(p.tensors) == list(a.tensors) == list(n.tensors)
-        assert a.fields["general.file_type"] == p.fields["general.file_type"]
-        manifest = json.loads(a.fields["qedit.manifest"])
-        assert manifest["info"]["computed_on"] == f"{src} exported at Q4_K_M"
-        assert manifest["encoding"]["path"] == "aware"
-        assert "computed_on" not in json.loads(n.fields["qedit.manifest"])["info"]
-        for name, info in p.tensors.items():
-            assert (p.raw(name).tobytes() == a.raw(name).tobytes()) == (name != edited), name
-            assert a.tensors[name].ggml_type == info.ggml_type == n.tensors[name].ggml_type, name
-        assert n.raw(edited).tobytes() not in (a.raw(edited).tobytes(), p.raw(edited).tobytes())
+    manifest, naive = _only_the_edited_tensor_differs(out, "blk.1.ffn_down.weight")
+    assert manifest["info"]["computed_on"] == f"{src} exported at Q4_K_M"
+    assert manifest["encoding"]["path"] == "aware"
+    assert "computed_on" not in naive["info"]
 
 
 def test_quant_export_at_5_bits_encodes_the_source_edit_edit_aware(quant_source, capsys):
     """`edit --quant Q5_K_M`: at 5 bits and more the edit is the source's (nothing is exported to compute it
     on), written by the export edit-aware: the edited tensor differs from --naive's W + dW requantized, and
     every other tensor is the plain export's."""
-    from qedit.converters.gguf_read import GGUFFile
-
     src, facts, out = quant_source
     text, _ = _quant_edits(src, facts, out, "Q5_K_M", capsys)
     assert "quantized weights" not in text
-    edited = "blk.1.ffn_down.weight"
-    with GGUFFile(out / "plain.gguf") as p, GGUFFile(out / "aware.gguf") as a, GGUFFile(out / "naive.gguf") as n:
-        manifest = json.loads(a.fields["qedit.manifest"])
-        assert "computed_on" not in manifest["info"] and manifest["encoding"]["path"] == "aware"
-        assert json.loads(n.fields["qedit.manifest"])["encoding"]["path"] == "naive"
-        for name, info in p.tensors.items():
-            assert (p.raw(name).tobytes() == a.raw(name).tobytes()) == (name != edited), name
-            assert a.tensors[name].ggml_type == info.ggml_type == n.tensors[name].ggml_type, name
-        assert n.raw(edited).tobytes() not in (a.raw(edited).tobytes(), p.raw(edited).tobytes())
+    manifest, naive = _only_the_edited_tensor_differs(out, "blk.1.ffn_down.weight")
+    assert "computed_on" not in manifest["info"] and manifest["encoding"]["path"] == "aware"
+    assert naive["encoding"]["path"] == "naive"
 
 
 def test_verify_scales_an_edit_that_does_not_hold_in_llama_cpp(tiny_dirs, tmp_path, capsys):
