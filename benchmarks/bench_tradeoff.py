@@ -43,29 +43,45 @@ from bench_survival_cases import RungFile  # noqa: E402
 PATHS = ("naive", "aware")
 
 
-def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PATHS) -> dict:
-    def mean(xs):
-        xs = [x for x in xs if x is not None]
-        return sum(xs) / len(xs) if xs else None
+METRICS = ("efficacy", "locality", "margin", "ppl_ratio", "dw_norm", "locality_pool", "drift_pool", "drift_own")
 
+
+def mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def minimal_run(row: dict, path: str, alphas: list[float]) -> dict | None:
+    """The row's run of `path` at the smallest alpha whose edit works after quantization (efficacy 1), with
+    that alpha; None when no alpha measured works."""
+    ok = [a for a in alphas if row["runs"].get(f"{path}@{a}", {}).get("efficacy") == 1.0]
+    return row["runs"][f"{path}@{min(ok)}"] | {"alpha": min(ok)} if ok else None
+
+
+def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PATHS, grid: bool = True) -> dict:
+    """Means per path@alpha (`grid`: every alpha measured on every case, not a --search run), per path at each case's minimal
+    strength, and `paired`: the cases where both paths work at some alpha, each at its minimal strength,
+    with how often the aware path's locality (own prompt; pooled prompts) and perplexity are better or worse."""
     out: dict = {"n": len(rows), "per_alpha": {}, "minimal": {}}
     for path in paths:
-        alphas_here = [a for a in alphas if rows and f"{path}@{a}" in rows[0]["runs"]]
-        for a in alphas_here:
-            at = [r["runs"][f"{path}@{a}"] for r in rows]
-            out["per_alpha"][f"{path}@{a}"] = {
-                "efficacy": mean(x["efficacy"] for x in at), "locality": mean(x["locality"] for x in at),
-                "margin": mean(x["margin"] for x in at), "ppl_ratio": mean(x["ppl_ratio"] for x in at),
-                "dw_norm": mean(x["dw_norm"] for x in at)}
-        picked = []
-        for r in rows:
-            ok = [a for a in alphas_here if r["runs"][f"{path}@{a}"]["efficacy"] == 1.0]
-            if ok:
-                picked.append(r["runs"][f"{path}@{min(ok)}"] | {"alpha": min(ok)})
-        out["minimal"][path] = {"cases_effective": len(picked), "alpha": mean(p["alpha"] for p in picked),
-                                "dw_norm": mean(p["dw_norm"] for p in picked),
-                                "locality": mean(p["locality"] for p in picked),
-                                "ppl_ratio": mean(p["ppl_ratio"] for p in picked)}
+        for a in alphas:
+            at = [r["runs"].get(f"{path}@{a}") for r in rows]
+            if grid and rows and all(at):
+                out["per_alpha"][f"{path}@{a}"] = {m: mean(x.get(m) for x in at) for m in METRICS}
+        picked = [x for x in (minimal_run(r, path, alphas) for r in rows) if x]
+        out["minimal"][path] = {"cases_effective": len(picked), "alpha": mean(p["alpha"] for p in picked)} | {
+            m: mean(p.get(m) for p in picked) for m in METRICS if m not in ("efficacy", "margin")}
+    if set(PATHS) <= set(paths):
+        both = [(minimal_run(r, "naive", alphas), minimal_run(r, "aware", alphas)) for r in rows]
+        both = [(n, a) for n, a in both if n and a]
+        paired: dict = {"n": len(both)}
+        for i, p in enumerate(PATHS):
+            paired[p] = {m: mean(x[i].get(m) for x in both) for m in ("alpha", *METRICS[3:], "locality")}
+        for m, better in (("locality", 1), ("locality_pool", 1), ("ppl_ratio", -1), ("dw_norm", -1)):
+            d = [better * (a[m] - n[m]) for n, a in both if a.get(m) is not None and n.get(m) is not None]
+            paired[f"aware_better_{m}"] = sum(x > 0 for x in d)
+            paired[f"aware_worse_{m}"] = sum(x < 0 for x in d)
+        out["paired"] = paired
     return out
 
 
@@ -103,10 +119,11 @@ def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
     for d in runs:
         for r in d["cases"]:
             if r["case"] in common:
-                rows.setdefault(r["case"], {"case": r["case"], "base_margin": r["base_margin"], "runs": {}})["runs"].update(r["runs"])
+                row = rows.setdefault(r["case"], {"case": r["case"], "base_margin": r["base_margin"], "runs": {}})
+                row["runs"].update(r["runs"])
     merged = [rows[c] for c in sorted(rows)]
     alphas = sorted({a for d in runs for a in d["alphas"]})
-    s = summarize(merged, alphas)
+    s = summarize(merged, alphas, grid=not any(d.get("search") for d in runs))
     save_json(out, {"command": sys.argv, "merged": [str(p) for p in inputs], "alphas": alphas, "summary": s,
                     "cases": merged})
     if plot_to:
@@ -114,6 +131,30 @@ def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
         plot(s, plot_to, f"{runs[0].get('method', 'memit')} single edits scaled by alpha at {rung}, {s['n']} cases, "
                          "llama.cpp")
     print(json.dumps(s, indent=1))
+
+
+POOL = tuple(range(1000, 1020))   # CounterFact-dev cases (never edited here) whose locality prompts score drift
+
+
+def drift(scores: list, base: list) -> tuple[float, float]:
+    """(share of answer tokens whose top-1 is unchanged, mean |change| of their log-probabilities in nats) of
+    TokenScores against the unedited file's, over every token of every pair."""
+    same = [a == b for s, b0 in zip(scores, base) for a, b in zip(s.argmax_ids, b0.argmax_ids)]
+    moved = [abs(a - b) for s, b0 in zip(scores, base) for a, b in zip(s.logprobs, b0.logprobs)]
+    return sum(same) / len(same), sum(moved) / len(moved)
+
+
+def searched(alphas: list[float], works) -> None:
+    """Call works(alpha) -> bool from alpha 1 (or the largest alpha below it): down the list while the edit
+    works, else up until it works, so that the smallest working alpha and its failing neighbour are measured
+    (assumes efficacy does not drop as alpha grows)."""
+    i = max([j for j, a in enumerate(alphas) if a <= 1.0] or [0])
+    if works(alphas[i]):
+        while i > 0 and works(alphas[i - 1]):
+            i -= 1
+    else:
+        while i + 1 < len(alphas) and not works(alphas[i + 1]):
+            i += 1
 
 
 def edits_for_case(case: int, req, args, cfg, models) -> tuple[list, list, object]:
@@ -155,13 +196,18 @@ def main() -> None:
     ap.add_argument("--method", default="memit")
     ap.add_argument("--rung", default="Q4_K_M")
     ap.add_argument("--n", type=int, default=50)
-    ap.add_argument("--alphas", default="0.25,0.5,1,2", help="strengths of the naive path (and the aware one)")
+    ap.add_argument("--alphas", default="0.5,0.67,1,1.5,2.25,3.5,5",
+                    help="strengths of the naive path (and the aware one)")
     ap.add_argument("--aware-alphas", default=None, help="strengths of the aware path (default: --alphas)")
     ap.add_argument("--out", type=Path, default=None, help="artifacts directory (not with --merge)")
     ap.add_argument("--work", type=Path, default=Path("/dev/shm"))
     ap.add_argument("--json", type=Path, required=True, help="rows and summary (a rerun resumes from it)")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--paths", default=",".join(PATHS), help="which of naive,aware to run")
+    ap.add_argument("--search", action="store_true",
+                    help="per case and path, only the alphas around the smallest that works (from alpha 1 down "
+                         "while it works, else up until it does), perplexity and drift only where it works: "
+                         "the minimal-strength table at a fraction of the cost, no per-alpha curves")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                     help="measure nothing: merge the runs of these outputs (their common cases) into --json and --plot")
     args = ap.parse_args()
@@ -172,8 +218,8 @@ def main() -> None:
     paths = tuple(p for p in args.paths.split(",") if p)
     if not paths or set(paths) - set(PATHS):
         raise SystemExit(f"--paths: give some of {','.join(PATHS)}")
-    alphas_of = {"naive": [float(a) for a in args.alphas.split(",")],
-                 "aware": [float(a) for a in (args.aware_alphas or args.alphas).split(",")]}
+    alphas_of = {"naive": sorted(float(a) for a in args.alphas.split(",")),
+                 "aware": sorted(float(a) for a in (args.aware_alphas or args.alphas).split(","))}
     alphas = sorted({a for p in paths for a in alphas_of[p]})
 
     from tqdm.auto import tqdm
@@ -200,41 +246,64 @@ def main() -> None:
     text = fluency_text()
     base_nll, n_tok = rung.runner.nll(text)
     rows = saved_rows(args.json, lambda c: c < args.n)
+    if args.n > POOL[0]:
+        raise SystemExit(f"--n {args.n}: the drift pool is cases {POOL[0]}-{POOL[-1]}; give --n {POOL[0]} or less")
+    pool_pairs = [pair for i in POOL for pair in zip(reqs[i].locality_prompts, reqs[i].locality_answers)]
+    pool_base = rung.runner.score(pool_pairs)
     done, started = {r["case"] for r in rows}, time.perf_counter()
+
+    def measure(req, base, own_base, deltas, enc, a: float, full: bool) -> dict:
+        """One path at strength `a`: the edit spliced into the rung copy and scored; with `full` (or when the
+        edit works, in a --search run) also perplexity and drift on the case's and the pool's locality prompts."""
+        scaled = [dataclasses.replace(x, scale=x.scale * a) for x in deltas]
+        data, kept = encode_changes(rung, scaled, enc)
+        rung.write(data)
+        try:
+            c = evaluate(rung.runner, [req], baseline=EvalReport({}, [base])).cases[0]
+            out = {"efficacy": c.efficacy, "locality": c.locality, "margin": c.margin,
+                   "dw_norm": sum(x.norm() for x in scaled), "kept": kept}
+            if full or c.efficacy == 1.0:
+                nll, _ = rung.runner.nll(text)
+                own = list(zip(req.locality_prompts, req.locality_answers))
+                out["ppl_ratio"] = math.exp((nll - base_nll) / max(1, n_tok))
+                out["locality_pool"], out["drift_pool"] = drift(rung.runner.score(pool_pairs), pool_base)
+                out["drift_own"] = drift(rung.runner.score(own), own_base)[1] if own else None
+        finally:
+            rung.restore()
+        return out
+
     try:
         for case in tqdm([c for c in range(args.n) if c not in done], desc=f"{args.method} x alpha at {args.rung}",
                          unit="case"):
             req = reqs[case]
             base = evaluate(rung.runner, [req]).cases[0]
+            own_base = rung.runner.score(list(zip(req.locality_prompts, req.locality_answers)))
             naive_deltas, aware_deltas, enc = edits_for_case(case, req, args, cfg, (src_model, rung_model, on_rung))
             row = {"case": case, "base_margin": base.margin, "runs": {}}
             for p in paths:
-                deltas = aware_deltas if p == "aware" else naive_deltas
-                norm = sum(x.norm() for x in deltas)
-                for a in alphas_of[p]:
-                    scaled = [dataclasses.replace(x, scale=x.scale * a) for x in deltas]
-                    data, kept = encode_changes(rung, scaled, enc if p == "aware" else None)
-                    rung.write(data)
-                    try:
-                        c = evaluate(rung.runner, [req], baseline=EvalReport({}, [base])).cases[0]
-                        nll, _ = rung.runner.nll(text)
-                    finally:
-                        rung.restore()
-                    row["runs"][f"{p}@{a}"] = {"efficacy": c.efficacy, "locality": c.locality, "margin": c.margin,
-                                              "ppl_ratio": math.exp((nll - base_nll) / max(1, n_tok)),
-                                              "dw_norm": a * norm, "kept": kept}
+                deltas, e = (aware_deltas, enc) if p == "aware" else (naive_deltas, None)
+
+                def works(a: float, p=p, deltas=deltas, e=e) -> bool:
+                    run = row["runs"][f"{p}@{a}"] = measure(req, base, own_base, deltas, e, a, not args.search)
+                    return run["efficacy"] == 1.0
+
+                if args.search:
+                    searched(alphas_of[p], works)
+                else:
+                    for a in alphas_of[p]:
+                        works(a)
             rows.append(row)
             rows.sort(key=lambda r: r["case"])
             save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method,
                                   "target_margin": args.target_margin, "same_weights": same, "alphas": alphas,
-                                  "aware_on": "rung" if on_rung else "source",
-                                  "seconds_this_run": time.perf_counter() - started,
-                                  "summary": summarize(rows, alphas, paths), "cases": rows})
+                                  "aware_on": "rung" if on_rung else "source", "search": args.search,
+                                  "pool": [POOL[0], POOL[-1]], "seconds_this_run": time.perf_counter() - started,
+                                  "summary": summarize(rows, alphas, paths, not args.search), "cases": rows})
     finally:
         rung.gf.close()
         rung.path.unlink(missing_ok=True)
-    s = summarize(rows, alphas, paths)
-    if args.plot:
+    s = summarize(rows, alphas, paths, not args.search)
+    if args.plot and not args.search:
         plot(s, args.plot, f"{args.method} single edits scaled by alpha at {args.rung}, {s['n']} cases, llama.cpp")
     print("| path | alpha | |dW| | efficacy | locality | margin | ppl ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -244,6 +313,8 @@ def main() -> None:
               f"{v['ppl_ratio']:.4f} |")
     for p, v in s["minimal"].items():
         print(f"minimal strength, {p}: {v}")
+    if "paired" in s:
+        print(f"both paths work, each at its minimal strength: {json.dumps(s['paired'])}")
 
 if __name__ == "__main__":
     main()

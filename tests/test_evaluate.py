@@ -143,3 +143,18 @@ def test_torch_runner_matches_a_plain_forward(tiny_dirs, family):
                                    atol=1e-4, rtol=1e-4)
         assert s.argmax_ids == tuple(logp.argmax(-1).tolist())
     assert runner.describe()["runner"] == "torch"
+
+
+def test_llama_runner_token_logprobs_match_a_full_log_softmax():
+    """The perplexity path's per-token log-probabilities (log-normaliser only) equal the full log-softmax's."""
+    import numpy as np
+
+    from qedit.runners_llama import _log_softmax, _token_logprobs
+
+    logits = (torch.randn(7, 50_000, generator=torch.Generator().manual_seed(0)) * 6).numpy()   # (n, vocab)
+    ids = [3, 49_999, 0, 123, 4_567, 8, 31_000]
+    full = _log_softmax(logits)                                       # (n, vocab)
+    want = np.array([full[j, t] for j, t in enumerate(ids)])
+    np.testing.assert_allclose(_token_logprobs(logits, ids), want, rtol=0, atol=1e-5)
+    ref = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)[torch.arange(7), torch.tensor(ids)]
+    np.testing.assert_allclose(_token_logprobs(logits, ids), ref.numpy(), rtol=0, atol=1e-5)
