@@ -111,16 +111,15 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 
 def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
-    """One summary (and plot) from several runs on the same cases, e.g. extra alphas for one path, or one
-    path run again: a later input's path@alpha replaces an earlier one's."""
+    """One summary (and plot) from several runs: other cases (--start), extra alphas for one path, or one
+    path run again. Every case of any input is kept; a later input's path@alpha replaces an earlier one's.
+    The per-alpha means cover the alphas every case has."""
     runs = [json.loads(p.read_text()) for p in inputs]
-    common = set.intersection(*({r["case"] for r in d["cases"]} for d in runs))
     rows: dict[int, dict] = {}
     for d in runs:
         for r in d["cases"]:
-            if r["case"] in common:
-                row = rows.setdefault(r["case"], {"case": r["case"], "base_margin": r["base_margin"], "runs": {}})
-                row["runs"].update(r["runs"])
+            row = rows.setdefault(r["case"], {"case": r["case"], "base_margin": r["base_margin"], "runs": {}})
+            row["runs"].update(r["runs"])
     merged = [rows[c] for c in sorted(rows)]
     alphas = sorted({a for d in runs for a in d["alphas"]})
     s = summarize(merged, alphas, grid=not any(d.get("search") for d in runs))
@@ -195,7 +194,8 @@ def main() -> None:
                          "the source for the naive path and on the rung's weights for the aware path")
     ap.add_argument("--method", default="memit")
     ap.add_argument("--rung", default="Q4_K_M")
-    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--n", type=int, default=50, help="cases --start .. N-1 of CounterFact-dev")
+    ap.add_argument("--start", type=int, default=0, help="first case (to split a run over processes; see --merge)")
     ap.add_argument("--alphas", default="0.5,0.67,1,1.5,2.25,3.5,5",
                     help="strengths of the naive path (and the aware one)")
     ap.add_argument("--aware-alphas", default=None, help="strengths of the aware path (default: --alphas)")
@@ -206,10 +206,10 @@ def main() -> None:
     ap.add_argument("--paths", default=",".join(PATHS), help="which of naive,aware to run")
     ap.add_argument("--search", action="store_true",
                     help="per case and path, only the alphas around the smallest that works (from alpha 1 down "
-                         "while it works, else up until it does), perplexity and drift only where it works: "
+                         "while it works, else up until it does), perplexity and drift only at that one: "
                          "the minimal-strength table at a fraction of the cost, no per-alpha curves")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                    help="measure nothing: merge the runs of these outputs (their common cases) into --json and --plot")
+                    help="measure nothing: merge the runs of these outputs into --json and --plot")
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.json, args.plot)
@@ -245,7 +245,7 @@ def main() -> None:
         make_config(args.method, target_margin=args.target_margin)
     text = fluency_text()
     base_nll, n_tok = rung.runner.nll(text)
-    rows = saved_rows(args.json, lambda c: c < args.n)
+    rows = saved_rows(args.json, lambda c: args.start <= c < args.n)
     if args.n > POOL[0]:
         raise SystemExit(f"--n {args.n}: the drift pool is cases {POOL[0]}-{POOL[-1]}; give --n {POOL[0]} or less")
     pool_pairs = [pair for i in POOL for pair in zip(reqs[i].locality_prompts, reqs[i].locality_answers)]
@@ -253,8 +253,8 @@ def main() -> None:
     done, started = {r["case"] for r in rows}, time.perf_counter()
 
     def measure(req, base, own_base, deltas, enc, a: float, full: bool) -> dict:
-        """One path at strength `a`: the edit spliced into the rung copy and scored; with `full` (or when the
-        edit works, in a --search run) also perplexity and drift on the case's and the pool's locality prompts."""
+        """One path at strength `a`: the edit spliced into the rung copy and scored; with `full` also
+        perplexity and drift on the case's and the pool's locality prompts."""
         scaled = [dataclasses.replace(x, scale=x.scale * a) for x in deltas]
         data, kept = encode_changes(rung, scaled, enc)
         rung.write(data)
@@ -262,7 +262,7 @@ def main() -> None:
             c = evaluate(rung.runner, [req], baseline=EvalReport({}, [base])).cases[0]
             out = {"efficacy": c.efficacy, "locality": c.locality, "margin": c.margin,
                    "dw_norm": sum(x.norm() for x in scaled), "kept": kept}
-            if full or c.efficacy == 1.0:
+            if full:
                 nll, _ = rung.runner.nll(text)
                 own = list(zip(req.locality_prompts, req.locality_answers))
                 out["ppl_ratio"] = math.exp((nll - base_nll) / max(1, n_tok))
@@ -273,7 +273,7 @@ def main() -> None:
         return out
 
     try:
-        for case in tqdm([c for c in range(args.n) if c not in done], desc=f"{args.method} x alpha at {args.rung}",
+        for case in tqdm([c for c in range(args.start, args.n) if c not in done], desc=f"{args.method} x alpha at {args.rung}",
                          unit="case"):
             req = reqs[case]
             base = evaluate(rung.runner, [req]).cases[0]
@@ -289,6 +289,8 @@ def main() -> None:
 
                 if args.search:
                     searched(alphas_of[p], works)
+                    if (pick := minimal_run(row, p, alphas_of[p])) is not None:   # perplexity and drift there
+                        row["runs"][f"{p}@{pick['alpha']}"] = measure(req, base, own_base, deltas, e, pick["alpha"], True)
                 else:
                     for a in alphas_of[p]:
                         works(a)
