@@ -3,6 +3,9 @@
     python benchmarks/bench_tradeoff.py --target-margin 2 --method memit --rung Q2_K --n 50 \
         --alphas 1,1.5,2.25,3.5,5 --aware-alphas 0.67,1,1.5 --out /tmp/ac \
         --json benchmarks/data/tradeoff_memit_t2_Q2_K_50.json --plot benchmarks/data/tradeoff_memit_t2_Q2_K_50.png
+    python benchmarks/bench_tradeoff.py --target-margin 2 --method memit --rung Q5_K_M --n 100 --search \
+        --out /tmp/ac --json A.json     # and --start 100 --n 200 --json B.json in a second process, then
+    python benchmarks/bench_tradeoff.py --merge A.json B.json --json benchmarks/data/search_memit_Q5_K_M_200.json
     python benchmarks/bench_tradeoff.py --deltas /tmp/be/deltas --method memit --n 50 --alphas 0.25,0.5,1,2 \
         --out /tmp/ac --json benchmarks/data/tradeoff_memit_Q4_K_M_50.json --plot benchmarks/data/tradeoff_memit_Q4_K_M_50.png
 
@@ -20,7 +23,16 @@ Per case, alpha and path: efficacy, locality against the unedited file, margin, 
 qedit's fluency text over the unedited file's, and |dW| = alpha |dW_1|. The summary gives, per path and
 alpha, the means; and per path the *minimal strength*: each case at the smallest alpha of the list whose
 edit works after quantization, with its |dW|, locality and perplexity ratio there (cases that work at
-no alpha are counted). The JSON is rewritten after every case; a rerun with it resumes.
+no alpha are counted); `paired`: the cases where both paths work, each at its own minimal strength,
+with how many cases the aware path is better or worse on each measure. Locality is also scored as drift
+against the unedited file on the case's locality prompt and on a fixed pool (POOL) of 20 other cases'
+locality prompts: the share of answer tokens whose top-1 is unchanged (`locality_pool`) and the mean
+absolute change of their log-probabilities (`drift_own`, `drift_pool`, nats), far less noisy than one
+prompt's top-1. --search measures, per case and path, only the alphas from 1 down while the edit works
+(else up until it works) and perplexity and drift only at the smallest that works: the minimal-strength
+table and `paired` at about a third of the cost, no per-alpha curves (on the saved grid runs at Q2_K-Q5_K_M,
+230 path-cases, the search picks the same alpha as the full grid every time). The JSON is rewritten after
+every case; a rerun with it resumes.
 """
 from __future__ import annotations
 
@@ -77,12 +89,47 @@ def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PA
         paired: dict = {"n": len(both)}
         for i, p in enumerate(PATHS):
             paired[p] = {m: mean(x[i].get(m) for x in both) for m in ("alpha", *METRICS[3:], "locality")}
-        for m, better in (("locality", 1), ("locality_pool", 1), ("ppl_ratio", -1), ("dw_norm", -1)):
+        for m, better in (("locality", 1), ("locality_pool", 1), ("drift_own", -1), ("drift_pool", -1),
+                          ("ppl_ratio", -1), ("dw_norm", -1)):
             d = [better * (a[m] - n[m]) for n, a in both if a.get(m) is not None and n.get(m) is not None]
             paired[f"aware_better_{m}"] = sum(x > 0 for x in d)
             paired[f"aware_worse_{m}"] = sum(x < 0 for x in d)
         out["paired"] = paired
     return out
+
+
+def sign_p(better: int, worse: int) -> float:
+    """Two-sided exact sign test of `better` against `worse` cases (ties left out)."""
+    n, k = better + worse, min(better, worse)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def report(paths: list[Path]) -> None:
+    """The equal-efficacy table of saved runs: per run, both paths on the cases where both work, each at
+    its own minimal strength, and per measure how many cases the aware path is better / worse (sign test)."""
+    print("| rung | n (both work / cases) | path | alpha | |dW| | locality | locality, pool | drift, own | drift, pool "
+          "| ppl ratio |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    tests = []
+    for f in paths:
+        d = json.loads(f.read_text())
+        s, rung = summarize(d["cases"], d["alphas"], grid=False), d.get("rung", "?")
+        pair = s["paired"]
+        for path in PATHS:
+            v = pair[path]
+            cells = [f"{v[m]:.3f}" if v.get(m) is not None else "-"
+                     for m in ("alpha", "dw_norm", "locality", "locality_pool", "drift_own", "drift_pool")]
+            ppl = f"{v['ppl_ratio']:.4f}" if v.get("ppl_ratio") is not None else "-"
+            print(f"| {rung} | {pair['n']} / {s['n']} | {path} | {' | '.join(cells)} | {ppl} |")
+        tests.append((rung, pair))
+    print("\naware against naive, cases better / worse (two-sided sign test p):\n")
+    print("| rung | |dW| | locality | locality, pool | drift, own | drift, pool | perplexity |")
+    print("|---|---|---|---|---|---|---|")
+    for rung, pair in tests:
+        cells = [f"{pair[f'aware_better_{m}']} / {pair[f'aware_worse_{m}']} "
+                 f"(p = {sign_p(pair[f'aware_better_{m}'], pair[f'aware_worse_{m}']):.2g})"
+                 for m in ("dw_norm", "locality", "locality_pool", "drift_own", "drift_pool", "ppl_ratio")]
+        print(f"| {rung} | {' | '.join(cells)} |")
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
@@ -123,8 +170,9 @@ def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
     merged = [rows[c] for c in sorted(rows)]
     alphas = sorted({a for d in runs for a in d["alphas"]})
     s = summarize(merged, alphas, grid=not any(d.get("search") for d in runs))
-    save_json(out, {"command": sys.argv, "merged": [str(p) for p in inputs], "alphas": alphas, "summary": s,
-                    "cases": merged})
+    save_json(out, {"command": sys.argv, "merged": [str(p) for p in inputs]}
+              | {k: runs[0][k] for k in ("rung", "method", "target_margin", "aware_on", "pool") if k in runs[0]}
+              | {"search": any(d.get("search") for d in runs), "alphas": alphas, "summary": s, "cases": merged})
     if plot_to:
         rung = runs[0].get("rung", "Q4_K_M")
         plot(s, plot_to, f"{runs[0].get('method', 'memit')} single edits scaled by alpha at {rung}, {s['n']} cases, "
@@ -201,7 +249,7 @@ def main() -> None:
     ap.add_argument("--aware-alphas", default=None, help="strengths of the aware path (default: --alphas)")
     ap.add_argument("--out", type=Path, default=None, help="artifacts directory (not with --merge)")
     ap.add_argument("--work", type=Path, default=Path("/dev/shm"))
-    ap.add_argument("--json", type=Path, required=True, help="rows and summary (a rerun resumes from it)")
+    ap.add_argument("--json", type=Path, default=None, help="rows and summary (a rerun resumes from it)")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--paths", default=",".join(PATHS), help="which of naive,aware to run")
     ap.add_argument("--search", action="store_true",
@@ -210,7 +258,14 @@ def main() -> None:
                          "the minimal-strength table at a fraction of the cost, no per-alpha curves")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                     help="measure nothing: merge the runs of these outputs into --json and --plot")
+    ap.add_argument("--report", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="measure nothing: print the equal-efficacy table of these outputs (one per rung, e.g. "
+                         "merged --search runs)")
     args = ap.parse_args()
+    if args.report:
+        return report(args.report)
+    if args.json is None:
+        ap.error("give --json: where the rows and summary go")
     if args.merge:
         return merge(args.merge, args.json, args.plot)
     if (args.deltas is None) == (args.target_margin is None) or args.out is None:
