@@ -51,134 +51,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from bench_aware_cases import encode_changes  # noqa: E402
 from bench_io import DATA, save_json, saved_rows, source_store  # noqa: E402
 from bench_survival_cases import RungFile  # noqa: E402
-
-PATHS = ("naive", "aware")
-
-
-METRICS = ("efficacy", "locality", "margin", "ppl_ratio", "dw_norm", "locality_pool", "drift_pool", "drift_own")
-
-
-def mean(xs) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def minimal_run(row: dict, path: str, alphas: list[float]) -> dict | None:
-    """The row's run of `path` at the smallest alpha whose edit works after quantization (efficacy 1), with
-    that alpha; None when no alpha measured works."""
-    ok = [a for a in alphas if row["runs"].get(f"{path}@{a}", {}).get("efficacy") == 1.0]
-    return row["runs"][f"{path}@{min(ok)}"] | {"alpha": min(ok)} if ok else None
-
-
-def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PATHS, grid: bool = True) -> dict:
-    """Means per path@alpha (`grid`: every alpha measured on every case, not a --search run), per path at each case's minimal
-    strength, and `paired`: the cases where both paths work at some alpha, each at its minimal strength,
-    with how often the aware path's locality (own prompt; pooled prompts) and perplexity are better or worse."""
-    out: dict = {"n": len(rows), "per_alpha": {}, "minimal": {}}
-    for path in paths:
-        for a in alphas:
-            at = [r["runs"].get(f"{path}@{a}") for r in rows]
-            if grid and rows and all(at):
-                out["per_alpha"][f"{path}@{a}"] = {m: mean(x.get(m) for x in at) for m in METRICS}
-        picked = [x for x in (minimal_run(r, path, alphas) for r in rows) if x]
-        out["minimal"][path] = {"cases_effective": len(picked), "alpha": mean(p["alpha"] for p in picked)} | {
-            m: mean(p.get(m) for p in picked) for m in METRICS if m not in ("efficacy", "margin")}
-    if set(PATHS) <= set(paths):
-        both = [(minimal_run(r, "naive", alphas), minimal_run(r, "aware", alphas)) for r in rows]
-        both = [(n, a) for n, a in both if n and a]
-        paired: dict = {"n": len(both)}
-        for i, p in enumerate(PATHS):
-            paired[p] = {m: mean(x[i].get(m) for x in both) for m in ("alpha", *METRICS[3:], "locality")}
-        for m, better in (("locality", 1), ("locality_pool", 1), ("drift_own", -1), ("drift_pool", -1),
-                          ("ppl_ratio", -1), ("dw_norm", -1)):
-            d = [better * (a[m] - n[m]) for n, a in both if a.get(m) is not None and n.get(m) is not None]
-            paired[f"aware_better_{m}"] = sum(x > 0 for x in d)
-            paired[f"aware_worse_{m}"] = sum(x < 0 for x in d)
-        out["paired"] = paired
-    return out
-
-
-def sign_p(better: int, worse: int) -> float:
-    """Two-sided exact sign test of `better` against `worse` cases (ties left out)."""
-    n, k = better + worse, min(better, worse)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-
-
-def report(paths: list[Path]) -> None:
-    """The equal-efficacy table of saved runs: per run, both paths on the cases where both work, each at
-    its own minimal strength, and per measure how many cases the aware path is better / worse (sign test)."""
-    print("| rung | n (both work / cases) | path | alpha | |dW| | locality | locality, pool | drift, own | drift, pool "
-          "| ppl ratio |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    tests = []
-    for f in paths:
-        d = json.loads(f.read_text())
-        s, rung = summarize(d["cases"], d["alphas"], grid=False), d.get("rung", "?")
-        pair = s["paired"]
-        for path in PATHS:
-            v = pair[path]
-            cells = [f"{v[m]:.3f}" if v.get(m) is not None else "-"
-                     for m in ("alpha", "dw_norm", "locality", "locality_pool", "drift_own", "drift_pool")]
-            ppl = f"{v['ppl_ratio']:.4f}" if v.get("ppl_ratio") is not None else "-"
-            print(f"| {rung} | {pair['n']} / {s['n']} | {path} | {' | '.join(cells)} | {ppl} |")
-        tests.append((rung, pair))
-    print("\naware against naive, cases better / worse (two-sided sign test p):\n")
-    print("| rung | |dW| | locality | locality, pool | drift, own | drift, pool | perplexity |")
-    print("|---|---|---|---|---|---|---|")
-    for rung, pair in tests:
-        cells = [f"{pair[f'aware_better_{m}']} / {pair[f'aware_worse_{m}']} "
-                 f"(p = {sign_p(pair[f'aware_better_{m}'], pair[f'aware_worse_{m}']):.2g})"
-                 for m in ("dw_norm", "locality", "locality_pool", "drift_own", "drift_pool", "ppl_ratio")]
-        print(f"| {rung} | {' | '.join(cells)} |")
-
-
-def plot(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for p, style in zip(PATHS, ("o--", "s-")):
-        rows = [summary["per_alpha"][k] for k in sorted((k for k in summary["per_alpha"] if k.startswith(p + "@")),
-                                                        key=lambda k: float(k.split("@")[1]))]
-        dw = [r["dw_norm"] for r in rows]
-        axes[0].plot(dw, [r["efficacy"] for r in rows], style, label=p)
-        axes[1].plot(dw, [r["locality"] for r in rows], style, label=p)
-        axes[2].plot(dw, [r["ppl_ratio"] for r in rows], style, label=p)
-    for ax, what in zip(axes, ("efficacy after quantization", "locality after quantization",
-                               "perplexity, edited / unedited")):
-        ax.set_xlabel("|dW| (sum over edited tensors)")
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
-    """One summary (and plot) from several runs: other cases (--start), extra alphas for one path, or one
-    path run again. Every case of any input is kept; a later input's path@alpha replaces an earlier one's.
-    The per-alpha means cover the alphas every case has."""
-    runs = [json.loads(p.read_text()) for p in inputs]
-    rows: dict[int, dict] = {}
-    for d in runs:
-        for r in d["cases"]:
-            row = rows.setdefault(r["case"], {"case": r["case"], "base_margin": r["base_margin"], "runs": {}})
-            row["runs"].update(r["runs"])
-    merged = [rows[c] for c in sorted(rows)]
-    alphas = sorted({a for d in runs for a in d["alphas"]})
-    s = summarize(merged, alphas, grid=not any(d.get("search") for d in runs))
-    save_json(out, {"command": sys.argv, "merged": [str(p) for p in inputs]}
-              | {k: runs[0][k] for k in ("rung", "method", "target_margin", "aware_on", "pool") if k in runs[0]}
-              | {"search": any(d.get("search") for d in runs), "alphas": alphas, "summary": s, "cases": merged})
-    if plot_to:
-        rung = runs[0].get("rung", "Q4_K_M")
-        plot(s, plot_to, f"{runs[0].get('method', 'memit')} single edits scaled by alpha at {rung}, {s['n']} cases, "
-                         "llama.cpp")
-    print(json.dumps(s, indent=1))
-
+from bench_tradeoff_summary import PATHS, merge, minimal_run, plot, report, summarize  # noqa: E402
 
 POOL = tuple(range(1000, 1020))   # CounterFact-dev cases (never edited here) whose locality prompts score drift
 
@@ -260,10 +133,10 @@ def main() -> None:
                     help="measure nothing: merge the runs of these outputs into --json and --plot")
     ap.add_argument("--report", nargs="+", type=Path, default=None, metavar="JSON",
                     help="measure nothing: print the equal-efficacy table of these outputs (one per rung, e.g. "
-                         "merged --search runs)")
+                         "merged --search runs), and with --plot its bar chart")
     args = ap.parse_args()
     if args.report:
-        return report(args.report)
+        return report(args.report, args.plot)
     if args.json is None:
         ap.error("give --json: where the rows and summary go")
     if args.merge:
