@@ -30,7 +30,7 @@ locality prompts: the share of answer tokens whose top-1 is unchanged (`locality
 absolute change of their log-probabilities (`drift_own`, `drift_pool`, nats), far less noisy than one
 prompt's top-1. --search measures, per case and path, only the alphas from 1 down while the edit works
 (else up until it works) and perplexity and drift only at the smallest that works: the minimal-strength
-table and `paired` at about a third of the cost, no per-alpha curves (on the saved grid runs at Q2_K-Q5_K_M,
+table and `paired` at a fraction of the cost, no per-alpha curves (on the saved grid runs at Q2_K-Q5_K_M,
 230 path-cases, the search picks the same alpha as the full grid every time). The JSON is rewritten after
 every case; a rerun with it resumes.
 """
@@ -143,6 +143,9 @@ def main() -> None:
         return merge(args.merge, args.json, args.plot)
     if (args.deltas is None) == (args.target_margin is None) or args.out is None:
         ap.error("give --out and one of --deltas (saved edits) or --target-margin (edits computed here)")
+    if not 0 <= args.start < args.n <= POOL[0]:
+        raise SystemExit(f"--start {args.start} --n {args.n}: give 0 <= start < n <= {POOL[0]} (cases {POOL[0]}-"
+                         f"{POOL[-1]} are the drift pool)")
     paths = tuple(p for p in args.paths.split(",") if p)
     if not paths or set(paths) - set(PATHS):
         raise SystemExit(f"--paths: give some of {','.join(PATHS)}")
@@ -174,8 +177,6 @@ def main() -> None:
     text = fluency_text()
     base_nll, n_tok = rung.runner.nll(text)
     rows = saved_rows(args.json, lambda c: args.start <= c < args.n)
-    if args.n > POOL[0]:
-        raise SystemExit(f"--n {args.n}: the drift pool is cases {POOL[0]}-{POOL[-1]}; give --n {POOL[0]} or less")
     pool_pairs = [pair for i in POOL for pair in zip(reqs[i].locality_prompts, reqs[i].locality_answers)]
     pool_base = rung.runner.score(pool_pairs)
     done, started = {r["case"] for r in rows}, time.perf_counter()
@@ -201,8 +202,8 @@ def main() -> None:
         return out
 
     try:
-        for case in tqdm([c for c in range(args.start, args.n) if c not in done], desc=f"{args.method} x alpha at {args.rung}",
-                         unit="case"):
+        todo = [c for c in range(args.start, args.n) if c not in done]
+        for case in tqdm(todo, desc=f"{args.method} x alpha at {args.rung}", unit="case"):
             req = reqs[case]
             base = evaluate(rung.runner, [req]).cases[0]
             own_base = rung.runner.score(list(zip(req.locality_prompts, req.locality_answers)))
