@@ -219,7 +219,8 @@ def main() -> None:
                 if args.search:
                     searched(alphas_of[p], works)
                     if (pick := minimal_run(row, p, alphas_of[p])) is not None:   # perplexity and drift there
-                        row["runs"][f"{p}@{pick['alpha']}"] = measure(req, base, own_base, deltas, e, pick["alpha"], True)
+                        a = pick["alpha"]
+                        row["runs"][f"{p}@{a}"] = measure(req, base, own_base, deltas, e, a, True)
                 else:
                     for a in alphas_of[p]:
                         works(a)

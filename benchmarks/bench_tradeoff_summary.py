@@ -33,8 +33,8 @@ def paired_runs(rows: list[dict], alphas: list[float]) -> list[tuple[dict, dict]
 
 
 def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PATHS, grid: bool = True) -> dict:
-    """Means per path@alpha (`grid`: every alpha measured on every case, not a --search run), per path at each case's minimal
-    strength, and `paired`: the cases where both paths work at some alpha, each at its minimal strength,
+    """Means per path@alpha (`grid`: every alpha measured on every case, not a --search run), per path at
+    each case's minimal strength, and `paired`: the cases where both paths work at some alpha, each at its minimal strength,
     with how often the aware path's locality (own prompt; pooled prompts) and perplexity are better or worse."""
     out: dict = {"n": len(rows), "per_alpha": {}, "minimal": {}}
     for path in paths:
@@ -66,7 +66,8 @@ def sign_p(better: int, worse: int) -> float:
 
 
 PAIRED_PANELS = (("dw_norm", "|dW| (sum over edited tensors)"), ("locality", "locality (own prompt)"),
-                 ("drift_own", "drift, own locality prompt (nats)"), ("drift_pool", "drift, 20 unrelated prompts (nats)"),
+                 ("drift_own", "drift, own locality prompt (nats)"),
+                 ("drift_pool", "drift, 20 unrelated prompts (nats)"),
                  ("ppl_ratio", "perplexity change over the unedited file (%)"))
 
 
