@@ -24,7 +24,8 @@ qedit's fluency text over the unedited file's, and |dW| = alpha |dW_1|. The summ
 alpha, the means; and per path the *minimal strength*: each case at the smallest alpha of the list whose
 edit works after quantization, with its |dW|, locality and perplexity ratio there (cases that work at
 no alpha are counted); `paired`: the cases where both paths work, each at its own minimal strength,
-with how many cases the aware path is better or worse on each measure. Locality is also scored as drift
+with how many cases the aware path is better or worse on each measure (--report adds sign tests and
+the mean per-case differences with 95% intervals, --plot a bar chart). Locality is also scored as drift
 against the unedited file on the case's locality prompt and on a fixed pool (POOL) of 20 other cases'
 locality prompts: the share of answer tokens whose top-1 is unchanged (`locality_pool`) and the mean
 absolute change of their log-probabilities (`drift_own`, `drift_pool`, nats), far less noisy than one

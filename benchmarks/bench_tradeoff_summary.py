@@ -34,8 +34,8 @@ def paired_runs(rows: list[dict], alphas: list[float]) -> list[tuple[dict, dict]
 
 def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PATHS, grid: bool = True) -> dict:
     """Means per path@alpha (`grid`: every alpha measured on every case, not a --search run), per path at
-    each case's minimal strength, and `paired`: the cases where both paths work at some alpha, each at its minimal strength,
-    with how often the aware path's locality (own prompt; pooled prompts) and perplexity are better or worse."""
+    each case's minimal strength, and `paired`: the cases where both paths work at some alpha, each at its
+    minimal strength, with how many cases the aware path is better or worse on each measure."""
     out: dict = {"n": len(rows), "per_alpha": {}, "minimal": {}}
     for path in paths:
         for a in alphas:
@@ -123,6 +123,18 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
         cells = [f"{pair[f'aware_better_{m}']} / {pair[f'aware_worse_{m}']} "
                  f"(p = {sign_p(pair[f'aware_better_{m}'], pair[f'aware_worse_{m}']):.2g})"
                  for m in ("dw_norm", "locality", "locality_pool", "drift_own", "drift_pool", "ppl_ratio")]
+        print(f"| {rung} | {' | '.join(cells)} |")
+    print("\naware minus naive per case, mean [95% interval, normal approximation]:\n")
+    print("| rung | |dW| | locality | locality, pool | drift, own | drift, pool | perplexity change (%) |")
+    print("|---|---|---|---|---|---|---|")
+    for rung, _, both in tests:
+        cells = []
+        for m in ("dw_norm", "locality", "locality_pool", "drift_own", "drift_pool", "ppl_ratio"):
+            d = [(a[m] - n[m]) * (100 if m == "ppl_ratio" else 1) for n, a in both
+                 if a.get(m) is not None and n.get(m) is not None]
+            mu = sum(d) / len(d) if d else float("nan")
+            se = (sum((x - mu) ** 2 for x in d) / max(1, len(d) - 1) / max(1, len(d))) ** 0.5 if d else float("nan")
+            cells.append(f"{mu:+.3f} [{mu - 1.96 * se:+.3f}, {mu + 1.96 * se:+.3f}]")
         print(f"| {rung} | {' | '.join(cells)} |")
     if plot_to:
         method = json.loads(paths[0].read_text()).get("method", "memit")
