@@ -9,9 +9,8 @@ from pathlib import Path
 from bench_io import save_json
 
 PATHS = ("naive", "aware")
-
-
 METRICS = ("efficacy", "locality", "margin", "ppl_ratio", "dw_norm", "locality_pool", "drift_pool", "drift_own")
+AT_MINIMAL = tuple(m for m in METRICS if m not in ("efficacy", "margin"))   # efficacy is 1 there by definition
 
 
 def mean(xs) -> float | None:
@@ -44,12 +43,12 @@ def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PA
                 out["per_alpha"][f"{path}@{a}"] = {m: mean(x.get(m) for x in at) for m in METRICS}
         picked = [x for x in (minimal_run(r, path, alphas) for r in rows) if x]
         out["minimal"][path] = {"cases_effective": len(picked), "alpha": mean(p["alpha"] for p in picked)} | {
-            m: mean(p.get(m) for p in picked) for m in METRICS if m not in ("efficacy", "margin")}
+            m: mean(p.get(m) for p in picked) for m in AT_MINIMAL}
     if set(PATHS) <= set(paths):
         both = paired_runs(rows, alphas)
         paired: dict = {"n": len(both)}
         for i, p in enumerate(PATHS):
-            paired[p] = {m: mean(x[i].get(m) for x in both) for m in ("alpha", *METRICS[3:], "locality")}
+            paired[p] = {m: mean(x[i].get(m) for x in both) for m in ("alpha", *AT_MINIMAL)}
         for m, better in (("locality", 1), ("locality_pool", 1), ("drift_own", -1), ("drift_pool", -1),
                           ("ppl_ratio", -1), ("dw_norm", -1)):
             d = [better * (a[m] - n[m]) for n, a in both if a.get(m) is not None and n.get(m) is not None]
@@ -57,6 +56,14 @@ def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PA
             paired[f"aware_worse_{m}"] = sum(x < 0 for x in d)
         out["paired"] = paired
     return out
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean); nan for no values."""
+    if not xs:
+        return float("nan"), float("nan")
+    mu = sum(xs) / len(xs)
+    return mu, (sum((x - mu) ** 2 for x in xs) / max(1, len(xs) - 1) / len(xs)) ** 0.5
 
 
 def sign_p(better: int, worse: int) -> float:
@@ -85,9 +92,7 @@ def plot_paired(entries: list[tuple[str, list[tuple[dict, dict]]]], path: Path, 
         for i, (p, shift) in enumerate(zip(PATHS, (-0.18, 0.18))):
             scale = (lambda v: 100 * (v - 1)) if m == "ppl_ratio" else (lambda v: v)
             vals = [[scale(run[i][m]) for run in both if run[i].get(m) is not None] for _, both in entries]
-            means = [sum(v) / len(v) if v else float("nan") for v in vals]
-            ses = [(sum((a - mu) ** 2 for a in v) / max(1, len(v) - 1) / max(1, len(v))) ** 0.5 if v else 0.0
-                   for v, mu in zip(vals, means)]
+            means, ses = zip(*(mean_se(v) for v in vals))
             ax.bar([j + shift for j in x], means, 0.36, yerr=ses, capsize=3, label=p)
         ax.set_xticks(x, [rung for rung, _ in entries])
         ax.set_title(label, fontsize=9)
@@ -132,8 +137,7 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
         for m in ("dw_norm", "locality", "locality_pool", "drift_own", "drift_pool", "ppl_ratio"):
             d = [(a[m] - n[m]) * (100 if m == "ppl_ratio" else 1) for n, a in both
                  if a.get(m) is not None and n.get(m) is not None]
-            mu = sum(d) / len(d) if d else float("nan")
-            se = (sum((x - mu) ** 2 for x in d) / max(1, len(d) - 1) / max(1, len(d))) ** 0.5 if d else float("nan")
+            mu, se = mean_se(d)
             cells.append(f"{mu:+.3f} [{mu - 1.96 * se:+.3f}, {mu + 1.96 * se:+.3f}]")
         print(f"| {rung} | {' | '.join(cells)} |")
     if plot_to:
