@@ -182,9 +182,10 @@ def main() -> None:
     pool_base = rung.runner.score(pool_pairs)
     done, started = {r["case"] for r in rows}, time.perf_counter()
 
-    def measure(req, base, own_base, deltas, enc, a: float, full: bool) -> dict:
+    def measure(req, base, own: tuple[list, list], deltas, enc, a: float, full: bool) -> dict:
         """One path at strength `a`: the edit spliced into the rung copy and scored; with `full` also
-        perplexity and drift on the case's and the pool's locality prompts."""
+        perplexity and drift on the case's (`own`: its locality pairs and their unedited scores) and the
+        pool's locality prompts."""
         scaled = [dataclasses.replace(x, scale=x.scale * a) for x in deltas]
         data, kept = encode_changes(rung, scaled, enc)
         rung.write(data)
@@ -194,10 +195,9 @@ def main() -> None:
                    "dw_norm": sum(x.norm() for x in scaled), "kept": kept}
             if full:
                 nll, _ = rung.runner.nll(text)
-                own = list(zip(req.locality_prompts, req.locality_answers))
                 out["ppl_ratio"] = math.exp((nll - base_nll) / max(1, n_tok))
                 out["locality_pool"], out["drift_pool"] = drift(rung.runner.score(pool_pairs), pool_base)
-                out["drift_own"] = drift(rung.runner.score(own), own_base)[1] if own else None
+                out["drift_own"] = drift(rung.runner.score(own[0]), own[1])[1] if own[0] else None
         finally:
             rung.restore()
         return out
@@ -207,21 +207,22 @@ def main() -> None:
         for case in tqdm(todo, desc=f"{args.method} x alpha at {args.rung}", unit="case"):
             req = reqs[case]
             base = evaluate(rung.runner, [req]).cases[0]
-            own_base = rung.runner.score(list(zip(req.locality_prompts, req.locality_answers)))
+            own_pairs = list(zip(req.locality_prompts, req.locality_answers))
+            own = (own_pairs, rung.runner.score(own_pairs))
             naive_deltas, aware_deltas, enc = edits_for_case(case, req, args, cfg, (src_model, rung_model, on_rung))
             row = {"case": case, "base_margin": base.margin, "runs": {}}
             for p in paths:
                 deltas, e = (aware_deltas, enc) if p == "aware" else (naive_deltas, None)
 
                 def works(a: float, p=p, deltas=deltas, e=e) -> bool:
-                    run = row["runs"][f"{p}@{a}"] = measure(req, base, own_base, deltas, e, a, not args.search)
+                    run = row["runs"][f"{p}@{a}"] = measure(req, base, own, deltas, e, a, not args.search)
                     return run["efficacy"] == 1.0
 
                 if args.search:
                     searched(alphas_of[p], works)
                     if (pick := minimal_run(row, p, alphas_of[p])) is not None:   # perplexity and drift there
                         a = pick["alpha"]
-                        row["runs"][f"{p}@{a}"] = measure(req, base, own_base, deltas, e, a, True)
+                        row["runs"][f"{p}@{a}"] = measure(req, base, own, deltas, e, a, True)
                 else:
                     for a in alphas_of[p]:
                         works(a)

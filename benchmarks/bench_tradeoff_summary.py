@@ -11,6 +11,9 @@ from bench_io import save_json
 PATHS = ("naive", "aware")
 METRICS = ("efficacy", "locality", "margin", "ppl_ratio", "dw_norm", "locality_pool", "drift_pool", "drift_own")
 AT_MINIMAL = tuple(m for m in METRICS if m not in ("efficacy", "margin"))   # efficacy is 1 there by definition
+# the measures naive and aware are compared on at equal efficacy, and the sign of "better" for each
+COMPARED = (("dw_norm", -1), ("locality", 1), ("locality_pool", 1), ("drift_own", -1), ("drift_pool", -1),
+            ("ppl_ratio", -1))
 
 
 def mean(xs) -> float | None:
@@ -49,8 +52,7 @@ def summarize(rows: list[dict], alphas: list[float], paths: tuple[str, ...] = PA
         paired: dict = {"n": len(both)}
         for i, p in enumerate(PATHS):
             paired[p] = {m: mean(x[i].get(m) for x in both) for m in ("alpha", *AT_MINIMAL)}
-        for m, better in (("locality", 1), ("locality_pool", 1), ("drift_own", -1), ("drift_pool", -1),
-                          ("ppl_ratio", -1), ("dw_norm", -1)):
+        for m, better in COMPARED:
             d = [better * (a[m] - n[m]) for n, a in both if a.get(m) is not None and n.get(m) is not None]
             paired[f"aware_better_{m}"] = sum(x > 0 for x in d)
             paired[f"aware_worse_{m}"] = sum(x < 0 for x in d)
@@ -64,6 +66,11 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     mu = sum(xs) / len(xs)
     return mu, (sum((x - mu) ** 2 for x in xs) / max(1, len(xs) - 1) / len(xs)) ** 0.5
+
+
+def shown(m: str, v: float) -> float:
+    """A measure as the tables and plots show it: the perplexity ratio as a change in percent."""
+    return 100 * (v - 1) if m == "ppl_ratio" else v
 
 
 def sign_p(better: int, worse: int) -> float:
@@ -90,8 +97,7 @@ def plot_paired(entries: list[tuple[str, list[tuple[dict, dict]]]], path: Path, 
     x = list(range(len(entries)))
     for ax, (m, label) in zip(axes, PAIRED_PANELS):
         for i, (p, shift) in enumerate(zip(PATHS, (-0.18, 0.18))):
-            scale = (lambda v: 100 * (v - 1)) if m == "ppl_ratio" else (lambda v: v)
-            vals = [[scale(run[i][m]) for run in both if run[i].get(m) is not None] for _, both in entries]
+            vals = [[shown(m, run[i][m]) for run in both if run[i].get(m) is not None] for _, both in entries]
             means, ses = zip(*(mean_se(v) for v in vals))
             ax.bar([j + shift for j in x], means, 0.36, yerr=ses, capsize=3, label=p)
         ax.set_xticks(x, [rung for rung, _ in entries])
@@ -127,16 +133,15 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
     for rung, pair, _ in tests:
         cells = [f"{pair[f'aware_better_{m}']} / {pair[f'aware_worse_{m}']} "
                  f"(p = {sign_p(pair[f'aware_better_{m}'], pair[f'aware_worse_{m}']):.2g})"
-                 for m in ("dw_norm", "locality", "locality_pool", "drift_own", "drift_pool", "ppl_ratio")]
+                 for m, _ in COMPARED]
         print(f"| {rung} | {' | '.join(cells)} |")
     print("\naware minus naive per case, mean [95% interval, normal approximation]:\n")
     print("| rung | |dW| | locality | locality, pool | drift, own | drift, pool | perplexity change (%) |")
     print("|---|---|---|---|---|---|---|")
     for rung, _, both in tests:
         cells = []
-        for m in ("dw_norm", "locality", "locality_pool", "drift_own", "drift_pool", "ppl_ratio"):
-            d = [(a[m] - n[m]) * (100 if m == "ppl_ratio" else 1) for n, a in both
-                 if a.get(m) is not None and n.get(m) is not None]
+        for m, _ in COMPARED:
+            d = [shown(m, a[m]) - shown(m, n[m]) for n, a in both if a.get(m) is not None and n.get(m) is not None]
             mu, se = mean_se(d)
             cells.append(f"{mu:+.3f} [{mu - 1.96 * se:+.3f}, {mu + 1.96 * se:+.3f}]")
         print(f"| {rung} | {' | '.join(cells)} |")
@@ -184,10 +189,11 @@ def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
             row["runs"].update(r["runs"])
     merged = [rows[c] for c in sorted(rows)]
     alphas = sorted({a for d in runs for a in d["alphas"]})
-    s = summarize(merged, alphas, grid=not any(d.get("search") for d in runs))
+    search = any(d.get("search") for d in runs)
+    s = summarize(merged, alphas, grid=not search)
     save_json(out, {"command": sys.argv, "merged": [str(p) for p in inputs]}
               | {k: runs[0][k] for k in ("rung", "method", "target_margin", "aware_on", "pool") if k in runs[0]}
-              | {"search": any(d.get("search") for d in runs), "alphas": alphas, "summary": s, "cases": merged})
+              | {"search": search, "alphas": alphas, "summary": s, "cases": merged})
     if plot_to:
         rung = runs[0].get("rung", "Q4_K_M")
         plot(s, plot_to, f"{runs[0].get('method', 'memit')} single edits scaled by alpha at {rung}, {s['n']} cases, "
