@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
@@ -63,6 +65,20 @@ def drift(scores: list, base: list) -> tuple[float, float]:
     same = [a == b for s, b0 in zip(scores, base) for a, b in zip(s.argmax_ids, b0.argmax_ids)]
     moved = [abs(a - b) for s, b0 in zip(scores, base) for a, b in zip(s.logprobs, b0.logprobs)]
     return sum(same) / len(same), sum(moved) / len(moved)
+
+
+def one_step(rung: RungFile, name: str) -> bytes:
+    """The bytes of K-quant tensor `name` with one weight moved by one grid step: the lowest bit of byte 60
+    of its middle block flipped (a quant's lowest bit in Q2_K-Q6_K: qs of Q2_K-Q5_K, ql of Q6_K)."""
+    from qedit.kernels.gguf_quants import block_geometry
+
+    info = rung.gf.tensors[name]
+    _, type_size = block_geometry(info.ggml_type)
+    if info.ggml_type.name not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        raise SystemExit(f"{name}: {info.ggml_type.name} is not a K-quant; the one-step floor needs one")
+    raw = bytearray(np.asarray(rung.gf.raw(name)).tobytes())
+    raw[len(raw) // type_size // 2 * type_size + 60] ^= 1
+    return bytes(raw)
 
 
 def searched(alphas: list[float], works) -> None:
@@ -130,6 +146,9 @@ def main() -> None:
                     help="per case and path, only the alphas around the smallest that works (from alpha 1 down "
                          "while it works, else up until it does), perplexity and drift only at that one: "
                          "the minimal-strength table at a fraction of the cost, no per-alpha curves")
+    ap.add_argument("--floor-only", action="store_true",
+                    help="measure only the floor (the edited tensors of case --start plainly re-encoded with no change: "
+                         "what re-encoding alone moves) into --json; --merge carries it into a run's JSON")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                     help="measure nothing: merge the runs of these outputs into --json and --plot")
     ap.add_argument("--report", nargs="+", type=Path, default=None, metavar="JSON",
@@ -157,6 +176,7 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from qedit.api import make_config
+    from qedit.converters.gguf_patch import group_deltas
     from qedit.evaluate import EvalReport, evaluate
     from qedit.facts import load_requests
     from qedit.model import load_model
@@ -178,6 +198,7 @@ def main() -> None:
     text = fluency_text()
     base_nll, n_tok = rung.runner.nll(text)
     rows = saved_rows(args.json, lambda c: args.start <= c < args.n)
+    floor = json.loads(args.json.read_text()).get("floor") if args.json.exists() else None
     pool_pairs = [pair for i in POOL for pair in zip(reqs[i].locality_prompts, reqs[i].locality_answers)]
     pool_base = rung.runner.score(pool_pairs)
     done, started = {r["case"] for r in rows}, time.perf_counter()
@@ -202,8 +223,34 @@ def main() -> None:
             rung.restore()
         return out
 
+    def save() -> None:
+        save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method,
+                              "target_margin": args.target_margin, "same_weights": same, "alphas": alphas,
+                              "aware_on": "rung" if on_rung else "source", "search": args.search,
+                              "pool": [POOL[0], POOL[-1]], "floor": floor,
+                              "seconds_this_run": time.perf_counter() - started,
+                              "summary": summarize(rows, alphas, paths, not args.search), "cases": rows})
+
     try:
-        todo = [c for c in range(args.start, args.n) if c not in done]
+        if floor is None:   # the edited tensors re-encoded with no change: what re-encoding alone moves
+            req = reqs[args.start]
+            naive = edits_for_case(args.start, req, args, cfg, (src_model, rung_model, False))[0]
+            own_pairs = list(zip(req.locality_prompts, req.locality_answers))
+            floor = measure(req, evaluate(rung.runner, [req]).cases[0], (own_pairs, rung.runner.score(own_pairs)),
+                            naive, None, 0.0, True)
+            floor = {k: floor[k] for k in ("ppl_ratio", "locality_pool", "drift_pool")} | {"case": args.start}
+            name = sorted(group_deltas(rung.gf, naive))[0]
+            rung.write({name: one_step(rung, name)})     # any touch: one weight of one tensor, one grid step
+            try:
+                nll, _ = rung.runner.nll(text)
+                touched = drift(rung.runner.score(pool_pairs), pool_base)
+            finally:
+                rung.restore()
+            floor["one_step"] = {"tensor": name, "ppl_ratio": math.exp((nll - base_nll) / max(1, n_tok)),
+                                 "locality_pool": touched[0], "drift_pool": touched[1]}
+            print(f"re-encoding floor at {args.rung}: {floor}", flush=True)
+            save()
+        todo = [] if args.floor_only else [c for c in range(args.start, args.n) if c not in done]
         for case in tqdm(todo, desc=f"{args.method} x alpha at {args.rung}", unit="case"):
             req = reqs[case]
             base = evaluate(rung.runner, [req]).cases[0]
@@ -228,11 +275,7 @@ def main() -> None:
                         works(a)
             rows.append(row)
             rows.sort(key=lambda r: r["case"])
-            save_json(args.json, {"command": sys.argv, "rung": args.rung, "method": args.method,
-                                  "target_margin": args.target_margin, "same_weights": same, "alphas": alphas,
-                                  "aware_on": "rung" if on_rung else "source", "search": args.search,
-                                  "pool": [POOL[0], POOL[-1]], "seconds_this_run": time.perf_counter() - started,
-                                  "summary": summarize(rows, alphas, paths, not args.search), "cases": rows})
+            save()
     finally:
         rung.gf.close()
         rung.path.unlink(missing_ok=True)

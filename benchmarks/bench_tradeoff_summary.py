@@ -115,7 +115,7 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
     print("| rung | n (both work / cases) | path | alpha | |dW| | locality | locality, pool | drift, own | drift, pool "
           "| ppl ratio |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    tests = []
+    tests, floors = [], []
     for f in paths:
         d = json.loads(f.read_text())
         s, rung = summarize(d["cases"], d["alphas"], grid=False), d.get("rung", "?")
@@ -127,6 +127,15 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
             ppl = f"{v['ppl_ratio']:.4f}" if v.get("ppl_ratio") is not None else "-"
             print(f"| {rung} | {pair['n']} / {s['n']} | {path} | {' | '.join(cells)} | {ppl} |")
         tests.append((rung, pair, paired_runs(d["cases"], d["alphas"])))
+        if fl := d.get("floor"):
+            cells = [f"{v['locality_pool']:.3f} | {v['drift_pool']:.3f} | {v['ppl_ratio']:.4f}"
+                     for v in (fl, fl.get("one_step", fl))]
+            floors.append(f"| {rung} | {' | '.join(cells)} |")
+    if floors:
+        print("\nthe floor: the edited tensors plainly re-encoded with no change / one weight of the first moved one "
+              "grid step:\n\n| rung | re-encoded: locality, pool | drift, pool | ppl ratio | one step: locality, pool "
+              "| drift, pool | ppl ratio |\n|---|---:|---:|---:|---:|---:|---:|")
+        print("\n".join(floors))
     print("\naware against naive, cases better / worse (two-sided sign test p):\n")
     print("| rung | |dW| | locality | locality, pool | drift, own | drift, pool | perplexity |")
     print("|---|---|---|---|---|---|---|")
@@ -181,6 +190,8 @@ def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
     """One summary (and plot) from several runs: other cases (--start), extra alphas for one path, or one
     path run again. Every case of any input is kept; a later input's path@alpha replaces an earlier one's.
     The per-alpha means cover the alphas every case has."""
+    if out.resolve() in {p.resolve() for p in inputs}:
+        raise SystemExit(f"--merge: {out} is one of the inputs; give another --json (inputs are never overwritten)")
     runs = [json.loads(p.read_text()) for p in inputs]
     rows: dict[int, dict] = {}
     for d in runs:
@@ -193,6 +204,7 @@ def merge(inputs: list[Path], out: Path, plot_to: Path | None) -> None:
     s = summarize(merged, alphas, grid=not search)
     save_json(out, {"command": sys.argv, "merged": [str(p) for p in inputs]}
               | {k: runs[0][k] for k in ("rung", "method", "target_margin", "aware_on", "pool") if k in runs[0]}
+              | {"floor": next((d["floor"] for d in runs if d.get("floor")), None)}
               | {"search": search, "alphas": alphas, "summary": s, "cases": merged})
     if plot_to:
         rung = runs[0].get("rung", "Q4_K_M")
