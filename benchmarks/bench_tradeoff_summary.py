@@ -115,7 +115,7 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
     print("| rung | n (both work / cases) | path | alpha | |dW| | locality | locality, pool | drift, own | drift, pool "
           "| ppl ratio |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    tests, floors = [], []
+    tests, floors, strengths = [], [], []
     for f in paths:
         d = json.loads(f.read_text())
         s, rung = summarize(d["cases"], d["alphas"], grid=False), d.get("rung", "?")
@@ -127,10 +127,21 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
             ppl = f"{v['ppl_ratio']:.4f}" if v.get("ppl_ratio") is not None else "-"
             print(f"| {rung} | {pair['n']} / {s['n']} | {path} | {' | '.join(cells)} | {ppl} |")
         tests.append((rung, pair, paired_runs(d["cases"], d["alphas"])))
+        for path in PATHS:   # each case's smallest working strength
+            picks = [minimal_run(r, path, d["alphas"]) for r in d["cases"]]
+            strengths.append((rung, path, [sum(1 for x in picks if x and x["alpha"] == a) for a in d["alphas"]]
+                              + [sum(1 for x in picks if x is None)], d["alphas"]))
         if fl := d.get("floor"):
             cells = [f"{v['locality_pool']:.3f} | {v['drift_pool']:.3f} | {v['ppl_ratio']:.4f}"
                      for v in (fl, fl.get("one_step", fl))]
             floors.append(f"| {rung} | {' | '.join(cells)} |")
+    print("\neach case's smallest working strength (cases; none: no strength of the list works):\n")
+    for alphas in dict.fromkeys(tuple(a) for *_, a in strengths):
+        print("| rung | path | " + " | ".join(f"{a:g}" for a in alphas) + " | none |\n|---|---|"
+              + "---:|" * (len(alphas) + 1))
+        for rung, path, counts, a in strengths:
+            if tuple(a) == alphas:
+                print(f"| {rung} | {path} | " + " | ".join(map(str, counts)) + " |")
     if floors:
         print("\nthe floor: the edited tensors plainly re-encoded with no change / one weight of the first moved one "
               "grid step:\n\n| rung | re-encoded: locality, pool | drift, pool | ppl ratio | one step: locality, pool "
