@@ -9,7 +9,8 @@ gets exactly one weight of `--tensor` changed: in a K-quant tensor one quant mov
 magnitude and the tensor re-encoded (one Q8_0 step; F16/F32 re-encode exactly). Scored in llama.cpp against
 the unedited file: the pool of bench_tradeoff.py (20 unrelated locality prompts: share of answer tokens
 whose top-1 is unchanged, mean |change| of their log-probabilities in nats) and the perplexity of qedit's
-fluency text. Whatever this moves is what any edit of the tensor moves on top of its own effect.
+fluency text; and how many of the pool's answer positions are near ties in the unedited file (its two top
+logits within 0.25). Whatever this moves is what any edit of the tensor moves on top of its own effect.
 """
 from __future__ import annotations
 
@@ -46,6 +47,20 @@ def touched(rung: RungFile, name: str) -> tuple[bytes, int, float]:
     return raw, int((diff > 0).sum()), float(diff.max())
 
 
+def near_ties(runner, pairs: list[tuple[str, str]], within: float) -> int:
+    """How many of the pairs' first answer positions have their two top logits within `within` of each other
+    in `runner`'s file (positions whose top-1 any small change may flip)."""
+    from qedit.batching import continuation_ids
+
+    n = 0
+    for prompt, target in pairs:
+        ids, _ = continuation_ids(runner.tokenizer, prompt, target)
+        runner.llm.reset()
+        top = np.sort(runner._last_logits(ids))[-2:]      # (2,): the next-token logits' runner-up and top
+        n += int(top[1] - top[0] < within)
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default="F32,F16,Q8_0,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K")
@@ -63,8 +78,9 @@ def main() -> None:
     text = fluency_text()
     _, store = source_store(args.out)
     rows = []
-    print("| file | tensor type | weights changed | largest change | locality, pool | drift, pool | ppl ratio |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| file | tensor type | weights changed | largest change | pool near ties | locality, pool | drift, pool "
+          "| ppl ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for ftype in [t for t in args.types.split(",") if t]:
         path, _ = store.gguf(ftype)
         rung = RungFile(path, args.work / f"qedit-touch-{path.stem}.gguf")
@@ -72,6 +88,7 @@ def main() -> None:
             if args.tensor not in rung.gf.tensors:
                 raise SystemExit(f"{path.name}: no tensor {args.tensor!r}; give one of its tensors with --tensor")
             base_pool, (base_nll, n_tok) = rung.runner.score(pool), rung.runner.nll(text)
+            ties = near_ties(rung.runner, pool, 0.25)
             raw, n_changed, largest = touched(rung, args.tensor)
             rung.write({args.tensor: raw})
             kept, moved = drift(rung.runner.score(pool), base_pool)
@@ -81,10 +98,10 @@ def main() -> None:
             rung.gf.close()
             rung.path.unlink(missing_ok=True)
         row = {"file": ftype, "type": rung.gf.tensors[args.tensor].ggml_type.name, "weights_changed": n_changed,
-               "largest_change": largest, "locality_pool": kept, "drift_pool": moved,
+               "largest_change": largest, "pool_near_ties": ties, "locality_pool": kept, "drift_pool": moved,
                "ppl_ratio": math.exp((nll - base_nll) / max(1, n_tok))}
         rows.append(row)
-        print(f"| {ftype} | {row['type']} | {n_changed} | {largest:.2g} | {kept:.3f} | {moved:.4f} | "
+        print(f"| {ftype} | {row['type']} | {n_changed} | {largest:.2g} | {ties} | {kept:.3f} | {moved:.4f} | "
               f"{row['ppl_ratio']:.4f} |", flush=True)
         save_json(args.json, {"command": sys.argv, "tensor": args.tensor, "pool": [POOL[0], POOL[-1]], "rows": rows})
 
