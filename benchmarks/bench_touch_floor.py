@@ -15,7 +15,6 @@ logits within 0.25). Whatever this moves is what any edit of the tensor moves on
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from bench_io import DATA, save_json, source_store  # noqa: E402
 from bench_survival_cases import RungFile  # noqa: E402
-from bench_tradeoff import POOL, drift, one_step  # noqa: E402
+from bench_tradeoff import POOL, Unedited, one_step  # noqa: E402
 
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -87,22 +86,20 @@ def main() -> None:
         try:
             if args.tensor not in rung.gf.tensors:
                 raise SystemExit(f"{path.name}: no tensor {args.tensor!r}; give one of its tensors with --tensor")
-            base_pool, (base_nll, n_tok) = rung.runner.score(pool), rung.runner.nll(text)
+            unedited = Unedited.of(rung.runner, pool, text)
             ties = near_ties(rung.runner, pool, 0.25)
             raw, n_changed, largest = touched(rung, args.tensor)
             rung.write({args.tensor: raw})
-            kept, moved = drift(rung.runner.score(pool), base_pool)
-            nll, _ = rung.runner.nll(text)
+            moved = unedited.against(rung.runner)
             rung.restore()
         finally:
             rung.gf.close()
             rung.path.unlink(missing_ok=True)
         row = {"file": ftype, "type": rung.gf.tensors[args.tensor].ggml_type.name, "weights_changed": n_changed,
-               "largest_change": largest, "pool_near_ties": ties, "locality_pool": kept, "drift_pool": moved,
-               "ppl_ratio": math.exp((nll - base_nll) / max(1, n_tok))}
+               "largest_change": largest, "pool_near_ties": ties} | moved
         rows.append(row)
-        print(f"| {ftype} | {row['type']} | {n_changed} | {largest:.2g} | {ties} | {kept:.3f} | {moved:.4f} | "
-              f"{row['ppl_ratio']:.4f} |", flush=True)
+        print(f"| {ftype} | {row['type']} | {n_changed} | {largest:.2g} | {ties} | {row['locality_pool']:.3f} | "
+              f"{row['drift_pool']:.4f} | {row['ppl_ratio']:.4f} |", flush=True)
         save_json(args.json, {"command": sys.argv, "tensor": args.tensor, "pool": [POOL[0], POOL[-1]], "rows": rows})
 
 

@@ -67,6 +67,28 @@ def drift(scores: list, base: list) -> tuple[float, float]:
     return sum(same) / len(same), sum(moved) / len(moved)
 
 
+@dataclasses.dataclass(frozen=True)
+class Unedited:
+    """The unedited file's scores that perplexity and pool drift are measured against."""
+
+    pool: list          # (prompt, answer) locality pairs of the POOL cases
+    pool_scores: list   # their TokenScores in the unedited file
+    text: str           # the perplexity text
+    nll: float          # its summed negative log-likelihood in the unedited file
+    n_tok: int
+
+    @classmethod
+    def of(cls, runner, pool: list, text: str) -> Unedited:
+        return cls(pool, runner.score(pool), text, *runner.nll(text))
+
+    def against(self, runner) -> dict:
+        """Perplexity ratio, pool top-1 kept and pool drift of `runner`'s (edited) file against these."""
+        nll, _ = runner.nll(self.text)
+        kept, moved = drift(runner.score(self.pool), self.pool_scores)
+        return {"ppl_ratio": math.exp((nll - self.nll) / max(1, self.n_tok)), "locality_pool": kept,
+                "drift_pool": moved}
+
+
 def one_step(rung: RungFile, name: str) -> bytes:
     """The bytes of K-quant tensor `name` with one weight moved by one grid step: the lowest bit of byte 60
     of its middle block flipped (a quant's lowest bit in Q2_K-Q6_K: qs of Q2_K-Q5_K, ql of Q6_K)."""
@@ -147,8 +169,9 @@ def main() -> None:
                          "while it works, else up until it does), perplexity and drift only at that one: "
                          "the minimal-strength table at a fraction of the cost, no per-alpha curves")
     ap.add_argument("--floor-only", action="store_true",
-                    help="measure only the floor (the edited tensors of case --start plainly re-encoded with no change: "
-                         "what re-encoding alone moves) into --json; --merge carries it into a run's JSON")
+                    help="measure only the floor (the edited tensors of case --start plainly re-encoded with no "
+                         "change, and one of their weights moved one grid step) into --json; --merge carries it "
+                         "into a run's JSON")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                     help="measure nothing: merge the runs of these outputs into --json and --plot")
     ap.add_argument("--report", nargs="+", type=Path, default=None, metavar="JSON",
@@ -195,12 +218,10 @@ def main() -> None:
     reqs = load_requests(DATA)
     cfg = make_config(args.method) if args.target_margin is None else \
         make_config(args.method, target_margin=args.target_margin)
-    text = fluency_text()
-    base_nll, n_tok = rung.runner.nll(text)
     rows = saved_rows(args.json, lambda c: args.start <= c < args.n)
     floor = json.loads(args.json.read_text()).get("floor") if args.json.exists() else None
     pool_pairs = [pair for i in POOL for pair in zip(reqs[i].locality_prompts, reqs[i].locality_answers)]
-    pool_base = rung.runner.score(pool_pairs)
+    unedited = Unedited.of(rung.runner, pool_pairs, fluency_text())
     done, started = {r["case"] for r in rows}, time.perf_counter()
 
     def measure(req, base, own: tuple[list, list], deltas, enc, a: float, full: bool) -> dict:
@@ -215,9 +236,7 @@ def main() -> None:
             out = {"efficacy": c.efficacy, "locality": c.locality, "margin": c.margin,
                    "dw_norm": sum(x.norm() for x in scaled), "kept": kept}
             if full:
-                nll, _ = rung.runner.nll(text)
-                out["ppl_ratio"] = math.exp((nll - base_nll) / max(1, n_tok))
-                out["locality_pool"], out["drift_pool"] = drift(rung.runner.score(pool_pairs), pool_base)
+                out |= unedited.against(rung.runner)
                 out["drift_own"] = drift(rung.runner.score(own[0]), own[1])[1] if own[0] else None
         finally:
             rung.restore()
@@ -242,12 +261,9 @@ def main() -> None:
             name = sorted(group_deltas(rung.gf, naive))[0]
             rung.write({name: one_step(rung, name)})     # any touch: one weight of one tensor, one grid step
             try:
-                nll, _ = rung.runner.nll(text)
-                touched = drift(rung.runner.score(pool_pairs), pool_base)
+                floor["one_step"] = {"tensor": name} | unedited.against(rung.runner)
             finally:
                 rung.restore()
-            floor["one_step"] = {"tensor": name, "ppl_ratio": math.exp((nll - base_nll) / max(1, n_tok)),
-                                 "locality_pool": touched[0], "drift_pool": touched[1]}
             print(f"re-encoding floor at {args.rung}: {floor}", flush=True)
             save()
         todo = [] if args.floor_only else [c for c in range(args.start, args.n) if c not in done]
