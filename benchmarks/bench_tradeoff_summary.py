@@ -85,9 +85,11 @@ PAIRED_PANELS = (("dw_norm", "|dW| (sum over edited tensors)"), ("locality", "lo
                  ("ppl_ratio", "perplexity change over the unedited file (%)"))
 
 
-def plot_paired(entries: list[tuple[str, list[tuple[dict, dict]]]], path: Path, title: str) -> None:
+def plot_paired(entries: list[tuple[str, list[tuple[dict, dict]]]], path: Path, title: str,
+                floors: dict[str, dict] | None = None) -> None:
     """Per rung, both paths at equal efficacy (each case at each path's minimal strength): the mean of each
-    measure with its standard error."""
+    measure with its standard error; a rung's floor (`floors`: rung -> the run's "floor") as a dashed line
+    over its bars where it has the measure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,6 +102,12 @@ def plot_paired(entries: list[tuple[str, list[tuple[dict, dict]]]], path: Path, 
             vals = [[shown(m, run[i][m]) for run in both if run[i].get(m) is not None] for _, both in entries]
             means, ses = zip(*(mean_se(v) for v in vals))
             ax.bar([j + shift for j in x], means, 0.36, yerr=ses, capsize=3, label=p)
+        at = [(j, fl[m]) for j, (rung, _) in enumerate(entries) if (fl := (floors or {}).get(rung)) and m in fl]
+        for k, (j, v) in enumerate(at):
+            ax.hlines(shown(m, v), j - 0.4, j + 0.4, colors="k", linestyles="dashed",
+                      label="no change, re-encoded" if k == 0 else None)
+        if at:
+            ax.legend(fontsize=7)
         ax.set_xticks(x, [rung for rung, _ in entries])
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
@@ -115,7 +123,7 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
     print("| rung | n (both work / cases) | path | alpha | |dW| | locality | locality, pool | drift, own | drift, pool "
           "| ppl ratio |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    tests, floors, strengths = [], [], []
+    tests, floors, strengths, floor_of = [], [], [], {}
     for f in paths:
         d = json.loads(f.read_text())
         s, rung = summarize(d["cases"], d["alphas"], grid=False), d.get("rung", "?")
@@ -132,6 +140,7 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
             strengths.append((rung, path, [sum(1 for x in picks if x and x["alpha"] == a) for a in d["alphas"]]
                               + [sum(1 for x in picks if x is None)], d["alphas"]))
         if fl := d.get("floor"):
+            floor_of[rung] = fl
             cells = [f"{v['locality_pool']:.3f} | {v['drift_pool']:.3f} | {v['ppl_ratio']:.4f}"
                      for v in (fl, fl.get("one_step", fl))]
             floors.append(f"| {rung} | {' | '.join(cells)} |")
@@ -169,7 +178,7 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
         method = json.loads(paths[0].read_text()).get("method", "memit")
         plot_paired([(rung, both) for rung, _, both in tests], plot_to,
                     f"{method}: naive against aware at equal efficacy after quantization (each case at each path's "
-                    "smallest working strength), llama.cpp")
+                    "smallest working strength), llama.cpp", floors=floor_of)
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
