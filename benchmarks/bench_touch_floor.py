@@ -3,14 +3,15 @@
     python benchmarks/bench_touch_floor.py --types F32,F16,Q8_0,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --out /tmp/ac \
         --json benchmarks/data/touch_floor.json
 
-Per type, the unedited Gemma 3 270M file (exported with llama.cpp's mix, cached under --out/artifacts)
-gets exactly one weight of `--tensor` changed: in a K-quant tensor one quant moved by one grid step
+Per type, the unedited Gemma 3 270M file (exported with llama.cpp's mix, cached under --out/artifacts) gets
+exactly one weight of `--tensor` changed: in a K-quant tensor one quant moved by one grid step
 (bench_tradeoff.one_step), in any other type the middle row's weight 100 raised by 1% of the row's largest
-magnitude and the tensor re-encoded (one Q8_0 step; F16/F32 re-encode exactly). Scored in llama.cpp against
-the unedited file: the pool of bench_tradeoff.py (20 unrelated locality prompts: share of answer tokens
-whose top-1 is unchanged, mean |change| of their log-probabilities in nats) and the perplexity of qedit's
-fluency text; and how many of the pool's answer positions are near ties in the unedited file (its two top
-logits within 0.25). Whatever this moves is what any edit of the tensor moves on top of its own effect.
+magnitude and the tensor re-encoded (about one Q8_0 step here; F16/F32 re-encode exactly). Scored in
+llama.cpp against the unedited file: the pool of bench_tradeoff.py (20 unrelated locality prompts: share of
+answer tokens whose top-1 is unchanged, mean |change| of their log-probabilities in nats) and the perplexity
+of qedit's fluency text; and how many of the pool's answer positions are near ties in the unedited file (its
+two top logits within 0.25). Whatever this moves is what any edit of the tensor moves on top of its own
+effect.
 """
 from __future__ import annotations
 
