@@ -141,8 +141,8 @@ def report(paths: list[Path], plot_to: Path | None = None) -> None:
                               + [sum(1 for x in picks if x is None)], d["alphas"]))
         if fl := d.get("floor"):
             floor_of[rung] = fl
-            cells = [f"{v['locality_pool']:.3f} | {v['drift_pool']:.3f} | {v['ppl_ratio']:.4f}"
-                     for v in (fl, fl.get("one_step", fl))]
+            cells = [f"{v['locality_pool']:.3f} | {v['drift_pool']:.3f} | {v['ppl_ratio']:.4f}" if v else "- | - | -"
+                     for v in (fl, fl.get("one_step"))]
             floors.append(f"| {rung} | {' | '.join(cells)} |")
     print("\neach case's smallest working strength (cases; none: no strength of the list works):\n")
     for alphas in dict.fromkeys(tuple(a) for *_, a in strengths):
