@@ -26,9 +26,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from bench_io import DATA, save_json, source_store  # noqa: E402
 from bench_survival_cases import RungFile  # noqa: E402
-from bench_tradeoff import POOL, Unedited, one_step  # noqa: E402
-
-K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+from bench_tradeoff import K_QUANTS, POOL, Unedited, one_step  # noqa: E402
 
 
 def touched(rung: RungFile, name: str) -> tuple[bytes, int, float]:
@@ -90,9 +88,7 @@ def main() -> None:
             unedited = Unedited.of(rung.runner, pool, text)
             ties = near_ties(rung.runner, pool, 0.25)
             raw, n_changed, largest = touched(rung, args.tensor)
-            rung.write({args.tensor: raw})
-            moved = unedited.against(rung.runner)
-            rung.restore()
+            moved = unedited.moved_by(rung, {args.tensor: raw})
         finally:
             rung.gf.close()
             rung.path.unlink(missing_ok=True)

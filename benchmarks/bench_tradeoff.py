@@ -88,6 +88,17 @@ class Unedited:
         return {"ppl_ratio": math.exp((nll - self.nll) / max(1, self.n_tok)), "locality_pool": kept,
                 "drift_pool": moved}
 
+    def moved_by(self, rung: RungFile, data: dict[str, bytes]) -> dict:
+        """against() of the rung copy with these tensors' bytes written over (restored afterwards)."""
+        rung.write(data)
+        try:
+            return self.against(rung.runner)
+        finally:
+            rung.restore()
+
+
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")   # the types one_step can move a weight of
+
 
 def one_step(rung: RungFile, name: str) -> bytes:
     """The bytes of K-quant tensor `name` with one weight moved by one grid step: the lowest bit of byte 60
@@ -96,7 +107,7 @@ def one_step(rung: RungFile, name: str) -> bytes:
 
     info = rung.gf.tensors[name]
     _, type_size = block_geometry(info.ggml_type)
-    if info.ggml_type.name not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    if info.ggml_type.name not in K_QUANTS:
         raise SystemExit(f"{name}: {info.ggml_type.name} is not a K-quant; the one-step floor needs one")
     raw = bytearray(np.asarray(rung.gf.raw(name)).tobytes())
     raw[len(raw) // type_size // 2 * type_size + 60] ^= 1
@@ -251,19 +262,12 @@ def main() -> None:
                               "summary": summarize(rows, alphas, paths, not args.search), "cases": rows})
 
     try:
-        if floor is None:   # the edited tensors re-encoded with no change: what re-encoding alone moves
-            req = reqs[args.start]
-            naive = edits_for_case(args.start, req, args, cfg, (src_model, rung_model, False))[0]
-            own_pairs = list(zip(req.locality_prompts, req.locality_answers))
-            floor = measure(req, evaluate(rung.runner, [req]).cases[0], (own_pairs, rung.runner.score(own_pairs)),
-                            naive, None, 0.0, True)
-            floor = {k: floor[k] for k in ("ppl_ratio", "locality_pool", "drift_pool")} | {"case": args.start}
+        if floor is None:   # what re-encoding the edited tensors, or moving one weight of them, alone moves
+            naive = edits_for_case(args.start, reqs[args.start], args, cfg, (src_model, rung_model, False))[0]
             name = sorted(group_deltas(rung.gf, naive))[0]
-            rung.write({name: one_step(rung, name)})     # any touch: one weight of one tensor, one grid step
-            try:
-                floor["one_step"] = {"tensor": name} | unedited.against(rung.runner)
-            finally:
-                rung.restore()
+            zero = encode_changes(rung, [dataclasses.replace(x, scale=0.0) for x in naive], None)[0]
+            stepped = {"tensor": name} | unedited.moved_by(rung, {name: one_step(rung, name)})
+            floor = unedited.moved_by(rung, zero) | {"case": args.start, "one_step": stepped}
             print(f"re-encoding floor at {args.rung}: {floor}", flush=True)
             save()
         todo = [] if args.floor_only else [c for c in range(args.start, args.n) if c not in done]
