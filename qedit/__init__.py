@@ -10,19 +10,19 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "load_model": "qedit.model",
-    "LoadedModel": "qedit.model",
-    "load_requests": "qedit.facts",
-    "EditRequest": "qedit.facts",
-    "edit": "qedit.api",
-    "save_edited": "qedit.api",
-    "make_config": "qedit.api",
-    "evaluate": "qedit.evaluate",
-    "TorchRunner": "qedit.runners",
-    "LowRankDelta": "qedit.delta",
-    "load_deltas": "qedit.delta",
-    "EditMethod": "qedit.methods.base",
-    "QeditError": "qedit.errors",
+    "load_model": "qedit.core.model",
+    "LoadedModel": "qedit.core.model",
+    "load_requests": "qedit.core.facts",
+    "EditRequest": "qedit.core.facts",
+    "edit": "qedit.edit.compute",
+    "save_edited": "qedit.edit.compute",
+    "make_config": "qedit.edit.compute",
+    "evaluate": "qedit.evaluation.metrics",
+    "TorchRunner": "qedit.runtimes.torch_runner",
+    "LowRankDelta": "qedit.core.delta",
+    "load_deltas": "qedit.core.delta",
+    "EditMethod": "qedit.edit.registry",
+    "QeditError": "qedit.core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 WORDS = (
     "the a of in is was city country located plays sport language speaks capital company from "
@@ -44,7 +44,7 @@ EDIT_PROMPT, EDIT_SUBJECT = "the city of the Eiffel Tower", "Eiffel Tower"
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "</s>", "<s>", "[UNK]"]
@@ -58,7 +58,7 @@ def make_tokenizer():
 
 
 def make_config(family: str, vocab_size: int):
-    from transformers import GPT2Config, Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=1, pad_token_id=0, initializer_range=0.2)
     if family == "llama":
@@ -119,7 +119,7 @@ def gemma_gguf() -> Path:
 @pytest.fixture(scope="module")
 def gemma(gemma_gguf):
     """The packaged Gemma 3 270M loaded in torch, once per test module (modules may fold edits into it)."""
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
 
     return load_model(gemma_gguf)
 

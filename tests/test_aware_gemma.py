@@ -12,13 +12,13 @@ pytest.importorskip("llama_cpp")
 
 
 def test_aware_patch_keeps_minimal_edits_that_plain_requantization_loses(gemma_gguf, tmp_path):
-    from qedit.api import edit, make_config
-    from qedit.converters.gguf_aware import encoding_for
-    from qedit.converters.gguf_patch import patch_gguf
-    from qedit.evaluate import evaluate
-    from qedit.facts import demo_requests
-    from qedit.model import load_model
-    from qedit.runners_llama import LlamaCppRunner
+    from qedit.converters.gguf.aware import encoding_for
+    from qedit.converters.gguf.patch import patch_gguf
+    from qedit.converters.loading import load_model
+    from qedit.core.facts import demo_requests
+    from qedit.edit.compute import edit, make_config
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.llama import LlamaCppRunner
 
     loaded = load_model(gemma_gguf)
     requests = demo_requests()[:3]
@@ -45,13 +45,14 @@ def test_ten_minimal_edits_exported_at_q3_k_m_survive_in_llama_cpp(gemma_gguf, t
     one batch scaled down until its weakest fact has a 2-nat margin) computed on the model as exported at
     Q3_K_M and patched onto it edit-aware (and checked in llama.cpp, the default) keep at least 9 in llama.cpp;
     the same run shows what --naive (edit in full precision, fold, quantize) keeps."""
-    from conftest import SHARED_DATA
-    from qedit.cli import main
-    from qedit.evaluate import evaluate
-    from qedit.facts import load_requests
-    from qedit.runners_llama import LlamaCppRunner
+    from conftest import DATA
 
-    data = SHARED_DATA / "counterfact-dev.jsonl"
+    from qedit.cli.main import main
+    from qedit.core.facts import load_requests
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.llama import LlamaCppRunner
+
+    data = DATA / "counterfact-dev.jsonl"
     if not data.is_file():
         pytest.skip(f"{data} is not here")
     facts = tmp_path / "facts.jsonl"

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 from qedit.kernels import dequantize_tensor, get_kernel, quantize_tensor
 from qedit.kernels.aware import AwareConfig, edit_importance, quantize_edited
 
@@ -102,10 +102,10 @@ def test_an_aware_patch_with_a_zero_edit_leaves_the_file_as_it_was(gemma_gguf, t
     bytes back."""
     import torch
 
-    from qedit.converters.gguf_aware import EditEncoding
-    from qedit.converters.gguf_patch import patch_gguf
-    from qedit.converters.gguf_read import GGUFFile
-    from qedit.delta import LowRankDelta
+    from qedit.converters.gguf.aware import EditEncoding
+    from qedit.converters.gguf.patch import patch_gguf
+    from qedit.converters.gguf.read import GGUFFile
+    from qedit.core.delta import LowRankDelta
 
     name = "blk.6.ffn_down.weight"
     with GGUFFile(gemma_gguf) as gf:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 from qedit.kernels import dequantize_tensor, get_kernel, quantize_tensor
 from qedit.kernels.aware import (
     ROW_SIGMA_TYPES,

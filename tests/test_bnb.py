@@ -5,9 +5,9 @@ import importlib.util
 
 import pytest
 import torch
-
 from conftest import FACTS
-from qedit.errors import QeditError
+
+from qedit.core.errors import QeditError
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
@@ -15,9 +15,9 @@ HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed")
 @pytest.mark.parametrize("mode,bound", [("int8", 0.03), ("nf4", 0.15), ("fp4", 0.2)])
 def test_bitsandbytes_runners(tiny_dirs, mode, bound):
-    from qedit.model import load_model
-    from qedit.runners import TorchRunner
-    from qedit.runners_gptq import BitsAndBytesRunner
+    from qedit.converters.loading import load_model
+    from qedit.runtimes.bnb import BitsAndBytesRunner
+    from qedit.runtimes.torch_runner import TorchRunner
 
     loaded = load_model(tiny_dirs["llama"])
     runner = BitsAndBytesRunner(loaded, mode)
@@ -37,8 +37,8 @@ def test_bitsandbytes_runners(tiny_dirs, mode, bound):
 
 
 def test_bitsandbytes_unknown_mode(tiny_dirs):
-    from qedit.model import load_model
-    from qedit.runners_gptq import BitsAndBytesRunner
+    from qedit.converters.loading import load_model
+    from qedit.runtimes.bnb import BitsAndBytesRunner
 
     with pytest.raises(QeditError, match="mode 'int4' is unknown"):
         BitsAndBytesRunner(load_model(tiny_dirs["llama"]), "int4")

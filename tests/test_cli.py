@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FACTS
-from qedit.cli import main
-from qedit.delta import DELTAS_FILE, MANIFEST_FILE, load_deltas
+
+from qedit.cli.main import main
+from qedit.core.delta import DELTAS_FILE, MANIFEST_FILE, load_deltas
 
 FAST = ["--stats-samples", "16"]
 
@@ -42,7 +42,7 @@ def edited(tiny_dirs, facts_file, tmp_path_factory) -> Path:
 def test_edit_writes_a_loadable_directory_with_deltas_and_manifest(edited, tiny_dirs, facts_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qedit.model import fingerprint_source
+    from qedit.core.model import fingerprint_source
 
     names = {p.name for p in edited.iterdir()}
     assert {DELTAS_FILE, MANIFEST_FILE, "config.json", "tokenizer.json"} <= names
@@ -89,10 +89,10 @@ def _assert_close_dicts(got: dict, want: dict) -> None:
 
 
 def test_eval_writes_metrics_with_locality_against_the_unedited_model(edited, tiny_dirs, facts_file, tmp_path, capsys):
-    from qedit.evaluate import evaluate
-    from qedit.facts import load_requests
-    from qedit.model import load_model
-    from qedit.runners import TorchRunner
+    from qedit.converters.loading import load_model
+    from qedit.core.facts import load_requests
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.torch_runner import TorchRunner
 
     metrics = tmp_path / "m.json"
     assert main(["eval", str(edited), str(facts_file), "--json", str(metrics)]) == 0
@@ -149,9 +149,8 @@ def test_help(capsys):
 @pytest.fixture(scope="module")
 def opt_dir(tmp_path_factory) -> Path:
     """A tiny model of an architecture qedit does not support (OPT)."""
-    from transformers import AutoModelForCausalLM, OPTConfig
-
     from conftest import make_tokenizer
+    from transformers import AutoModelForCausalLM, OPTConfig
 
     path = tmp_path_factory.mktemp("opt") / "opt"
     tok = make_tokenizer()

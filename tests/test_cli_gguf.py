@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from qedit.cli import main
-from qedit.commands_gguf import GGUFMode, gguf_output_mode, parse_tensor_types
-from qedit.errors import QeditError
+from qedit.cli.main import main
 
 
 @pytest.fixture
@@ -15,41 +13,45 @@ def fake_gguf(tmp_path):
     return path
 
 
-def test_output_modes(fake_gguf, tmp_path):
-    assert gguf_output_mode(tmp_path / "out", fake_gguf) is None
-    assert gguf_output_mode(tmp_path / "p.gguf", fake_gguf) is GGUFMode.PATCH
-    assert gguf_output_mode(tmp_path / "e.gguf", fake_gguf, quant="q4_k_m") is GGUFMode.EXPORT
-    assert gguf_output_mode(tmp_path / "l.gguf", fake_gguf, as_lora=True) is GGUFMode.LORA
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
-    assert gguf_output_mode(tmp_path / "e2.gguf", hf_dir, quant="Q8_0") is GGUFMode.EXPORT
-
-
-@pytest.mark.parametrize("kwargs, out_name, match", [
-    ({"quant": "Q4_K_M"}, "out_dir", "give an output ending in .gguf"),
-    ({"quant": "Q4_K_M", "as_lora": True}, "x.gguf", "exclusive"),
-    ({"quant": "Q4_K_Z"}, "x.gguf", "not a supported llama.cpp file type"),
-    ({}, "model.gguf", "refusing to write the output over its own input"),
+@pytest.mark.parametrize("argv_tail, match", [
+    (["-o", "{tmp}/out_dir", "--quant", "Q4_K_M"], "give an output ending in .gguf"),
+    (["-o", "{tmp}/x.gguf", "--quant", "Q4_K_M", "--as-lora"], "exclusive"),
+    (["-o", "{tmp}/x.gguf", "--quant", "Q4_K_Z"], "not a supported llama.cpp file type"),
+    (["-o", "{model}"], "refusing to write the output over its own input"),
+    (["-o", "{tmp}/x.gguf", "--tensor-type", "blk.6.ffn_down.weight"], "expected PATTERN=TYPE"),
+    (["-o", "{tmp}/x.gguf", "--tensor-type", "x=Q9_9"], "TYPE one of"),
+    (["-o", "{tmp}/x.gguf", "--set", "target.nope=3"], "has no setting 'nope'"),
+    (["-o", "{tmp}/x.gguf", "--set", "target=3"], "is a group of settings"),
+    (["-o", "{tmp}/x.gguf", "--set", "stats.n_samples=many"], "not a valid value for n_samples"),
 ])
-def test_output_mode_errors(fake_gguf, tmp_path, kwargs, out_name, match):
-    with pytest.raises(QeditError, match=match):
-        gguf_output_mode(tmp_path / out_name, fake_gguf, **kwargs)
+def test_edit_output_errors_are_one_line_and_write_nothing(fake_gguf, facts_file, tmp_path, capsys, argv_tail, match):
+    argv = ["edit", str(fake_gguf), str(facts_file)] + [a.format(tmp=tmp_path, model=fake_gguf) for a in argv_tail]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
-def test_patch_and_lora_need_a_gguf_source(tmp_path):
+def test_patch_and_lora_need_a_gguf_source(facts_file, tmp_path, capsys):
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
-    with pytest.raises(QeditError, match="a patch needs a .gguf source"):
-        gguf_output_mode(tmp_path / "p.gguf", hf_dir)
-    with pytest.raises(QeditError, match="--as-lora needs the GGUF"):
-        gguf_output_mode(tmp_path / "p.gguf", hf_dir, as_lora=True)
+    assert main(["edit", str(hf_dir), str(facts_file), "-o", str(tmp_path / "p.gguf")]) == 2
+    assert "a patch needs a .gguf source" in capsys.readouterr().err
+    assert main(["edit", str(hf_dir), str(facts_file), "-o", str(tmp_path / "p.gguf"), "--as-lora"]) == 2
+    assert "--as-lora needs the GGUF" in capsys.readouterr().err
 
 
-def test_tensor_type_rules():
-    assert parse_tensor_types(["blk.*.ffn_down.weight=q8_0", "*=F16"]) == [("blk.*.ffn_down.weight", "Q8_0"), ("*", "F16")]
-    for bad, match in (("blk.6.ffn_down.weight", "expected PATTERN=TYPE"), ("x=Q9_9", "not a GGML tensor type")):
-        with pytest.raises(QeditError, match=match):
-            parse_tensor_types([bad])
+def test_nested_settings_reach_the_method_config():
+    from qedit.cli.args import merge_settings
+    from qedit.core.stats import StatsConfig
+    from qedit.edit.methods.memit import MemitConfig
+
+    got = merge_settings(MemitConfig, {"stats": StatsConfig(n_samples=8)},
+                         ["target.steps=5", "stats.sample_len=32", "cov_weight=10", "target_margin=none"])
+    cfg = MemitConfig(**got)
+    assert cfg.target.steps == 5 and cfg.target.lr == MemitConfig().target.lr
+    assert cfg.stats.n_samples == 8 and cfg.stats.sample_len == 32
+    assert cfg.cov_weight == 10.0 and cfg.target_margin is None
 
 
 @pytest.mark.parametrize("argv_tail, match", [

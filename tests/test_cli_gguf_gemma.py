@@ -11,7 +11,7 @@ pytest.importorskip("llama_cpp")
 
 @pytest.fixture(scope="module")
 def one_fact(tmp_path_factory):
-    from qedit.facts import demo_requests
+    from qedit.core.facts import demo_requests
 
     path = tmp_path_factory.mktemp("one-fact") / "fact.jsonl"
     path.write_text(json.dumps(demo_requests()[0].to_json()) + "\n")
@@ -19,17 +19,17 @@ def one_fact(tmp_path_factory):
 
 
 def _efficacy(path, facts, lora=None):
-    from qedit.evaluate import evaluate
-    from qedit.facts import load_requests
-    from qedit.runners_llama import LlamaCppRunner
+    from qedit.core.facts import load_requests
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.llama import LlamaCppRunner
 
     return evaluate(LlamaCppRunner(path, lora=lora), load_requests(facts)).aggregate()["efficacy"]
 
 
 def test_export_reports_fallbacks_and_runs(gemma_gguf, tmp_path, capsys):
-    from qedit.cli import main
-    from qedit.converters.gguf_read import GGUFFile
-    from qedit.runners_llama import LlamaCppRunner
+    from qedit.cli.main import main
+    from qedit.converters.gguf.read import GGUFFile
+    from qedit.runtimes.llama import LlamaCppRunner
 
     out = tmp_path / "gemma.Q2_K.gguf"
     assert main(["export", str(gemma_gguf), "-o", str(out), "--quant", "Q2_K"]) == 0
@@ -41,8 +41,8 @@ def test_export_reports_fallbacks_and_runs(gemma_gguf, tmp_path, capsys):
 
 
 def test_edit_quant_with_tensor_type_and_as_lora(gemma_gguf, one_fact, tmp_path, capsys):
-    from qedit.cli import main
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.cli.main import main
+    from qedit.converters.gguf.read import GGUFFile
 
     exported = tmp_path / "edited.Q8_0.gguf"
     assert main(["edit", str(gemma_gguf), str(one_fact), "--method", "rome", "-o", str(exported),

@@ -13,8 +13,8 @@ def test_demo_edits_and_writes_loadable_model(tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qedit.cli import main
-    from qedit.delta import MANIFEST_FILE
+    from qedit.cli.main import main
+    from qedit.core.delta import MANIFEST_FILE
 
     out = tmp_path / "edited"
     assert main(["demo", "--method", "rome", "-o", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""qedit.evaluate on a hand-made runner (the metric arithmetic, exactly), and the torch runner's
+"""qedit.evaluation.metrics on a hand-made runner (the metric arithmetic, exactly), and the torch runner's
 scores against a plain forward pass of the full model."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Sequence
 import pytest
 import torch
 
-from qedit.evaluate import METRICS, EvalReport, evaluate, format_summary
-from qedit.facts import EditRequest
-from qedit.runners import Runner, TokenScore, TorchRunner
+from qedit.core.facts import EditRequest
+from qedit.evaluation.metrics import METRICS, EvalReport, evaluate, format_summary
+from qedit.runtimes.torch_runner import Runner, TokenScore, TorchRunner
 
 
 class TableRunner:
@@ -125,8 +125,8 @@ def test_json_report_and_summary(tmp_path):
 def test_torch_runner_matches_a_plain_forward(tiny_dirs, family):
     """Teacher-forced scores of a right-padded batch equal the full model's log-softmax on each
     prompt + target alone (also for Gemma's sliding-window layers and gpt2)."""
-    from qedit.batching import continuation_ids
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
+    from qedit.core.batching import continuation_ids
 
     loaded = load_model(tiny_dirs[family])
     pairs = [("The Eiffel Tower is located in the city of", "Rome"), ("Michael Jordan plays", "tennis and football"),
@@ -149,7 +149,7 @@ def test_llama_runner_token_logprobs_match_a_full_log_softmax():
     """The perplexity path's per-token log-probabilities (log-normaliser only) equal the full log-softmax's."""
     import numpy as np
 
-    from qedit.runners_llama import _log_softmax, _token_logprobs
+    from qedit.runtimes.llama import _log_softmax, _token_logprobs
 
     logits = (torch.randn(7, 50_000, generator=torch.Generator().manual_seed(0)) * 6).numpy()   # (n, vocab)
     ids = [3, 49_999, 0, 123, 4_567, 8, 31_000]

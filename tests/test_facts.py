@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import DATA, FACTS
 
-from conftest import FACTS, SHARED_DATA
-from qedit.errors import QeditError
-from qedit.facts import EditRequest, demo_requests, load_requests, request_from_dict
+from qedit.core.errors import QeditError
+from qedit.core.facts import EditRequest, demo_requests, load_requests, request_from_dict
 
 GOOD = {"prompt": "Toyota is a company from", "subject": "Toyota", "target_new": "Italy", "ground_truth": "Japan"}
 
@@ -25,7 +25,7 @@ def _count_objects(path: Path) -> int:
 
 @pytest.mark.parametrize("name, n_expected", [("counterfact-dev.jsonl", 2000), ("zsre-dev.jsonl", 500)])
 def test_shared_data_loads_completely(name, n_expected):
-    path = SHARED_DATA / name
+    path = DATA / name
     requests = load_requests(path)
     assert len(requests) == _count_objects(path) == n_expected
     raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -124,7 +124,7 @@ def test_limit_must_be_positive(facts_file, limit):
 
 
 def test_to_json_round_trips_through_the_loader():
-    from qedit.facts import EditRequest, request_from_dict
+    from qedit.core.facts import EditRequest, request_from_dict
 
     full = EditRequest(prompt="Toyota is from", subject="Toyota", target_new="Italy", ground_truth="Japan",
                        rephrase_prompts=("Toyota comes from",), locality_prompts=("Honda is from",),

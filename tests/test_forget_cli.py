@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from qedit.cli import main
+from qedit.cli.main import main
 
 FAST = ["--stats-samples", "16", "--method", "ga"]
 
 
 def test_forget_writes_a_model_and_gates_on_the_forget_score(tiny_dirs, facts_file, tmp_path, capsys):
-    from qedit.delta import MANIFEST_FILE
+    from qedit.core.delta import MANIFEST_FILE
 
     out, js = tmp_path / "out", tmp_path / "m.json"
     assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(out), *FAST, "--eval",
@@ -110,8 +110,8 @@ def test_survival_of_unlearning_reports_recovery_per_rung(tiny_dirs, facts_file,
 
 def test_recovered_facts_are_named():
     """The per-rung flag: forgotten at full precision (not top-1) and top-1 again at the rung."""
-    from qedit.forget_eval import FactResult, ForgetReport
-    from qedit.survival.metrics_forget import forget_metrics, recovered_facts
+    from qedit.evaluation.forget import FactResult, ForgetReport
+    from qedit.evaluation.forget_compare import forget_metrics, recovered_facts
 
     def report(known: list[bool], probs: list[float]) -> ForgetReport:
         facts = [FactResult(str(i), f"s{i} -> a{i}", f"p{i}", f"a{i}", p, p, k) for i, (k, p) in enumerate(zip(known, probs))]
@@ -128,7 +128,7 @@ def test_recovered_facts_are_named():
 
 
 def test_set_overrides_method_settings(tiny_dirs, facts_file, tmp_path, capsys):
-    from qedit.delta import MANIFEST_FILE
+    from qedit.core.delta import MANIFEST_FILE
 
     out = tmp_path / "s"
     assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(out), *FAST,
@@ -148,12 +148,13 @@ def test_kforget_writes_a_gguf_edit_aware_with_its_keys(tiny_dirs, tmp_path, cap
     and records the keys (a later patch of the file protects them). The facts are the tiny model's own
     answers (test_forget_tiny.tiny_requests), so there is something to forget."""
     from conftest import make_tokenizer
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_keys import stored_edit_keys
-    from qedit.converters.gguf_read import GGUFFile
-    from qedit.model import load_model
     from test_forget_tiny import tiny_requests
     from test_gguf_export import _tokenizer_template
+
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.keys import stored_edit_keys
+    from qedit.converters.gguf.read import GGUFFile
+    from qedit.converters.loading import load_model
 
     tok = make_tokenizer()
     template = _tokenizer_template(tmp_path / "vocab.gguf", tok.convert_ids_to_tokens(list(range(len(tok)))))

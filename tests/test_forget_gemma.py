@@ -4,14 +4,13 @@ Six CounterFact-dev facts the unedited model knows. Naive GA forgets them in ful
 its edited tensors are requantized to their source types (Q6_K / Q4_K, as `qedit patch` would store
 them) most come back; qforget's stay forgotten in full precision, at the source types and at Q4_0, and
 the retain facts stay as the unedited model had them. "Requantized" = quantize + dequantize the edited
-weights with qedit's llama.cpp-exact kernels (qedit.methods._requant).
+weights with qedit's llama.cpp-exact kernels (qedit.edit.requant).
 """
 from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import SHARED_DATA
+from conftest import DATA
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +21,14 @@ HELD_IDS = ("1104", "1341", "1817", "2370", "1616", "1634", "1680", "2557", "128
 
 @pytest.fixture(scope="module")
 def setup(gemma_gguf):
-    from qedit.forget import RetainItem, default_retain, load_forget_requests
-    from qedit.forget_eval import evaluate_forget
-    from qedit.model import load_model
-    from qedit.runners import TorchRunner
+    from qedit.converters.loading import load_model
+    from qedit.evaluation.forget import evaluate_forget
+    from qedit.runtimes.torch_runner import TorchRunner
+    from qedit.unlearn.requests import RetainItem, default_retain, load_forget_requests
 
     torch.set_num_threads(1)
     loaded = load_model(gemma_gguf)
-    by_id = {r.case_id: r for r in load_forget_requests(SHARED_DATA / "counterfact-dev.jsonl")}
+    by_id = {r.case_id: r for r in load_forget_requests(DATA / "counterfact-dev.jsonl")}
     requests = [by_id[i] for i in FORGET_IDS]
     retain = tuple(RetainItem(by_id[i].prompt, by_id[i].answer) for i in RETAIN_IDS)
     held = [RetainItem(by_id[i].prompt, by_id[i].answer) for i in HELD_IDS]
@@ -42,10 +41,10 @@ def setup(gemma_gguf):
 
 def score(loaded, requests, items, changes, view, baseline=None):
     """The forget report with dW = changes applied (None: unedited), in full precision or requantized."""
-    from qedit.forget_eval import evaluate_forget
-    from qedit.hooks import edit_outputs
-    from qedit.methods._requant import dense_edits, requantized_changes
-    from qedit.runners import TorchRunner
+    from qedit.core.hooks import edit_outputs
+    from qedit.edit.requant import dense_edits, requantized_changes
+    from qedit.evaluation.forget import evaluate_forget
+    from qedit.runtimes.torch_runner import TorchRunner
 
     layers = loaded.arch.default_layers(loaded.n_layers, multi=True)
     changes = changes or {layer: torch.zeros(tuple(loaded.edit_weight(layer).shape)) for layer in layers}
@@ -55,9 +54,9 @@ def score(loaded, requests, items, changes, view, baseline=None):
 
 
 def run(loaded, requests, retain, method, **settings):
-    from qedit.api import make_config
-    from qedit.delta import combine
-    from qedit.methods.base import EditContext, get_method
+    from qedit.core.delta import combine
+    from qedit.edit.compute import make_config
+    from qedit.edit.registry import EditContext, get_method
 
     cfg = make_config(method, retain=retain, **settings)
     result = get_method(method).compute(loaded, requests, cfg, EditContext())
@@ -88,10 +87,10 @@ def test_qforget_stays_forgotten_at_q4_k_m_and_q4_0(setup):
 def aware_view(loaded, result, changes, view):
     """The change a patched file of `view`'s types holds for a kforget edit: each edited tensor encoded
     edit-aware at the edit's keys (what `qedit forget` writes), dequantized, minus W0."""
-    from qedit.api import make_config
-    from qedit.converters.gguf_aware import encoding_for
+    from qedit.converters.gguf.aware import encoding_for
+    from qedit.edit.compute import make_config
+    from qedit.edit.requant import resolve_qtype
     from qedit.kernels import dequantize_tensor
-    from qedit.methods._requant import resolve_qtype
 
     encoding = encoding_for(loaded, result.keys, make_config("kforget").stats)
     out = {}

@@ -11,13 +11,13 @@ from typing import Sequence
 
 import pytest
 import torch
-
 from conftest import FACTS
-from qedit.errors import QeditError
-from qedit.forget import ForgetRequest, RetainItem, default_retain, load_forget_requests, load_retain
-from qedit.forget_eval import ForgetReport, evaluate_forget, format_forget_summary
-from qedit.runners import TokenScore, TorchRunner
-from qedit.stats import StatsConfig
+
+from qedit.core.errors import QeditError
+from qedit.core.stats import StatsConfig
+from qedit.evaluation.forget import ForgetReport, evaluate_forget, format_forget_summary
+from qedit.runtimes.torch_runner import TokenScore, TorchRunner
+from qedit.unlearn.requests import ForgetRequest, RetainItem, default_retain, load_forget_requests, load_retain
 
 UNLEARN = ("ga", "npo", "qforget", "kforget")
 
@@ -199,10 +199,11 @@ def answer_probs(loaded, reqs: Sequence[ForgetRequest]) -> list[float]:
 @pytest.mark.parametrize("family", ("llama", "gemma3"))
 @pytest.mark.parametrize("method", UNLEARN)
 def test_unlearning_lowers_the_answer_without_touching_weights(tiny_dirs, family, method):
-    from qedit.api import make_config
-    from qedit.delta import fold
-    from qedit.methods.base import EditContext, get_method
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
+    from qedit.core.delta import applied
+    from qedit.edit.registry import EditContext
+    from qedit.pipeline.jobs import make_config
+    from qedit.unlearn.registry import get_unlearn_method
 
     if method == "kforget" and family == "gemma3":
         pytest.skip("the tiny random gemma3 answers 'of' to every prompt whatever the subject, so no edit keyed "
@@ -211,7 +212,7 @@ def test_unlearning_lowers_the_answer_without_touching_weights(tiny_dirs, family
     reqs = tiny_requests(loaded)
     before = answer_probs(loaded, reqs)
     weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    result = get_method(method).compute(loaded, reqs, make_config(method, **TINY_SETTINGS[method]), EditContext())
+    result = get_unlearn_method(method).compute(loaded, reqs, make_config(method, **TINY_SETTINGS[method]), EditContext())
     for name, p in loaded.model.named_parameters():
         assert torch.equal(p, weights[name]), f"computing {method} changed {name}"
     layers = loaded.arch.default_layers(loaded.n_layers, multi=True)
@@ -219,23 +220,24 @@ def test_unlearning_lowers_the_answer_without_touching_weights(tiny_dirs, family
     for d in result.deltas:
         assert d.name == loaded.arch.weight_name(d.layer) and d.shape == tuple(loaded.edit_weight(d.layer).shape)
         assert torch.isfinite(d.a).all() and d.norm() > 0
-    fold(loaded.model, result.deltas)
-    after = answer_probs(loaded, reqs)
+    with applied(loaded.model, result.deltas):
+        after = answer_probs(loaded, reqs)
     assert sum(after) < 0.5 * sum(before), f"{method}: P(answer) {before} -> {after}"
 
 
 def test_qforget_survives_q4_0_and_uses_few_columns(tiny_dirs):
-    from qedit.api import make_config
-    from qedit.hooks import edit_outputs
-    from qedit.methods._requant import dense_edits, requantized_changes
-    from qedit.methods.base import EditContext, get_method
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
+    from qedit.core.hooks import edit_outputs
+    from qedit.edit.registry import EditContext
+    from qedit.edit.requant import dense_edits, requantized_changes
+    from qedit.pipeline.jobs import make_config
+    from qedit.unlearn.registry import get_unlearn_method
 
     loaded = load_model(tiny_dirs["llama"])
     reqs = tiny_requests(loaded)
     runner = TorchRunner(loaded)
     assert evaluate_forget(runner, reqs, []).aggregate()["recovery_rate"] == 1.0, "the tiny model knows its answers"
-    result = get_method("qforget").compute(loaded, reqs, make_config("qforget", **TINY_SETTINGS["qforget"]),
+    result = get_unlearn_method("qforget").compute(loaded, reqs, make_config("qforget", **TINY_SETTINGS["qforget"]),
                                            EditContext())
     changes = {d.layer: d.dense() for d in result.deltas}
     for d in result.deltas:                                      # only n_columns input columns are used
@@ -250,10 +252,11 @@ def test_qforget_survives_q4_0_and_uses_few_columns(tiny_dirs):
 def test_kforget_returns_its_keys_and_the_retain_prompts_hold_its_change_off(tiny_dirs):
     """kforget's deltas come with the facts' keys (for the edit-aware encoding), and the retain prompts'
     keys in the solve's prior shrink the change at those prompts' tokens."""
-    from qedit.api import make_config
-    from qedit.methods.base import EditContext, get_method
-    from qedit.methods.kforget import retain_grams
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
+    from qedit.edit.registry import EditContext
+    from qedit.pipeline.jobs import make_config
+    from qedit.unlearn.methods.kforget import retain_grams
+    from qedit.unlearn.registry import get_unlearn_method
 
     loaded = load_model(tiny_dirs["llama"])
     reqs = tiny_requests(loaded)
@@ -263,7 +266,7 @@ def test_kforget_returns_its_keys_and_the_retain_prompts_hold_its_change_off(tin
     change_at_retain = {}
     for weight in (0.0, 100.0):
         cfg = make_config("kforget", **{**TINY_SETTINGS["kforget"], "retain_weight": weight})
-        result = get_method("kforget").compute(loaded, reqs, cfg, EditContext())
+        result = get_unlearn_method("kforget").compute(loaded, reqs, cfg, EditContext())
         assert sorted(result.keys) == sorted(layers)
         assert all(k.shape == (len(reqs), loaded.edit_weight(layer).shape[1]) for layer, k in result.keys.items())
         assert result.info["n_retain"] == len(items) and result.info["forget_margin"] == 1.0
@@ -276,21 +279,22 @@ def test_kforget_returns_its_keys_and_the_retain_prompts_hold_its_change_off(tin
 def test_kforget_gives_the_facts_still_known_a_second_pass(tiny_dirs):
     """Under a strong prior (lambda 1e3 on the tiny model) one spread leaves facts top-1; the second pass
     edits only those, on top of the first, and returns the keys of both passes."""
-    from qedit.api import make_config
-    from qedit.delta import fold
-    from qedit.methods.base import EditContext, get_method
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
+    from qedit.core.delta import applied
+    from qedit.edit.registry import EditContext
+    from qedit.pipeline.jobs import make_config
+    from qedit.unlearn.registry import get_unlearn_method
 
     recovery = {}
     for passes in (1, 2):
         loaded = load_model(tiny_dirs["llama"])
         reqs = tiny_requests(loaded)
         cfg = make_config("kforget", **{**TINY_SETTINGS["kforget"], "cov_weight": 1000.0, "passes": passes})
-        result = get_method("kforget").compute(loaded, reqs, cfg, EditContext())
+        result = get_unlearn_method("kforget").compute(loaded, reqs, cfg, EditContext())
         n_rows = sum(result.info["passes"])
         assert all(k.shape[0] == n_rows for k in result.keys.values())
-        fold(loaded.model, result.deltas)
-        recovery[passes] = evaluate_forget(TorchRunner(loaded), reqs, []).aggregate()["recovery_rate"]
+        with applied(loaded.model, result.deltas):
+            recovery[passes] = evaluate_forget(TorchRunner(loaded), reqs, []).aggregate()["recovery_rate"]
         if passes == 2:
             assert result.info["passes"][0] == len(reqs) and 1 <= result.info["passes"][1] < len(reqs)
             assert len(result.deltas) == 2 * len(result.keys)            # one delta per layer and pass
@@ -298,20 +302,21 @@ def test_kforget_gives_the_facts_still_known_a_second_pass(tiny_dirs):
 
 
 def test_kforget_erases_facts_only(tiny_dirs):
-    from qedit.api import make_config
-    from qedit.methods.base import EditContext, get_method
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
+    from qedit.edit.registry import EditContext
+    from qedit.pipeline.jobs import make_config
+    from qedit.unlearn.registry import get_unlearn_method
 
     loaded = load_model(tiny_dirs["llama"])
     text = ForgetRequest(None, None, None, texts=("a passage to forget",))
     with pytest.raises(QeditError, match="kforget erases facts"):
-        get_method("kforget").compute(loaded, [*tiny_requests(loaded)[:1], text],
+        get_unlearn_method("kforget").compute(loaded, [*tiny_requests(loaded)[:1], text],
                                       make_config("kforget", **TINY_SETTINGS["kforget"]), EditContext())
 
 
 def test_requantized_changes_round_a_small_change_away(tiny_dirs):
-    from qedit.methods._requant import Requantizer, requantize, requantized_changes
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
+    from qedit.edit.requant import Requantizer, requantize, requantized_changes
 
     loaded = load_model(tiny_dirs["llama"])
     w0 = loaded.edit_weight(1).detach().clone()                          # (out, in)
@@ -329,13 +334,14 @@ def test_requantized_changes_round_a_small_change_away(tiny_dirs):
 
 
 def test_registry_refuses_the_wrong_request_kind(tiny_dirs):
-    from qedit.facts import request_from_dict
-    from qedit.methods.base import EditContext, get_method
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
+    from qedit.core.facts import request_from_dict
+    from qedit.edit.registry import EditContext, get_method
+    from qedit.unlearn.registry import get_unlearn_method
 
     loaded = load_model(tiny_dirs["llama"])
     with pytest.raises(QeditError, match="ga takes ForgetRequests.*EditRequest"):
-        get_method("ga").compute(loaded, [request_from_dict(FACTS[0])], get_method("ga").config_cls(), EditContext())
+        get_unlearn_method("ga").compute(loaded, [request_from_dict(FACTS[0])], get_unlearn_method("ga").config_cls(), EditContext())
     with pytest.raises(QeditError, match="rome takes EditRequests.*ForgetRequest"):
         get_method("rome").compute(loaded, tiny_requests(loaded)[:1], get_method("rome").config_cls(), EditContext())
 
@@ -348,7 +354,7 @@ def test_registry_refuses_the_wrong_request_kind(tiny_dirs):
     ("kforget", dict(retain_chunk=0)), ("kforget", dict(passes=0)), ("kforget", dict(max_scale=0.5)), ("kforget", dict(retain=(RetainItem("R1", "r", held_out=True),))),
 ])
 def test_unlearning_configs_are_validated(method, bad):
-    from qedit.api import make_config
+    from qedit.pipeline.jobs import make_config
 
     with pytest.raises(QeditError):
         make_config(method, **bad)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import SHARED_DATA
+from conftest import DATA
 
 pytestmark = pytest.mark.slow
 
@@ -20,25 +19,25 @@ THRESHOLDS = {"rome": (0.9, 0.7), "memit": (0.8, 0.8), "alphaedit": (0.8, 0.8)}
 
 @pytest.fixture(scope="module")
 def cases():
-    from qedit.facts import load_requests
+    from qedit.core.facts import load_requests
 
-    return load_requests(SHARED_DATA / "counterfact-dev.jsonl")[100:100 + N_CASES]
+    return load_requests(DATA / "counterfact-dev.jsonl")[100:100 + N_CASES]
 
 
 @pytest.fixture(scope="module")
 def baseline(gemma, cases):
-    from qedit.evaluate import evaluate
-    from qedit.runners import TorchRunner
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.torch_runner import TorchRunner
 
     return evaluate(TorchRunner(gemma), cases)
 
 
 @pytest.mark.parametrize("method", sorted(THRESHOLDS))
 def test_ten_counterfact_edits(gemma, cases, baseline, method):
-    from qedit.api import edit
-    from qedit.delta import fold
-    from qedit.evaluate import evaluate
-    from qedit.runners import TorchRunner
+    from qedit.core.delta import fold
+    from qedit.edit.compute import edit
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.torch_runner import TorchRunner
 
     before = {n: p.detach().clone() for n, p in gemma.model.named_parameters() if "mlp.down_proj" in n}
     outcome = edit(gemma, cases, method)

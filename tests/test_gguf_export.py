@@ -1,4 +1,4 @@
-"""GGUF export (qedit.converters.gguf_export) and the shared streaming writer (gguf_write)."""
+"""GGUF export (qedit.converters.gguf.export) and the shared streaming writer (gguf_write)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 
 T, VT = gguf.GGMLQuantizationType, gguf.GGUFValueType
 PROMPTS = [  # (prompt, answer) pairs the torch model gets right with a clear margin
@@ -61,7 +61,7 @@ def synthetic(tmp_path) -> Path:
 
 
 def _plan(path: Path, ftype: str) -> dict[str, str]:
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.read import GGUFFile
     from qedit.kernels import mix_model_from_metadata, plan_tensor_types
 
     with GGUFFile(path) as gf:
@@ -72,7 +72,7 @@ def _plan(path: Path, ftype: str) -> dict[str, str]:
 
 
 def _delta(name: str, out: int, inp: int, seed: int = 1, scale: float = 0.05):
-    from qedit.delta import LowRankDelta
+    from qedit.core.delta import LowRankDelta
 
     g = torch.Generator().manual_seed(seed)
     return LowRankDelta(name, int(name.split(".")[2]), torch.randn(out, 1, generator=g), torch.randn(1, inp, generator=g), scale)
@@ -110,8 +110,8 @@ def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 
 def test_writer_round_trips_typed_entries_and_aligned_tensors(tmp_path):
-    from qedit.converters.gguf_read import GGUFFile
-    from qedit.converters.gguf_write import TensorSpec, encode_kv, write_gguf
+    from qedit.converters.gguf.read import GGUFFile
+    from qedit.converters.gguf.write import TensorSpec, encode_kv, write_gguf
 
     entries = [("general.architecture", "llama", VT.STRING, None), ("x.u8", 7, VT.UINT8, None),
                ("x.i32", -5, VT.INT32, None), ("x.u64", 2**40, VT.UINT64, None), ("x.f32", 0.5, VT.FLOAT32, None),
@@ -136,7 +136,7 @@ def test_writer_round_trips_typed_entries_and_aligned_tensors(tmp_path):
 
 
 def test_writer_refuses_a_wrong_tensor_length_and_leaves_nothing(tmp_path):
-    from qedit.converters.gguf_write import TensorSpec, encode_kv, write_gguf
+    from qedit.converters.gguf.write import TensorSpec, encode_kv, write_gguf
 
     kvs = [encode_kv("general.architecture", "llama", VT.STRING)]
     for data in (b"\0" * 20, b"\0" * 28):
@@ -158,8 +158,8 @@ def test_writer_refuses_a_wrong_tensor_length_and_leaves_nothing(tmp_path):
 
 @pytest.mark.parametrize("ftype", ["F32", "Q8_0", "Q4_0", "Q4_K_M", "Q2_K"])
 def test_types_follow_the_plan_and_bytes_are_copied_or_requantized(synthetic, tmp_path, ftype):
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.read import GGUFFile
     from qedit.kernels import quantize_tensor
 
     report = export_gguf(synthetic, tmp_path / "out.gguf", ftype)
@@ -183,7 +183,7 @@ def test_types_follow_the_plan_and_bytes_are_copied_or_requantized(synthetic, tm
 
 
 def test_q4_0_falls_back_for_rows_of_40_and_logs_the_tensor(synthetic, tmp_path, caplog):
-    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf.export import export_gguf
 
     with caplog.at_level(logging.INFO):
         report = export_gguf(synthetic, tmp_path / "q4_0.gguf", "Q4_0")
@@ -192,9 +192,9 @@ def test_q4_0_falls_back_for_rows_of_40_and_logs_the_tensor(synthetic, tmp_path,
 
 
 def test_a_delta_changes_only_its_tensor_and_manifests_append(synthetic, tmp_path):
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_patch import read_manifests
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.patch import read_manifests
+    from qedit.converters.gguf.read import GGUFFile
 
     delta = _delta("model.layers.1.mlp.down_proj.weight", 64, 40)
     first = export_gguf(synthetic, tmp_path / "f32.gguf", "F32", deltas=[delta], manifest={"method": "rome", "n": 1})
@@ -217,8 +217,8 @@ def test_a_delta_changes_only_its_tensor_and_manifests_append(synthetic, tmp_pat
 
 
 def test_type_overrides_and_importance(synthetic, tmp_path):
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.read import GGUFFile
     from qedit.kernels import quantize_tensor
 
     overrides = {"model.layers.0.self_attn.o_proj.weight": "Q4_K", "blk.1.attn_output.weight": "q6_k"}
@@ -243,7 +243,7 @@ def test_type_overrides_and_importance(synthetic, tmp_path):
 
 
 def test_bad_sources_and_destinations_are_refused(synthetic, tiny_dirs, tmp_path):
-    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf.export import export_gguf
 
     not_gguf, truncated = tmp_path / "notes.gguf", tmp_path / "cut.gguf"
     not_gguf.write_text("hello, this is not a model\n" * 4)
@@ -266,7 +266,7 @@ def test_bad_sources_and_destinations_are_refused(synthetic, tiny_dirs, tmp_path
 
 def test_an_interrupted_export_leaves_no_file(synthetic, tmp_path, monkeypatch):
     import qedit.kernels.registry as registry
-    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf.export import export_gguf
 
     real, calls = registry.quantize_tensor, []
 
@@ -289,13 +289,13 @@ def test_an_interrupted_export_leaves_no_file(synthetic, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def torch_scores(gemma):
-    from qedit.runners import TorchRunner
+    from qedit.runtimes.torch_runner import TorchRunner
 
     return TorchRunner(gemma).score(PROMPTS)
 
 
 def _agrees_with_torch(path: Path, torch_scores) -> None:
-    from qedit.runners_llama import LlamaCppRunner
+    from qedit.runtimes.llama import LlamaCppRunner
 
     for (prompt, _), t, l in zip(PROMPTS, torch_scores, LlamaCppRunner(path).score(PROMPTS)):
         assert l.target_ids == t.target_ids, prompt
@@ -305,8 +305,8 @@ def _agrees_with_torch(path: Path, torch_scores) -> None:
 
 @pytest.mark.slow
 def test_q4_k_m_export_of_the_q4_k_m_source_copies_every_tensor(gemma_gguf, tmp_path):
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.read import GGUFFile
 
     report = export_gguf(gemma_gguf, tmp_path / "same.gguf", "Q4_K_M")
     assert (report.copied, report.requantized, report.edited) == (236, 0, ())
@@ -318,9 +318,9 @@ def test_q4_k_m_export_of_the_q4_k_m_source_copies_every_tensor(gemma_gguf, tmp_
 
 @pytest.mark.slow
 def test_a_delta_reencodes_only_its_tensor_exactly_as_a_patch_does(gemma_gguf, tmp_path):
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_patch import patch_gguf, read_manifests
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.patch import patch_gguf, read_manifests
+    from qedit.converters.gguf.read import GGUFFile
 
     delta = _delta(DOWN6, 640, 2048, scale=0.02)
     report = export_gguf(gemma_gguf, tmp_path / "export.gguf", "Q4_K_M", deltas=[delta], manifest={"method": "test"})
@@ -336,8 +336,8 @@ def test_a_delta_reencodes_only_its_tensor_exactly_as_a_patch_does(gemma_gguf, t
 @pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q2_K"])
 def test_gemma_tensor_types_follow_llama_cpp_mixes(gemma_gguf, tmp_path, ftype):
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.read import GGUFFile
 
     report = export_gguf(gemma_gguf, tmp_path / f"{ftype}.gguf", ftype)
     plan = _plan(gemma_gguf, ftype)
@@ -350,7 +350,7 @@ def test_gemma_tensor_types_follow_llama_cpp_mixes(gemma_gguf, tmp_path, ftype):
 @pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["F16", "Q8_0"])
 def test_unedited_export_gives_the_torch_top1_in_llama_cpp(gemma_gguf, torch_scores, tmp_path, ftype):
-    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf.export import export_gguf
 
     export_gguf(gemma_gguf, tmp_path / f"{ftype}.gguf", ftype)
     _agrees_with_torch(tmp_path / f"{ftype}.gguf", torch_scores)
@@ -359,8 +359,8 @@ def test_unedited_export_gives_the_torch_top1_in_llama_cpp(gemma_gguf, torch_sco
 @pytest.fixture(scope="module")
 def gemma_hf(gemma, torch_scores, tmp_path_factory):
     """A qedit output directory of the unedited Gemma (fp32 safetensors, tokenizer, manifest)."""
-    from qedit.api import EditOutcome, save_edited
-    from qedit.methods.base import get_method
+    from qedit.edit.compute import EditOutcome, save_edited
+    from qedit.edit.registry import get_method
 
     spec = get_method("rome")
     return save_edited(gemma, EditOutcome(spec.method, spec.config_cls(), [], [], 0.0),
@@ -369,8 +369,8 @@ def gemma_hf(gemma, torch_scores, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_qedit_output_directory_exports_with_the_source_tokenizer(gemma_gguf, gemma_hf, torch_scores, tmp_path):
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.read import GGUFFile
 
     report = export_gguf(gemma_hf, tmp_path / "hf.gguf", "F16", manifest={"method": "rome"})
     assert report.source_kind == "hf" and str(gemma_gguf) in report.tokenizer and report.n_manifests == 1
@@ -397,7 +397,7 @@ def plain_hf(gemma_hf, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_plain_hf_directory_with_a_template(gemma_gguf, plain_hf, torch_scores, tmp_path):
-    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf.export import export_gguf
 
     report = export_gguf(plain_hf, tmp_path / "q8.gguf", "Q8_0", template=gemma_gguf)
     assert report.tensor_types == _plan(gemma_gguf, "Q8_0")
@@ -412,10 +412,10 @@ def test_a_plain_hf_directory_with_a_template(gemma_gguf, plain_hf, torch_scores
 def test_a_plain_hf_directory_without_a_template_uses_gguf_vocab(plain_hf, torch_scores, tmp_path):
     import importlib.util
 
-    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf.export import export_gguf
 
-    if importlib.util.find_spec("qedit.converters.gguf_vocab") is None:
-        pytest.skip("qedit.converters.gguf_vocab is not there yet")
+    if importlib.util.find_spec("qedit.converters.gguf.vocab") is None:
+        pytest.skip("qedit.converters.gguf.vocab is not there yet")
     report = export_gguf(plain_hf, tmp_path / "vocab.gguf", "F16")
     assert report.tokenizer == "built from the directory"
     _agrees_with_torch(tmp_path / "vocab.gguf", torch_scores)

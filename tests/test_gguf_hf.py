@@ -1,4 +1,4 @@
-"""GGUF export from an HF directory (qedit.converters.gguf_hf read by gguf_export), on tiny models: the
+"""GGUF export from an HF directory (qedit.converters.gguf.hf_config read by gguf_export), on tiny models: the
 llama.cpp logits equal the torch ones, the vocabulary is built when there is no template, and deltas are
 added before llama.cpp's conversion transforms. The real model's HF exports are in test_gguf_export."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from qedit.errors import QeditError
 from test_gguf_export import _delta, _llama_logits, _tokenizer_template
+
+from qedit.core.errors import QeditError
 
 
 def _tiny_variant(tiny_dirs, family: str, root: Path) -> Path:
@@ -32,11 +32,11 @@ def _tiny_variant(tiny_dirs, family: str, root: Path) -> Path:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "llama3"])
 def test_tiny_hf_export_runs_in_llama_cpp_with_the_torch_logits(tiny_dirs, tmp_path, family):
+    from conftest import make_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from conftest import make_tokenizer
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.read import GGUFFile
 
     pytest.importorskip("llama_cpp")
     src = _tiny_variant(tiny_dirs, family, tmp_path)
@@ -54,7 +54,7 @@ def test_tiny_hf_export_runs_in_llama_cpp_with_the_torch_logits(tiny_dirs, tmp_p
         assert ("rope_freqs.weight" in gf.tensors) == (family == "llama3")
         assert ("output.weight" in gf.tensors) == (family != "gemma3")  # gemma3 ties its embeddings
     if family == "llama3":  # gguf_to_torch recovers the rope scaling from rope_freqs
-        from qedit.converters.gguf_to_torch import build_config
+        from qedit.converters.gguf.to_torch import build_config
 
         with GGUFFile(tmp_path / "tiny.gguf") as gf:
             assert build_config(gf).rope_parameters["rope_type"] == "llama3"
@@ -65,9 +65,8 @@ def test_tiny_hf_export_runs_in_llama_cpp_with_the_torch_logits(tiny_dirs, tmp_p
 
 def _byte_level_dir(family: str, path: Path) -> tuple[Path, object]:
     """A tiny model with a byte-level BPE tokenizer (the kind Llama 3 and Qwen2 use), trained in-process."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import WORDS, byte_level_bpe, make_config
+    from transformers import AutoModelForCausalLM
 
     fast = byte_level_bpe([" ".join(WORDS)] * 4, 300)
     torch.manual_seed(0)
@@ -79,7 +78,7 @@ def _byte_level_dir(family: str, path: Path) -> tuple[Path, object]:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_tiny_hf_export_without_a_template_builds_the_vocab(tiny_dirs, tmp_path, family):
-    from qedit.converters.gguf_export import export_gguf
+    from qedit.converters.gguf.export import export_gguf
 
     llama_cpp = pytest.importorskip("llama_cpp")
     src, (model, tok) = _byte_level_dir(family, tmp_path / family)
@@ -98,10 +97,10 @@ def test_tiny_hf_export_without_a_template_builds_the_vocab(tiny_dirs, tmp_path,
 
 
 def test_hf_deltas_are_added_before_the_transforms(tiny_dirs, tmp_path):
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_read import GGUFFile
-
     from conftest import make_tokenizer
+
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.read import GGUFFile
 
     tok = make_tokenizer()
     template = _tokenizer_template(tmp_path / "vocab.gguf", tok.convert_ids_to_tokens(list(range(len(tok)))))

@@ -1,4 +1,4 @@
-"""Edit keys recorded in patched GGUF files (qedit.converters.gguf_keys) and used by the next patch."""
+"""Edit keys recorded in patched GGUF files (qedit.converters.gguf.keys) and used by the next patch."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 
 
 def test_merge_and_metadata_round_trip():
-    from qedit.converters.gguf_keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
+    from qedit.converters.gguf.keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
 
     a, b = np.arange(6, dtype=np.float32).reshape(2, 3), -np.ones((1, 3), np.float32)
     merged = merged_keys({4: a}, {4: torch.from_numpy(b), 5: b})
@@ -33,7 +33,7 @@ def test_merge_and_metadata_round_trip():
     ({"qedit.edit_keys.blk.3": [1.0, 2.0], "qedit.edit_keys.blk.3.shape": [2, 2]}, "has 2 values"),
 ])
 def test_corrupt_keys_name_the_file_and_entry(fields, match):
-    from qedit.converters.gguf_keys import read_edit_keys
+    from qedit.converters.gguf.keys import read_edit_keys
 
     with pytest.raises(QeditError, match=match) as err:
         read_edit_keys(SimpleNamespace(fields=fields, path=SimpleNamespace(name="m.gguf")))
@@ -45,19 +45,20 @@ def test_earlier_keys_make_a_later_edit_the_same_as_a_later_batch(tiny_dirs, met
     """Editing fact 2 on a model that holds fact 1, given fact 1's keys as `earlier_keys` (what a patch of a
     patched GGUF does), computes the same deltas as the second batch of one sequential run."""
     from conftest import FACTS
-    from qedit.api import edit
-    from qedit.delta import fold
-    from qedit.facts import request_from_dict
-    from qedit.model import load_model
     from test_methods_tiny import method_config
+
+    from qedit.converters.loading import load_model
+    from qedit.core.delta import applied
+    from qedit.core.facts import request_from_dict
+    from qedit.edit.compute import compute_edits
 
     cfg = method_config(method, "llama")
     requests = [request_from_dict(f) for f in FACTS[:2]]
     loaded = load_model(tiny_dirs["llama"])
-    both = edit(loaded, requests, method, cfg, batch_size=1)
-    fold(loaded.model, both.deltas, sign=-1.0)
-    first = edit(loaded, requests[:1], method, cfg)
-    later = edit(loaded, requests[1:], method, cfg, earlier_keys=first.keys)
+    both = compute_edits(loaded, requests, method, cfg, batch_size=1)
+    first = compute_edits(loaded, requests[:1], method, cfg)
+    with applied(loaded.model, first.deltas):
+        later = compute_edits(loaded, requests[1:], method, cfg, earlier_keys=first.keys)
     assert set(later.earlier_keys) == set(first.keys) and not first.earlier_keys
     n_first = len(first.deltas)
     assert len(later.deltas) == len(both.deltas) - n_first
@@ -67,11 +68,12 @@ def test_earlier_keys_make_a_later_edit_the_same_as_a_later_batch(tiny_dirs, met
 
 def test_a_patch_of_a_patch_records_and_protects_the_earlier_keys(tiny_dirs, tmp_path, capsys):
     from conftest import FACTS, make_tokenizer
-    from qedit.cli import main
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_keys import read_edit_keys
-    from qedit.converters.gguf_read import GGUFFile
     from test_gguf_export import _tokenizer_template
+
+    from qedit.cli.main import main
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.keys import read_edit_keys
+    from qedit.converters.gguf.read import GGUFFile
 
     tok = make_tokenizer()
     template = _tokenizer_template(tmp_path / "vocab.gguf", tok.convert_ids_to_tokens(list(range(len(tok)))))
@@ -102,8 +104,8 @@ def test_a_patch_of_a_patch_records_and_protects_the_earlier_keys(tiny_dirs, tmp
 def test_an_export_records_the_edit_keys_after_the_sources(tiny_dirs, tmp_path):
     """export_gguf records an edit's keys as a patch does: after those of a GGUF source, or alone for an HF
     source; an export without keys copies the source's."""
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_keys import stored_edit_keys
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.keys import stored_edit_keys
 
     a, b = np.ones((2, 128), np.float32), 2 * np.ones((1, 128), np.float32)
     src = tmp_path / "src.gguf"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from qedit.converters.gguf_read import GGUFFile
-from qedit.converters.gguf_to_torch import SUPPORTED_ARCHITECTURES, load_gguf
-from qedit.errors import QeditError
+from qedit.converters.gguf.read import GGUFFile
+from qedit.converters.gguf.to_torch import SUPPORTED_ARCHITECTURES, load_gguf
+from qedit.core.errors import QeditError
 
 ARCHS = ("llama", "qwen2", "gemma3", "gpt2")
 TEXTS = ["the cat is at the hat", "hello world", "a  b\n\nc ThE éclair 🙂", "<|endoftext|>the"]
@@ -50,7 +50,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_fre
 
 
 def _tiny_model(arch: str, vocab_size: int, head_dim: int, n_positions: int, llama3: bool) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, GPT2Config, Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, max_position_embeddings=64, rms_norm_eps=1e-6)
     if arch == "llama":

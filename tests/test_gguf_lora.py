@@ -1,4 +1,4 @@
-"""Edits as a GGUF LoRA adapter (qedit.converters.gguf_lora), applied by llama.cpp on the unedited base."""
+"""Edits as a GGUF LoRA adapter (qedit.converters.gguf.lora), applied by llama.cpp on the unedited base."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from qedit.delta import LowRankDelta
-from qedit.errors import QeditError
+from qedit.core.delta import LowRankDelta
+from qedit.core.errors import QeditError
 
 # A tiny gemma3-shaped base file: enough for name mapping and shape checks, no model behind it.
 TINY_SHAPES = {  # GGUF name -> numpy shape (out, in)
@@ -59,7 +59,7 @@ def _expected(deltas: list[LowRankDelta]) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("dtype, rtol", [("F32", 1e-5), ("F16", 2e-3)])
 def test_adapter_reproduces_the_summed_deltas(tiny_base, tmp_path, dtype, rtol):
-    from qedit.converters.gguf_lora import read_lora_deltas, write_lora_gguf
+    from qedit.converters.gguf.lora import read_lora_deltas, write_lora_gguf
 
     deltas = [
         _delta(DOWN0, 8, 16, rank=2, scale=0.5, seed=1),
@@ -85,9 +85,9 @@ def test_adapter_reproduces_the_summed_deltas(tiny_base, tmp_path, dtype, rtol):
 
 
 def test_adapter_metadata_is_what_llama_cpp_checks(tiny_base, tmp_path):
-    from qedit.converters.gguf_lora import write_lora_gguf
-    from qedit.converters.gguf_patch import MANIFEST_KEY, read_manifests
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.lora import write_lora_gguf
+    from qedit.converters.gguf.patch import MANIFEST_KEY, read_manifests
+    from qedit.converters.gguf.read import GGUFFile
 
     deltas = [_delta(DOWN0, 8, 16, rank=2, seed=1), _delta(DOWN1, 8, 16, rank=3, seed=2)]
     manifest = {"method": "memit", "facts": [{"subject": "Eiffel Tower"}], "layers": [0, 1]}
@@ -110,7 +110,7 @@ def test_adapter_metadata_is_what_llama_cpp_checks(tiny_base, tmp_path):
 
 
 def test_bad_input_is_refused_and_nothing_is_written(tiny_base, tmp_path):
-    from qedit.converters.gguf_lora import write_lora_gguf
+    from qedit.converters.gguf.lora import write_lora_gguf
 
     good = _delta(DOWN0, 8, 16, rank=1)
     dst = tmp_path / "out" / "edit.lora.gguf"
@@ -142,7 +142,7 @@ LAST_DOWN = "model.layers.17.mlp.down_proj.weight"
 
 def _logits(path: Path, lora: Path | None = None) -> np.ndarray:
     """Next-token logits (positions of all PROMPTS, vocab) in llama.cpp, float64."""
-    from qedit.runners_llama import LlamaCppRunner
+    from qedit.runtimes.llama import LlamaCppRunner
 
     runner = LlamaCppRunner(path, lora=lora)
     return np.concatenate([runner._logits(runner.tokenizer(p)["input_ids"]) for p in PROMPTS]).astype(np.float64)
@@ -164,8 +164,8 @@ def test_llama_cpp_applies_the_adapter_exactly(gemma_gguf, tmp_path, dtype, tol)
     remains. A wrong scale (alpha / r) or orientation would be off by far more than `tol`.
     """
     pytest.importorskip("llama_cpp")
-    from qedit.converters.gguf_lora import write_lora_gguf
-    from qedit.converters.gguf_patch import patch_gguf
+    from qedit.converters.gguf.lora import write_lora_gguf
+    from qedit.converters.gguf.patch import patch_gguf
 
     deltas = [_delta(LAST_DOWN, 640, 2048, rank=2, scale=0.5, seed=1, a_mag=0.05, b_mag=0.05),
               _delta(LAST_DOWN, 640, 2048, rank=1, scale=2.0, seed=2, a_mag=0.05, b_mag=0.05)]
@@ -186,10 +186,10 @@ def test_llama_cpp_applies_the_adapter_exactly(gemma_gguf, tmp_path, dtype, tol)
 @pytest.fixture(scope="module")
 def rome_adapter(gemma_gguf, tmp_path_factory):
     """ROME on the 5 demo facts (minutes on a CPU), once, written as an F32 adapter."""
-    from qedit.api import edit
-    from qedit.converters.gguf_lora import write_lora_gguf
-    from qedit.facts import demo_requests
-    from qedit.model import load_model
+    from qedit.converters.gguf.lora import write_lora_gguf
+    from qedit.converters.loading import load_model
+    from qedit.core.facts import demo_requests
+    from qedit.edit.compute import edit
 
     with pytest.MonkeyPatch.context() as mp:
         if "QEDIT_CACHE" not in os.environ:  # keep statistics out of the user's home, like conftest does
@@ -207,10 +207,10 @@ def rome_adapter(gemma_gguf, tmp_path_factory):
 def test_rome_edits_answer_in_llama_cpp_through_the_adapter(gemma_gguf, rome_adapter):
     """The issue's done-means: the unedited Q4_K_M file plus the adapter gives the edits."""
     pytest.importorskip("llama_cpp")
-    from qedit.converters.gguf_patch import read_manifests
-    from qedit.converters.gguf_read import GGUFFile
-    from qedit.evaluate import evaluate
-    from qedit.runners_llama import LlamaCppRunner
+    from qedit.converters.gguf.patch import read_manifests
+    from qedit.converters.gguf.read import GGUFFile
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.llama import LlamaCppRunner
 
     dst, report, requests, manifest = rome_adapter
     assert [t.name for t in report.tensors] == ["blk.6.ffn_down.weight"] and report.rank == len(requests)

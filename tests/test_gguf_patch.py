@@ -1,11 +1,11 @@
-"""Patching edits into a GGUF file (qedit.converters.gguf_patch) and running it in llama.cpp."""
+"""Patching edits into a GGUF file (qedit.converters.gguf.patch) and running it in llama.cpp."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 
 PROMPTS = [  # (prompt, answer the unedited model gives)
     ("The Eiffel Tower is located in the city of", "Paris"),
@@ -15,9 +15,9 @@ PROMPTS = [  # (prompt, answer the unedited model gives)
 
 
 def _fast_rome():
-    from qedit.methods.base import TargetConfig
-    from qedit.methods.rome import RomeConfig
-    from qedit.stats import StatsConfig
+    from qedit.core.stats import StatsConfig
+    from qedit.edit.methods.rome import RomeConfig
+    from qedit.edit.registry import TargetConfig
 
     return RomeConfig(target=TargetConfig(stop_nll=0.3, clamp_norm=2.0, kl_factor=0.25, n_prefixes=2, steps=20),
                       stats=StatsConfig(n_samples=16, sample_len=32))
@@ -26,16 +26,16 @@ def _fast_rome():
 @pytest.fixture(scope="module")
 def torch_before(gemma):
     """Torch scores of PROMPTS on the unedited model (taken before `patched` folds the edits in)."""
-    from qedit.runners import TorchRunner
+    from qedit.runtimes.torch_runner import TorchRunner
 
     return TorchRunner(gemma).score(PROMPTS)
 
 
 @pytest.fixture(scope="module")
 def patched(gemma, gemma_gguf, torch_before, tmp_path_factory):
-    from qedit.api import edit
-    from qedit.converters.gguf_patch import patch_gguf
-    from qedit.facts import demo_requests
+    from qedit.converters.gguf.patch import patch_gguf
+    from qedit.core.facts import demo_requests
+    from qedit.edit.compute import edit
 
     requests = demo_requests()[:2]
     outcome = edit(gemma, requests, "rome", _fast_rome())
@@ -47,7 +47,7 @@ def patched(gemma, gemma_gguf, torch_before, tmp_path_factory):
 
 @pytest.mark.slow
 def test_patch_changes_only_the_edited_tensors(gemma_gguf, patched):
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.read import GGUFFile
 
     dst, report, _, _, _ = patched
     edited = {t.name for t in report.tensors}
@@ -70,8 +70,8 @@ def test_patch_changes_only_the_edited_tensors(gemma_gguf, patched):
 
 @pytest.mark.slow
 def test_manifest_round_trips_and_a_second_patch_appends(patched, tmp_path):
-    from qedit.converters.gguf_patch import patch_gguf, read_manifests
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.patch import patch_gguf, read_manifests
+    from qedit.converters.gguf.read import GGUFFile
 
     dst, _, manifest, requests, _ = patched
     with GGUFFile(dst) as gf:
@@ -88,10 +88,10 @@ def test_manifest_round_trips_and_a_second_patch_appends(patched, tmp_path):
 
 @pytest.mark.slow
 def test_type_override_moves_the_offsets_and_llama_cpp_still_runs_it(gemma, gemma_gguf, patched, tmp_path):
-    from qedit.converters.gguf_patch import patch_gguf
-    from qedit.converters.gguf_read import GGUFFile
-    from qedit.delta import LowRankDelta
-    from qedit.runners_llama import LlamaCppRunner
+    from qedit.converters.gguf.patch import patch_gguf
+    from qedit.converters.gguf.read import GGUFFile
+    from qedit.core.delta import LowRankDelta
+    from qedit.runtimes.llama import LlamaCppRunner
 
     dst, _, _, requests, _ = patched
     name = "model.layers.6.mlp.down_proj.weight"
@@ -115,8 +115,8 @@ def test_type_override_moves_the_offsets_and_llama_cpp_still_runs_it(gemma, gemm
 def test_deltas_that_do_not_fit_the_file_are_refused(gemma_gguf, tmp_path):
     import torch
 
-    from qedit.converters.gguf_patch import patch_gguf
-    from qedit.delta import LowRankDelta
+    from qedit.converters.gguf.patch import patch_gguf
+    from qedit.core.delta import LowRankDelta
 
     wrong_shape = LowRankDelta("model.layers.6.mlp.down_proj.weight", 6, torch.zeros(2048, 1), torch.zeros(1, 640))
     unknown = LowRankDelta("model.layers.60.mlp.down_proj.weight", 60, torch.zeros(640, 1), torch.zeros(1, 2048))
@@ -128,7 +128,7 @@ def test_deltas_that_do_not_fit_the_file_are_refused(gemma_gguf, tmp_path):
 
 @pytest.mark.slow
 def test_patched_file_runs_in_llama_cpp_and_the_edits_hold(gemma_gguf, patched):
-    from qedit.runners_llama import LlamaCppRunner
+    from qedit.runtimes.llama import LlamaCppRunner
 
     dst, _, _, requests, _ = patched
     for path, expect_new in ((gemma_gguf, False), (dst, True)):
@@ -142,7 +142,7 @@ def test_patched_file_runs_in_llama_cpp_and_the_edits_hold(gemma_gguf, patched):
 
 @pytest.mark.slow
 def test_llama_cpp_and_torch_agree_on_the_unedited_model(gemma_gguf, torch_before):
-    from qedit.runners_llama import LlamaCppRunner
+    from qedit.runtimes.llama import LlamaCppRunner
 
     llama = LlamaCppRunner(gemma_gguf).score(PROMPTS)
     for (prompt, _), t, l in zip(PROMPTS, torch_before, llama):
@@ -154,7 +154,7 @@ def test_llama_cpp_and_torch_agree_on_the_unedited_model(gemma_gguf, torch_befor
 
 @pytest.mark.slow
 def test_cli_inspect_and_eval_on_the_patched_file(gemma_gguf, patched, tmp_path, capsys):
-    from qedit.cli import main
+    from qedit.cli.main import main
 
     dst, _, _, requests, _ = patched
     assert main(["inspect", str(dst)]) == 0
@@ -171,14 +171,14 @@ def test_cli_inspect_and_eval_on_the_patched_file(gemma_gguf, patched, tmp_path,
 @pytest.mark.slow
 def test_cli_edit_with_a_gguf_output_patches_the_source(gemma, gemma_gguf, patched, tmp_path, monkeypatch, capsys):
     """The `edit -o X.gguf` wiring, with the module's edit standing in for a fresh (minutes-long) one."""
-    import qedit.api
-    import qedit.model
-    from qedit.cli import main
-    from qedit.converters.gguf_read import GGUFFile
+    import qedit.core.model
+    import qedit.edit.compute
+    from qedit.cli.main import main
+    from qedit.converters.gguf.read import GGUFFile
 
     dst, _, _, requests, outcome = patched
-    monkeypatch.setattr(qedit.model, "load_model", lambda *a, **k: gemma)
-    monkeypatch.setattr(qedit.api, "edit", lambda *a, **k: outcome)
+    monkeypatch.setattr(qedit.core.model, "load_model", lambda *a, **k: gemma)
+    monkeypatch.setattr(qedit.edit.compute, "edit", lambda *a, **k: outcome)
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(r.to_json()) + "\n" for r in requests))
     out = tmp_path / "cli.gguf"
@@ -199,7 +199,7 @@ def test_cli_edit_with_a_gguf_output_patches_the_source(gemma, gemma_gguf, patch
 
 @pytest.mark.slow
 def test_truncated_source_is_refused_and_leaves_no_output(gemma_gguf, tmp_path):
-    from qedit.converters.gguf_patch import patch_gguf
+    from qedit.converters.gguf.patch import patch_gguf
 
     truncated = tmp_path / "cut.gguf"
     with open(gemma_gguf, "rb") as fh:
@@ -212,7 +212,7 @@ def test_truncated_source_is_refused_and_leaves_no_output(gemma_gguf, tmp_path):
 
 
 def test_refuses_to_write_over_the_source(tmp_path):
-    from qedit.converters.gguf_patch import patch_gguf
+    from qedit.converters.gguf.patch import patch_gguf
 
     src = tmp_path / "model.gguf"
     src.write_bytes(b"GGUF" + bytes(100))
@@ -224,7 +224,7 @@ def test_refuses_to_write_over_the_source(tmp_path):
 
 
 def test_gguf_output_needs_a_gguf_source(tiny_dirs, facts_file, tmp_path, capsys):
-    from qedit.cli import main
+    from qedit.cli.main import main
 
     assert main(["edit", str(tiny_dirs["llama"]), str(facts_file), "-o", str(tmp_path / "x.gguf")]) == 2
     assert "needs a .gguf source" in capsys.readouterr().err
@@ -235,8 +235,9 @@ def test_gguf_output_needs_a_gguf_source(tiny_dirs, facts_file, tmp_path, capsys
 def quant_source(tiny_dirs, tmp_path):
     """(a tiny F32 GGUF with a tokenizer, a one-fact file whose new target is not yet true, an output dir)."""
     from conftest import FACTS, make_tokenizer
-    from qedit.converters.gguf_export import export_gguf
     from test_gguf_export import _tokenizer_template
+
+    from qedit.converters.gguf.export import export_gguf
 
     work = tmp_path / "in"
     work.mkdir()
@@ -255,7 +256,7 @@ def quant_source(tiny_dirs, tmp_path):
 def _quant_edits(src, facts, out, quant: str, capsys) -> tuple[str, str]:
     """Writes plain.gguf (the unedited export), aware.gguf and naive.gguf (`edit --quant`, the latter --naive)
     into `out`; returns the printed text of the aware and the naive edit."""
-    from qedit.cli import main
+    from qedit.cli.main import main
 
     assert main(["export", str(src), "-o", str(out / "plain.gguf"), "--quant", quant]) == 0
     capsys.readouterr()
@@ -273,7 +274,7 @@ def _only_the_edited_tensor_differs(out, edited: str) -> tuple[dict, dict]:
     """Checks _quant_edits' files: same tensors, types and file type as the plain export, every tensor but
     `edited` byte-equal to the plain export's in aware.gguf, `edited` different in all three. Returns the
     manifests of aware.gguf and naive.gguf."""
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.read import GGUFFile
 
     with GGUFFile(out / "plain.gguf") as p, GGUFFile(out / "aware.gguf") as a, GGUFFile(out / "naive.gguf") as n:
         assert list(p.tensors) == list(a.tensors) == list(n.tensors)
@@ -319,10 +320,11 @@ def test_verify_scales_an_edit_that_does_not_hold_in_llama_cpp(tiny_dirs, tmp_pa
     are not GGUF patches, and negative margins, are refused first. The check is on by default for an
     edit-aware patch, off with --no-verify and for a --naive patch."""
     from conftest import FACTS
-    from qedit.cli import main
-    from qedit.converters.gguf_export import export_gguf
-    from qedit.converters.gguf_read import GGUFFile
     from test_gguf_hf import _byte_level_dir
+
+    from qedit.cli.main import main
+    from qedit.converters.gguf.export import export_gguf
+    from qedit.converters.gguf.read import GGUFFile
 
     pytest.importorskip("llama_cpp")
     hf, _ = _byte_level_dir("llama", tmp_path / "bpe")     # a tokenizer llama.cpp reproduces
@@ -360,12 +362,12 @@ def test_verify_scales_from_the_computed_edit_and_keeps_the_best_scale(monkeypat
 
     import torch
 
-    import qedit.evaluate
-    import qedit.runners_llama
-    from qedit.api import EditOutcome
-    from qedit.commands_gguf import verify_in_llama_cpp
-    from qedit.delta import LowRankDelta
-    from qedit.methods.base import EditMethod
+    import qedit.evaluation.metrics
+    import qedit.runtimes.llama
+    from qedit.cli.commands_gguf import verify_in_llama_cpp
+    from qedit.core.delta import LowRankDelta
+    from qedit.edit.compute import EditOutcome
+    from qedit.edit.registry import EditMethod
 
     delta = LowRankDelta("w", 1, torch.ones(3, 1), torch.ones(1, 2))   # dW (3, 2), scale 1
     outcome = EditOutcome(EditMethod.ROME, None, ["a", "b"], [delta], 0.0)
@@ -383,8 +385,8 @@ def test_verify_scales_from_the_computed_edit_and_keeps_the_best_scale(monkeypat
                  for i in range(len(requests))]
         return types.SimpleNamespace(cases=cases)
 
-    monkeypatch.setattr(qedit.evaluate, "evaluate", fake_evaluate)
-    monkeypatch.setattr(qedit.runners_llama, "LlamaCppRunner", lambda path: None)
+    monkeypatch.setattr(qedit.evaluation.metrics, "evaluate", fake_evaluate)
+    monkeypatch.setattr(qedit.runtimes.llama, "LlamaCppRunner", lambda path: None)
     final = verify_in_llama_cpp(write, outcome, "x.gguf", 1.0)
     assert written == [1.5, 2.25, 1.5]
     assert final.deltas[0].scale == 1.5 and final.info["verify_scale"] == 1.5

@@ -10,8 +10,8 @@ import gguf
 import numpy as np
 import pytest
 
-from qedit.converters.gguf_read import GGUFFile
-from qedit.errors import QeditError
+from qedit.converters.gguf.read import GGUFFile
+from qedit.core.errors import QeditError
 
 Q = gguf.GGMLQuantizationType
 

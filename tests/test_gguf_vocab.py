@@ -10,8 +10,8 @@ from typing import Any
 import gguf
 import pytest
 
-from qedit.converters.gguf_vocab import vocab_kvs
-from qedit.errors import QeditError
+from qedit.converters.gguf.vocab import vocab_kvs
+from qedit.core.errors import QeditError
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -251,7 +251,7 @@ def test_unknown_regex_and_wrong_arch_are_rejected(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def gemma_hf_dir(tmp_path_factory: pytest.TempPathFactory, gemma_gguf: Path) -> Path:
-    from qedit.model import load_model
+    from qedit.converters.loading import load_model
 
     loaded = load_model(gemma_gguf)
     out = tmp_path_factory.mktemp("gemma_hf")
@@ -264,7 +264,7 @@ def gemma_hf_dir(tmp_path_factory: pytest.TempPathFactory, gemma_gguf: Path) -> 
 def test_gemma_vocab_tokenizes_like_the_original_gguf(gemma_hf_dir: Path, gemma_gguf: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.read import GGUFFile
 
     kvs = vocab_kvs(gemma_hf_dir, "gemma3")
     original = GGUFFile(gemma_gguf)

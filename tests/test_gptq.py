@@ -9,11 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, FACTS, UNRELATED
 
-from conftest import FACTS, SHARED_DATA, UNRELATED
-from qedit.errors import QeditError
-from qedit.kernels.gptq import (GPTQConfig, HessianAccumulator, dequantize_codes, gptq_quantize, pack_qweight,
-                                pack_qzeros, prepare_hessian, rtn_quantize, unpack_qweight, unpack_qzeros, v1_offset_qzeros)
+from qedit.core.errors import QeditError
+from qedit.kernels.gptq import (
+    GPTQConfig,
+    HessianAccumulator,
+    dequantize_codes,
+    gptq_quantize,
+    pack_qweight,
+    pack_qzeros,
+    prepare_hessian,
+    rtn_quantize,
+    unpack_qweight,
+    unpack_qzeros,
+    v1_offset_qzeros,
+)
 
 HAS_GPTQMODEL = importlib.util.find_spec("gptqmodel") is not None
 
@@ -124,8 +135,8 @@ def test_group_size_must_divide_in_features():
 
 
 def test_calibration_leaves_bos_out_of_the_hessian(tiny_dirs):
-    from qedit.converters.gptq_calibrate import make_batches, module_hessian
-    from qedit.model import load_model
+    from qedit.converters.gptq.calibrate import make_batches, module_hessian
+    from qedit.converters.loading import load_model
 
     loaded = load_model(tiny_dirs["llama"])
     seqs = _seqs(4, 12)
@@ -179,9 +190,9 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny_dirs, tmp_path_factory):
     """A GPTQ checkpoint (4 bits, group 32, act-order) of the tiny llama, and the solver's results."""
-    from qedit.converters.gptq_calibrate import quantize_model
-    from qedit.converters.gptq_export import GPTQWriteConfig, write_gptq
-    from qedit.model import load_model
+    from qedit.converters.gptq.calibrate import quantize_model
+    from qedit.converters.gptq.export import GPTQWriteConfig, write_gptq
+    from qedit.converters.loading import load_model
 
     loaded = load_model(tiny_dirs["llama"])
     cfg = GPTQWriteConfig(GPTQConfig(bits=4, group_size=32, desc_act=True))
@@ -192,7 +203,7 @@ def tiny_ckpt(tiny_dirs, tmp_path_factory):
 
 
 def test_checkpoint_dequantizes_to_solver_output(tiny_ckpt):
-    from qedit.converters.gptq import is_gptq_checkpoint, read_dequantized_state
+    from qedit.converters.gptq.checkpoint import is_gptq_checkpoint, read_dequantized_state
 
     loaded, out, results, report = tiny_ckpt
     assert is_gptq_checkpoint(out) and not is_gptq_checkpoint(loaded.source)
@@ -224,7 +235,7 @@ def test_checkpoint_dequantizes_to_solver_output(tiny_ckpt):
 
 
 def test_module_parts_are_read_as_stored(tiny_ckpt):
-    from qedit.converters.gptq import PARTS, dequantize_module, read_checkpoint_config, read_module_parts
+    from qedit.converters.gptq.checkpoint import PARTS, dequantize_module, read_checkpoint_config, read_module_parts
 
     _, out, results, _ = tiny_ckpt
     names = {"model.layers.0.mlp.down_proj", "model.layers.3.self_attn.q_proj"}
@@ -240,11 +251,11 @@ def test_module_parts_are_read_as_stored(tiny_ckpt):
 
 
 def test_qwen2_asymmetric_checkpoint_round_trip(tiny_dirs, tmp_path):
-    from qedit.converters.gptq import read_dequantized_state
-    from qedit.converters.gptq_calibrate import quantize_model
-    from qedit.converters.gptq_export import GPTQWriteConfig, calibration_tokens, write_gptq
-    from qedit.model import load_model
-    from qedit.stats import StatsConfig
+    from qedit.converters.gptq.calibrate import quantize_model
+    from qedit.converters.gptq.checkpoint import read_dequantized_state
+    from qedit.converters.gptq.export import GPTQWriteConfig, calibration_tokens, write_gptq
+    from qedit.converters.loading import load_model
+    from qedit.core.stats import StatsConfig
 
     loaded = load_model(tiny_dirs["qwen2"])
     seqs = calibration_tokens(loaded, StatsConfig(n_samples=8, sample_len=16))    # the edit statistics' corpus
@@ -259,7 +270,7 @@ def test_qwen2_asymmetric_checkpoint_round_trip(tiny_dirs, tmp_path):
 
 
 def test_dequantizing_runner_and_gptqmodel_agree(tiny_ckpt):
-    from qedit.runners_gptq import DequantizingGPTQRunner, gptq_runner
+    from qedit.runtimes.gptq import DequantizingGPTQRunner, gptq_runner
 
     _, out, _, _ = tiny_ckpt
     deq = DequantizingGPTQRunner(out)
@@ -281,7 +292,7 @@ def test_dequantizing_runner_and_gptqmodel_agree(tiny_ckpt):
 
 
 def _deltas(loaded, layers=(1, 2), scale=2.0, seed=0):
-    from qedit.delta import LowRankDelta
+    from qedit.core.delta import LowRankDelta
 
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -294,8 +305,8 @@ def _deltas(loaded, layers=(1, 2), scale=2.0, seed=0):
 
 
 def test_patch_changes_only_edited_tensors(tiny_ckpt, tmp_path):
-    from qedit.converters.gptq import read_dequantized_state
-    from qedit.converters.gptq_export import patch_gptq, read_manifest
+    from qedit.converters.gptq.checkpoint import read_dequantized_state
+    from qedit.converters.gptq.export import patch_gptq, read_manifest
 
     loaded, src, _, _ = tiny_ckpt
     deltas = _deltas(loaded)
@@ -366,7 +377,7 @@ G = "model.layers.0.mlp.down_proj.g_idx"
     (None, lambda t: t.update({G.replace("g_idx", "scales"): t[G.replace("g_idx", "scales")][:2]}), r"scales: shape"),
 ])
 def test_bad_checkpoints_are_refused(tiny_ckpt, tmp_path, config_edit, tensor_edit, message):
-    from qedit.converters.gptq import read_dequantized_state
+    from qedit.converters.gptq.checkpoint import read_dequantized_state
 
     bad = _broken_copy(tiny_ckpt[1], tmp_path / "bad", config_edit, tensor_edit)
     with pytest.raises(QeditError, match=message):
@@ -374,7 +385,7 @@ def test_bad_checkpoints_are_refused(tiny_ckpt, tmp_path, config_edit, tensor_ed
 
 
 def test_disagreeing_config_files_are_refused(tiny_ckpt, tmp_path):
-    from qedit.converters.gptq import read_checkpoint_config
+    from qedit.converters.gptq.checkpoint import read_checkpoint_config
 
     bad = _broken_copy(tiny_ckpt[1], tmp_path / "bad")
     qc = json.loads((bad / "quantize_config.json").read_text())
@@ -386,8 +397,8 @@ def test_disagreeing_config_files_are_refused(tiny_ckpt, tmp_path):
 
 
 def test_write_refuses_bad_requests(tiny_dirs, tmp_path):
-    from qedit.converters.gptq_export import GPTQWriteConfig, write_gptq
-    from qedit.model import load_model
+    from qedit.converters.gptq.export import GPTQWriteConfig, write_gptq
+    from qedit.converters.loading import load_model
 
     with pytest.raises(QeditError, match="checkpoint_format"):
         GPTQWriteConfig(GPTQConfig(sym=False), checkpoint_format="gptq")
@@ -412,14 +423,14 @@ def test_gemma_edits_survive_gptq_4bit(gemma_gguf, tmp_path):
 
     Measured on these cases: full precision 1.0; patched edit-aware 1.0 (margin 10.2 nats);
     patched plainly 0.8 (margin 7.1)."""
-    from qedit.cli import main
-    from qedit.converters.gptq_export import GPTQWriteConfig, calibration_tokens, read_manifest, write_gptq
-    from qedit.delta import fold, load_deltas
-    from qedit.evaluate import evaluate
-    from qedit.facts import load_requests
-    from qedit.model import load_model
-    from qedit.runners import TorchRunner
-    from qedit.runners_gptq import gptq_runner
+    from qedit.cli.main import main
+    from qedit.converters.gptq.export import GPTQWriteConfig, calibration_tokens, read_manifest, write_gptq
+    from qedit.converters.loading import load_model
+    from qedit.core.delta import fold, load_deltas
+    from qedit.core.facts import load_requests
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.gptq import gptq_runner
+    from qedit.runtimes.torch_runner import TorchRunner
 
     loaded = load_model(gemma_gguf)
     cfg = GPTQWriteConfig(GPTQConfig(bits=4, group_size=128, desc_act=True), dtype="bfloat16")
@@ -427,7 +438,7 @@ def test_gemma_edits_survive_gptq_4bit(gemma_gguf, tmp_path):
     del loaded
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(line + "\n" for line in
-                             (SHARED_DATA / "counterfact-dev.jsonl").read_text().splitlines()[100:110]))
+                             (DATA / "counterfact-dev.jsonl").read_text().splitlines()[100:110]))
     assert main(["edit", str(tmp_path / "base"), str(facts), "-o", str(tmp_path / "patched"), "--method", "memit"]) == 0
     assert read_manifest(tmp_path / "patched")["gptq"]["operation"] == "patch"
     cases = load_requests(facts)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from qedit.cli import main
+from qedit.cli.main import main
 
 FAST = ["--stats-samples", "16", "--method", "rome"]
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -29,15 +29,17 @@ def gptq_out(tiny_dirs, facts_file, tmp_path_factory):
 
 
 def test_edit_writes_an_edit_aware_gptq_checkpoint(gptq_out, capsys):
-    from qedit.converters.gptq import is_gptq_checkpoint, read_checkpoint_config
-    from qedit.converters.gptq_export import read_manifest
+    from qedit.converters.gptq.checkpoint import is_gptq_checkpoint, read_checkpoint_config
+    from qedit.converters.gptq.export import read_manifest
 
     assert is_gptq_checkpoint(gptq_out)
     cfg = read_checkpoint_config(gptq_out)
     assert (cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act) == (4, 32, True, True)
     manifest = read_manifest(gptq_out)
     assert manifest["method"] == "rome" and manifest["encoding"]["path"] == "edit-aware"
-    assert manifest["gptq"]["operation"] == "write"
+    # below 8 bits the unedited model is written at 4 bits first, the edit computed on it and patched in
+    assert manifest["gptq"]["operation"] == "patch" and "GPTQ 4-bit" in manifest["info"]["computed_on"]
+    assert "previous" not in manifest
 
 
 def test_eval_runs_a_gptq_checkpoint(gptq_out, facts_file, tmp_path, capsys):
@@ -50,7 +52,7 @@ def test_eval_runs_a_gptq_checkpoint(gptq_out, facts_file, tmp_path, capsys):
 
 
 def test_editing_a_gptq_checkpoint_patches_only_edited_weights(gptq_out, facts_file, tmp_path):
-    from qedit.converters.gptq_export import read_manifest
+    from qedit.converters.gptq.export import read_manifest
 
     out = tmp_path / "patched"
     assert main(["edit", str(gptq_out), str(facts_file), "-o", str(out), "--layers", "2", *FAST]) == 0
@@ -81,7 +83,7 @@ def test_format_gptq_refuses_a_gguf_output(tiny_dirs, facts_file, tmp_path, caps
 
 
 def test_ladder_parses_gptq_and_bnb_rungs():
-    from qedit.errors import QeditError
+    from qedit.core.errors import QeditError
     from qedit.survival.rungs import RungKind, parse_ladder
 
     rungs = parse_ladder("Q4_K_M,GPTQ-3", gptq="8,4", bnb="int8,NF4")

@@ -10,7 +10,7 @@ import libgguf
 import numpy as np
 import pytest
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 from qedit.kernels import (
     MixModel,
     dequantize_tensor,
@@ -25,7 +25,13 @@ from qedit.kernels import (
     supported_types,
     tensor_type_for,
 )
-from qedit.kernels.llamacpp_oracle import MetaValue, llama_quantize, metadata_from_reader, read_raw_tensors, write_f32_gguf
+from qedit.kernels.llamacpp_oracle import (
+    MetaValue,
+    llama_quantize,
+    metadata_from_reader,
+    read_raw_tensors,
+    write_f32_gguf,
+)
 
 T = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType

@@ -1,5 +1,5 @@
-"""qedit.linalg (truncated SVD, null-space projector, the MEMIT/AlphaEdit and ROME solves) and
-qedit.delta / qedit.io_utils (low-rank deltas, fold, save/load, atomic writes)."""
+"""qedit.core.linalg (truncated SVD, null-space projector, the MEMIT/AlphaEdit and ROME solves) and
+qedit.core.delta / qedit.core.files (low-rank deltas, their reversible application, save/load, atomic writes)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from qedit import linalg
-from qedit.arch import Orientation
-from qedit.delta import DELTAS_FILE, MANIFEST_FILE, Delta, LowRankDelta, combine, fold, load_deltas, save_deltas
-from qedit.errors import QeditError
-from qedit.io_utils import atomic_path, refuse_same_file
+from qedit.core import linalg
+from qedit.core.arch import Orientation
+from qedit.core.delta import DELTAS_FILE, MANIFEST_FILE, Delta, LowRankDelta, applied, combine, load_deltas, save_deltas
+from qedit.core.errors import QeditError
+from qedit.core.files import atomic_path, refuse_same_file
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -232,7 +232,7 @@ class _TwoLayouts(nn.Module):
         self.conv = Conv1D(6, 4)       # nf=6 outputs, nx=4 inputs
 
 
-def test_fold_puts_each_orientation_in_the_right_place_and_unfold_restores():
+def test_applied_puts_each_orientation_in_the_right_place_and_restores_bit_exactly():
     model = _TwoLayouts()
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     d_lin = _delta("lin.weight", 6, 4, 2, Orientation.OUT_IN, seed=1)
@@ -240,22 +240,34 @@ def test_fold_puts_each_orientation_in_the_right_place_and_unfold_restores():
     x = torch.randn(3, 4, generator=_gen(3))
     with torch.no_grad():
         y_lin, y_conv = model.lin(x), model.conv(x)
-        fold(model, [d_lin, d_conv])
-        torch.testing.assert_close(model.lin(x) - y_lin, d_lin.output_change(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.conv(x) - y_conv, d_conv.output_change(x), atol=1e-5, rtol=1e-5)
-    fold(model, [d_lin, d_conv], sign=-1.0)
+        with applied(model, [d_lin, d_conv, d_lin.scaled(0.5)]):   # two deltas on one weight add up
+            torch.testing.assert_close(model.lin(x) - y_lin, 1.5 * d_lin.output_change(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.conv(x) - y_conv, d_conv.output_change(x), atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p, original[name], atol=1e-6, rtol=0)
+        assert torch.equal(p, original[name]), f"{name} is not restored bit for bit"
+
+
+def test_applied_restores_when_the_block_raises_and_nests():
+    model = _TwoLayouts()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    d1, d2 = _delta("lin.weight", 6, 4, 1, seed=4), _delta("lin.weight", 6, 4, 1, seed=5)
+    with pytest.raises(RuntimeError, match="inside"):
+        with applied(model, [d1]):
+            with applied(model, [d2]):
+                assert not torch.equal(model.lin.weight, original["lin.weight"])
+                raise RuntimeError("inside")
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("bad", [_delta("missing.weight", 6, 4, 1), _delta("conv.weight", 6, 4, 1, Orientation.OUT_IN)])
-def test_fold_refuses_bad_deltas_and_changes_nothing(bad):
+def test_applied_refuses_bad_deltas_and_changes_nothing(bad):
     model = _TwoLayouts()
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(QeditError, match="weight"):
-        fold(model, [_delta("lin.weight", 6, 4, 1), bad])
+        with applied(model, [_delta("lin.weight", 6, 4, 1), bad]):
+            pass
     for name, p in model.named_parameters():
-        assert torch.equal(p, original[name]), f"{name} was changed by a fold that failed"
+        assert torch.equal(p, original[name]), f"{name} was changed by an application that failed"
 
 
 def test_save_and_load_deltas_round_trip(tmp_path):
@@ -344,7 +356,7 @@ def test_refuse_same_file(tmp_path):
 
 
 def test_edit_keys_round_trip(tmp_path):
-    from qedit.delta import LowRankDelta, load_deltas, load_edit_keys, save_deltas
+    from qedit.core.delta import LowRankDelta, load_deltas, load_edit_keys, save_deltas
 
     d = LowRankDelta("model.layers.1.mlp.down_proj.weight", 1, torch.randn(8, 2), torch.randn(2, 16))
     keys = {1: torch.randn(3, 16)}

@@ -1,9 +1,9 @@
 """Every edit method on a tiny random model of every supported family.
 
 For each (family, method): the edit reaches efficacy on its own request (judged by
-qedit.evaluate on a TorchRunner), leaves the unrelated prompts' next-token distributions nearly
+qedit.evaluation.metrics on a TorchRunner), leaves the unrelated prompts' next-token distributions nearly
 unchanged, computes without touching the weights, and returns low-rank deltas in the weight's
-own orientation that `fold` puts in the right place. Plus: ranks per method, keys at the
+own orientation that `applied` puts in the right place. Plus: ranks per method, keys at the
 subject's last token, AlphaEdit's sequential history, and the key-statistics cache (minimal strength:
 test_minimal_strength).
 
@@ -13,20 +13,28 @@ if the edit does nothing).
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import EDIT_PROMPT, EDIT_SUBJECT, FACTS, FAMILIES, UNRELATED
-from qedit.api import edit, make_config as method_config_for
-from qedit.delta import LowRankDelta, combine, fold
-from qedit.evaluate import evaluate
-from qedit.facts import EditRequest, request_from_dict
-from qedit.methods.base import EditContext, MethodConfig, TargetConfig, get_method
-from qedit.model import LoadedModel, load_model
-from qedit.runners import TorchRunner
-from qedit.stats import StatsConfig
+
+from qedit.converters.loading import load_model
+from qedit.core.delta import LowRankDelta, applied, combine
+from qedit.core.facts import EditRequest, request_from_dict
+from qedit.core.model import LoadedModel
+from qedit.core.stats import StatsConfig
+from qedit.edit.compute import compute_edits
+from qedit.edit.registry import (
+    EDIT_METHODS,
+    EditContext,
+    EditMethod,
+    MethodConfig,
+    MethodRegistry,
+    TargetConfig,
+    get_method,
+)
+from qedit.evaluation.metrics import evaluate
+from qedit.runtimes.torch_runner import TorchRunner
 
 METHODS = ("rome", "memit", "alphaedit", "ft")
 CANDIDATES = ("Rome", "Paris", "London", "Berlin", "Tokyo", "Madrid")
@@ -67,7 +75,7 @@ def method_config(method: str, family: str, **overrides) -> MethodConfig:
         # A tiny model's key spectrum is flat: below 1e-2 of the top eigenvalue there is no null space.
         settings.update(nullspace_threshold=0.1, l2=1.0)
     settings.update(overrides)
-    return method_config_for(method, **settings)
+    return EDIT_METHODS.make_config(method, **settings)
 
 
 def counterfactual(runner: TorchRunner, prompt: str = EDIT_PROMPT, subject: str = EDIT_SUBJECT) -> EditRequest:
@@ -112,17 +120,16 @@ def check_deltas(loaded: LoadedModel, deltas: list[LowRankDelta], method: str, n
 
 
 @torch.no_grad()
-def check_fold_orientation(loaded: LoadedModel, deltas: list[LowRankDelta]) -> None:
-    """After fold, each edited module maps x to its old output plus dW x (math orientation),
+def check_applied_orientation(loaded: LoadedModel, deltas: list[LowRankDelta]) -> None:
+    """With the delta applied, each edited module maps x to its old output plus dW x (math orientation),
     also for gpt2's Conv1D, which stores its weight as (in, out)."""
     gen = torch.Generator().manual_seed(0)
     for d in combine(deltas):
         module = loaded.module(loaded.arch.mlp_out.format(d.layer))
         x = torch.randn(5, d.shape[1], generator=gen)                               # (5, in)
         before = module(x)
-        fold(loaded.model, [d])
-        after = module(x)
-        fold(loaded.model, [d], sign=-1.0)
+        with applied(loaded.model, [d]):
+            after = module(x)
         torch.testing.assert_close(after - before, d.output_change(x), atol=1e-4, rtol=1e-4)
 
 
@@ -142,14 +149,14 @@ def test_edit_is_effective_and_local(tiny, family, method):
     for name, p in loaded.model.named_parameters():
         assert torch.equal(p, weights[name]), f"computing the edit changed {name}"
     check_deltas(loaded, result.deltas, method, n_requests=1)
-    check_fold_orientation(loaded, result.deltas)
-    fold(loaded.model, result.deltas)
-    after = evaluate(runner, [request]).cases[0]
+    check_applied_orientation(loaded, result.deltas)
+    with applied(loaded.model, result.deltas):
+        after = evaluate(runner, [request]).cases[0]
+        logp, _ = next_token_logprobs(loaded, UNRELATED)
     gain = after.logp_new - before.logp_new
     assert after.efficacy == 1.0, f"{family}/{method}: margin {before.margin:.2f} -> {after.margin:.2f}"
     assert after.margin - before.margin >= 1.0
 
-    logp, _ = next_token_logprobs(loaded, UNRELATED)
     kl = mean_kl(base_logp, logp, mask)
     assert kl < KL_BOUND, f"{family}/{method}: unrelated prompts moved by KL {kl:.3f} nats"
     target_id = runner.score([(EDIT_PROMPT, request.target_new)])[0].target_ids[0]
@@ -166,9 +173,9 @@ def test_rome_on_singular_key_covariance(tiny):
     base_logp, mask = next_token_logprobs(loaded, UNRELATED)
     result = get_method("rome").compute(loaded, [request], method_config("rome", "gpt2", stats=StatsConfig(
         n_samples=16, sample_len=16)), EditContext())
-    fold(loaded.model, result.deltas)
-    assert evaluate(runner, [request]).cases[0].efficacy == 1.0
-    assert mean_kl(base_logp, next_token_logprobs(loaded, UNRELATED)[0], mask) < SINGULAR_KL_BOUND
+    with applied(loaded.model, result.deltas):
+        assert evaluate(runner, [request]).cases[0].efficacy == 1.0
+        assert mean_kl(base_logp, next_token_logprobs(loaded, UNRELATED)[0], mask) < SINGULAR_KL_BOUND
 
 
 @pytest.mark.parametrize("method", ("rome", "memit", "alphaedit"))
@@ -195,7 +202,7 @@ def test_ft_rank_setting_truncates(tiny):
 def test_ft_key_penalty_shrinks_the_change_on_ordinary_keys(tiny, optimizer):
     """FT's key_weight penalises tr(dW C dW^T): the output change on the statistics' keys. A strong
     penalty must leave a smaller change there than none (same request, steps and optimizer)."""
-    from qedit.stats import key_covariance
+    from qedit.core.stats import key_covariance
 
     loaded = load_model(tiny["llama"])
     request = counterfactual(TorchRunner(loaded))
@@ -215,14 +222,14 @@ def test_ft_key_penalty_shrinks_the_change_on_ordinary_keys(tiny, optimizer):
 def test_ft_config_checks():
     for bad in (dict(optimizer="sgd"), dict(key_weight=-1.0), dict(retain_weight=-1.0), dict(linf=0.0)):
         with pytest.raises(ValueError):
-            method_config_for("ft", **bad)
+            EDIT_METHODS.make_config("ft", **bad)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_edit_keys_at_subject_last_token(tiny, family):
     """The key of a mid-prompt subject is the MLP-out input at the subject's last token."""
-    from qedit.hooks import record
-    from qedit.methods._common import edit_keys
+    from qedit.core.hooks import record
+    from qedit.edit.keys import edit_keys
 
     loaded = load_model(tiny[family])
     request = request_from_dict(FACTS[1])                       # "Michael Jordan plays the sport of"
@@ -238,33 +245,36 @@ def test_edit_keys_at_subject_last_token(tiny, family):
     torch.testing.assert_close(key, rec[name][0, position].float())
 
 
-def test_alphaedit_sequential_batches_use_history(tiny, monkeypatch):
-    """api.edit with batch_size passes the earlier batches' keys on; AlphaEdit then keeps the
-    later update off them (|dW2 k1| drops by far) without weakening it on its own keys."""
-    import qedit.api as api
-
+def test_alphaedit_sequential_batches_use_history(tiny):
+    """compute_edits with batch_size passes the earlier batches' keys on; AlphaEdit then keeps the
+    later update off them (|dW2 k1| drops by far) without weakening it on its own keys. The model is
+    unchanged afterwards."""
     loaded = load_model(tiny["llama"])
+    weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     requests = [request_from_dict(f) for f in FACTS[:2]]
     cfg = method_config("alphaedit", "llama")
     spec = get_method("alphaedit")
     histories: list[dict[int, torch.Tensor]] = []
     results = []
 
+    spied = MethodRegistry("edit", EditMethod, EditRequest, "")
+
+    @spied.register(EditMethod.ALPHAEDIT, spec.config_cls, multi_layer=True)
     def spy(loaded_, reqs, cfg_, ctx):
         histories.append({k: v.clone() for k, v in ctx.history.items()})
         results.append(spec.compute(loaded_, reqs, cfg_, ctx))
         return results[-1]
 
-    monkeypatch.setattr(api, "get_method", lambda m: type(spec)(spec.method, spec.config_cls, spy, spec.multi_layer))
-    outcome = edit(loaded, requests, "alphaedit", cfg, batch_size=1)
+    outcome = compute_edits(loaded, requests, "alphaedit", cfg, batch_size=1, registry=spied)
+    assert all(torch.equal(p, weights[n]) for n, p in loaded.model.named_parameters()), "the model was left edited"
     assert len(results) == 2 and len(outcome.info["batches"]) == 2
     first, second = results
     assert histories[0] == {} and set(histories[1]) == set(first.keys)
     for layer, keys in first.keys.items():               # history = sum of k k^T over the first batch's keys
         torch.testing.assert_close(histories[1][layer], keys.double().t() @ keys.double())
-    # Batch 2 again on the same model (batch 1 folded in), without the history:
-    fold(loaded.model, second.deltas, sign=-1.0)
-    without = spec.compute(loaded, requests[1:], cfg, EditContext())
+    # Batch 2 again on the model with batch 1 applied, without the history:
+    with applied(loaded.model, first.deltas):
+        without = spec.compute(loaded, requests[1:], cfg, EditContext())
     for d_hist, d_free in zip(second.deltas, without.deltas, strict=True):
         k1, k2 = first.keys[d_hist.layer], second.keys[d_hist.layer]
         on_k1 = float(d_hist.output_change(k1).norm()), float(d_free.output_change(k1).norm())
@@ -275,7 +285,7 @@ def test_alphaedit_sequential_batches_use_history(tiny, monkeypatch):
 
 def test_key_statistics_cache(tiny, tmp_path, monkeypatch):
     """The second call reads the cache (keyed by model fingerprint, layer, sample count)."""
-    import qedit.stats as stats
+    import qedit.core.stats as stats
 
     cfg = StatsConfig(n_samples=8, sample_len=8, cache_dir=tmp_path)
     loaded = load_model(tiny["llama"])

@@ -1,19 +1,19 @@
-"""Minimal strength (qedit.methods._strength) on the tiny models: ROME, MEMIT and AlphaEdit scaled to the
+"""Minimal strength (qedit.edit.strength) on the tiny models: ROME, MEMIT and AlphaEdit scaled to the
 smallest edit that reaches `target_margin` (and up to `max_scale` when the full edit falls short), the
 margin as the lead over every other token, the bisection, and unlearning's forget gap."""
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import EDIT_PROMPT, EDIT_SUBJECT
-from qedit.delta import LowRankDelta
-from qedit.errors import QeditError
-from qedit.facts import EditRequest
-from qedit.methods.base import EditContext, TargetConfig, get_method
-from qedit.model import load_model
-from qedit.runners import TorchRunner
 from test_methods_tiny import CANDIDATES, counterfactual, method_config
+
+from qedit.converters.loading import load_model
+from qedit.core.delta import LowRankDelta
+from qedit.core.errors import QeditError
+from qedit.core.facts import EditRequest
+from qedit.edit.registry import EditContext, TargetConfig, get_method
+from qedit.runtimes.torch_runner import TorchRunner
 
 # A full edit that makes the target top-1 with room to spare, so there is something to scale.
 STRONG_TARGET = TargetConfig(steps=100, stop_nll=0.05, clamp_norm=10.0)
@@ -21,8 +21,8 @@ STRONG_TARGET = TargetConfig(steps=100, stop_nll=0.05, clamp_norm=10.0)
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_rome_minimal_strength_reaches_the_target_margin_with_a_smaller_edit(tiny, family):
-    from qedit.methods._common import context_prefixes
-    from qedit.methods._strength import _margin
+    from qedit.edit.keys import context_prefixes
+    from qedit.edit.strength import _margin
 
     loaded = load_model(tiny[family])
     request = counterfactual(TorchRunner(loaded))
@@ -45,8 +45,8 @@ def test_rome_minimal_strength_reaches_the_target_margin_with_a_smaller_edit(tin
 def test_spread_minimal_strength_scales_the_whole_batch_to_the_target_margin(tiny, method):
     """MEMIT and AlphaEdit with target_margin: every layer's delta is the full edit's, scaled by one factor
     alpha < 1 at which the batch's weakest request still reaches the target margin."""
-    from qedit.methods._common import context_prefixes
-    from qedit.methods._strength import _margin
+    from qedit.edit.keys import context_prefixes
+    from qedit.edit.strength import _margin
 
     loaded = load_model(tiny["llama"])
     request = counterfactual(TorchRunner(loaded))
@@ -75,8 +75,8 @@ def test_spread_minimal_strength_scales_the_whole_batch_to_the_target_margin(tin
 def test_an_edit_below_its_target_margin_is_scaled_up_to_max_scale(tiny, method):
     """max_scale > 1: an edit whose full strength stays below target_margin is scaled up by one factor, to the
     smallest that reaches the margin (or max_scale); with the default max_scale 1 it keeps full strength."""
-    from qedit.methods._common import context_prefixes
-    from qedit.methods._strength import _margin
+    from qedit.edit.keys import context_prefixes
+    from qedit.edit.strength import _margin
 
     loaded = load_model(tiny["llama"])
     request = counterfactual(TorchRunner(loaded))
@@ -102,7 +102,7 @@ def test_an_edit_below_its_target_margin_is_scaled_up_to_max_scale(tiny, method)
 def test_the_minimal_strength_margin_is_the_lead_over_every_other_token(tiny):
     """`_margin` is the new target's lead over the true answer AND over the strongest other token: a target
     that beats the true answer but is not the model's top-1 has a negative margin."""
-    from qedit.methods._strength import _margin
+    from qedit.edit.strength import _margin
 
     loaded = load_model(tiny["llama"])
     runner = TorchRunner(loaded)
@@ -126,7 +126,7 @@ def test_the_minimal_strength_margin_is_the_lead_over_every_other_token(tiny):
 ])
 def test_minimal_scale_bisects_down_to_the_margin_and_up_to_max_scale(target, max_scale, expected):
     """minimal_scale on a margin that grows as 2 x the edit's scale (a stand-in margin function)."""
-    from qedit.methods._strength import minimal_scale
+    from qedit.edit.strength import minimal_scale
 
     delta = LowRankDelta("w", 0, torch.ones(2, 1), torch.ones(1, 3))
 
@@ -141,7 +141,7 @@ def test_minimal_scale_bisects_down_to_the_margin_and_up_to_max_scale(target, ma
 
 def test_forget_gap_is_the_lead_of_the_best_other_token_over_the_answer(tiny):
     """`forget_gap`: log P(best other) - log P(answer's first token), negative while the answer is top-1."""
-    from qedit.methods._strength import forget_gap
+    from qedit.edit.strength import forget_gap
 
     loaded = load_model(tiny["llama"])
     logp = [s.mean_logprob for s in TorchRunner(loaded).score([(EDIT_PROMPT, c) for c in CANDIDATES])]

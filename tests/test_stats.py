@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from qedit import stats
-from qedit.errors import QeditError
-from qedit.model import load_model
-from qedit.stats import StatsConfig, draw_tokens
+from qedit.converters.loading import load_model
+from qedit.core import stats
+from qedit.core.errors import QeditError
+from qedit.core.stats import StatsConfig, draw_tokens
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from qedit.errors import QeditError
-from qedit.evaluate import CaseResult, EvalReport
-from qedit.facts import EditRequest
-from qedit.survival.gate import check_requirements, parse_requirement
-from qedit.survival.ladder import Measured, RungResult, SurvivalResult
+from qedit.core.errors import QeditError
+from qedit.core.facts import EditRequest
+from qedit.evaluation.gate import check_requirements, parse_requirement
+from qedit.evaluation.metrics import CaseResult, EvalReport
+from qedit.survival.measure import Measured, RungResult, SurvivalResult
 from qedit.survival.metrics import SCHEMA, all_rung_metrics, to_json
 from qedit.survival.report import table_lines, write_reports
 from qedit.survival.rungs import DEFAULT_LADDER, RungKind, gguf_rung_names, parse_ladder
@@ -28,21 +28,6 @@ def test_ladder_lora_and_repeats():
     rungs = parse_ladder("q4_k_m, Q2_K,Q4_K_M", lora="q4_k_m")
     assert [r.name for r in rungs] == ["Q4_K_M", "Q2_K", "LORA@Q4_K_M"]
     assert rungs[-1].kind is RungKind.GGUF_LORA and rungs[-1].spec == "Q4_K_M"
-
-
-@pytest.mark.parametrize("rung,on_rung", [("F16", False), ("Q8_0", False), ("Q6_K", False), ("q5_k_m", False),
-                                          ("Q5_K_S", False), ("Q5_0", False), ("Q4_K_M", True), ("Q4_0", True),
-                                          ("Q3_K_M", True), ("Q2_K", True), ("IQ4_XS", True)])
-def test_the_aware_path_computes_the_edit_on_the_quantized_model_below_5_bits(rung, on_rung):
-    """`edit --quant` and the aware ladder: below 5 bits the edit is computed on the quantized weights; at 5
-    bits and more it is the source edit, encoded edit-aware. A LoRA rung never recomputes (no rounding)."""
-    from qedit.survival.on_rung import edits_quantized, recomputes
-
-    assert edits_quantized(rung) is on_rung
-    if rung in gguf_rung_names():
-        (gguf,) = parse_ladder(rung)
-        assert recomputes(gguf) is on_rung
-        assert not recomputes(parse_ladder("", lora=rung)[0])
 
 
 @pytest.mark.parametrize("text", ["Q4_K_X", "Q4_K_M,Q9", "LORA@Q7", ",,"])

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import FACTS
-from qedit.delta import LowRankDelta, fold
-from qedit.facts import request_from_dict
-from qedit.methods import _target
-from qedit.methods._target_cache import weights_digest
-from qedit.methods.base import TargetConfig
-from qedit.model import load_model
+
+from qedit.converters.loading import load_model
+from qedit.core.delta import LowRankDelta, applied
+from qedit.core.facts import request_from_dict
+from qedit.edit import targets as _target
+from qedit.edit.registry import TargetConfig
+from qedit.edit.target_cache import weights_digest
 
 CFG = TargetConfig(steps=6, stop_nll=2.0, n_prefixes=0, chunk=2)
 SITE_LAYER = 1
@@ -56,10 +56,11 @@ def test_cache_misses_on_any_change(tiny_dirs, tmp_path, monkeypatch):
     delta = LowRankDelta(loaded.arch.weight_name(SITE_LAYER), SITE_LAYER, torch.full((w.shape[0], 1), 1e-3),
                          torch.ones(1, w.shape[1]), 1.0, loaded.arch.mlp_out_orientation)
     before = weights_digest(loaded.model)
-    fold(loaded.model, [delta])
-    assert weights_digest(loaded.model) != before
-    _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path)            # changed model
+    with applied(loaded.model, [delta]):
+        assert weights_digest(loaded.model) != before
+        _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path)        # changed model
     assert seen == [1, 2, 2, 2, 2]
+    assert weights_digest(loaded.model) == before
     # with applied deltas the cache is neither read nor written
     n_files = len(list(tmp_path.glob("*.pt")))
     _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, applied=[delta], cache_dir=tmp_path)

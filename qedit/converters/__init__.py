@@ -1,1 +1,2 @@
-"""Readers and writers for quantized model file formats (GGUF, GPTQ) and their conversion to torch."""
+"""File formats: GGUF (`gguf`) and GPTQ (`gptq`) readers and writers, and `loading`, which opens any
+supported model source as a `LoadedModel`."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from qedit.kernels.mixes import (
     MixModel,
-    mix_model_from_metadata,
     ftype_from_name,
+    mix_model_from_metadata,
     plan_tensor_types,
     supported_ftypes,
     tensor_type_for,

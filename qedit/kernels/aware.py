@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 from qedit.kernels.gguf_quants import GGMLQuantizationType
 from qedit.kernels.registry import QuantKernel, get_kernel
 
@@ -332,7 +332,7 @@ def quantize_edited(w0: np.ndarray, dw: np.ndarray, keys: np.ndarray, ggml_type:
     c = None if cov is None else _matrix(cov, "cov", n_in, n_in)               # (in, in)
     if c is not None and (np.diag(c).min() < 0 or np.diag(c).max() <= 0):
         raise QeditError("cov: must be E[k k^T] of the layer's keys, with a non-negative, non-zero diagonal; "
-                         "pass qedit.stats.key_covariance's matrix or None")
+                         "pass qedit.core.stats.key_covariance's matrix or None")
     if not kernel.fits(n_in):
         raise QeditError(f"w0: rows of {n_in} values do not fit {kernel.name} (block size {kernel.block_size}); "
                          "pick the type with qedit.kernels.resolve_type first")

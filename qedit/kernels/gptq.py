@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 
 log = logging.getLogger(__name__)
 

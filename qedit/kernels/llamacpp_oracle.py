@@ -18,7 +18,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 
 
 @dataclass(frozen=True)

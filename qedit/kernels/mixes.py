@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 import gguf
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 from qedit.kernels.registry import check_shape, get_kernel, resolve_type
 
 logger = logging.getLogger(__name__)

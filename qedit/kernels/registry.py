@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 from qedit.kernels import gguf_quants
 from qedit.kernels.gguf_quants import GGMLQuantizationType
 

@@ -1,7 +1,4 @@
-"""The survival ladder: edits checked at every quantization rung, in the runtime each format runs in."""
-from qedit.survival.gate import Requirement, check_requirements, parse_requirement
-from qedit.survival.ladder import SurvivalConfig, SurvivalResult, run_survival
-from qedit.survival.rungs import DEFAULT_LADDER, Rung, RungKind, parse_ladder
-
-__all__ = ["DEFAULT_LADDER", "Requirement", "Rung", "RungKind", "SurvivalConfig", "SurvivalResult",
-           "check_requirements", "parse_ladder", "parse_requirement", "run_survival"]
+"""The survival ladder: edits checked at every quantization rung, in the runtime each format runs in.
+`ladder` runs it, `build` makes and measures each rung, `measure` holds its data, `rungs` parses the
+ladder, `artifacts` caches the quantized files, `metrics` and `report` turn results into JSON, CSV,
+Markdown, HTML and a plot."""

@@ -18,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from qedit.delta import LowRankDelta
+from qedit.core.delta import LowRankDelta
+from qedit.core.model import LoadedModel
+from qedit.edit.compute import EditOutcome
+from qedit.kernels.gptq import GPTQConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class ArtifactStore:
     source_sha256: str
 
     def _key(self, ftype: str, digest: str | None, kind: str) -> str:
-        from qedit.api import qedit_version
+        from qedit.core.version import qedit_version
 
         blob = json.dumps([self.source_sha256, ftype, digest, kind, qedit_version()])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -52,33 +55,30 @@ class ArtifactStore:
     def _path(self, stem: str, key: str, suffix: str = ".gguf") -> Path:
         return self.root / f"{stem}-{key}{suffix}"
 
-    def gguf(self, ftype: str, deltas: Sequence[LowRankDelta] = (), manifest: dict[str, Any] | None = None,
-             encoding: Any = None) -> tuple[Path, bool]:
-        """The model at `ftype`, with `deltas` added (none: the unedited baseline), their tensors encoded
-        edit-aware with `encoding` (None: plainly). Returns (path, built)."""
-        from qedit.converters.gguf_export import export_gguf
+    def gguf(self, ftype: str) -> tuple[Path, bool]:
+        """The unedited model at `ftype`, exported as `qedit export` writes it. Returns (path, built)."""
+        from qedit.converters.gguf.export import export_gguf
 
-        digest = deltas_digest(deltas) if deltas else None
-        if digest is not None and encoding is not None:
-            digest += hashlib.sha256(json.dumps(encoding.digest_parts(), sort_keys=True).encode()).hexdigest()
-        stem = f"{'edited' if deltas else 'base'}{'-aware' if deltas and encoding is not None else ''}-{ftype}"
-        path = self._path(stem, self._key(ftype, digest, "gguf"))
+        path = self._path(f"base-{ftype}", self._key(ftype, None, "gguf"))
         if path.is_file():
             log.info("reusing %s", path)
             return path, False
         self.root.mkdir(parents=True, exist_ok=True)
-        export_gguf(self.source, path, ftype, deltas=list(deltas), manifest=manifest if deltas else None,
-                    encoding=encoding if deltas else None)
+        export_gguf(self.source, path, ftype)
         return path, True
 
-    def on_rung(self, base: Path, deltas: Sequence[LowRankDelta]) -> Path:
-        """Where the edit computed on the unedited rung file `base` is patched onto it. Keyed by `base` and
-        the source edit's deltas (the rung's edit is a function of both), so a rerun reuses it unrecomputed."""
-        return self._path(f"edited-onrung-{base.stem}", self._key(base.name, deltas_digest(deltas), "on-rung"))
+    def edited(self, rung: str, outcome: EditOutcome, naive: bool, hold_margin: float, verify: bool | None,
+               suffix: str = ".gguf") -> Path:
+        """Where a rung's edited artifact goes: keyed by the rung, the source's edit (the requests, method and
+        settings it came from determine it) and how the pipeline writes it."""
+        blob = json.dumps([rung, naive, hold_margin, verify, outcome.method,
+                           [r.to_json() for r in outcome.requests]], sort_keys=True, default=str)
+        digest = deltas_digest(outcome.deltas) + hashlib.sha256(blob.encode()).hexdigest()
+        return self._path(f"edited{'-naive' if naive else ''}-{rung}", self._key(rung, digest, "edited"), suffix)
 
     def lora(self, base: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any] | None = None) -> tuple[Path, bool]:
         """A GGUF LoRA adapter of `deltas` for the base file `base`. Returns (path, built)."""
-        from qedit.converters.gguf_lora import write_lora_gguf
+        from qedit.converters.gguf.lora import write_lora_gguf
 
         path = self._path("edit", self._key("lora", deltas_digest(deltas), "lora"), ".lora.gguf")
         if path.is_file():
@@ -89,37 +89,18 @@ class ArtifactStore:
         return path, True
 
 
-    def gptq(self, loaded: Any, bits: int, group_size: int, act_order: bool,
-             seqs: Sequence[Sequence[int]]) -> tuple[Path, bool]:
-        """The unedited model as a GPTQ checkpoint (qedit's solver on `seqs`). Returns (path, built)."""
-        from qedit.converters.gptq_export import GPTQWriteConfig, write_gptq
-        from qedit.kernels.gptq import GPTQConfig
+    def gptq(self, loaded: LoadedModel, quant: GPTQConfig, seqs: Sequence[Sequence[int]]) -> tuple[Path, bool]:
+        """The unedited model as a GPTQ checkpoint (qedit's solver on `seqs`), as `qedit edit --format gptq`
+        writes the unedited model it patches. Returns (path, built)."""
+        from qedit.converters.gptq.export import GPTQWriteConfig, write_gptq
 
-        spec = f"gptq{bits}g{group_size}{'a' if act_order else ''}"
-        path = self._path(f"base-{spec}", self._key(spec + _seq_digest(seqs), None, "gptq"), "")
+        spec = f"gptq{quant.bits}g{quant.group_size}{'a' if quant.desc_act else ''}"
+        path = self._path(f"base-{spec}", self._key(spec + repr(quant) + _seq_digest(seqs), None, "gptq"), "")
         if (path / "config.json").is_file():
             log.info("reusing %s", path)
             return path, False
         self.root.mkdir(parents=True, exist_ok=True)
-        write_gptq(loaded, path, GPTQWriteConfig(GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order)), seqs)
-        return path, True
-
-    def gptq_patch(self, base: Path, deltas: Sequence[LowRankDelta], seqs: Sequence[Sequence[int]],
-                   manifest: dict[str, Any] | None = None, keys: Any = None) -> tuple[Path, bool]:
-        """The GPTQ checkpoint `base` patched with `deltas` (only the edited Linears requantized, as a user
-        patches a GPTQ model); `keys` (layer -> (n, in)) make their Hessians edit-aware. Returns (path, built)."""
-        from qedit.converters.gptq_export import patch_gptq
-
-        digest = deltas_digest(deltas)
-        if keys:
-            digest += hashlib.sha256(b"".join(np.ascontiguousarray(keys[k].detach().cpu().float().numpy()).tobytes()
-                                              for k in sorted(keys))).hexdigest()
-        path = self._path(f"edited{'-aware' if keys else ''}-{base.name}",
-                          self._key(base.name + _seq_digest(seqs), digest, "gptq-patch"), "")
-        if (path / "config.json").is_file():
-            log.info("reusing %s", path)
-            return path, False
-        patch_gptq(base, path, list(deltas), dict(manifest or {}), seqs, edit_keys=keys or None)
+        write_gptq(loaded, path, GPTQWriteConfig(quant), seqs)
         return path, True
 
 
@@ -132,7 +113,7 @@ def gptq_bits_per_weight(directory: Path) -> tuple[float, int]:
     counts as the weights it holds; its qzeros, scales and g_idx add bytes, not weights."""
     from safetensors import safe_open
 
-    from qedit.converters.gptq import read_checkpoint_config, safetensors_files
+    from qedit.converters.gptq.checkpoint import read_checkpoint_config, safetensors_files
 
     bits = read_checkpoint_config(directory).bits
     n_bytes = n_weights = 0
@@ -156,7 +137,7 @@ def _itemsize(dtype: str) -> int:
 
 def bits_per_weight(path: Path) -> tuple[float, int]:
     """(bits per weight over all tensors, total tensor bytes) of a GGUF file."""
-    from qedit.converters.gguf_read import GGUFFile
+    from qedit.converters.gguf.read import GGUFFile
 
     with GGUFFile(path) as gf:
         n_bytes = sum(t.nbytes for t in gf.tensors.values())

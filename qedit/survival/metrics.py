@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from qedit.evaluate import METRICS
-from qedit.forget_eval import ForgetReport
-from qedit.survival.ladder import FULL_PRECISION, Measured, RungResult, SurvivalResult
-from qedit.survival.metrics_forget import forget_case_rows, forget_metrics, recovered_facts
+from qedit.evaluation.forget import ForgetReport
+from qedit.evaluation.forget_compare import forget_case_rows, forget_metrics, recovered_facts
+from qedit.evaluation.metrics import METRICS
+from qedit.survival.measure import FULL_PRECISION, Measured, RungResult, SurvivalResult
 
 SCHEMA = "qedit.survival/2"
 _KEPT = ("efficacy", "generalization")
@@ -107,7 +107,7 @@ def to_json(result: SurvivalResult, gates: list[dict[str, Any]] | None = None) -
         rungs.append({
             "name": r.rung.name, "kind": r.rung.kind.value, "spec": r.rung.spec, "runtime": r.rung.runtime,
             "status": r.status, "reason": r.reason, "encoding": r.encoding, "computed_on": r.computed_on,
-            "delta_norm": r.delta_norm, "bits_per_weight": r.bits_per_weight,
+            "delta_norm": r.delta_norm, "verify_scale": r.verify_scale, "bits_per_weight": r.bits_per_weight,
             "size_bytes": r.size_bytes, "artifacts": r.artifacts, "built": r.built,
             "seconds": round(r.seconds, 2), "runner": None if r.edited is None else r.edited.report.runner,
             "metrics": metrics[r.rung.name],

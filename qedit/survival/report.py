@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qedit.io_utils import atomic_path
+from qedit.core.files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from qedit.errors import QeditError
+from qedit.core.errors import QeditError
 
 DEFAULT_LADDER = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K"
 
@@ -75,7 +75,7 @@ def _gptq_rung(text: str, what: str) -> Rung:
 
 
 def _bnb_rung(text: str, what: str) -> Rung:
-    from qedit.runners_gptq import BNB_MODES
+    from qedit.runtimes.bnb import BNB_MODES
 
     mode = text.strip().lower().removeprefix(BNB_PREFIX.lower())
     if mode not in BNB_MODES:

@@ -1,0 +1,60 @@
+"""Open any model source qedit edits as a `LoadedModel`: an HF directory, a GGUF file or a GPTQ
+checkpoint (dequantized by qedit's reader), in full precision and eval mode."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from qedit.converters.gguf.to_torch import load_gguf
+from qedit.converters.gptq.checkpoint import is_gptq_checkpoint
+from qedit.converters.gptq.export import load_dequantized
+from qedit.core.arch import arch_for_model_type
+from qedit.core.errors import QeditError
+from qedit.core.model import LoadedModel, finish_tokenizer, is_gguf_file
+
+log = logging.getLogger(__name__)
+
+
+def load_hf_dir(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """An HF model directory (config.json, safetensors, tokenizer files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise QeditError(f"{path}: not a model directory (no config.json); give an HF directory or a .gguf file")
+    try:
+        model_type = json.loads(cfg_path.read_text())["model_type"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise QeditError(f"{cfg_path}: unreadable config ({exc}); expected an HF config.json with model_type") from exc
+    arch = arch_for_model_type(model_type, source=str(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, finish_tokenizer(tokenizer), arch, path, "hf", device)
+
+
+def load_gguf_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A GGUF file, every tensor dequantized (the types it is stored in are kept in `stored_types`)."""
+    model, tokenizer, stored_types = load_gguf(path, dtype=dtype, device=device)
+    arch = arch_for_model_type(model.config.model_type, source=str(path))
+    model.eval().requires_grad_(False)  # methods train their own delta tensors, never the weights
+    return LoadedModel(model, finish_tokenizer(tokenizer), arch, path, "gguf", device, stored_types=stored_types)
+
+
+def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load an HF model directory, a .gguf file or a GPTQ checkpoint for editing (full precision, eval mode)."""
+    path = Path(source)
+    device = torch.device(device)
+    if not path.exists():
+        raise QeditError(f"{path}: no such file or directory; give an HF model directory or a .gguf file")
+    log.info("loading %s", path)
+    if path.is_dir():
+        if is_gptq_checkpoint(path):  # dequantized by qedit's reader: full-precision work needs no GPTQ kernels
+            return load_dequantized(path, device, dtype)
+        return load_hf_dir(path, device, dtype)
+    if path.suffix.lower() == ".gguf" or is_gguf_file(path):
+        return load_gguf_model(path, device, dtype)
+    raise QeditError(f"{path}: not a model directory or a GGUF file; give an HF model directory or a .gguf file")

@@ -1,0 +1,88 @@
+"""`LoadedModel`: a torch causal LM, its tokenizer and where it came from (the loaders live in
+`qedit.converters.loading`), and the fingerprint of a source file or directory."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qedit.core.arch import ArchSpec, Orientation
+from qedit.core.errors import QeditError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and the facts about where it came from."""
+
+    model: Any                      # transformers PreTrainedModel, eval mode
+    tokenizer: Any                  # transformers PreTrainedTokenizerBase
+    arch: ArchSpec
+    source: Path
+    source_kind: str                # "hf", "gguf" or "gptq"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # HF weight name -> the GGML type name it is stored in, for a model loaded from a GGUF file ({} otherwise)
+    stored_types: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(getattr(self.model.config, self.arch.n_layers_attr))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the source weights (the GGUF file, or the directory's weight files)."""
+        return fingerprint_source(self.source)
+
+    def module(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError as exc:
+            raise QeditError(f"{self.source}: module {name!r} not found for arch {self.arch.name}") from exc
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise QeditError(
+                f"layer {layer} is out of range for {self.source.name}: it has {self.n_layers} layers (0..{self.n_layers - 1})"
+            )
+
+    def edit_weight(self, layer: int) -> torch.Tensor:
+        """The edit-target weight at `layer` in math orientation (out, in); a view, not a copy."""
+        self.check_layer(layer)
+        w = self.module(self.arch.mlp_out.format(layer)).weight
+        return w if self.arch.mlp_out_orientation is Orientation.OUT_IN else w.t()
+
+
+def fingerprint_source(source: Path) -> str:
+    h = hashlib.sha256()
+    files = [source] if source.is_file() else sorted(
+        p for p in source.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf") or p.name == "config.json"
+    )
+    for path in files:
+        h.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def finish_tokenizer(tokenizer: Any) -> Any:
+    # Batched evaluation pads on the right; models without a pad token (gpt2) reuse eos.
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def is_gguf_file(path: Path) -> bool:
+    """True for an existing file that starts with the GGUF magic."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"

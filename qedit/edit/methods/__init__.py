@@ -1,0 +1,1 @@
+"""Edit methods: ROME, MEMIT, AlphaEdit and FT, each one module registered under its `EditMethod`."""

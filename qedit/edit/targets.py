@@ -1,0 +1,121 @@
+"""Target optimisation (ROME's v*, MEMIT's z): the vector that, added to a module's output at the
+subject's last token, makes the model answer target_new, with a KL term that keeps the subject's
+other properties and a norm bound. With `away_margin` (unlearning, `kforget`) the objective turns
+around: the vector pushes the first token of the request's `target_new` (the answer to erase) at least
+`away_margin` nats below the best other token, a hinge that stops pulling once the margin holds.
+
+Requests are optimised together in chunks (one batch per step) and a chunk stops once all of its
+requests are below the NLL threshold, so a target depends on its chunk-mates; the target cache is
+keyed by the whole chunk."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qedit.core.batching import best_other, build_batch, logits_at, target_index
+from qedit.core.delta import LowRankDelta
+from qedit.core.facts import EditRequest
+from qedit.core.hooks import OutputEdit, add_at_positions, edit_outputs, record
+from qedit.core.model import LoadedModel
+from qedit.edit.keys import delta_edits
+from qedit.edit.registry import TargetConfig
+from qedit.edit.target_cache import TargetCache
+
+log = logging.getLogger(__name__)
+
+
+def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, prefixes: Sequence[str],
+                   cfg: TargetConfig, applied: Sequence[LowRankDelta],
+                   away_margin: float | None = None) -> tuple[torch.Tensor, list[float]]:
+    n, p = len(reqs), len(prefixes)
+    texts = [pre + r.prompt for r in reqs for pre in prefixes] + [f"{r.subject} is a" for r in reqs]
+    targets: list[str | None] = [r.target_new for r in reqs for _ in prefixes] + [None] * n
+    subjects = [r.subject for r in reqs for _ in prefixes] + [r.subject for r in reqs]
+    batch = build_batch(loaded, texts, targets, subjects)
+    owner = torch.tensor([i for i in range(n) for _ in prefixes] + list(range(n)))     # (rows,)
+    rows_all = torch.arange(len(texts))
+    lookup = torch.tensor(batch.lookup)
+    t_rows, t_cols, t_ids = target_index(batch)
+    if away_margin is not None:   # the hinge reads each row's first target token only
+        first = torch.ones_like(t_rows, dtype=torch.bool)
+        first[1:] = t_rows[1:] != t_rows[:-1]
+        t_rows, t_cols, t_ids = t_rows[first], t_cols[first], t_ids[first]
+    kl_rows = torch.arange(n * p, n * p + n)
+    kl_cols = torch.tensor([batch.last[i] for i in kl_rows.tolist()])
+    q_rows, q_cols = torch.cat([t_rows, kl_rows]), torch.cat([t_cols, kl_cols])
+    n_t = len(t_rows)
+    tok_owner = owner[t_rows]                                                            # (n_t,)
+    counts = torch.bincount(tok_owner, minlength=n).clamp(min=1).float()                 # (n,)
+
+    base_edits: dict[str, OutputEdit] = delta_edits(loaded, applied)
+    with torch.no_grad(), edit_outputs(loaded.model, base_edits), record(loaded.model, [site], "output") as rec:
+        logits = logits_at(loaded, batch, q_rows, q_cols)
+        ref_kl = F.log_softmax(logits[n_t:], dim=-1)                                     # (n, vocab)
+        orig = rec[site][kl_rows, lookup[kl_rows]].float()                               # (n, d)
+    orig_norm = orig.norm(dim=-1).clamp(min=1e-6)                                        # (n,)
+
+    # Optimise in units of the site's RMS, so one learning rate fits sites of very different
+    # scale (an MLP output near 0.1 per coordinate, Gemma's residual stream near 250).
+    unit = (orig_norm / orig.shape[1] ** 0.5)[:, None]                                  # (n, 1)
+    theta = torch.zeros_like(orig, requires_grad=True)                                   # (n, d)
+    opt = torch.optim.Adam([theta], lr=cfg.lr)
+    nll_per = torch.zeros(n)
+    for _step in range(cfg.steps):
+        opt.zero_grad()
+        delta = theta * unit                                                             # (n, d)
+        inject = add_at_positions(delta[owner], rows_all, lookup)
+        # hooks on one module chain in registration order: the applied deltas first, then the injection
+        with edit_outputs(loaded.model, base_edits), edit_outputs(loaded.model, {site: inject}):
+            logits = logits_at(loaded, batch, q_rows, q_cols)
+        logp_all = F.log_softmax(logits[:n_t], dim=-1)                                   # (n_t, vocab)
+        logp = logp_all.gather(1, t_ids[:, None])[:, 0]                                  # (n_t,)
+        if away_margin is None:
+            nll_per = -torch.zeros(n).index_add(0, tok_owner, logp) / counts             # (n,) mean over tokens and prefixes
+        else:   # the runner-up held fixed: lowering the answer spreads its mass over every other token
+            other = best_other(logp_all, t_ids).detach()                                          # (n_t,)
+            hinge = torch.relu(logp - other + away_margin)                                        # (n_t,)
+            nll_per = torch.zeros(n).index_add(0, tok_owner, hinge) / counts             # (n,) mean over prefixes
+        kl = F.kl_div(F.log_softmax(logits[n_t:], dim=-1), ref_kl, log_target=True, reduction="none").sum(-1)  # (n,)
+        decay = (delta.norm(dim=-1) / orig_norm) ** 2
+        loss = (nll_per + cfg.kl_factor * kl + cfg.weight_decay * decay).sum()
+        if float(nll_per.detach().max()) < cfg.stop_nll:
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            limit = cfg.clamp_norm * orig.shape[1] ** 0.5                                # in units: ||theta|| bound
+            scale = (limit / theta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
+            theta.mul_(scale[:, None])
+    return (theta * unit).detach(), nll_per.detach().tolist()
+
+
+def optimize_targets(loaded: LoadedModel, requests: Sequence[EditRequest], site: str, prefixes: Sequence[str],
+                     cfg: TargetConfig, applied: Sequence[LowRankDelta] = (),
+                     cache_dir: Path | None = None, away_margin: float | None = None) -> tuple[torch.Tensor, list[float]]:
+    """delta (n, d) to add to `site`'s output at each request's subject-last token, and the final NLLs
+    (with `away_margin`: the final hinge values, 0 where the answer trails by the margin).
+
+    With cache_dir, targets computed on the model as it is (no applied deltas) are read from and
+    written to that directory (qedit.edit.target_cache)."""
+    cache = TargetCache(cache_dir if not applied else None, loaded, site, prefixes, cfg, away_margin)
+    parts, nlls, hits = [], [], 0
+    for lo in tqdm(range(0, len(requests), cfg.chunk), desc="optimising targets", unit="chunk", leave=False):
+        chunk = list(requests[lo:lo + cfg.chunk])
+        found = cache.get(chunk)
+        if found is None:
+            found = _chunk_targets(loaded, chunk, site, prefixes, cfg, applied, away_margin)
+            cache.put(chunk, *found)
+        else:
+            hits += len(chunk)
+        parts.append(found[0])
+        nlls.extend(found[1])
+    if hits:
+        log.info("%d of %d targets from the cache %s", hits, len(requests), cache.dir)
+    log.info("target %s after optimisation: mean %.3f, max %.3f", "NLL" if away_margin is None else "hinge",
+             sum(nlls) / len(nlls), max(nlls))
+    return torch.cat(parts), nlls                                                        # (n, d)

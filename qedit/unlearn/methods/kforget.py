@@ -1,0 +1,162 @@
+"""kforget: key-local unlearning, MEMIT's closed form turned around (qedit issue 7).
+
+GA, NPO and qforget train dW by gradient steps on the facts and a retain loss; a change large enough
+to outlast rounding then also moves the answers of the retain prompts (CounterFact's neighbourhood
+prompts, which share the erased answer). kforget instead edits the way MEMIT does, keyed to each
+fact's subject:
+
+1. Target: a residual vector at the last edit layer, at the subject's last token, optimised until
+   the answer's first token trails the best other token by `forget_margin` nats over the prompt and
+   its context prefixes (a hinge; the KL on "<subject> is a" keeps the subject's other properties).
+2. Spread: MEMIT's per-layer least squares, dW = R K^T (lambda C + K K^T + w R_keep)^-1, where C is the
+   key covariance and R_keep = sum of k k^T over every token of the retain prompts (weight
+   `retain_weight` per token): the solve keeps the retain prompts' MLP outputs where they were.
+3. Strength: when the spread overshoots, the deltas are scaled down (on every layer together) to the
+   smallest factor in [0.05, 1] at which every fact's answer still trails the best other token by
+   `forget_margin` nats on the bare prompt and on average over its context prefixes
+   (`_strength.minimal_scale` with `forget_gap` as the margin). Under the strong prior the spread
+   usually falls short instead; scaling up (`max_scale` > 1) cost retain accuracy, so it is off.
+4. Passes: the facts whose answer is still top-1 after that (the spread under a strong prior falls
+   short for some) get a second spread of their own (`passes`), computed on top of the first deltas,
+   with the first pass's keys held in the solve so that it does not undo the other facts.
+5. The edit keys come back with the deltas, so patches, exports and the survival ladder encode the
+   edited tensors edit-aware (the change kept at the keys through requantization) and, at coarse GGUF
+   rungs, compute the unlearning on the rung's own weights, as they do for edits.
+
+Facts only: a request needs a prompt, a subject and the answer to erase (texts are GA/NPO/qforget's).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qedit.core import linalg
+from qedit.core.batching import build_batch, logits_at
+from qedit.core.errors import QeditError
+from qedit.core.facts import EditRequest
+from qedit.core.hooks import record
+from qedit.core.model import LoadedModel
+from qedit.edit.keys import context_prefixes
+from qedit.edit.methods.memit import MemitConfig
+from qedit.edit.registry import EditContext, EditResult, resolve_layers
+from qedit.edit.spread import spread_edit
+from qedit.edit.strength import forget_gap, forget_gaps, minimal_scale
+from qedit.unlearn.registry import UnlearnMethod, register_unlearn_method
+from qedit.unlearn.requests import ForgetRequest, RetainItem, check_retain_setting, default_retain
+
+
+@dataclass(frozen=True)
+class KForgetConfig(MemitConfig):
+    # Settings measured on Gemma 3 270M. benchmarks/sweep_kforget.py, 20 known CounterFact-dev facts in torch
+    # (retain: their locality prompts; held out: 20 other lines'; unedited retain / held-out accuracy 0.30 / 0.40):
+    #   cov_weight 1e3, retain_weight 0:  retain 0.10, held out 0.15, every fact forgotten
+    #   cov_weight 1e3, retain_weight 1:  retain 0.35, held out 0.25, every fact forgotten
+    #   cov_weight 1e4, retain_weight 10: retain 0.35, held out 0.40, 19 of 20 forgotten
+    # and scaling the deltas up to reach 4 nats on every fact (max_scale 4) cost 15-25 points of both.
+    # benchmarks/bench_forget.py, 100 known facts in llama.cpp, cov_weight 1e4 (retain change against the
+    # unedited model at fp32 / Q4_K_M / Q4_0; facts still top-1 at fp32):
+    #   retain_weight 10, margin 3, 1 pass:    -2 / -4 / -3 points, 10 facts
+    #   retain_weight 100, margin 4, 1 pass:   -2 /  0 / -1 points, 21 facts
+    #   retain_weight 100, margin 4, 3 passes: -2 /  0 / -1 points,  2 facts (the defaults)
+    cov_weight: float = 1e4
+    target_margin: float | None = None    # minimal strength is for edits; kforget's strength is forget_margin
+    forget_margin: float = 4.0            # nats the answer's first token must trail the best other token by
+    retain: tuple[RetainItem, ...] = ()   # a shared retain set, besides each request's own retain items
+    retain_weight: float = 100.0          # weight of each retain-prompt token's key in the solve's prior
+    retain_chunk: int = 32                # retain prompts per forward pass
+    passes: int = 3                       # more passes for the facts whose answer is still top-1 after one
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_margin is not None:
+            raise QeditError("KForgetConfig.target_margin: must stay None (an edit setting); "
+                             "kforget's strength is forget_margin")
+        for key in ("forget_margin", "retain_weight"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise QeditError(f"KForgetConfig.{key}: must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.passes, int) or isinstance(self.passes, bool) or not 1 <= self.passes <= 10:
+            raise QeditError(f"KForgetConfig.passes: must be an integer in [1, 10], got {self.passes!r}")
+        if not isinstance(self.retain_chunk, int) or self.retain_chunk < 1:
+            raise QeditError(f"KForgetConfig.retain_chunk: must be an integer >= 1, got {self.retain_chunk!r}")
+        check_retain_setting("KForgetConfig.retain", self.retain)
+
+
+def as_edit_requests(requests: Sequence[ForgetRequest]) -> list[EditRequest]:
+    """Each fact as the EditRequest the spread optimises: target_new carries the answer to push away."""
+    out = []
+    for i, r in enumerate(requests):
+        if not r.is_fact or r.texts:
+            raise QeditError(f"kforget: request {i} ({r.name!r}) has texts to forget; kforget erases facts "
+                             "(prompt, subject, answer) only: use --method qforget (or ga, npo) for texts")
+        assert r.prompt is not None and r.subject is not None and r.answer is not None
+        out.append(EditRequest(r.prompt, r.subject, r.answer, case_id=r.case_id))
+    return out
+
+
+@torch.no_grad()
+def retain_grams(loaded: LoadedModel, layers: Sequence[int], prompts: Sequence[str],
+                 chunk: int) -> dict[int, torch.Tensor]:
+    """Per layer, sum of k k^T (d_in, d_in) float64 over the MLP output projection's input at every token of
+    `prompts` (the unedited model)."""
+    modules = [loaded.arch.mlp_out.format(layer) for layer in layers]
+    d_in = {layer: loaded.edit_weight(layer).shape[1] for layer in layers}
+    grams = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64) for layer in layers}
+    origin = torch.zeros(1, dtype=torch.long)
+    for lo in range(0, len(prompts), chunk):
+        part = list(prompts[lo:lo + chunk])
+        batch = build_batch(loaded, part, [None] * len(part))
+        with record(loaded.model, modules, "input") as rec:
+            logits_at(loaded, batch, origin, origin)
+        mask = batch.attention_mask.bool()                                          # (b, s)
+        for layer, m in zip(layers, modules):
+            k = rec[m][mask].double()                                               # (tokens, d_in)
+            grams[layer] += k.t() @ k
+    return grams
+
+
+@register_unlearn_method(UnlearnMethod.KFORGET, KForgetConfig, multi_layer=True)
+def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForgetConfig,
+            ctx: EditContext) -> EditResult:
+    edits = as_edit_requests(requests)
+    layers = resolve_layers(loaded, cfg, multi_layer=True)
+    items = default_retain(requests, cfg.retain)
+    keep = retain_grams(loaded, layers, [x.prompt for x in items], cfg.retain_chunk) if cfg.retain_weight > 0 and items \
+        else {}
+
+    done: dict[int, list[torch.Tensor]] = {}   # layer -> keys (n, d_in) of earlier passes, kept in later solves
+
+    def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        prior = cfg.cov_weight * cov.double() + ctx.history.get(layer, torch.zeros_like(cov)).double()
+        if layer in keep:
+            prior = prior + cfg.retain_weight * keep[layer].to(prior.device)
+        for k in done.get(layer, []):
+            prior = prior + k.double().t() @ k.double()
+        return linalg.batch_update(keys, resid, prior).float()                      # (d_out, d_in)
+
+    prefixes = context_prefixes(loaded, cfg)
+    result = spread_edit(loaded, edits, cfg, ctx, solve, away_margin=cfg.forget_margin)
+    alpha, margin = minimal_scale(loaded, edits, prefixes, result.deltas, [], cfg.forget_margin,
+                                  max_scale=cfg.max_scale, margin_fn=forget_gap)
+    deltas = [d.scaled(alpha) for d in result.deltas]
+    keys = {layer: [k] for layer, k in result.keys.items()}
+    info = {**result.info, "forget_margin": cfg.forget_margin, "scale": alpha, "margin": margin, "n_retain": len(items),
+            "retain_weight": cfg.retain_weight, "passes": [len(edits)]}
+    for _ in range(cfg.passes - 1):
+        # the facts whose answer is still top-1 (bare prompt or mean over prefixes) get a pass of their own,
+        # computed on top of the deltas so far, with the keys of the earlier passes held in the solve
+        gaps = forget_gaps(loaded, edits, prefixes, deltas)                         # (n,)
+        left = [r for r, g in zip(edits, gaps.tolist()) if g <= 0]
+        if not left:
+            break
+        done.clear()
+        done.update({layer: list(ks) for layer, ks in keys.items()})   # a copy: this pass's keys join after it
+        more = spread_edit(loaded, left, cfg, ctx, solve, away_margin=cfg.forget_margin, base=deltas)
+        deltas += more.deltas
+        for layer, k in more.keys.items():
+            keys.setdefault(layer, []).append(k)
+        info["passes"].append(len(left))
+    return EditResult(deltas, {layer: torch.cat(ks) for layer, ks in keys.items()}, info)

@@ -1,0 +1,222 @@
+"""Forget requests (facts or texts to unlearn), retain items, and their JSONL forms.
+
+Forget lines (one JSON object per line, blank lines ignored):
+- the CounterFact / zsRE layout of ``shared/data``: prompt, subject, ground_truth (REQUIRED here: the
+  answer to erase), locality_prompt / locality_ground_truth (carried as the request's retain items);
+  target_new, rephrase_prompt and other fields are ignored;
+- the plain form ``{"prompt", "subject", "answer"}``;
+- either of those may add ``"text"`` / ``"texts"`` (a string or a list): passages to forget as well;
+- a text-only line ``{"text": "..."}``: a passage to forget, with no fact attached.
+
+Retain lines (`load_retain`): ``{"prompt", "answer"}``, or the CounterFact layout, whose
+(prompt, ground_truth) and (locality_prompt, locality_ground_truth) pairs each become an item.
+
+Where the retain set goes: each `ForgetRequest` carries its own retain items (from its line's
+locality fields); a method config's ``retain`` field adds a shared set (e.g. from `load_retain`).
+A method trains against both.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from qedit.core.errors import QeditError
+from qedit.core.facts import _as_tuple, _str_field, parse_jsonl
+
+
+@dataclass(frozen=True)
+class RetainItem:
+    """A prompt whose answer must stay the model's answer.
+
+    held_out: scored only, never given to a method (a utility check on prompts it did not train on)."""
+
+    prompt: str
+    answer: str
+    held_out: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("retain prompt is empty")
+        if not isinstance(self.answer, str) or not self.answer.strip():
+            raise ValueError(f"retain answer for prompt {self.prompt!r} is empty")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "answer": self.answer, **({"held_out": True} if self.held_out else {})}
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    """Make the model stop answering `prompt` with `answer` (and stop producing `texts`).
+
+    A text-only request has prompt, subject and answer None and at least one text.
+    """
+
+    prompt: str | None
+    subject: str | None
+    answer: str | None
+    texts: tuple[str, ...] = ()
+    case_id: str | None = None
+    retain_prompts: tuple[str, ...] = ()
+    retain_answers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        fact = (self.prompt, self.subject, self.answer)
+        if all(v is None for v in fact):
+            if not self.texts:
+                raise ValueError("a forget request needs prompt, subject and answer, or at least one text")
+        else:
+            for key, value in zip(("prompt", "subject", "answer"), fact):
+                if not isinstance(value, str) or not value.strip():
+                    raise ValueError(f"field {key!r} is missing or empty; a fact needs prompt, subject and answer")
+            if self.subject not in self.prompt:  # type: ignore[operator]
+                raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}")
+        if any(not isinstance(t, str) or not t.strip() for t in self.texts):
+            raise ValueError("a text to forget is empty")
+        if len(self.retain_prompts) != len(self.retain_answers):
+            raise ValueError("retain prompts and answers differ in length")
+        for p, a in zip(self.retain_prompts, self.retain_answers):
+            RetainItem(p, a)
+
+    @property
+    def is_fact(self) -> bool:
+        return self.answer is not None
+
+    @property
+    def name(self) -> str:
+        """"subject -> answer" for facts, the start of the first text otherwise."""
+        return f"{self.subject} -> {self.answer}" if self.is_fact else self.texts[0][:40]
+
+    @property
+    def retain(self) -> tuple[RetainItem, ...]:
+        return tuple(RetainItem(p, a) for p, a in zip(self.retain_prompts, self.retain_answers))
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as a line `load_forget_requests` reads back (the plain form)."""
+        out: dict[str, Any] = {}
+        if self.is_fact:
+            out.update(prompt=self.prompt, subject=self.subject, answer=self.answer)
+        optional = {"texts": list(self.texts), "case_id": self.case_id,
+                    "locality_prompt": list(self.retain_prompts), "locality_ground_truth": list(self.retain_answers)}
+        out.update({k: v for k, v in optional.items() if v not in (None, [])})
+        return out
+
+
+def forget_from_dict(obj: Any) -> ForgetRequest:
+    """One forget request from one JSON object in any accepted layout (raises ValueError)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    texts = _as_tuple(obj.get("texts"), "texts") + _as_tuple(obj.get("text"), "text")
+    case_id = None if obj.get("case_id") is None else str(obj["case_id"])
+    loc_prompts = _as_tuple(obj.get("locality_prompt"), "locality_prompt")
+    loc_answers = _as_tuple(obj.get("locality_ground_truth"), "locality_ground_truth")
+    if len(loc_prompts) != len(loc_answers):
+        raise ValueError(f"{len(loc_prompts)} locality_prompt(s) but {len(loc_answers)} locality_ground_truth(s); "
+                         "give one answer per locality prompt")
+    if texts and not any(k in obj for k in ("prompt", "subject", "answer", "ground_truth")):
+        return ForgetRequest(None, None, None, texts, case_id, loc_prompts, loc_answers)
+    if "answer" in obj and "ground_truth" in obj:
+        raise ValueError("give either 'answer' or 'ground_truth' (the answer to forget), not both")
+    key = "answer" if "answer" in obj else "ground_truth"
+    if key not in obj:
+        raise ValueError("missing field 'ground_truth' (or 'answer'): the answer to forget; "
+                         "('target_new' is not used when forgetting)")
+    return ForgetRequest(
+        prompt=_str_field(obj, "prompt", True), subject=_str_field(obj, "subject", True),
+        answer=_str_field(obj, key, True), texts=texts, case_id=case_id,
+        retain_prompts=loc_prompts, retain_answers=loc_answers,
+    )
+
+
+def retain_from_dict(obj: Any) -> list[RetainItem]:
+    """The retain items of one JSON object: (prompt, answer | ground_truth) and the locality pairs."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    items: list[RetainItem] = []
+    if "prompt" in obj:
+        key = "answer" if "answer" in obj else "ground_truth"
+        if key not in obj:
+            raise ValueError("field 'prompt' needs 'answer' (or 'ground_truth'): the answer to keep")
+        items.append(RetainItem(_str_field(obj, "prompt", True), _str_field(obj, key, True)))  # type: ignore[arg-type]
+    loc_prompts = _as_tuple(obj.get("locality_prompt"), "locality_prompt")
+    loc_answers = _as_tuple(obj.get("locality_ground_truth"), "locality_ground_truth")
+    if len(loc_prompts) != len(loc_answers):
+        raise ValueError("locality_prompt and locality_ground_truth differ in length")
+    items.extend(RetainItem(p, a) for p, a in zip(loc_prompts, loc_answers))
+    if not items:
+        raise ValueError("no retain item: give 'prompt' and 'answer', or 'locality_prompt' and 'locality_ground_truth'")
+    return items
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    if not path.is_file():
+        raise QeditError(f"{path}: no such {what} file; give a JSONL file with one JSON object per line")
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()   # a byte-order mark is not part of line 1
+    except UnicodeDecodeError as exc:
+        raise QeditError(f"{path}: not UTF-8 text ({exc.reason}); give a JSONL file") from exc
+
+
+def parse_forget_lines(lines: Sequence[str], source: str) -> list[ForgetRequest]:
+    requests = parse_jsonl(lines, source, forget_from_dict)
+    if not requests:
+        raise QeditError(f"{source}: no forget requests found; expected one JSON object per line")
+    return requests
+
+
+def load_forget_requests(path: str | Path, limit: int | None = None) -> list[ForgetRequest]:
+    """Read and validate a forget JSONL file; errors name the file and the line."""
+    if limit is not None and limit < 1:
+        raise QeditError(f"limit must be at least 1, not {limit}")
+    requests = parse_forget_lines(_read_lines(Path(path), "forget"), str(path))
+    return requests[:limit] if limit is not None else requests
+
+
+def load_retain(path: str | Path, held_out: bool = False) -> list[RetainItem]:
+    """Read a retain JSONL file (see the module docstring); errors name the file and the line.
+    held_out=True marks every item as scored only (never given to a method)."""
+    groups = parse_jsonl(_read_lines(Path(path), "retain"), str(path), retain_from_dict)
+    items = [item for group in groups for item in group]
+    if not items:
+        raise QeditError(f"{path}: no retain items found; expected one JSON object per line")
+    return [dataclasses.replace(item, held_out=True) for item in items] if held_out else items
+
+
+HELDOUT_HELP = ("JSONL of retain items that are only scored, never given to the method: its utility on prompts "
+                "it did not train on (metrics heldout_acc, heldout_acc_change)")
+
+
+def scored_retain(requests: Sequence[ForgetRequest], extra: Sequence[RetainItem],
+                  heldout: str | Path | None) -> list[RetainItem]:
+    """What a forget run scores: default_retain(requests, extra), then the held-out items of `heldout`
+    (scored, never trained on)."""
+    held = load_retain(heldout, held_out=True) if heldout is not None else []
+    return default_retain(requests, extra) + held
+
+
+def check_retain_setting(field_name: str, retain: Any) -> None:
+    """A method config's shared retain set: a tuple of RetainItems, none held out; else QeditError."""
+    if not isinstance(retain, tuple) or not all(isinstance(r, RetainItem) for r in retain):
+        raise QeditError(f"{field_name}: must be a tuple of qedit.unlearn.requests.RetainItem (see load_retain)")
+    if any(r.held_out for r in retain):
+        raise QeditError(f"{field_name}: held-out items are scored only and never trained on; "
+                         "pass them to the evaluation, not to the method")
+
+
+def default_retain(requests: Sequence[ForgetRequest], extra: Sequence[RetainItem] = ()) -> list[RetainItem]:
+    """The forget requests' own retain items (their lines' locality prompts), without duplicates
+    and without any whose prompt is one of the prompts to forget; then the `extra` items (a shared
+    retain set, e.g. --retain) that are not among them yet."""
+    forget_prompts = {r.prompt for r in requests if r.is_fact}
+    seen: set[tuple[str, str]] = set()
+    out: list[RetainItem] = []
+    for r in requests:
+        for item in r.retain:
+            key = (item.prompt, item.answer)
+            if item.prompt in forget_prompts or key in seen:
+                continue
+            seen.add(key)
+            out.append(item)
+    return out + [x for x in extra if x not in out]
+
