@@ -1,8 +1,11 @@
 """Tiny random models of every supported family, built in-process, with a word-level tokenizer."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -96,12 +99,6 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {f: build_tiny_dir(f, root / f) for f in FAMILIES}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Statistics caches go to a per-session temp dir, never the user's home."""
-    monkeypatch.setenv("QEDIT_CACHE", str(tmp_path_factory.getbasetemp() / "qedit-cache"))
-
-
 @pytest.fixture(scope="session")
 def facts_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("facts") / "facts.jsonl"
@@ -124,11 +121,33 @@ def gemma(gemma_gguf):
     return load_model(gemma_gguf)
 
 
+# Fixtures that load the packaged Gemma 3 270M: a test that uses one belongs to the integration tier.
+REAL_MODEL_FIXTURES = frozenset({"gemma", "gemma_gguf"})
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: uses the real Gemma 3 270M model (runs in CI too)")
+    config.addinivalue_line("markers", "real_model: uses the packaged Gemma 3 270M (integration tier)")
+    config.addinivalue_line("markers", "runtime: runs llama.cpp, GPTQModel or bitsandbytes (integration tier)")
+    config.addinivalue_line("markers", "integration: the second tier, `pytest -m integration` (set automatically)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Statistics and target caches: one directory for the whole session (built once, shared read-only by the
+    # tests), never the user's home. $QEDIT_TEST_CACHE keeps it across sessions.
+    if os.environ.get("QEDIT_TEST_CACHE"):
+        os.environ["QEDIT_CACHE"] = os.environ["QEDIT_TEST_CACHE"]
+    else:
+        cache = tempfile.mkdtemp(prefix="qedit-test-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["QEDIT_CACHE"] = cache
     # Two OpenMP threads on two shared cores slow small ops down ~100x when the other core is busy.
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The integration tier: tests of the real model (marked, or using its fixtures) and of the runtimes."""
+    for item in items:
+        if (item.get_closest_marker("real_model") or item.get_closest_marker("runtime")
+                or REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.integration)
 
 
 def byte_level_bpe(corpus: list[str], vocab_size: int, specials: tuple[str, ...] = ("<pad>", "</s>", "<s>")):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.real_model
 pytest.importorskip("llama_cpp")
 
 
@@ -16,14 +16,15 @@ def test_aware_patch_keeps_minimal_edits_that_plain_requantization_loses(gemma_g
     from qedit.converters.gguf.patch import patch_gguf
     from qedit.converters.loading import load_model
     from qedit.core.facts import demo_requests
-    from qedit.edit.compute import edit, make_config
+    from qedit.edit.compute import compute_edits
     from qedit.evaluation.metrics import evaluate
+    from qedit.pipeline.jobs import make_config
     from qedit.runtimes.llama import LlamaCppRunner
 
     loaded = load_model(gemma_gguf)
     requests = demo_requests()[:3]
     cfg = make_config("rome", target_margin=1.0)
-    outcome = edit(loaded, requests, "rome", cfg)
+    outcome = compute_edits(loaded, requests, "rome", cfg)
     encoding = encoding_for(loaded, outcome.keys, cfg.stats)
     manifest = outcome.manifest(loaded)
     aware = patch_gguf(gemma_gguf, tmp_path / "aware.gguf", outcome.deltas, manifest, encoding=encoding)

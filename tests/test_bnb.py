@@ -12,6 +12,7 @@ from qedit.core.errors import QeditError
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
+@pytest.mark.runtime
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed")
 @pytest.mark.parametrize("mode,bound", [("int8", 0.03), ("nf4", 0.15), ("fp4", 0.2)])
 def test_bitsandbytes_runners(tiny_dirs, mode, bound):

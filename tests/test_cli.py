@@ -79,7 +79,7 @@ def test_edit_writes_a_loadable_directory_with_deltas_and_manifest(edited, tiny_
 
 
 def _assert_close_dicts(got: dict, want: dict) -> None:
-    """Equal keys; floats equal up to the rounding of the CLI's unfold/refold of the deltas."""
+    """Equal keys; floats equal up to float rounding (the eval of a qedit output subtracts its deltas)."""
     assert set(got) == set(want)
     for key, value in want.items():
         if isinstance(value, float) and got[key] is not None:

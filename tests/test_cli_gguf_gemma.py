@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.real_model
 pytest.importorskip("llama_cpp")
 
 

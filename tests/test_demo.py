@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.real_model
 
 
 def test_demo_edits_and_writes_loadable_model(tmp_path, capsys):

@@ -32,6 +32,7 @@ def test_forget_writes_a_model_and_gates_on_the_forget_score(tiny_dirs, facts_fi
     assert "FAIL" in capsys.readouterr().out and (tmp_path / "o2" / MANIFEST_FILE).is_file()
 
 
+@pytest.mark.runtime
 def test_forget_to_gptq_measures_the_written_checkpoint(tiny_dirs, facts_file, tmp_path, capsys):
     out, js = tmp_path / "g", tmp_path / "g.json"
     assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(out), *FAST, "--format", "gptq",
@@ -85,6 +86,7 @@ def test_forget_scores_heldout_items_apart(tiny_dirs, facts_file, tmp_path):
     assert fp32["heldout_acc_change"] == pytest.approx(fp32["heldout_acc"] - fp32["baseline_heldout_acc"])
 
 
+@pytest.mark.runtime
 def test_survival_of_unlearning_reports_recovery_per_rung(tiny_dirs, facts_file, tmp_path, capsys):
     report = tmp_path / "r"
     assert main(["survival", str(tiny_dirs["llama"]), str(facts_file), *FAST, "--ladder", "none", "--gptq", "4,2",

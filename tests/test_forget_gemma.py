@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import DATA
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.real_model
 
 FORGET_IDS = ("54", "86", "475", "750", "1270", "1375")     # Finland, Greek, Kabul, Asia, Norman, baseball
 RETAIN_IDS = ("1103", "2086", "1251", "1945", "2558", "2494")  # known facts given to the methods as retain set
@@ -55,11 +55,12 @@ def score(loaded, requests, items, changes, view, baseline=None):
 
 def run(loaded, requests, retain, method, **settings):
     from qedit.core.delta import combine
-    from qedit.edit.compute import make_config
-    from qedit.edit.registry import EditContext, get_method
+    from qedit.edit.registry import EditContext
+    from qedit.pipeline.jobs import make_config
+    from qedit.unlearn.registry import get_unlearn_method
 
     cfg = make_config(method, retain=retain, **settings)
-    result = get_method(method).compute(loaded, requests, cfg, EditContext())
+    result = get_unlearn_method(method).compute(loaded, requests, cfg, EditContext())
     return {d.layer: d.dense() for d in combine(result.deltas)}, result
 
 
@@ -88,9 +89,9 @@ def aware_view(loaded, result, changes, view):
     """The change a patched file of `view`'s types holds for a kforget edit: each edited tensor encoded
     edit-aware at the edit's keys (what `qedit forget` writes), dequantized, minus W0."""
     from qedit.converters.gguf.aware import encoding_for
-    from qedit.edit.compute import make_config
     from qedit.edit.requant import resolve_qtype
     from qedit.kernels import dequantize_tensor
+    from qedit.pipeline.jobs import make_config
 
     encoding = encoding_for(loaded, result.keys, make_config("kforget").stats)
     out = {}

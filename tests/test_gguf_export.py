@@ -303,7 +303,7 @@ def _agrees_with_torch(path: Path, torch_scores) -> None:
         assert t.top1, prompt  # the prompts are ones the model knows
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_q4_k_m_export_of_the_q4_k_m_source_copies_every_tensor(gemma_gguf, tmp_path):
     from qedit.converters.gguf.export import export_gguf
     from qedit.converters.gguf.read import GGUFFile
@@ -316,7 +316,7 @@ def test_q4_k_m_export_of_the_q4_k_m_source_copies_every_tensor(gemma_gguf, tmp_
         assert set(out.fields) - set(src.fields) == {"qedit.version"}
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_a_delta_reencodes_only_its_tensor_exactly_as_a_patch_does(gemma_gguf, tmp_path):
     from qedit.converters.gguf.export import export_gguf
     from qedit.converters.gguf.patch import patch_gguf, read_manifests
@@ -333,7 +333,7 @@ def test_a_delta_reencodes_only_its_tensor_exactly_as_a_patch_does(gemma_gguf, t
         assert read_manifests(out) == [{"method": "test"}]
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q2_K"])
 def test_gemma_tensor_types_follow_llama_cpp_mixes(gemma_gguf, tmp_path, ftype):
     from qedit.converters.gguf.export import export_gguf
@@ -347,7 +347,7 @@ def test_gemma_tensor_types_follow_llama_cpp_mixes(gemma_gguf, tmp_path, ftype):
         assert gf.fields["general.quantization_version"] == 2
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 @pytest.mark.parametrize("ftype", ["F16", "Q8_0"])
 def test_unedited_export_gives_the_torch_top1_in_llama_cpp(gemma_gguf, torch_scores, tmp_path, ftype):
     from qedit.converters.gguf.export import export_gguf
@@ -359,15 +359,16 @@ def test_unedited_export_gives_the_torch_top1_in_llama_cpp(gemma_gguf, torch_sco
 @pytest.fixture(scope="module")
 def gemma_hf(gemma, torch_scores, tmp_path_factory):
     """A qedit output directory of the unedited Gemma (fp32 safetensors, tokenizer, manifest)."""
-    from qedit.edit.compute import EditOutcome, save_edited
+    from qedit.edit.compute import EditOutcome
     from qedit.edit.registry import get_method
+    from qedit.pipeline.write import save_edited
 
     spec = get_method("rome")
-    return save_edited(gemma, EditOutcome(spec.method, spec.config_cls(), [], [], 0.0),
+    return save_edited(gemma, EditOutcome("rome", spec.config_cls(), [], [], 0.0),
                        tmp_path_factory.mktemp("gemma_hf") / "edited")
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_a_qedit_output_directory_exports_with_the_source_tokenizer(gemma_gguf, gemma_hf, torch_scores, tmp_path):
     from qedit.converters.gguf.export import export_gguf
     from qedit.converters.gguf.read import GGUFFile
@@ -395,7 +396,7 @@ def plain_hf(gemma_hf, tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_a_plain_hf_directory_with_a_template(gemma_gguf, plain_hf, torch_scores, tmp_path):
     from qedit.converters.gguf.export import export_gguf
 
@@ -408,14 +409,10 @@ def test_a_plain_hf_directory_with_a_template(gemma_gguf, plain_hf, torch_scores
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_a_plain_hf_directory_without_a_template_uses_gguf_vocab(plain_hf, torch_scores, tmp_path):
-    import importlib.util
-
     from qedit.converters.gguf.export import export_gguf
 
-    if importlib.util.find_spec("qedit.converters.gguf.vocab") is None:
-        pytest.skip("qedit.converters.gguf.vocab is not there yet")
     report = export_gguf(plain_hf, tmp_path / "vocab.gguf", "F16")
     assert report.tokenizer == "built from the directory"
     _agrees_with_torch(tmp_path / "vocab.gguf", torch_scores)

@@ -30,6 +30,7 @@ def _tiny_variant(tiny_dirs, family: str, root: Path) -> Path:
     return out
 
 
+@pytest.mark.runtime
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "llama3"])
 def test_tiny_hf_export_runs_in_llama_cpp_with_the_torch_logits(tiny_dirs, tmp_path, family):
     from conftest import make_tokenizer
@@ -76,6 +77,7 @@ def _byte_level_dir(family: str, path: Path) -> tuple[Path, object]:
     return path, (model, fast)
 
 
+@pytest.mark.runtime
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_tiny_hf_export_without_a_template_builds_the_vocab(tiny_dirs, tmp_path, family):
     from qedit.converters.gguf.export import export_gguf

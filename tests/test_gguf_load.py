@@ -15,6 +15,8 @@ from qedit.converters.gguf.to_torch import SUPPORTED_ARCHITECTURES, load_gguf
 from qedit.core.errors import QeditError
 
 ARCHS = ("llama", "qwen2", "gemma3", "gpt2")
+ARCH_DOWN = {"llama": "model.layers.1.mlp.down_proj.weight", "qwen2": "model.layers.1.mlp.down_proj.weight",
+             "gemma3": "model.layers.1.mlp.down_proj.weight", "gpt2": "transformer.h.1.mlp.c_proj.weight"}
 TEXTS = ["the cat is at the hat", "hello world", "a  b\n\nc ThE éclair 🙂", "<|endoftext|>the"]
 PROMPT_IDS = [[2, 40, 41, 42, 43, 44, 45], [5, 6, 7]]
 
@@ -188,9 +190,11 @@ def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 def test_tiny_f32_roundtrip_reproduces_logits(tmp_path: Path, arch: str) -> None:
     path = tmp_path / f"{arch}.gguf"
     ref = write_tiny_gguf(path, arch)
-    model, tokenizer, gf = load_gguf(path)
+    model, tokenizer, stored = load_gguf(path)
     assert type(model) is type(ref)
-    assert model.config.tie_word_embeddings == ("output.weight" not in gf.tensors)
+    with GGUFFile(path) as gf:
+        assert model.config.tie_word_embeddings == ("output.weight" not in gf.tensors)
+    assert stored[f"{ARCH_DOWN[arch]}"] == "F32"
     for ids in PROMPT_IDS:
         torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), atol=1e-4, rtol=1e-4)
     ref_state = ref.state_dict()
@@ -220,10 +224,12 @@ def test_tiny_matches_transformers_gguf_loader(tmp_path: Path, arch: str) -> Non
 def test_quantized_weights_equal_gguf_py_dequantize(tmp_path: Path) -> None:
     path = tmp_path / "llama.gguf"
     ref = write_tiny_gguf(path, "llama", gguf.GGMLQuantizationType.Q8_0)
-    model, _, gf = load_gguf(path)
-    info = gf.tensors["blk.1.ffn_down.weight"]
-    assert info.ggml_type == gguf.GGMLQuantizationType.Q8_0
-    expected = gguf.quants.dequantize(np.asarray(gf.raw(info.name)).reshape(info.shape[0], -1), info.ggml_type)
+    model, _, stored = load_gguf(path)
+    assert stored["model.layers.1.mlp.down_proj.weight"] == "Q8_0"
+    with GGUFFile(path) as gf:
+        info = gf.tensors["blk.1.ffn_down.weight"]
+        assert info.ggml_type == gguf.GGMLQuantizationType.Q8_0
+        expected = gguf.quants.dequantize(np.asarray(gf.raw(info.name)).reshape(info.shape[0], -1), info.ggml_type)
     np.testing.assert_array_equal(model.model.layers[1].mlp.down_proj.weight.detach().numpy(), expected)
     # Q8_0 stays close to the float model
     got, want = _logits(model, PROMPT_IDS[0]), _logits(ref, PROMPT_IDS[0])
@@ -321,7 +327,7 @@ GEMMA_TEXTS = [*GEMMA_PROMPTS, "Hello world", "  two  spaces\n\nnewline\ttab", "
 
 @pytest.fixture(scope="module")
 def qedit_gemma(gemma_gguf: Path):
-    model, tokenizer, gf = load_gguf(gemma_gguf)
+    model, tokenizer, _ = load_gguf(gemma_gguf)
     return model, tokenizer
 
 
@@ -335,7 +341,7 @@ def transformers_gemma(gemma_gguf: Path):
     return model, AutoTokenizer.from_pretrained(gemma_gguf.parent, **kwargs)
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_gemma_paris(qedit_gemma) -> None:
     model, tokenizer = qedit_gemma
     ids = tokenizer(GEMMA_PROMPTS[0], return_tensors="pt").input_ids
@@ -347,7 +353,7 @@ def test_gemma_paris(qedit_gemma) -> None:
     assert model.config.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_gemma_matches_transformers(qedit_gemma, transformers_gemma) -> None:
     model, tokenizer = qedit_gemma
     ref, ref_tok = transformers_gemma
@@ -360,7 +366,7 @@ def test_gemma_matches_transformers(qedit_gemma, transformers_gemma) -> None:
         torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=0)
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_gemma_tokenizer_roundtrip(qedit_gemma, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoTokenizer
 

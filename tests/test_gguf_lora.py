@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import gguf
@@ -153,7 +152,7 @@ def _rel(x: np.ndarray, y: np.ndarray) -> float:
     return float((np.linalg.norm(x - y, axis=1) / np.linalg.norm(y, axis=1)).max())
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 @pytest.mark.parametrize("dtype, tol", [("F32", 1e-3), ("F16", 5e-3)])
 def test_llama_cpp_applies_the_adapter_exactly(gemma_gguf, tmp_path, dtype, tol):
     """Adapter on the base == the deltas added to the weight, in llama.cpp.
@@ -189,21 +188,18 @@ def rome_adapter(gemma_gguf, tmp_path_factory):
     from qedit.converters.gguf.lora import write_lora_gguf
     from qedit.converters.loading import load_model
     from qedit.core.facts import demo_requests
-    from qedit.edit.compute import edit
+    from qedit.edit.compute import compute_edits
 
-    with pytest.MonkeyPatch.context() as mp:
-        if "QEDIT_CACHE" not in os.environ:  # keep statistics out of the user's home, like conftest does
-            mp.setenv("QEDIT_CACHE", str(tmp_path_factory.getbasetemp() / "qedit-cache"))
-        loaded = load_model(gemma_gguf)
-        requests = demo_requests()
-        outcome = edit(loaded, requests, "rome")
-        manifest = outcome.manifest(loaded)
+    loaded = load_model(gemma_gguf)
+    requests = demo_requests()
+    outcome = compute_edits(loaded, requests, "rome")
+    manifest = outcome.manifest(loaded)
     dst = tmp_path_factory.mktemp("lora") / "edit.lora.gguf"
     report = write_lora_gguf(gemma_gguf, dst, outcome.deltas, manifest)
     return dst, report, requests, manifest
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_rome_edits_answer_in_llama_cpp_through_the_adapter(gemma_gguf, rome_adapter):
     """The issue's done-means: the unedited Q4_K_M file plus the adapter gives the edits."""
     pytest.importorskip("llama_cpp")

@@ -25,7 +25,7 @@ def _fast_rome():
 
 @pytest.fixture(scope="module")
 def torch_before(gemma):
-    """Torch scores of PROMPTS on the unedited model (taken before `patched` folds the edits in)."""
+    """Torch scores of PROMPTS on the unedited model."""
     from qedit.runtimes.torch_runner import TorchRunner
 
     return TorchRunner(gemma).score(PROMPTS)
@@ -45,7 +45,7 @@ def patched(gemma, gemma_gguf, torch_before, tmp_path_factory):
     return dst, report, manifest, requests, outcome
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_patch_changes_only_the_edited_tensors(gemma_gguf, patched):
     from qedit.converters.gguf.read import GGUFFile
 
@@ -68,7 +68,7 @@ def test_patch_changes_only_the_edited_tensors(gemma_gguf, patched):
     assert 0 < report.size_change < 100_000  # only the metadata grew
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_manifest_round_trips_and_a_second_patch_appends(patched, tmp_path):
     from qedit.converters.gguf.patch import patch_gguf, read_manifests
     from qedit.converters.gguf.read import GGUFFile
@@ -86,7 +86,7 @@ def test_manifest_round_trips_and_a_second_patch_appends(patched, tmp_path):
         assert all(bytes(gf.raw(n)) == bytes(first.raw(n)) for n in first.tensors)
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_type_override_moves_the_offsets_and_llama_cpp_still_runs_it(gemma, gemma_gguf, patched, tmp_path):
     from qedit.converters.gguf.patch import patch_gguf
     from qedit.converters.gguf.read import GGUFFile
@@ -111,7 +111,7 @@ def test_type_override_moves_the_offsets_and_llama_cpp_still_runs_it(gemma, gemm
     assert all(new.mean_logprob > true.mean_logprob for new, true in zip(scores[:n], scores[n:]))
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_deltas_that_do_not_fit_the_file_are_refused(gemma_gguf, tmp_path):
     import torch
 
@@ -126,7 +126,7 @@ def test_deltas_that_do_not_fit_the_file_are_refused(gemma_gguf, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_patched_file_runs_in_llama_cpp_and_the_edits_hold(gemma_gguf, patched):
     from qedit.runtimes.llama import LlamaCppRunner
 
@@ -140,7 +140,7 @@ def test_patched_file_runs_in_llama_cpp_and_the_edits_hold(gemma_gguf, patched):
     assert runner.describe()["runner"] == "llama.cpp" and runner.describe()["model"] == str(dst)
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_llama_cpp_and_torch_agree_on_the_unedited_model(gemma_gguf, torch_before):
     from qedit.runtimes.llama import LlamaCppRunner
 
@@ -152,7 +152,7 @@ def test_llama_cpp_and_torch_agree_on_the_unedited_model(gemma_gguf, torch_befor
         assert abs(l.mean_logprob - t.mean_logprob) < 0.5, prompt
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_cli_inspect_and_eval_on_the_patched_file(gemma_gguf, patched, tmp_path, capsys):
     from qedit.cli.main import main
 
@@ -168,27 +168,26 @@ def test_cli_inspect_and_eval_on_the_patched_file(gemma_gguf, patched, tmp_path,
     assert "runner: llama.cpp" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_cli_edit_with_a_gguf_output_patches_the_source(gemma, gemma_gguf, patched, tmp_path, monkeypatch, capsys):
     """The `edit -o X.gguf` wiring, with the module's edit standing in for a fresh (minutes-long) one."""
-    import qedit.core.model
-    import qedit.edit.compute
+    import qedit.pipeline.run
     from qedit.cli.main import main
     from qedit.converters.gguf.read import GGUFFile
 
     dst, _, _, requests, outcome = patched
-    monkeypatch.setattr(qedit.core.model, "load_model", lambda *a, **k: gemma)
-    monkeypatch.setattr(qedit.edit.compute, "edit", lambda *a, **k: outcome)
+    monkeypatch.setattr(qedit.pipeline.run, "load_model", lambda *a, **k: gemma)
+    monkeypatch.setattr(qedit.pipeline.run, "compute_edits", lambda *a, **k: outcome)
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(r.to_json()) + "\n" for r in requests))
     out = tmp_path / "cli.gguf"
-    assert main(["edit", str(gemma_gguf), str(facts), "--method", "rome", "-o", str(out), "--naive"]) == 0
+    assert main(["edit", str(gemma_gguf), str(facts), "--method", "rome", "-o", str(out), "--naive", "--no-verify"]) == 0
     printed = capsys.readouterr().out
     assert "re-encoded blk.6.ffn_down.weight as Q4_K" in printed and "size: 253,113,024 ->" in printed
     with GGUFFile(out) as a, GGUFFile(dst) as b:  # --naive is the plain patch of the fixture, byte for byte
         assert all(bytes(a.raw(n)) == bytes(b.raw(n)) for n in b.tensors)
     aware = tmp_path / "aware.gguf"  # the default encodes the edited tensor edit-aware, nothing else differs
-    assert main(["edit", str(gemma_gguf), str(facts), "--method", "rome", "-o", str(aware)]) == 0
+    assert main(["edit", str(gemma_gguf), str(facts), "--method", "rome", "-o", str(aware), "--no-verify"]) == 0
     assert "edit-aware: kept" in capsys.readouterr().out
     with GGUFFile(aware) as a, GGUFFile(dst) as b:
         assert [n for n in b.tensors if bytes(a.raw(n)) != bytes(b.raw(n))] == ["blk.6.ffn_down.weight"]
@@ -197,7 +196,7 @@ def test_cli_edit_with_a_gguf_output_patches_the_source(gemma, gemma_gguf, patch
     assert "refusing" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_truncated_source_is_refused_and_leaves_no_output(gemma_gguf, tmp_path):
     from qedit.converters.gguf.patch import patch_gguf
 
@@ -313,6 +312,7 @@ def test_quant_export_at_5_bits_encodes_the_source_edit_edit_aware(quant_source,
     assert naive["encoding"]["path"] == "naive"
 
 
+@pytest.mark.runtime
 def test_verify_scales_an_edit_that_does_not_hold_in_llama_cpp(tiny_dirs, tmp_path, capsys):
     """`edit --verify` scores the written patch in llama.cpp and, while an edit holds by less than
     --hold-margin nats, writes it again scaled x1.5, then x2.25. An unreachable margin forces both steps,
@@ -362,15 +362,13 @@ def test_verify_scales_from_the_computed_edit_and_keeps_the_best_scale(monkeypat
 
     import torch
 
-    import qedit.evaluation.metrics
-    import qedit.runtimes.llama
-    from qedit.cli.commands_gguf import verify_in_llama_cpp
+    import qedit.pipeline.verify
     from qedit.core.delta import LowRankDelta
     from qedit.edit.compute import EditOutcome
-    from qedit.edit.registry import EditMethod
+    from qedit.pipeline.verify import verify_in_llama_cpp
 
     delta = LowRankDelta("w", 1, torch.ones(3, 1), torch.ones(1, 2))   # dW (3, 2), scale 1
-    outcome = EditOutcome(EditMethod.ROME, None, ["a", "b"], [delta], 0.0)
+    outcome = EditOutcome("rome", None, ["a", "b"], [delta], 0.0)
     failing_at = {1.0: 2, 1.5: 1, 2.25: 1}         # x1.5 helps one edit, x2.25 helps no further
     written: list[float] = []
     current = [1.0]
@@ -385,13 +383,13 @@ def test_verify_scales_from_the_computed_edit_and_keeps_the_best_scale(monkeypat
                  for i in range(len(requests))]
         return types.SimpleNamespace(cases=cases)
 
-    monkeypatch.setattr(qedit.evaluation.metrics, "evaluate", fake_evaluate)
-    monkeypatch.setattr(qedit.runtimes.llama, "LlamaCppRunner", lambda path: None)
-    final = verify_in_llama_cpp(write, outcome, "x.gguf", 1.0)
+    monkeypatch.setattr(qedit.pipeline.verify, "evaluate", fake_evaluate)
+    monkeypatch.setattr(qedit.pipeline.verify, "LlamaCppRunner", lambda path: None)
+    final = verify_in_llama_cpp(write, outcome, "x.gguf", 1.0, notify=print)
     assert written == [1.5, 2.25, 1.5]
-    assert final.deltas[0].scale == 1.5 and final.info["verify_scale"] == 1.5
+    assert final.outcome.deltas[0].scale == 1.5 and final.outcome.info["verify_scale"] == 1.5 and final.held == 1
     assert "verify: 1 of 2 edit(s) hold by >= 1 nats in llama.cpp (edit scaled x1.5)" in capsys.readouterr().out
     failing_at.update({1.0: 0})
     written.clear()
     current[0] = 1.0
-    assert verify_in_llama_cpp(write, outcome, "x.gguf", 1.0) is outcome and written == []
+    assert verify_in_llama_cpp(write, outcome, "x.gguf", 1.0).outcome is outcome and written == []

@@ -227,7 +227,7 @@ def test_random_header_corruption_never_raises_anything_else(sample: Path, tmp_p
 # ---- the real Gemma 3 270M file -----------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_gemma_header_fast_and_equal_to_gguf_reader(gemma_gguf: Path) -> None:
     start = time.perf_counter()
     gf = GGUFFile(gemma_gguf)

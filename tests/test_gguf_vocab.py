@@ -13,6 +13,7 @@ import pytest
 from qedit.converters.gguf.vocab import vocab_kvs
 from qedit.core.errors import QeditError
 
+pytestmark = pytest.mark.runtime
 llama_cpp = pytest.importorskip("llama_cpp")
 
 TT = gguf.TokenType
@@ -260,7 +261,7 @@ def gemma_hf_dir(tmp_path_factory: pytest.TempPathFactory, gemma_gguf: Path) -> 
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_gemma_vocab_tokenizes_like_the_original_gguf(gemma_hf_dir: Path, gemma_gguf: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -269,6 +269,7 @@ def test_qwen2_asymmetric_checkpoint_round_trip(tiny_dirs, tmp_path):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "float16"
 
 
+@pytest.mark.runtime
 def test_dequantizing_runner_and_gptqmodel_agree(tiny_ckpt):
     from qedit.runtimes.gptq import DequantizingGPTQRunner, gptq_runner
 
@@ -414,7 +415,7 @@ def test_write_refuses_bad_requests(tiny_dirs, tmp_path):
 
 # ---- real model ----
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_gemma_edits_survive_gptq_4bit(gemma_gguf, tmp_path):
     """A GPTQ user's workflow on Gemma 3 270M: a 4-bit, group-128 (act-order) checkpoint exists;
     `qedit edit CHECKPOINT facts -o patched/` edits it (10 CounterFact-dev MEMIT edits computed on the
@@ -426,7 +427,7 @@ def test_gemma_edits_survive_gptq_4bit(gemma_gguf, tmp_path):
     from qedit.cli.main import main
     from qedit.converters.gptq.export import GPTQWriteConfig, calibration_tokens, read_manifest, write_gptq
     from qedit.converters.loading import load_model
-    from qedit.core.delta import fold, load_deltas
+    from qedit.core.delta import applied, load_deltas
     from qedit.core.facts import load_requests
     from qedit.evaluation.metrics import evaluate
     from qedit.runtimes.gptq import gptq_runner
@@ -444,8 +445,8 @@ def test_gemma_edits_survive_gptq_4bit(gemma_gguf, tmp_path):
     cases = load_requests(facts)
     reference = load_model(tmp_path / "base")                    # the same edit at full precision
     deltas, _ = load_deltas(tmp_path / "patched")
-    fold(reference.model, deltas)
-    full = evaluate(TorchRunner(reference), cases).aggregate()
+    with applied(reference.model, deltas):
+        full = evaluate(TorchRunner(reference), cases).aggregate()
     runner = gptq_runner(tmp_path / "patched")
     quant = evaluate(runner, cases).aggregate()
     assert full["efficacy"] >= 0.8, full

@@ -42,6 +42,7 @@ def test_edit_writes_an_edit_aware_gptq_checkpoint(gptq_out, capsys):
     assert "previous" not in manifest
 
 
+@pytest.mark.runtime
 def test_eval_runs_a_gptq_checkpoint(gptq_out, facts_file, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(gptq_out), str(facts_file), "--json", str(tmp_path / "m.json")]) == 0
@@ -97,6 +98,7 @@ def test_ladder_parses_gptq_and_bnb_rungs():
         parse_ladder("none", bnb="int4")
 
 
+@pytest.mark.runtime
 def test_survival_gptq_and_bnb_rungs(tiny_dirs, facts_file, tmp_path, capsys):
     """One report for GPTQ-8, GPTQ-4 and bitsandbytes rungs; a rerun reuses the GPTQ checkpoints."""
     bnb = ["--bnb", "int8,nf4"] if HAS_BNB else []

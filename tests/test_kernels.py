@@ -311,6 +311,7 @@ def synthetic_f32(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[P
     return out
 
 
+@pytest.mark.runtime
 @pytest.mark.parametrize("ft", supported_ftypes(), ids=lambda f: f.name)
 @pytest.mark.parametrize("arch", sorted(SYNTHETIC))
 def test_golden_synthetic_models(synthetic_f32: dict, arch: str, ft: F, tmp_path: Path) -> None:
@@ -320,6 +321,7 @@ def test_golden_synthetic_models(synthetic_f32: dict, arch: str, ft: F, tmp_path
         assert T.F16 in types  # the ffn_down of 200 columns fell back to F16
 
 
+@pytest.mark.runtime
 @pytest.mark.parametrize("ft", [F.MOSTLY_Q4_0, F.MOSTLY_Q5_1, F.MOSTLY_Q2_K, F.MOSTLY_Q4_K_M, F.MOSTLY_IQ4_NL],
                          ids=lambda f: f.name)
 def test_golden_importance_matches_llama_cpp_imatrix(synthetic_f32: dict, ft: F, tmp_path: Path) -> None:
@@ -344,7 +346,7 @@ def gemma_reader() -> gguf.GGUFReader:
     return gguf.GGUFReader(assemble())  # ~13 s: parse once per session
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_mix_predicts_every_tensor_of_the_gemma_q4_k_m_file(gemma_reader: gguf.GGUFReader) -> None:
     fields = {k: f.contents() for k, f in gemma_reader.fields.items() if not k.startswith(("tokenizer.", "GGUF."))}
     names = [t.name for t in gemma_reader.tensors]
@@ -377,7 +379,7 @@ def gemma_subset_f32(gemma_reader: gguf.GGUFReader, tmp_path_factory: pytest.Tem
     return path, tensors, model
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 @pytest.mark.parametrize("pure", [False, True], ids=["mix", "pure"])
 @pytest.mark.parametrize("ft", supported_ftypes(), ids=lambda f: f.name)
 def test_golden_gemma_tensors(gemma_subset_f32: tuple, ft: F, pure: bool, tmp_path: Path) -> None:

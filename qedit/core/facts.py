@@ -57,7 +57,7 @@ class EditRequest:
         return out
 
 
-def _str_field(obj: dict[str, Any], key: str, required: bool) -> str | None:
+def str_field(obj: dict[str, Any], key: str, required: bool) -> str | None:
     value = obj.get(key)
     if value is None:
         if required:
@@ -70,7 +70,7 @@ def _str_field(obj: dict[str, Any], key: str, required: bool) -> str | None:
     return value
 
 
-def _as_tuple(value: Any, key: str) -> tuple[str, ...]:
+def as_tuple(value: Any, key: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
@@ -91,26 +91,26 @@ def request_from_dict(obj: dict[str, Any]) -> EditRequest:
         for key, required in (("target_new", True), ("target_true", False)):
             if not isinstance(rw.get(key, {} if not required else None), dict):
                 raise ValueError(f"field 'requested_rewrite.{key}' must be an object {{\"str\": ...}}")
-        subject = _str_field(rw, "subject", True)
-        template = _str_field(rw, "prompt", True)
+        subject = str_field(rw, "subject", True)
+        template = str_field(rw, "prompt", True)
         return EditRequest(
             prompt=template.replace("{}", subject), subject=subject,
-            target_new=_str_field(rw["target_new"], "str", True), ground_truth=_str_field(rw.get("target_true", {}), "str", False),
-            rephrase_prompts=_as_tuple(obj.get("paraphrase_prompts"), "paraphrase_prompts"),
+            target_new=str_field(rw["target_new"], "str", True), ground_truth=str_field(rw.get("target_true", {}), "str", False),
+            rephrase_prompts=as_tuple(obj.get("paraphrase_prompts"), "paraphrase_prompts"),
             case_id=None if obj.get("case_id") is None else str(obj["case_id"]),
         )
     target = obj.get("target_new", obj.get("target"))
     if target is None:
         raise ValueError("missing field 'target_new' (or 'target')")
-    loc_prompts = _as_tuple(obj.get("locality_prompt"), "locality_prompt")
-    loc_answers = _as_tuple(obj.get("locality_ground_truth"), "locality_ground_truth")
+    loc_prompts = as_tuple(obj.get("locality_prompt"), "locality_prompt")
+    loc_answers = as_tuple(obj.get("locality_ground_truth"), "locality_ground_truth")
     if loc_prompts and not loc_answers:
         raise ValueError("field 'locality_prompt' needs 'locality_ground_truth'")
     return EditRequest(
-        prompt=_str_field(obj, "prompt", True), subject=_str_field(obj, "subject", True),
-        target_new=_str_field({"target_new": target}, "target_new", True),
-        ground_truth=_str_field(obj, "ground_truth", False),
-        rephrase_prompts=_as_tuple(obj.get("rephrase_prompt"), "rephrase_prompt"),
+        prompt=str_field(obj, "prompt", True), subject=str_field(obj, "subject", True),
+        target_new=str_field({"target_new": target}, "target_new", True),
+        ground_truth=str_field(obj, "ground_truth", False),
+        rephrase_prompts=as_tuple(obj.get("rephrase_prompt"), "rephrase_prompt"),
         locality_prompts=loc_prompts, locality_answers=loc_answers,
         case_id=None if obj.get("case_id") is None else str(obj["case_id"]),
     )

@@ -18,6 +18,7 @@ import torch
 from qedit.core.errors import QeditError
 from qedit.core.hooks import OutputEdit
 from qedit.core.model import LoadedModel
+from qedit.kernels import get_kernel, resolve_type
 from qedit.kernels.gguf_quants import GGMLQuantizationType
 
 SOURCE = "source"   # the type the loaded GGUF stores the weight in
@@ -34,7 +35,6 @@ def source_type(loaded: LoadedModel, layer: int) -> GGMLQuantizationType:
 
 def resolve_qtype(loaded: LoadedModel, layer: int, name: str) -> GGMLQuantizationType:
     """"source" or a GGML type name -> the type a `layer` weight gets (with llama.cpp's row-length fallback)."""
-    from qedit.kernels import resolve_type
 
     n_in = int(loaded.edit_weight(layer).shape[1])
     wanted = source_type(loaded, layer) if name == SOURCE else name
@@ -44,7 +44,6 @@ def resolve_qtype(loaded: LoadedModel, layer: int, name: str) -> GGMLQuantizatio
 
 def requantize(weight: np.ndarray, qtype: GGMLQuantizationType, n_threads: int | None = None) -> np.ndarray:
     """weight float32 (out, in) -> float32 (out, in): dequantize(quantize(weight, qtype)), rows along `in`."""
-    from qedit.kernels import get_kernel
 
     kernel = get_kernel(qtype)
     rows = np.ascontiguousarray(weight, dtype=np.float32)                      # (out, in)

@@ -23,7 +23,7 @@ from typing import Any
 
 from qedit.core.errors import QeditError
 from qedit.core.files import atomic_path
-from qedit.evaluation.metrics import _score_all
+from qedit.evaluation.metrics import score_all
 from qedit.runtimes.torch_runner import Runner, TokenScore
 from qedit.unlearn.requests import ForgetRequest, RetainItem
 
@@ -146,7 +146,7 @@ def evaluate_forget(runner: Runner, requests: Sequence[ForgetRequest], retain: S
                              "read the facts with qedit.unlearn.requests.load_forget_requests")
     facts = [r for r in requests if r.is_fact]
     pairs = [(r.prompt, r.answer) for r in facts] + [(x.prompt, x.answer) for x in retain]
-    scores = _score_all(runner, pairs, progress) if pairs else []  # type: ignore[arg-type]
+    scores = score_all(runner, pairs, progress) if pairs else []  # type: ignore[arg-type]
     fact_rows = []
     for r, s in zip(facts, scores[: len(facts)]):
         p_first, known = _first(s)

@@ -81,7 +81,7 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _score_all(runner: Runner, pairs: list[tuple[str, str]], progress: str | None) -> list[TokenScore]:
+def score_all(runner: Runner, pairs: list[tuple[str, str]], progress: str | None) -> list[TokenScore]:
     """runner.score over all pairs; with a `progress` label, in chunks under a progress bar."""
     if progress is None:
         return runner.score(pairs)
@@ -112,7 +112,7 @@ def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalRepo
             if r.ground_truth is not None:
                 pairs.append((rp, r.ground_truth))
         pairs.extend(zip(r.locality_prompts, r.locality_answers))
-    scores = iter(_score_all(runner, pairs, progress))
+    scores = iter(score_all(runner, pairs, progress))
     cases = []
     for i, r in enumerate(requests):
         new: TokenScore = next(scores)

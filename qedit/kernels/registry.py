@@ -48,7 +48,7 @@ def supported_types() -> tuple[GGMLQuantizationType, ...]:
     return tuple(sorted(_USES_IMPORTANCE))
 
 
-def _as_type(ggml_type: GGMLQuantizationType | int | str, what: str = "ggml_type") -> GGMLQuantizationType:
+def as_type(ggml_type: GGMLQuantizationType | int | str, what: str = "ggml_type") -> GGMLQuantizationType:
     """Accept a GGMLQuantizationType, its integer id or its name ("Q4_K", case-insensitive)."""
     if isinstance(ggml_type, str):
         try:
@@ -189,7 +189,7 @@ def check_shape(shape: Sequence[int], where: str) -> tuple[int, ...]:
 
 def get_kernel(ggml_type: GGMLQuantizationType | int | str) -> QuantKernel:
     """The registry entry for a GGUF type (enum member, integer id or name)."""
-    qtype = _as_type(ggml_type)
+    qtype = as_type(ggml_type)
     if qtype not in _USES_IMPORTANCE:
         raise QeditError(f"ggml_type: {qtype.name} is not supported by qedit's quantizer; use one of "
                          f"{', '.join(t.name for t in supported_types())}")

@@ -1,7 +1,7 @@
 """What a user asks qedit to do, as typed data: the model, the requests, the method and the output.
 
 The CLI turns its flags into these at the boundary; the Python API builds them directly. Nothing
-below this layer sees argparse. Checks that need no model run in `__post_init__`; checks against the
+below this layer sees a command-line namespace. Checks that need no model run in `__post_init__`; checks against the
 files on disk run in `qedit.pipeline.plan` before any model work starts.
 """
 from __future__ import annotations

@@ -18,8 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from qedit.converters.gguf.export import export_gguf
+from qedit.converters.gguf.lora import write_lora_gguf
+from qedit.converters.gguf.read import GGUFFile
+from qedit.converters.gptq.checkpoint import read_checkpoint_config, safetensors_files
+from qedit.converters.gptq.export import GPTQWriteConfig, write_gptq
 from qedit.core.delta import LowRankDelta
 from qedit.core.model import LoadedModel
+from qedit.core.version import qedit_version
 from qedit.edit.compute import EditOutcome
 from qedit.kernels.gptq import GPTQConfig
 
@@ -47,7 +53,6 @@ class ArtifactStore:
     source_sha256: str
 
     def _key(self, ftype: str, digest: str | None, kind: str) -> str:
-        from qedit.core.version import qedit_version
 
         blob = json.dumps([self.source_sha256, ftype, digest, kind, qedit_version()])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -57,7 +62,6 @@ class ArtifactStore:
 
     def gguf(self, ftype: str) -> tuple[Path, bool]:
         """The unedited model at `ftype`, exported as `qedit export` writes it. Returns (path, built)."""
-        from qedit.converters.gguf.export import export_gguf
 
         path = self._path(f"base-{ftype}", self._key(ftype, None, "gguf"))
         if path.is_file():
@@ -78,7 +82,6 @@ class ArtifactStore:
 
     def lora(self, base: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any] | None = None) -> tuple[Path, bool]:
         """A GGUF LoRA adapter of `deltas` for the base file `base`. Returns (path, built)."""
-        from qedit.converters.gguf.lora import write_lora_gguf
 
         path = self._path("edit", self._key("lora", deltas_digest(deltas), "lora"), ".lora.gguf")
         if path.is_file():
@@ -92,7 +95,6 @@ class ArtifactStore:
     def gptq(self, loaded: LoadedModel, quant: GPTQConfig, seqs: Sequence[Sequence[int]]) -> tuple[Path, bool]:
         """The unedited model as a GPTQ checkpoint (qedit's solver on `seqs`), as `qedit edit --format gptq`
         writes the unedited model it patches. Returns (path, built)."""
-        from qedit.converters.gptq.export import GPTQWriteConfig, write_gptq
 
         spec = f"gptq{quant.bits}g{quant.group_size}{'a' if quant.desc_act else ''}"
         path = self._path(f"base-{spec}", self._key(spec + repr(quant) + _seq_digest(seqs), None, "gptq"), "")
@@ -113,7 +115,6 @@ def gptq_bits_per_weight(directory: Path) -> tuple[float, int]:
     counts as the weights it holds; its qzeros, scales and g_idx add bytes, not weights."""
     from safetensors import safe_open
 
-    from qedit.converters.gptq.checkpoint import read_checkpoint_config, safetensors_files
 
     bits = read_checkpoint_config(directory).bits
     n_bytes = n_weights = 0
@@ -137,7 +138,6 @@ def _itemsize(dtype: str) -> int:
 
 def bits_per_weight(path: Path) -> tuple[float, int]:
     """(bits per weight over all tensors, total tensor bytes) of a GGUF file."""
-    from qedit.converters.gguf.read import GGUFFile
 
     with GGUFFile(path) as gf:
         n_bytes = sum(t.nbytes for t in gf.tensors.values())

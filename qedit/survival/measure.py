@@ -22,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from qedit.core.files import atomic_path
 from qedit.core.version import qedit_version
 from qedit.edit.compute import EditOutcome
 from qedit.evaluation.forget import ForgetReport
@@ -140,7 +141,6 @@ def cached_measure(path: Path, make_runner: Callable[[Path], Runner], scoring: S
     import hashlib
     import json
 
-    from qedit.core.files import atomic_path
 
     blob = json.dumps([scoring.cache_parts(), text, versions()], sort_keys=True)
     cache = path.with_name(f"{path.name}.eval-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json")

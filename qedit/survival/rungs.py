@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from qedit.core.errors import QeditError
+from qedit.kernels.gptq import BITS
+from qedit.kernels.mixes import supported_ftypes
+from qedit.runtimes.bnb import BNB_MODES
 
 DEFAULT_LADDER = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K"
 
@@ -50,7 +53,6 @@ class Rung:
 
 def gguf_rung_names() -> list[str]:
     """The GGUF file types the ladder accepts, in llama.cpp's spelling."""
-    from qedit.kernels.mixes import supported_ftypes
 
     return [f.name.removeprefix("MOSTLY_").removeprefix("ALL_") for f in supported_ftypes()]
 
@@ -65,7 +67,6 @@ def _gguf_rung(text: str, what: str) -> str:
 
 
 def _gptq_rung(text: str, what: str) -> Rung:
-    from qedit.kernels.gptq import BITS
 
     bits = text.strip().upper().removeprefix(GPTQ_PREFIX).removesuffix("BIT")
     if not bits.isdigit() or int(bits) not in BITS:
@@ -75,7 +76,6 @@ def _gptq_rung(text: str, what: str) -> Rung:
 
 
 def _bnb_rung(text: str, what: str) -> Rung:
-    from qedit.runtimes.bnb import BNB_MODES
 
     mode = text.strip().lower().removeprefix(BNB_PREFIX.lower())
     if mode not in BNB_MODES:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qedit.core.errors import QeditError
-from qedit.core.facts import _as_tuple, _str_field, parse_jsonl
+from qedit.core.facts import as_tuple, parse_jsonl, str_field
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,10 @@ def forget_from_dict(obj: Any) -> ForgetRequest:
     """One forget request from one JSON object in any accepted layout (raises ValueError)."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    texts = _as_tuple(obj.get("texts"), "texts") + _as_tuple(obj.get("text"), "text")
+    texts = as_tuple(obj.get("texts"), "texts") + as_tuple(obj.get("text"), "text")
     case_id = None if obj.get("case_id") is None else str(obj["case_id"])
-    loc_prompts = _as_tuple(obj.get("locality_prompt"), "locality_prompt")
-    loc_answers = _as_tuple(obj.get("locality_ground_truth"), "locality_ground_truth")
+    loc_prompts = as_tuple(obj.get("locality_prompt"), "locality_prompt")
+    loc_answers = as_tuple(obj.get("locality_ground_truth"), "locality_ground_truth")
     if len(loc_prompts) != len(loc_answers):
         raise ValueError(f"{len(loc_prompts)} locality_prompt(s) but {len(loc_answers)} locality_ground_truth(s); "
                          "give one answer per locality prompt")
@@ -123,8 +123,8 @@ def forget_from_dict(obj: Any) -> ForgetRequest:
         raise ValueError("missing field 'ground_truth' (or 'answer'): the answer to forget; "
                          "('target_new' is not used when forgetting)")
     return ForgetRequest(
-        prompt=_str_field(obj, "prompt", True), subject=_str_field(obj, "subject", True),
-        answer=_str_field(obj, key, True), texts=texts, case_id=case_id,
+        prompt=str_field(obj, "prompt", True), subject=str_field(obj, "subject", True),
+        answer=str_field(obj, key, True), texts=texts, case_id=case_id,
         retain_prompts=loc_prompts, retain_answers=loc_answers,
     )
 
@@ -138,9 +138,9 @@ def retain_from_dict(obj: Any) -> list[RetainItem]:
         key = "answer" if "answer" in obj else "ground_truth"
         if key not in obj:
             raise ValueError("field 'prompt' needs 'answer' (or 'ground_truth'): the answer to keep")
-        items.append(RetainItem(_str_field(obj, "prompt", True), _str_field(obj, key, True)))  # type: ignore[arg-type]
-    loc_prompts = _as_tuple(obj.get("locality_prompt"), "locality_prompt")
-    loc_answers = _as_tuple(obj.get("locality_ground_truth"), "locality_ground_truth")
+        items.append(RetainItem(str_field(obj, "prompt", True), str_field(obj, key, True)))  # type: ignore[arg-type]
+    loc_prompts = as_tuple(obj.get("locality_prompt"), "locality_prompt")
+    loc_answers = as_tuple(obj.get("locality_ground_truth"), "locality_ground_truth")
     if len(loc_prompts) != len(loc_answers):
         raise ValueError("locality_prompt and locality_ground_truth differ in length")
     items.extend(RetainItem(p, a) for p, a in zip(loc_prompts, loc_answers))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from qedit.core.stats import key_covariance
 from qedit.kernels.aware import AwareConfig, quantize_edited
 from qedit.kernels.gguf_quants import GGMLQuantizationType
 
@@ -77,7 +78,6 @@ def as_numpy(t: Any, dtype: Any = np.float64) -> np.ndarray:
 
 def encoding_for(loaded: Any, keys: Mapping[int, Any], stats_cfg: Any, cfg: AwareConfig | None = None) -> EditEncoding:
     """An EditEncoding with the (cached) key covariance of every layer that has keys."""
-    from qedit.core.stats import key_covariance
 
     layers = sorted(int(x) for x in keys)
     covs = key_covariance(loaded, layers, stats_cfg) if layers else {}

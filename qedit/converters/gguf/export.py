@@ -50,7 +50,8 @@ from qedit.converters.gguf.write import (
 from qedit.core.delta import LowRankDelta
 from qedit.core.errors import QeditError
 from qedit.core.files import refuse_same_file
-from qedit.kernels import get_kernel, mix_model_from_metadata, plan_tensor_types, resolve_type
+from qedit.core.version import qedit_version
+from qedit.kernels import get_kernel, mix_model_from_metadata, plan_tensor_types, quantize_tensor, resolve_type
 from qedit.kernels.mixes import ftype_from_name
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,6 @@ def _from_gguf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[Lo
                overrides: Mapping[str, str] | None, importance: Mapping[str, np.ndarray] | None,
                template: Path | None, bar: Any, encoding: EditEncoding | None = None,
                keys: Mapping[int, Any] | None = None) -> ExportReport:
-    from qedit.core.version import qedit_version
 
     if template is not None:
         log.warning("template %s is ignored: a GGUF source keeps its own tokenizer metadata", template)
@@ -248,7 +248,6 @@ def _aware_tensor(gf: GGUFFile, name: str, ggml_type: T, deltas: Sequence[LowRan
         encoded = encoding.encode(name, deltas[-1].layer, w0, change, ggml_type)
         if encoded is not None:
             return encoded.data
-        from qedit.kernels import quantize_tensor
 
         return quantize_tensor(w0 + change, ggml_type, importance)
 
@@ -261,7 +260,6 @@ def _aware_tensor(gf: GGUFFile, name: str, ggml_type: T, deltas: Sequence[LowRan
 def _from_hf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[LowRankDelta], manifest: dict | None,
              overrides: Mapping[str, str] | None, importance: Mapping[str, np.ndarray] | None,
              template: Path | None, bar: Any, keys: Mapping[int, Any] | None = None) -> ExportReport:
-    from qedit.core.version import qedit_version
 
     cfg, arch = read_config(src)
     hparams, rope_freqs, q_scale = hf_hparams(cfg, arch, str(src / "config.json"))

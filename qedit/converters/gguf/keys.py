@@ -28,6 +28,7 @@ from qedit.converters.gguf.aware import as_numpy
 from qedit.converters.gguf.read import GGUFFile
 from qedit.converters.gguf.write import KVEntry, encode_kv
 from qedit.core.errors import QeditError
+from qedit.core.model import is_gguf_file
 
 KEYS_PREFIX = "qedit.edit_keys.blk."
 _KEY_RE = re.compile(r"^qedit\.edit_keys\.blk\.(\d+)(\.shape)?$")
@@ -89,7 +90,6 @@ def stored_edit_keys(path: Any) -> dict[int, Any]:
     """layer -> torch float32 keys (n, d) recorded in the GGUF file `path` ({} for other files)."""
     import torch
 
-    from qedit.core.model import is_gguf_file
 
     if path is None or not is_gguf_file(Path(path)):
         return {}

@@ -35,6 +35,7 @@ from qedit.converters.gguf.read import GGUFFile
 from qedit.core.delta import LowRankDelta
 from qedit.core.errors import QeditError
 from qedit.core.files import atomic_path, refuse_same_file
+from qedit.core.version import qedit_version
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,6 @@ def write_lora_gguf(base: Path, dst: Path, deltas: Sequence[LowRankDelta], manif
     `llama-cli -m base --lora dst`) and, at the default user scale 1.0, computes (W + sum dW) x on every
     edited weight. `dtype` is "F32" or "F16". `manifest` is stored as JSON under `qedit.manifest`.
     """
-    from qedit.core.version import qedit_version
 
     base, dst = Path(base), Path(dst)
     key = _check_dtype(dtype)

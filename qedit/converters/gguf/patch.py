@@ -28,6 +28,8 @@ from qedit.converters.gguf.write import KVEntry, TensorSpec, copied_kvs, encode_
 from qedit.core.delta import LowRankDelta
 from qedit.core.errors import QeditError
 from qedit.core.files import refuse_same_file
+from qedit.core.version import qedit_version
+from qedit.kernels import quantize_tensor
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,6 @@ _UNROUNDED = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf
 
 def _requantize(gf: GGUFFile, name: str, layer: int, change: np.ndarray, new_type: gguf.GGMLQuantizationType,
                 encoding: EditEncoding | None = None) -> tuple[bytes, EncodedTensor | None]:
-    from qedit.kernels import quantize_tensor
 
     info = gf.tensors[name]
     w0 = np.array(gf.dequantize(name), dtype=np.float32, copy=True)  # (rows, cols)
@@ -162,7 +163,6 @@ def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: d
     `keys` (layer -> (n, d)), the new edit's keys, are recorded after those `src` already records
     (`qedit.converters.gguf.keys`), so that a later patch of `dst` can protect this edit.
     """
-    from qedit.core.version import qedit_version
 
     src, dst = Path(src), Path(dst)
     refuse_same_file(dst, src)

@@ -25,8 +25,12 @@ import gguf
 import numpy as np
 
 from qedit.converters.gguf.read import GGUFFile
+from qedit.converters.gguf.vocab import vocab_kvs
+from qedit.core.delta import MANIFEST_FILE
 from qedit.core.errors import QeditError
 from qedit.core.files import atomic_path
+from qedit.core.model import fingerprint_source
+from qedit.kernels import dequantize_tensor, registry
 
 if TYPE_CHECKING:
     from qedit.core.delta import LowRankDelta
@@ -180,7 +184,6 @@ def encoded_chunks(
     """A tensor encoded in `ggml_type` a row chunk at a time (uint8 (chunk, row_bytes) each), so that
     only one chunk of float32 rows exists at once. Rows are independent in every ggml quantizer, so
     the bytes equal those of one whole-tensor call. `importance` is float32 (n_cols,) or None."""
-    from qedit.kernels import registry
 
     step = max(1, _ENCODE_VALUES // n_cols)
     for lo in range(0, n_rows, step):
@@ -206,7 +209,6 @@ def reencoded_tensor(gf: GGUFFile, name: str, ggml_type: gguf.GGMLQuantizationTy
                      deltas: Sequence[LowRankDelta] = (), importance: np.ndarray | None = None) -> TensorSpec:
     """Tensor `name` of `gf` dequantized, plus the summed dW of `deltas` (each (out, in) = (rows, cols),
     already checked against it), re-encoded in `ggml_type`."""
-    from qedit.kernels import dequantize_tensor
 
     info = gf.info(name)
     n_cols = info.shape[-1]
@@ -326,8 +328,6 @@ def write_gguf(
 
 def _edited_from_gguf(directory: Path) -> Path | None:
     """The GGUF a qedit output directory was edited from, if it still exists unchanged (sha256)."""
-    from qedit.core.delta import MANIFEST_FILE
-    from qedit.core.model import fingerprint_source
 
     path = directory / MANIFEST_FILE
     if not path.is_file():
@@ -357,13 +357,6 @@ def tokenizer_kvs(directory: Path, arch: str, template: Path | None, n_vocab: in
             entries, n_tokens = copied_kvs(tf, [k for k in tf.fields if k.startswith("tokenizer.")]), len(tokens)
         where = f"copied from {source}"
     else:
-        try:
-            from qedit.converters.gguf.vocab import vocab_kvs
-        except ModuleNotFoundError as exc:
-            if exc.name != "qedit.converters.gguf.vocab":
-                raise
-            raise QeditError(f"{directory}: no GGUF to copy the tokenizer from, and this qedit cannot build one "
-                             "(qedit.converters.gguf.vocab is missing); pass the model's .gguf as template") from None
         entries, n_tokens = [], -1
         for key, value, vtype, *sub in vocab_kvs(directory, arch):
             entries.append(encode_kv(key, value, vtype, sub[0] if sub else None))

@@ -48,6 +48,8 @@ from qedit.core.delta import DELTAS_FILE, MANIFEST_FILE, LowRankDelta, applied, 
 from qedit.core.errors import QeditError
 from qedit.core.files import check_output_dir, staged_dir
 from qedit.core.model import LoadedModel, finish_tokenizer
+from qedit.core.stats import StatsConfig, corpus_tokens
+from qedit.core.version import qedit_version
 from qedit.kernels.gptq import GPTQConfig, gptq_quantize
 
 log = logging.getLogger(__name__)
@@ -85,13 +87,11 @@ class GPTQWriteConfig:
 
 def calibration_tokens(loaded: LoadedModel, stats_cfg: Any = None) -> list[list[int]]:
     """The calibration sequences: the corpus the edit statistics use (`qedit.core.stats.corpus_tokens`)."""
-    from qedit.core.stats import StatsConfig, corpus_tokens
 
     return corpus_tokens(loaded, stats_cfg or StatsConfig())
 
 
 def _quantizer_tag() -> str:
-    from qedit.core.version import qedit_version
 
     return f"qedit:{qedit_version()}"
 

@@ -38,13 +38,16 @@ from typing import Any, Sequence
 
 import torch
 
+from qedit.core import linalg
 from qedit.core.batching import best_other, subject_last_index
 from qedit.core.delta import LowRankDelta
 from qedit.core.errors import QeditError
 from qedit.core.hooks import record
 from qedit.core.model import LoadedModel
+from qedit.core.stats import key_covariance
 from qedit.edit.registry import EditContext, EditResult, finish_delta, resolve_layers
 from qedit.edit.requant import SOURCE, Requantizer
+from qedit.kernels.registry import as_type
 from qedit.unlearn.loop import (
     RetainTerm,
     Targets,
@@ -97,11 +100,10 @@ class QForgetConfig(UnlearnConfig):
             raise QeditError(f"QForgetConfig.rounds: must be an integer >= 1, got {self.rounds!r}")
         if not isinstance(self.quant_types, tuple) or not all(isinstance(q, str) for q in self.quant_types):
             raise QeditError("QForgetConfig.quant_types: must be a tuple of GGML type names or 'source'")
-        from qedit.kernels.registry import _as_type
 
         for q in self.quant_types:
             if q != SOURCE:
-                _as_type(q, "QForgetConfig.quant_types")
+                as_type(q, "QForgetConfig.quant_types")
 
 
 def gaps(logits: torch.Tensor, t: Targets, detach_other: bool = False) -> torch.Tensor:
@@ -192,8 +194,6 @@ def key_basis(loaded: LoadedModel, layers: Sequence[int], requests: Sequence[For
               cfg: QForgetConfig) -> dict[int, torch.Tensor]:
     """Per layer, B (n_facts, in): row i is (C + ridge)^-1 k_i scaled so that B_i . k_i = 1, k_i the input of the
     MLP output projection at fact i's subject-last token (ROME's key), C the key covariance."""
-    from qedit.core import linalg
-    from qedit.core.stats import key_covariance
 
     facts = [r for r in requests if r.is_fact]
     if not facts:
