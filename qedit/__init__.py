@@ -1,8 +1,13 @@
 """qedit: edit facts into local LLMs in full precision, export them, and check they survive quantization.
 
 Public API (imported lazily, so `import qedit` stays cheap):
-    load_model, load_requests, edit, save_edited, make_config, evaluate, TorchRunner,
-    EditRequest, LowRankDelta, EditMethod, QeditError
+
+    edit_model(model, facts, output, method=..., ...)  what `qedit edit` does, returning an EditRun
+    load_model, load_requests, compute_edits, applied    the steps: a LoadedModel, EditRequests, an
+                                                         EditOutcome of deltas, their reversible application
+    evaluate, TorchRunner, LlamaCppRunner                metrics on a runner
+    EditJob, Output, MethodChoice, run_edit, make_config the pipeline's typed job, for full control
+    LowRankDelta, EditOutcome, EditRequest, QeditError
 """
 from __future__ import annotations
 
@@ -10,18 +15,26 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "load_model": "qedit.core.model",
+    "edit_model": "qedit.pipeline.api",
+    "load_model": "qedit.converters.loading",
     "LoadedModel": "qedit.core.model",
     "load_requests": "qedit.core.facts",
     "EditRequest": "qedit.core.facts",
-    "edit": "qedit.edit.compute",
-    "save_edited": "qedit.edit.compute",
-    "make_config": "qedit.edit.compute",
-    "evaluate": "qedit.evaluation.metrics",
-    "TorchRunner": "qedit.runtimes.torch_runner",
+    "compute_edits": "qedit.edit.compute",
+    "EditOutcome": "qedit.edit.compute",
+    "applied": "qedit.core.delta",
     "LowRankDelta": "qedit.core.delta",
     "load_deltas": "qedit.core.delta",
-    "EditMethod": "qedit.edit.registry",
+    "save_edited": "qedit.pipeline.write",
+    "evaluate": "qedit.evaluation.metrics",
+    "TorchRunner": "qedit.runtimes.torch_runner",
+    "LlamaCppRunner": "qedit.runtimes.llama",
+    "EditJob": "qedit.pipeline.jobs",
+    "Output": "qedit.pipeline.jobs",
+    "MethodChoice": "qedit.pipeline.jobs",
+    "make_config": "qedit.pipeline.jobs",
+    "run_edit": "qedit.pipeline.run",
+    "EditRun": "qedit.pipeline.run",
     "QeditError": "qedit.core.errors",
 }
 

@@ -113,3 +113,16 @@ def test_a_rung_with_the_source_weights_computes_the_edit_on_the_source(tiny_ggu
     assert "the weights equal the source's" in capsys.readouterr().out
     with GGUFFile(out) as gf:
         assert "computed_on" not in read_manifests(gf)[-1]["info"]
+
+
+def test_the_python_api_writes_the_file_the_command_writes(tiny_gguf, tmp_path, capsys):
+    import qedit
+
+    src, facts = tiny_gguf
+    cli = tmp_path / "cli.gguf"
+    assert main(["edit", str(src), str(facts), "-o", str(cli), "--quant", "Q3_K_M", *SETTINGS]) == 0
+    capsys.readouterr()
+    run = qedit.edit_model(src, facts, tmp_path / "api.gguf", method="rome", quant="Q3_K_M", verify=False,
+                     settings={"layers": (1,), "stats": StatsConfig(n_samples=16)})
+    assert run.computed_on != src and run.written.path == tmp_path / "api.gguf"
+    assert _tensor_bytes(tmp_path / "api.gguf") == _tensor_bytes(cli)

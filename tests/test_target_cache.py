@@ -10,6 +10,7 @@ from qedit.core.facts import request_from_dict
 from qedit.edit import targets as _target
 from qedit.edit.registry import TargetConfig
 from qedit.edit.target_cache import weights_digest
+from qedit.unlearn.objectives import AwayFromAnswer
 
 CFG = TargetConfig(steps=6, stop_nll=2.0, n_prefixes=0, chunk=2)
 SITE_LAYER = 1
@@ -79,13 +80,13 @@ def test_damaged_cache_entry_is_recomputed(tiny_dirs, tmp_path):
 
 
 def test_unlearning_targets_have_their_own_entries(tiny_dirs, tmp_path, monkeypatch):
-    """kforget's targets (away_margin) never answer for an edit's targets with the same requests, nor the
+    """kforget's targets (AwayFromAnswer) never answer for an edit's targets with the same requests, nor the
     other way round, and each margin has its own entry."""
     loaded, reqs, site = _setup(tiny_dirs)
     edit_t, _ = _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path)
     seen = _count_chunks(monkeypatch)
-    away, hinge = _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path, away_margin=3.0)
+    away, hinge = _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path, objective=AwayFromAnswer(3.0))
     assert seen == [2] and not torch.equal(away, edit_t) and all(h >= 0 for h in hinge)
-    _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path, away_margin=3.0)   # a hit
-    _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path, away_margin=1.0)   # a miss
+    _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path, objective=AwayFromAnswer(3.0))   # a hit
+    _target.optimize_targets(loaded, reqs[:2], site, [""], CFG, cache_dir=tmp_path, objective=AwayFromAnswer(1.0))   # a miss
     assert seen == [2, 2]

@@ -17,7 +17,7 @@ from qedit.edit.keys import context_prefixes, site_values, site_values_many
 from qedit.edit.registry import EditContext, EditResult, MethodConfig, finish_delta, resolve_layers
 from qedit.edit.strength import check_strength, minimal_scale
 from qedit.edit.target_cache import target_cache_dir
-from qedit.edit.targets import optimize_targets
+from qedit.edit.targets import REACH_TARGET, TargetObjective, optimize_targets
 
 # Singular values of the post-MLP norm's Jacobian below this share of the largest are dropped:
 # Gemma's norm gains span 0.02..800, and chasing the weak directions blows the update up.
@@ -62,12 +62,12 @@ def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out:
 
 
 def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: SpreadConfig, ctx: EditContext,
-                solver: LayerSolver, away_margin: float | None = None,
+                solver: LayerSolver, objective: TargetObjective = REACH_TARGET,
                 base: Sequence[LowRankDelta] = ()) -> EditResult:
-    """MEMIT's spread of `requests` with `solver`. With `away_margin` the residual target pushes each
-    request's target_new (there: the answer to erase) that many nats below the best other token instead
-    (unlearning, `kforget`), and minimal strength does not apply. `base`: deltas already made (applied
-    through hooks, the model untouched) that this edit is computed on top of; not returned."""
+    """MEMIT's spread of `requests` with `solver`. `objective`: what the residual target reaches (an
+    unlearning method passes its own; minimal strength applies only where the objective allows it).
+    `base`: deltas already made (applied through hooks, the model untouched) that this edit is computed
+    on top of; not returned."""
     layers = resolve_layers(loaded, cfg, multi_layer=True)
     covs = key_covariance(loaded, layers, cfg.stats)
     prefixes = context_prefixes(loaded, cfg)
@@ -77,7 +77,7 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
     z_site = loaded.arch.layer.format(layers[-1])
     last_mlp = loaded.arch.mlp_out.format(layers[-1])
     u_delta, nlls = optimize_targets(loaded, requests, last_mlp, prefixes, cfg.target, applied=base,
-                                     cache_dir=target_cache_dir(loaded, cfg), away_margin=away_margin)  # (n, d_out)
+                                     cache_dir=target_cache_dir(loaded, cfg), objective=objective)  # (n, d_out)
     z_target = site_values(loaded, requests, z_site, "output", prefixes, applied=base,
                            inject=(last_mlp, u_delta))                                   # (n, d_model)
     applied: list[LowRankDelta] = []
@@ -92,7 +92,7 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
         applied.append(finish_delta(loaded, layer, dw, cfg, {"n_requests": len(requests)}))
         keys[layer] = k
     info = {"layers": list(layers), "target_nll": nlls}
-    if cfg.target_margin is not None and away_margin is None:
+    if cfg.target_margin is not None and objective.minimal_strength:
         alpha, margin = minimal_scale(loaded, requests, prefixes, applied, base, cfg.target_margin,
                                       max_scale=cfg.max_scale)
         applied = [d.scaled(alpha) for d in applied]

@@ -48,13 +48,12 @@ class TargetCache:
     """Targets of one (model state, site, prefixes, settings) in a directory; `None` dir = disabled."""
 
     def __init__(self, directory: Path | None, loaded: LoadedModel, site: str, prefixes: Sequence[str],
-                 cfg: TargetConfig, away_margin: float | None = None) -> None:
+                 cfg: TargetConfig, tag: dict[str, float] | None = None) -> None:
         self.dir = directory
         self._base = ""
         if directory is not None:
             settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NEUTRAL_FIELDS}
-            if away_margin is not None:   # unlearning targets (kforget); edit targets keep their old keys
-                settings["away_margin"] = away_margin
+            settings.update(tag or {})   # another objective's targets (unlearning) never answer for an edit's
             self._base = json.dumps({"weights": weights_digest(loaded.model), "site": site, "prefixes": list(prefixes),
                                      "settings": settings, "dtype": str(next(loaded.model.parameters()).dtype)},
                                     sort_keys=True)

@@ -1,8 +1,8 @@
 """Target optimisation (ROME's v*, MEMIT's z): the vector that, added to a module's output at the
-subject's last token, makes the model answer target_new, with a KL term that keeps the subject's
-other properties and a norm bound. With `away_margin` (unlearning, `kforget`) the objective turns
-around: the vector pushes the first token of the request's `target_new` (the answer to erase) at least
-`away_margin` nats below the best other token, a hinge that stops pulling once the margin holds.
+subject's last token, reaches the request's objective, with a KL term that keeps the subject's other
+properties and a norm bound. The objective is data: `REACH_TARGET` (the edits') makes the model answer
+target_new; unlearning passes its own (`qedit.unlearn.objectives`), e.g. pushing the answer to erase
+below the best other token.
 
 Requests are optimised together in chunks (one batch per step) and a chunk stops once all of its
 requests are below the NLL threshold, so a target depends on its chunk-mates; the target cache is
@@ -10,14 +10,15 @@ keyed by the whole chunk."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qedit.core.batching import best_other, build_batch, logits_at, target_index
+from qedit.core.batching import build_batch, logits_at, target_index
 from qedit.core.delta import LowRankDelta
 from qedit.core.facts import EditRequest
 from qedit.core.hooks import OutputEdit, add_at_positions, edit_outputs, record
@@ -29,9 +30,41 @@ from qedit.edit.target_cache import TargetCache
 log = logging.getLogger(__name__)
 
 
+class TargetObjective(Protocol):
+    """What a target must achieve, as a loss per scored target token (0 where it is met)."""
+
+    name: str                    # "NLL", "hinge", ...: for logs
+    first_token_only: bool       # score only the first token of each target
+    minimal_strength: bool       # an edit towards it may be scaled down to a margin (qedit.edit.strength)
+
+    def token_loss(self, logp_all: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
+        """logp_all (n_t, vocab) log-probs at the scored positions, t_ids (n_t,) -> loss (n_t,)."""
+
+    def cache_tag(self) -> dict[str, float]:
+        """What the target cache key adds for this objective ({} for the edits' own)."""
+
+
+@dataclass(frozen=True)
+class ReachTarget:
+    """The edits' objective: the NLL of target_new, every token."""
+
+    name: str = "NLL"
+    first_token_only: bool = False
+    minimal_strength: bool = True
+
+    def token_loss(self, logp_all: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
+        return -logp_all.gather(1, t_ids[:, None])[:, 0]                                   # (n_t,)
+
+    def cache_tag(self) -> dict[str, float]:
+        return {}
+
+
+REACH_TARGET = ReachTarget()
+
+
 def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, prefixes: Sequence[str],
                    cfg: TargetConfig, applied: Sequence[LowRankDelta],
-                   away_margin: float | None = None) -> tuple[torch.Tensor, list[float]]:
+                   objective: TargetObjective) -> tuple[torch.Tensor, list[float]]:
     n, p = len(reqs), len(prefixes)
     texts = [pre + r.prompt for r in reqs for pre in prefixes] + [f"{r.subject} is a" for r in reqs]
     targets: list[str | None] = [r.target_new for r in reqs for _ in prefixes] + [None] * n
@@ -41,7 +74,7 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
     rows_all = torch.arange(len(texts))
     lookup = torch.tensor(batch.lookup)
     t_rows, t_cols, t_ids = target_index(batch)
-    if away_margin is not None:   # the hinge reads each row's first target token only
+    if objective.first_token_only:
         first = torch.ones_like(t_rows, dtype=torch.bool)
         first[1:] = t_rows[1:] != t_rows[:-1]
         t_rows, t_cols, t_ids = t_rows[first], t_cols[first], t_ids[first]
@@ -73,13 +106,8 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
         with edit_outputs(loaded.model, base_edits), edit_outputs(loaded.model, {site: inject}):
             logits = logits_at(loaded, batch, q_rows, q_cols)
         logp_all = F.log_softmax(logits[:n_t], dim=-1)                                   # (n_t, vocab)
-        logp = logp_all.gather(1, t_ids[:, None])[:, 0]                                  # (n_t,)
-        if away_margin is None:
-            nll_per = -torch.zeros(n).index_add(0, tok_owner, logp) / counts             # (n,) mean over tokens and prefixes
-        else:   # the runner-up held fixed: lowering the answer spreads its mass over every other token
-            other = best_other(logp_all, t_ids).detach()                                          # (n_t,)
-            hinge = torch.relu(logp - other + away_margin)                                        # (n_t,)
-            nll_per = torch.zeros(n).index_add(0, tok_owner, hinge) / counts             # (n,) mean over prefixes
+        token_loss = objective.token_loss(logp_all, t_ids)                               # (n_t,)
+        nll_per = torch.zeros(n).index_add(0, tok_owner, token_loss) / counts            # (n,) mean over tokens, prefixes
         kl = F.kl_div(F.log_softmax(logits[n_t:], dim=-1), ref_kl, log_target=True, reduction="none").sum(-1)  # (n,)
         decay = (delta.norm(dim=-1) / orig_norm) ** 2
         loss = (nll_per + cfg.kl_factor * kl + cfg.weight_decay * decay).sum()
@@ -96,19 +124,20 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
 
 def optimize_targets(loaded: LoadedModel, requests: Sequence[EditRequest], site: str, prefixes: Sequence[str],
                      cfg: TargetConfig, applied: Sequence[LowRankDelta] = (),
-                     cache_dir: Path | None = None, away_margin: float | None = None) -> tuple[torch.Tensor, list[float]]:
-    """delta (n, d) to add to `site`'s output at each request's subject-last token, and the final NLLs
-    (with `away_margin`: the final hinge values, 0 where the answer trails by the margin).
+                     cache_dir: Path | None = None, objective: TargetObjective = REACH_TARGET
+                     ) -> tuple[torch.Tensor, list[float]]:
+    """delta (n, d) to add to `site`'s output at each request's subject-last token, and the final losses of
+    `objective` per request (NLLs for the edits' own).
 
     With cache_dir, targets computed on the model as it is (no applied deltas) are read from and
     written to that directory (qedit.edit.target_cache)."""
-    cache = TargetCache(cache_dir if not applied else None, loaded, site, prefixes, cfg, away_margin)
+    cache = TargetCache(cache_dir if not applied else None, loaded, site, prefixes, cfg, objective.cache_tag())
     parts, nlls, hits = [], [], 0
     for lo in tqdm(range(0, len(requests), cfg.chunk), desc="optimising targets", unit="chunk", leave=False):
         chunk = list(requests[lo:lo + cfg.chunk])
         found = cache.get(chunk)
         if found is None:
-            found = _chunk_targets(loaded, chunk, site, prefixes, cfg, applied, away_margin)
+            found = _chunk_targets(loaded, chunk, site, prefixes, cfg, applied, objective)
             cache.put(chunk, *found)
         else:
             hits += len(chunk)
@@ -116,6 +145,6 @@ def optimize_targets(loaded: LoadedModel, requests: Sequence[EditRequest], site:
         nlls.extend(found[1])
     if hits:
         log.info("%d of %d targets from the cache %s", hits, len(requests), cache.dir)
-    log.info("target %s after optimisation: mean %.3f, max %.3f", "NLL" if away_margin is None else "hinge",
+    log.info("target %s after optimisation: mean %.3f, max %.3f", objective.name,
              sum(nlls) / len(nlls), max(nlls))
     return torch.cat(parts), nlls                                                        # (n, d)

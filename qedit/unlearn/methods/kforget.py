@@ -44,6 +44,7 @@ from qedit.edit.methods.memit import MemitConfig
 from qedit.edit.registry import EditContext, EditResult, resolve_layers
 from qedit.edit.spread import spread_edit
 from qedit.edit.strength import forget_gap, forget_gaps, minimal_scale
+from qedit.unlearn.objectives import AwayFromAnswer
 from qedit.unlearn.registry import UnlearnMethod, register_unlearn_method
 from qedit.unlearn.requests import ForgetRequest, RetainItem, check_retain_setting, default_retain
 
@@ -138,7 +139,7 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForget
         return linalg.batch_update(keys, resid, prior).float()                      # (d_out, d_in)
 
     prefixes = context_prefixes(loaded, cfg)
-    result = spread_edit(loaded, edits, cfg, ctx, solve, away_margin=cfg.forget_margin)
+    result = spread_edit(loaded, edits, cfg, ctx, solve, objective=AwayFromAnswer(cfg.forget_margin))
     alpha, margin = minimal_scale(loaded, edits, prefixes, result.deltas, [], cfg.forget_margin,
                                   max_scale=cfg.max_scale, margin_fn=forget_gap)
     deltas = [d.scaled(alpha) for d in result.deltas]
@@ -154,7 +155,7 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForget
             break
         done.clear()
         done.update({layer: list(ks) for layer, ks in keys.items()})   # a copy: this pass's keys join after it
-        more = spread_edit(loaded, left, cfg, ctx, solve, away_margin=cfg.forget_margin, base=deltas)
+        more = spread_edit(loaded, left, cfg, ctx, solve, objective=AwayFromAnswer(cfg.forget_margin), base=deltas)
         deltas += more.deltas
         for layer, k in more.keys.items():
             keys.setdefault(layer, []).append(k)
