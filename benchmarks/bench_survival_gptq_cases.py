@@ -12,15 +12,16 @@
         --first 100 --limit 100 --json /tmp/sgc/part1.json
     python benchmarks/bench_survival_gptq_cases.py --merge /tmp/sgc/part0.json /tmp/sgc/part1.json \
         --json benchmarks/data/survival_gptq_cases_memit_200.json
-    # the shortcut check (below) at GPTQ-4: on case 0 alone, and on case 29 after cases 27 and 28
+    # the shortcut check (below) at GPTQ-4 on case 199, after the swaps of cases 197 and 198
     python benchmarks/bench_survival_gptq_cases.py --deltas /tmp/be/deltas --methods memit --out /tmp/sgq \
-        --limit 1 --gptq 4 --bnb "" --verify --json /tmp/sgc/verify.json
-    python benchmarks/bench_survival_gptq_cases.py --deltas /tmp/be/deltas --methods memit --out /tmp/sgq \
-        --first 27 --limit 3 --gptq 4 --bnb "" --verify --json /tmp/sgc/verify29.json
+        --first 197 --limit 3 --gptq 4 --bnb "" --verify --json /tmp/sgc/verify199.json
 
 Every case was edited alone into the unedited Gemma 3 270M (full precision, the GGUF source) and its
-deltas and edit keys saved by bench_edit. Each is then checked the way `qedit survival --gptq --bnb`
-checks an edit, without writing and reloading a checkpoint per case:
+deltas and edit keys saved by bench_edit. Each full-precision edit is then patched into the unedited
+checkpoint of every rung, without writing and reloading a checkpoint per case. That is the file
+`qedit edit --format gptq` writes at 8 bits (the source's edit, patched edit-aware); below 8 bits qedit
+computes the edit on the checkpoint itself instead, so there this measures how much of a full-precision
+edit each encoding keeps, not qedit's default output:
 - GPTQ rungs: the unedited model is written once per bit-width as a qedit GPTQ checkpoint (group 128,
   act-order, symmetric; the survival ladder's artifacts, cached under --out/artifacts) and loaded once
   in GPTQModel. For each case, each edited Linear is dequantized from the checkpoint, changed by dW,
@@ -32,8 +33,8 @@ checks an edit, without writing and reloading a checkpoint per case:
   One shortcut: each Hessian is the unedited checkpoint's, computed once, where `patch_gptq`
   recomputes a later edited layer's inputs after the earlier edited layers were requantized.
   `--verify` measures what the shortcuts change on the last case of each rung (after the swaps and
-  restores of the cases before it): the real `patch_gptq` checkpoint, loaded afresh by GPTQModel,
-  against the in-place scores.
+  restores of the cases before it): the checkpoint `patch_gptq` writes (the converter the pipeline
+  patches GPTQ checkpoints with), loaded afresh by GPTQModel, against the in-place scores.
 - bitsandbytes rungs: a copy of the unedited fp32 model with every decoder Linear quantized in memory
   (`BitsAndBytesRunner`); for each case the edited Linears are replaced by bitsandbytes modules of
   W + dW and put back afterwards. bitsandbytes has no calibration, so there is one (naive) encoding.
@@ -43,21 +44,29 @@ weight on every forward unless GPTQ_TORCH_CACHE_WEIGHTS=1, which this script set
 module is dequantized once, and a swap clears the swapped module's cache. torch.compile is switched
 off (torch._dynamo.config.disable): with one compiled dequantizer per module it hits its recompile limit
 while loading and then runs eagerly anyway. Neither changes a number, only the time.
+Results: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_io import DATA, save_json, source_store  # noqa: E402
-from bench_survival_cases import _case_row, _fp32_baseline, cached_report, summarize  # noqa: E402
+from harness import (
+    cached_report,
+    case_number,
+    case_row,
+    print_case_tables,
+    save_json,
+    saved_cases,
+    source_store,
+    summarize_cases,
+)
 
 
 class GPTQRung:
@@ -72,10 +81,10 @@ class GPTQRung:
     """
 
     def __init__(self, base: Path, targets: set[str], seqs, hess_cache: Path) -> None:
-        from qedit.converters.gptq import PARTS, dequantize_module, read_checkpoint_config, read_module_parts
-        from qedit.converters.gptq_calibrate import make_batches, module_hessian
-        from qedit.converters.gptq_export import load_dequantized
-        from qedit.runners_gptq import GPTQModelRunner
+        from qedit.converters.gptq.calibrate import make_batches, module_hessian
+        from qedit.converters.gptq.checkpoint import PARTS, dequantize_module, read_checkpoint_config, read_module_parts
+        from qedit.converters.gptq.export import load_dequantized
+        from qedit.runtimes.gptq import GPTQModelRunner
 
         self.base = base
         self.ckpt = read_checkpoint_config(base)
@@ -130,7 +139,7 @@ class GPTQRung:
     def _check(self, name: str, weight: torch.Tensor) -> None:
         """The swapped module's output must be x W^T for the new dequantized weight: to 0.2% (relative) in
         the torch kernel (float16 dequantization); to 3% in the 4-bit kernel, which computes in bfloat16
-        (there only `--verify` tells an edit's change, about 1% of W, from stale weights)."""
+        (there only `--verify` tells an edit's change, small against W, from stale weights)."""
         m = self.modules[name]
         got = m(self.probe).float()                                                     # (4, out)
         want = self.probe @ weight.t()                                                  # (4, out)
@@ -141,7 +150,7 @@ class GPTQRung:
 
     def swap(self, changes: dict[str, torch.Tensor], keys: dict[str, torch.Tensor] | None) -> None:
         """Each module W0 + change, requantized (edit-aware when `keys`), written into the loaded module."""
-        from qedit.converters.gptq import dequantize_module, encode_module
+        from qedit.converters.gptq.checkpoint import dequantize_module, encode_module
         from qedit.kernels.gptq import gptq_quantize, prepare_hessian, v1_offset_qzeros
 
         solver = self.ckpt.solver_config(1.0)
@@ -171,8 +180,8 @@ class BnbRung:
     """A bitsandbytes copy of the unedited model; a case's edited Linears are re-created from W + dW."""
 
     def __init__(self, loaded, mode: str) -> None:
-        from qedit.converters.gptq_calibrate import weight_math
-        from qedit.runners_gptq import BitsAndBytesRunner
+        from qedit.converters.gptq.calibrate import weight_math
+        from qedit.runtimes.bnb import BitsAndBytesRunner
 
         self.mode = mode
         self.source = loaded
@@ -181,7 +190,7 @@ class BnbRung:
         self._saved: dict[str, torch.nn.Module] = {}
 
     def swap(self, changes: dict[str, torch.Tensor], keys=None) -> None:
-        from qedit.runners_gptq import _bnb_linear
+        from qedit.runtimes.bnb import _bnb_linear
 
         model = self.runner.loaded.model
         for name, change in changes.items():
@@ -201,34 +210,29 @@ class BnbRung:
 
 def _changes(deltas) -> dict[str, torch.Tensor]:
     """{module: summed dW (out, in)} of a case's deltas."""
-    from qedit.delta import combine
+    from qedit.core.delta import combine
 
     return {d.name.removesuffix(".weight"): d.dense().float() for d in combine(deltas)}
 
 
-def _verify(rung: GPTQRung, store, deltas, keys, manifest, seqs, req, scored, encoding: str) -> dict:
+def _verify(rung: GPTQRung, out: Path, deltas, keys, manifest, seqs, req, scored, encoding: str) -> dict:
     """The real patched checkpoint, loaded afresh, against the in-place scores of the same case."""
-    from qedit.evaluate import evaluate
-    from qedit.runners_gptq import GPTQModelRunner
+    from qedit.converters.gptq.export import patch_gptq
+    from qedit.evaluation.metrics import evaluate
+    from qedit.runtimes.gptq import GPTQModelRunner
 
-    path, _ = store.gptq_patch(rung.base, deltas, seqs, manifest, keys)
-    fresh = evaluate(GPTQModelRunner(path), [req]).cases[0]
+    path = out / f"verify-{rung.base.name}-{encoding}"
+    shutil.rmtree(path, ignore_errors=True)
+    patch_gptq(rung.base, path, deltas, manifest, seqs, edit_keys=keys)
+    try:
+        fresh = evaluate(GPTQModelRunner(path), [req]).cases[0]
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
     out = {"encoding": encoding, "bits": rung.ckpt.bits, "fresh_margin": fresh.margin, "inplace_margin": scored.margin,
            "fresh_efficacy": fresh.efficacy, "inplace_efficacy": scored.efficacy}
     print(f"verify GPTQ-{rung.ckpt.bits} {encoding}: margin in place {scored.margin:.4f}, patched checkpoint "
           f"{fresh.margin:.4f}", file=sys.stderr)
     return out
-
-
-def _print_tables(results: dict[str, list[dict]], ladder: list[str]) -> None:
-    fmt = lambda x: "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))  # noqa: E731
-    for method, rows in results.items():
-        print(f"\n{method}, {len(rows)} single edits")
-        print("| rung | cases | efficacy | kept | generalization | locality | margin kept | died |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for s in summarize(rows, ladder):
-            print(f"| {s['rung']} | {s['n']} | {fmt(s['efficacy'])} | {fmt(s.get('efficacy_kept'))} | "
-                  f"{fmt(s['generalization'])} | {fmt(s.get('locality'))} | {fmt(s.get('margin_kept'))} | {fmt(s.get('died'))} |")
 
 
 def merge(parts: list[Path], out: Path | None) -> None:
@@ -248,10 +252,10 @@ def merge(parts: list[Path], out: Path | None) -> None:
         rows.sort(key=lambda r: r["case"])
     if out is not None:
         save_json(out, {"commands": [r["command"] for r in runs], "ladder": ladder,
-                        "summary": {m: summarize(r, ladder) for m, r in results.items()},
+                        "summary": {m: summarize_cases(r, ladder) for m, r in results.items()},
                         "verify": [c for r in runs for c in r["verify"]],
                         "seconds": [r["seconds"] for r in runs], "cases": results})
-    _print_tables(results, ladder)
+    print_case_tables(results, ladder)
 
 
 def main() -> None:
@@ -279,21 +283,16 @@ def main() -> None:
 
     from tqdm.auto import tqdm
 
-    from qedit.converters.gptq_export import calibration_tokens
-    from qedit.delta import load_deltas, load_edit_keys
-    from qedit.evaluate import EvalReport, evaluate
-    from qedit.facts import load_requests
-    from qedit.model import load_model
+    from qedit.converters.gptq.export import calibration_tokens
+    from qedit.converters.loading import load_model
+    from qedit.core.delta import load_deltas, load_edit_keys
+    from qedit.evaluation.metrics import EvalReport, evaluate
+    from qedit.kernels.gptq import GPTQConfig
 
     source, store = source_store(args.out)
-    all_reqs = load_requests(DATA)
     methods = args.methods.split(",")
-    end = None if args.limit is None else args.first + args.limit
-    case_dirs = {m: sorted((args.deltas / m).glob("case*"))[args.first:end] for m in methods}
-    cases = sorted({int(d.name[4:]) for dirs in case_dirs.values() for d in dirs})
-    reqs = [all_reqs[i] for i in cases]
-    span = f"{cases[0]}-{cases[-1]}-{len(cases)}"
-    base32 = dict(zip(cases, _fp32_baseline(reqs, args.out / f"fp32-base-{span}.json").cases))
+    saved = saved_cases(args.deltas, methods, args.out, args.first, args.limit)
+    case_dirs, cases, reqs, span, base32 = saved.dirs, saved.cases, saved.requests, saved.span, saved.base32
     targets = {n for dirs in case_dirs.values() for d in dirs for n in _changes(load_deltas(d)[0])}
     encodings = args.encodings.split(",")
 
@@ -301,7 +300,7 @@ def main() -> None:
     seqs = calibration_tokens(loaded)
     rungs: dict[str, object] = {}
     for bits in [int(b) for b in args.gptq.split(",") if b]:
-        path, _ = store.gptq(loaded, bits, 128, True, seqs)
+        path, _ = store.gptq(loaded, GPTQConfig(bits=bits, group_size=128, desc_act=True), seqs)
         rungs[f"GPTQ-{bits}"] = GPTQRung(path, targets, seqs, args.out / f"hessians-{path.name}.pt")
     for mode in [m for m in args.bnb.split(",") if m]:
         rungs[f"BNB-{mode}"] = BnbRung(loaded, mode)
@@ -320,8 +319,8 @@ def main() -> None:
             deltas, manifest = load_deltas(d)
             changes = _changes(deltas)
             keys = {loaded.arch.mlp_out.format(layer): v.float() for layer, v in load_edit_keys(d).items()}
-            case = int(d.name[4:])
-            req = all_reqs[case]
+            case = case_number(d)
+            req = saved.request(case)
             per_rung = {}
             for name, enc in columns:
                 rung = rungs[name]
@@ -333,13 +332,13 @@ def main() -> None:
                 per_rung[f"{name} {enc}"] = (scored, bases[name][case])
                 if args.verify and k == len(case_dirs[method]) - 1 and name.startswith("GPTQ"):
                     raw_keys = {int(lay): v.float() for lay, v in load_edit_keys(d).items()} if enc == "aware" else None
-                    checks.append(_verify(rung, store, deltas, raw_keys, manifest, seqs, req, scored, enc))
-            rows.append(_case_row(case, manifest["bench_case"], base32[case], per_rung))
+                    checks.append(_verify(rung, args.out, deltas, raw_keys, manifest, seqs, req, scored, enc))
+            rows.append(case_row(case, manifest["bench_case"], base32[case], per_rung))
             if args.json:
-                summary = {m: summarize(r, ladder) for m, r in results.items()}
+                summary = {m: summarize_cases(r, ladder) for m, r in results.items()}
                 save_json(args.json, {"command": sys.argv, "ladder": ladder, "summary": summary, "verify": checks,
                                       "seconds": time.perf_counter() - started, "cases": results})
-    _print_tables(results, ladder)
+    print_case_tables(results, ladder)
 
 if __name__ == "__main__":
     main()

@@ -8,11 +8,10 @@ from typing import Any
 
 from qedit.cli.args import add_method_args, add_model_args, method_from
 from qedit.converters.loading import load_model
-from qedit.core.delta import load_deltas, load_edit_keys
 from qedit.core.errors import QeditError
 from qedit.core.facts import load_requests
 from qedit.core.files import refuse_same_file
-from qedit.edit.compute import EditOutcome
+from qedit.edit.compute import saved_outcome
 from qedit.evaluation.gate import check_requirements, parse_requirement
 from qedit.survival.ladder import run_survival
 from qedit.survival.measure import SurvivalConfig, SurvivalJob
@@ -99,13 +98,6 @@ def check_report_dir(out: Path, *inputs: Path) -> None:
             raise QeditError(f"{out}: is inside the input directory {src}; write the report elsewhere")
 
 
-def saved_outcome(directory: Path, method: str, config: Any) -> EditOutcome:
-    """The edit an earlier `qedit edit -o DIR` saved: its deltas, keys and manifest."""
-    deltas, manifest = load_deltas(directory)
-    return EditOutcome(str(manifest.get("method", method)), config, [], deltas, float(manifest.get("seconds", 0.0)),
-                       {"from_deltas": str(directory)}, load_edit_keys(directory))
-
-
 def cmd_survival(args: argparse.Namespace) -> int:
     forget = args.method in UNLEARN_METHODS
     if (args.retain is not None or args.heldout is not None) and not forget:
@@ -132,12 +124,7 @@ def cmd_survival(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device)
     outcome = None
     if args.from_deltas is not None:
-        outcome = saved_outcome(args.from_deltas, args.method, method.resolved_config())
-        sha = load_deltas(args.from_deltas)[1].get("source_sha256")
-        if sha and sha != loaded.fingerprint:
-            raise QeditError(f"{args.from_deltas}: its deltas were computed on a model with sha256 {sha[:16]}..., "
-                             f"not {args.model} ({loaded.fingerprint[:16]}...); give the model they were made for")
-        outcome.requests = list(requests)
+        outcome = saved_outcome(args.from_deltas, requests, method.resolved_config(), loaded)
     job = SurvivalJob(args.model, requests, method, naive=args.naive, outcome=outcome, retain=retain, device=args.device)
     result = run_survival(job, cfg, loaded)
     gates = check_requirements(requirements, all_rung_metrics(result))

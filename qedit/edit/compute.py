@@ -18,11 +18,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from qedit.core.delta import LowRankDelta, applied
+from qedit.core.delta import LowRankDelta, applied, load_deltas, load_edit_keys
 from qedit.core.errors import QeditError
 from qedit.core.model import LoadedModel
 from qedit.core.version import qedit_version
@@ -127,3 +128,17 @@ def _add_history(ctx: EditContext, layer: int, keys: torch.Tensor) -> None:
     """Add sum_i k_i k_i^T over `keys` (n, d_in) to the layer's history of earlier edits (float64)."""
     gram = keys.double().t() @ keys.double()                                    # (d_in, d_in)
     ctx.history[layer] = ctx.history[layer] + gram if layer in ctx.history else gram
+
+
+def saved_outcome(directory: Path, requests: Sequence[Any], config: MethodConfig, loaded: LoadedModel) -> EditOutcome:
+    """The edit an earlier `qedit edit -o DIR` saved (its deltas, keys and method), for `requests`, checked to
+    belong to `loaded` (the manifest records its source's sha256)."""
+    if not requests:
+        raise QeditError(f"{directory}: no facts given for the saved edit; give the facts file it was made from")
+    deltas, manifest = load_deltas(directory)
+    sha = manifest.get("source_sha256")
+    if sha and sha != loaded.fingerprint:
+        raise QeditError(f"{directory}: its deltas were computed on a model with sha256 {sha[:16]}..., not "
+                         f"{loaded.source} ({loaded.fingerprint[:16]}...); give the model they were made for")
+    return EditOutcome(str(manifest.get("method", "unknown")), config, list(requests), deltas,
+                       float(manifest.get("seconds", 0.0)), {"from_deltas": str(directory)}, load_edit_keys(directory))

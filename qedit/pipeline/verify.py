@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qedit.core.errors import QeditError
 from qedit.edit.compute import EditOutcome
 from qedit.evaluation.metrics import evaluate
 from qedit.runtimes.llama import LlamaCppRunner
@@ -32,6 +33,9 @@ def verify_in_llama_cpp(rewrite: Callable[[EditOutcome], object], outcome: EditO
     answer (or, without a true answer, its top-1 target) falls short of `hold_margin`, scale every delta by
     the next of VERIFY_SCALES and `rewrite` the output. When no scale makes every edit hold, the smallest
     scale with the fewest failing edits is the one left written."""
+
+    if not outcome.requests:
+        raise QeditError(f"{out}: the llama.cpp check needs the edit's facts, and this edit carries none")
 
     def short(current: EditOutcome) -> list[str]:
         cases = evaluate(LlamaCppRunner(out), current.requests).cases

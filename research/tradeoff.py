@@ -1,22 +1,21 @@
-"""Issue 5: strength against survival at one rung, naive against edit-aware (the trade-off table and plot).
+"""The trade-off: edit strength against survival at one rung, naive against edit-aware (tables and plots).
 
-    python benchmarks/bench_tradeoff.py --target-margin 2 --method memit --rung Q2_K --n 50 \
-        --alphas 1,1.5,2.25,3.5,5 --aware-alphas 0.67,1,1.5 --out /tmp/ac \
-        --json benchmarks/data/tradeoff_memit_t2_Q2_K_50.json --plot benchmarks/data/tradeoff_memit_t2_Q2_K_50.png
-    python benchmarks/bench_tradeoff.py --target-margin 2 --method memit --rung Q5_K_M --n 100 --search \
+    python research/tradeoff.py --target-margin 2 --method memit --rung Q2_K --n 50 \
+        --alphas 1,1.5,2.25,3.5,5 --aware-alphas 0.67,1,1.5 --out /tmp/ac --json /tmp/tq2.json --plot /tmp/tq2.png
+    python research/tradeoff.py --target-margin 2 --method memit --rung Q5_K_M --n 100 --search \
         --out /tmp/ac --json A.json     # and --start 100 --n 200 --json B.json in a second process, then
-    python benchmarks/bench_tradeoff.py --merge A.json B.json --json benchmarks/data/search_memit_Q5_K_M_200.json
-    python benchmarks/bench_tradeoff.py --deltas /tmp/be/deltas --method memit --n 50 --alphas 0.25,0.5,1,2 \
-        --out /tmp/ac --json benchmarks/data/tradeoff_memit_Q4_K_M_50.json --plot benchmarks/data/tradeoff_memit_Q4_K_M_50.png
+    python research/tradeoff.py --merge A.json B.json --json /tmp/search_memit_Q5_K_M_200.json
+    python research/tradeoff.py --report benchmarks/data/search_memit_t2_*.json --plot /tmp/search.png
 
-Each CounterFact-dev case is edited alone, its edit scaled by alpha and spliced into the unedited rung
-file (bench_survival_cases.py's in-place shortcut) two ways:
+Each CounterFact-dev case is edited alone, its edit scaled by alpha and written into the unedited rung
+file (benchmarks/harness.py's RungFile, the in-place shortcut) two ways:
 - naive: the edit computed in full precision on the source, plain requantization of W + alpha dW
   (`qedit edit --quant T --naive`, `qedit patch --naive`);
 - aware: what `qedit edit --quant T` writes: below 5 bits the edit computed on the rung's weights (the
   source edit when they are the source's, e.g. Q4_K_M of the packaged Q4_K_M file), at 5 bits and more
-  the source edit (qedit.survival.on_rung.edits_quantized), encoded edit-aware. Runs made before that
-  rule computed the aware edit on the rung's weights at every rung; the JSON's `aware_on` says which.
+  the source edit (qedit.pipeline.plan.edits_quantized), encoded edit-aware, without the llama.cpp check.
+  Runs made before that rule computed the aware edit on the rung's weights at every rung; the JSON's
+  `aware_on` says which.
 With --target-margin M the edits are computed here at minimal strength (alpha 1 is the method's
 default edit); with --deltas, saved full-strength edits are scaled (rungs with the source's weights).
 Per case, alpha and path: efficacy, locality against the unedited file, margin, the perplexity of
@@ -31,9 +30,8 @@ locality prompts: the share of answer tokens whose top-1 is unchanged (`locality
 absolute change of their log-probabilities (`drift_own`, `drift_pool`, nats), far less noisy than one
 prompt's top-1. --search measures, per case and path, only the alphas from 1 down while the edit works
 (else up until it works) and perplexity and drift only at the smallest that works: the minimal-strength
-table and `paired` at a fraction of the cost, no per-alpha curves (on the saved grid runs at Q2_K-Q5_K_M,
-230 path-cases, the search picks the same alpha as the full grid every time). The JSON is rewritten after
-every case; a rerun with it resumes.
+table and `paired` at a fraction of the cost, no per-alpha curves (on the saved grid runs the search picks
+the same alpha as the full grid). The JSON is rewritten after every case; a rerun with it resumes. Results: benchmarks/RESULTS.md, "The trade-off".
 """
 from __future__ import annotations
 
@@ -48,13 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))   # the benchmarks' harness
 
-from bench_aware_cases import encode_changes  # noqa: E402
-from bench_io import DATA, save_json, saved_rows, source_store  # noqa: E402
-from bench_survival_cases import RungFile  # noqa: E402
-from bench_tradeoff_summary import PATHS, merge, minimal_run, plot, report, summarize  # noqa: E402
+from harness import COUNTERFACT, RungFile, encode_changes, save_json, saved_rows, source_store
+from tradeoff_summary import PATHS, merge, minimal_run, plot, report, summarize
 
 POOL = tuple(range(1000, 1020))   # CounterFact-dev cases (never edited here) whose locality prompts score drift
 
@@ -136,21 +131,17 @@ def edits_for_case(case: int, req, args, cfg, models) -> tuple[list, list, objec
     edit for both when the rung's weights are the source's or it has 5 bits and more (`models`: source,
     rung model, whether the aware edit is computed on the rung's weights).
     """
-    from bench_edit import restored
-
-    from qedit.api import edit
-    from qedit.converters.gguf_aware import encoding_for
-    from qedit.delta import load_deltas, load_edit_keys
+    from qedit.converters.gguf.aware import encoding_for
+    from qedit.core.delta import load_deltas, load_edit_keys
+    from qedit.edit.compute import compute_edits
 
     src, rung_model, on_rung = models
     if args.deltas is not None:
         d = args.deltas / args.method / f"case{case:04d}"
         deltas, _ = load_deltas(d)
         return deltas, deltas, encoding_for(src, load_edit_keys(d), cfg.stats)
-    outcomes = []
-    for model in ((src, rung_model) if on_rung else (src,)):
-        with restored(model):
-            outcomes.append((model, edit(model, [req], args.method, cfg)))
+    outcomes = [(model, compute_edits(model, [req], args.method, cfg))
+                for model in ((src, rung_model) if on_rung else (src,))]
     model, aware = outcomes[-1]
     return outcomes[0][1].deltas, aware.deltas, encoding_for(model, aware.keys, cfg.stats)
 
@@ -209,26 +200,28 @@ def main() -> None:
 
     from tqdm.auto import tqdm
 
-    from qedit.api import make_config
-    from qedit.converters.gguf_patch import group_deltas
-    from qedit.evaluate import EvalReport, evaluate
-    from qedit.facts import load_requests
-    from qedit.model import load_model
-    from qedit.survival.ladder import fluency_text
-    from qedit.survival.on_rung import edits_quantized, same_weights
+    from qedit.converters.gguf.patch import group_deltas
+    from qedit.converters.loading import load_model
+    from qedit.core.facts import load_requests
+    from qedit.edit.registry import EDIT_METHODS
+    from qedit.evaluation.metrics import EvalReport, evaluate
+    from qedit.pipeline.plan import edits_quantized
+    from qedit.pipeline.run import same_weights
+    from qedit.survival.measure import fluency_text
 
     source, store = source_store(args.out)
     path, _ = store.gguf(args.rung)
-    src_model, rung_model = load_model(source), load_model(path)
-    same = same_weights(rung_model, src_model)
+    same = same_weights(path, source)   # the pipeline's rule: then the edit on the rung is the source edit
+    src_model = load_model(source)
+    rung_model = src_model if same else load_model(path)
     if args.deltas is not None and not same:
         raise SystemExit(f"{args.rung}: its weights are not the source's, so the scaled saved source edit is not "
                          "its edit; use --target-margin")
     on_rung = edits_quantized(args.rung) and not same   # the aware path's edit is computed on the rung's weights
     rung = RungFile(path, args.work / f"qedit-tradeoff-{path.stem}-{os.getpid()}.gguf")  # one per process
-    reqs = load_requests(DATA)
-    cfg = make_config(args.method) if args.target_margin is None else \
-        make_config(args.method, target_margin=args.target_margin)
+    reqs = load_requests(COUNTERFACT)
+    cfg = EDIT_METHODS.make_config(args.method) if args.target_margin is None else \
+        EDIT_METHODS.make_config(args.method, target_margin=args.target_margin)
     rows = saved_rows(args.json, lambda c: args.start <= c < args.n)
     floor = json.loads(args.json.read_text()).get("floor") if args.json.exists() else None
     pool_pairs = [pair for i in POOL for pair in zip(reqs[i].locality_prompts, reqs[i].locality_answers)]
@@ -297,8 +290,7 @@ def main() -> None:
             rows.sort(key=lambda r: r["case"])
             save()
     finally:
-        rung.gf.close()
-        rung.path.unlink(missing_ok=True)
+        rung.close()
     s = summarize(rows, alphas, paths, not args.search)
     if args.plot and not args.search:
         plot(s, args.plot, f"{args.method} single edits scaled by alpha at {args.rung}, {s['n']} cases, llama.cpp")

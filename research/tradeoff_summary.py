@@ -1,4 +1,4 @@
-"""bench_tradeoff.py's summaries, its saved runs merged, and its tables and plots (no measuring here)."""
+"""research/tradeoff.py's summaries, its saved runs merged, and its tables and plots (no measuring here)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,9 @@ import math
 import sys
 from pathlib import Path
 
-from bench_io import save_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))   # the benchmarks' harness
+
+from harness import save_json
 
 PATHS = ("naive", "aware")
 METRICS = ("efficacy", "locality", "margin", "ppl_ratio", "dw_norm", "locality_pool", "drift_pool", "drift_own")
