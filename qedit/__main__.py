@@ -1,6 +1,6 @@
 """`python -m qedit`: the command line."""
 import sys
 
-from qedit.cli.main import main
+from qedit.cli import main
 
 sys.exit(main())

@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from qedit.cli import demo, edit, forget, gguf, survival
+from qedit.cli import cache, demo, edit, forget, gguf, quiet_third_party, survival
 from qedit.core.errors import QeditError
 
 EPILOG = """examples:
@@ -24,14 +24,13 @@ EPILOG = """examples:
   qedit inspect edited.gguf                            show the recorded edits and tensor types
   qedit survival model.gguf facts.jsonl -o report/     do the edits survive F16 ... Q2_K in llama.cpp?
   qedit forget model.gguf forget.jsonl -o f.gguf --require output:recovery_rate<=0.05   unlearn, checked at Q4
+  qedit edit ollama:llama3.2:1b facts.jsonl -o e.gguf  edit a model of Ollama's store; prints `ollama create ...`
+  qedit cache clear --older-than 7d                    list (`qedit cache`) or clear what qedit caches
 
 Facts are JSONL, one object per line: {"prompt", "subject", "target_new", "ground_truth",
 "rephrase_prompt", "locality_prompt", "locality_ground_truth"} (CounterFact / zsRE layout) or the
 plain {"prompt", "subject", "target"}. The subject must occur in the prompt.
 """
-
-_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -40,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "export edited models, and check that the edits survive quantization.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (edit, forget, survival, gguf, demo):
+    for module in (edit, forget, survival, gguf, demo, cache):
         module.add_parsers(sub)
     return parser
 
@@ -48,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # transformers imports torchao when it is installed (gptqmodel pulls it in); its CUDA-only
-        for name in _NOISY_LOGGERS:  # kernels and torch's pytree deprecations warn on every run otherwise
-            logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_third_party(args.verbose)   # again, for the whole run: transformers resets its level when imported
     try:
         return int(args.run(args))
     except QeditError as exc:
