@@ -5,12 +5,24 @@ same way everywhere.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from qedit.core.model import LoadedModel
+
+# A media or control marker that a converted vocabulary may not flag as special: Gemma 3's <start_of_image>,
+# <end_of_image>, <image_soft_token> (user-defined in its GGUF), or <|...|>. HTML-like tokens (<table>, <h1>) are
+# text and never match: they carry no underscore or bar.
+_MARKER = re.compile(r"^<(\|[^<>]*\||[^<>\s]*_[^<>\s]*)>$")
+
+
+def is_marker_token(text: str) -> bool:
+    """True for a token whose whole text is a marker such as <start_of_image> or <|im_end|>: generated text
+    ends before it, as before any special token."""
+    return bool(_MARKER.match(text))
 
 
 def join_target(prompt: str, target: str) -> str:
@@ -86,6 +98,9 @@ def logits_at(loaded: LoadedModel, batch: Batch, rows: torch.Tensor, cols: torch
     hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (b, s, d)
     h = hidden[rows, cols]                                                                              # (n, d)
     logits = loaded.model.get_submodule(loaded.arch.lm_head)(h)                                         # (n, vocab)
+    scaling = getattr(loaded.model.config, "logits_scaling", None)  # Granite divides its logits by this
+    if scaling:
+        logits = logits / scaling
     cap = getattr(loaded.model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

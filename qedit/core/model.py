@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # HF weight name -> the GGML type name it is stored in, for a model loaded from a GGUF file ({} otherwise)
     stored_types: dict[str, str] = field(default_factory=dict)
+    label: str = ""                 # how the user knows the source when its file name says nothing (ollama:NAME:TAG)
 
     @property
     def n_layers(self) -> int:
@@ -59,11 +61,18 @@ class LoadedModel:
         return w if self.arch.mlp_out_orientation is Orientation.OUT_IN else w.t()
 
 
+_SPLIT_FIRST = re.compile(r"^(.*)-00001-of-(\d{5})\.gguf$")
+
+
 def fingerprint_source(source: Path) -> str:
     h = hashlib.sha256()
     files = [source] if source.is_file() else sorted(
         p for p in source.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf") or p.name == "config.json"
     )
+    split = _SPLIT_FIRST.match(source.name) if source.is_file() else None
+    if split is not None:  # the first shard of a split GGUF stands for all of them
+        shards = (source.with_name(f"{split[1]}-{i:05d}-of-{split[2]}.gguf") for i in range(2, int(split[2]) + 1))
+        files += [shard for shard in shards if shard.is_file()]
     for path in files:
         h.update(path.name.encode())
         with open(path, "rb") as fh:

@@ -33,10 +33,10 @@ class SpreadConfig(MethodConfig):
 
     # Minimal strength: scale the batch's deltas down to the smallest factor at which every request's new
     # target still leads the true answer and every other token by this many nats, averaged over its prompt
-    # and context prefixes (None: full strength). MEMIT on Gemma 3 270M, CounterFact-dev 0-39 one at a
-    # time, torch float32: |dW| 4.65 -> 4.27, locality 0.875 -> 0.925, efficacy 1.0 and top-1 0.95 -> 0.925,
-    # generalization 0.75 -> 0.70 (benchmarks/RESULTS.md). A batch is scaled until its weakest request
-    # reaches the margin, so large batches are seldom scaled at all.
+    # and context prefixes (None: full strength). It trades a little generalization for a smaller |dW| and
+    # better locality at the same efficacy (benchmarks/RESULTS.md: full strength in "Editing in full
+    # precision", this default in the fp32 columns of "Quantization-aware editing, case by case"). A batch
+    # is scaled until its weakest request reaches the margin, so large batches are seldom scaled at all.
     target_margin: float | None = 2.0
     # When even the full edit stays below target_margin (the spread leaves part of the target unreached),
     # scale it up to the smallest factor that reaches it, at most this much (1: never scale up).
@@ -49,7 +49,10 @@ class SpreadConfig(MethodConfig):
 
 def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
     """Residual-stream change (n, d) -> the MLP-output change that produces it, through the
-    post-MLP norm's Jacobian at the current MLP output (identity when there is no such norm)."""
+    post-MLP norm's Jacobian at the current MLP output (identity when there is no such norm), divided by
+    the factor the MLP output is scaled by before the residual add (Granite's residual_multiplier)."""
+    if loaded.arch.mlp_out_scale is not None:
+        resid = resid / float(getattr(loaded.model.config, loaded.arch.mlp_out_scale))
     if loaded.arch.mlp_out_norm is None:
         return resid
     norm = loaded.module(loaded.arch.mlp_out_norm.format(layer))

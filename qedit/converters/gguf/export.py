@@ -22,16 +22,9 @@ from typing import Any
 import gguf
 import numpy as np
 
+from qedit.converters.gguf.archs import gguf_arch
 from qedit.converters.gguf.aware import EditEncoding
-from qedit.converters.gguf.hf_config import (
-    gguf_arch,
-    hf_groups,
-    hf_hparams,
-    hf_rows,
-    hf_tensors,
-    hf_transform,
-    read_config,
-)
+from qedit.converters.gguf.hf_config import hf_export, hf_groups, hf_rows, hf_tensors
 from qedit.converters.gguf.keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
 from qedit.converters.gguf.patch import MANIFEST_KEY, VERSION_KEY, group_deltas, manifest_kvs, read_manifests
 from qedit.converters.gguf.read import GGUFFile
@@ -261,28 +254,25 @@ def _from_hf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[LowR
              overrides: Mapping[str, str] | None, importance: Mapping[str, np.ndarray] | None,
              template: Path | None, bar: Any, keys: Mapping[int, Any] | None = None) -> ExportReport:
 
-    cfg, arch = read_config(src)
-    hparams, rope_freqs, q_scale = hf_hparams(cfg, arch, str(src / "config.json"))
-    n_layers = int(cfg["num_hidden_layers"])
-    tensors = hf_tensors(src, arch, n_layers, tied=bool(cfg.get("tie_word_embeddings", arch == "gemma3")))
+    exp = hf_export(src)
+    arch, n_layers, hparams = exp.arch, exp.n_layers, exp.kvs
+    tensors = hf_tensors(src, exp)
     shapes = {name: shape for name, (_, _, shape) in tensors.items()}
-    if rope_freqs is not None:
-        shapes["rope_freqs.weight"] = rope_freqs.shape
-    fields = {"general.architecture": arch, **{key: value for key, value, _ in hparams}}
+    shapes.update({name: values.shape for name, values in exp.extra.items()})  # rope_freqs, rope_factors_*: (n,)
+    fields = {"general.architecture": arch, **{kv[0]: kv[1] for kv in hparams}}
     plan = plan_tensor_types(ft, shapes, mix_model_from_metadata(fields, list(shapes)))
     find = _resolver(arch, n_layers, shapes)
     types, weights = _final_types(plan, shapes, find, overrides), _importance(importance, find, shapes)
     changes = hf_groups(src, deltas, tensors)
-    transform = hf_transform(arch, cfg, q_scale)
     tokenizer, where = tokenizer_kvs(src, arch, template, shapes["token_embd.weight"][0])
-    freqs = None if rope_freqs is None else rope_freqs.reshape(1, -1)  # (1, head_dim/2)
     specs = []
     for name in plan:  # llama.cpp's (block, name) order
-        if name == "rope_freqs.weight":
-            reader: Callable[[], RowReader] = lambda: lambda lo, hi: freqs[lo:hi]  # noqa: E731
+        if name in exp.extra:
+            rows = exp.extra[name].reshape(1, -1)  # (1, n)
+            reader: Callable[[], RowReader] = partial(lambda r: lambda lo, hi: r[lo:hi], rows)
         else:
             path, hf_name, _ = tensors[name]
-            reader = partial(hf_rows, path, hf_name, name, changes.get(name, []), transform)
+            reader = partial(hf_rows, path, hf_name, name, changes.get(name, []), exp.transform)
         specs.append(encoded_tensor(name, shapes[name], types[name], reader, weights.get(name)))
     meta, n_manifests = manifest_kvs([], manifest, qedit_version())
     meta += edit_keys_kvs(merged_keys({}, keys or {}))

@@ -1,15 +1,17 @@
 """A minimal, fast GGUF v2/v3 reader: the whole header in one pass, tensor bytes as zero-copy memmap views.
 
-gguf-py's `GGUFReader` builds a numpy object per array element, which costs ~13 s on a 262k-token
+gguf-py's `GGUFReader` builds a numpy object per array element, which is slow on a 262k-token
 vocabulary. This reader walks the key-value section with `struct` and decodes string arrays in a
-tight loop (numeric arrays go through `np.frombuffer`), so the Gemma 3 270M header parses in a fraction
-of a second. It keeps what a later writer or patcher needs: every field's GGUF value type, and the
-byte ranges of the key-value section, of the tensor-info section and of each field.
+tight loop (numeric arrays go through `np.frombuffer`), so the Gemma 3 270M header parses quickly
+(benchmarks/RESULTS.md, "Loading a GGUF"). It keeps what a later writer or patcher needs: every
+field's GGUF value type, and the byte ranges of the key-value section, of the tensor-info section and of each field.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,10 @@ _SCALARS: dict[int, tuple[str, str]] = {
 }
 _STRING, _ARRAY, _BOOL = 8, 9, 7
 
+# split GGUFs (llama.cpp's gguf-split): "<name>-00001-of-00003.gguf", 1-based in the name, 0-based in split.no
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
+_SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
+
 # tensor types stored as plain values; everything else is blocks for libgguf
 _PLAIN_DTYPES: dict[int, str] = {0: "<f4", 1: "<f2", 24: "<i1", 25: "<i2", 26: "<i4", 27: "<i8", 28: "<f8"}
 _BF16 = 30
@@ -52,6 +58,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # numpy order: reversed ggml ne, so (rows, cols) for a 2-D weight
     offset: int  # absolute byte offset in the file
     nbytes: int
+    shard: int = 0  # index of the file holding it, for a split GGUF (0: the file opened)
 
 
 class _Cursor:
@@ -100,7 +107,7 @@ class GGUFFile:
     handed out by `raw()` keep it alive until they are freed).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], _shard: int | None = None) -> None:
         self.path = Path(path)
         self._label = self.path.name
         if not self.path.is_file():
@@ -123,6 +130,47 @@ class GGUFFile:
         self.field_ranges: dict[str, tuple[int, int]] = {}  # key -> [start, end) bytes of the whole KV entry
         self.tensors: dict[str, TensorInfo] = {}
         self._parse(_Cursor(memoryview(self._map), size, self._label))
+        self._maps: list[np.memmap | None] = [self._map]
+        self.shards: list[Path] = [self.path]
+        self.split: dict[str, object] = {}  # split.* keys of a split file (not in `fields`: outputs are one file)
+        if _shard is None and self.fields.get(SPLIT_COUNT, 1) != 1:
+            self._read_shards()
+
+    # ---- split files ------------------------------------------------------------------------------
+
+    def _read_shards(self) -> None:
+        """Merge the tensor tables of a split GGUF's shards (`name-00001-of-00003.gguf`, as llama.cpp's loader
+        does): every shard is a whole GGUF whose tensor offsets are its own; the metadata is in the first one."""
+        self.split = {k: self.fields.pop(k) for k in list(self.fields) if k.startswith("split.")}
+        count, index, total = self.split.get(SPLIT_COUNT), self.split.get(SPLIT_NO), self.split.get(SPLIT_TENSORS)
+        match = _SPLIT_NAME.match(self.path.name)
+        if not isinstance(count, int) or count < 1 or match is None or int(match[3]) != count:
+            raise QeditError(f"{self._label}: split.count is {count!r} but the name is not "
+                             f"'<name>-00001-of-{count if isinstance(count, int) else 0:05d}.gguf'; keep the shards' "
+                             "names as gguf-split wrote them")
+        if index != 0:
+            raise QeditError(f"{self._label}: shard {index + 1 if isinstance(index, int) else index} of a split "
+                             f"GGUF; give the first shard, {match[1]}-00001-of-{count:05d}.gguf")
+        for i in range(1, count):
+            shard_path = self.path.with_name(f"{match[1]}-{i + 1:05d}-of-{count:05d}.gguf")
+            if not shard_path.is_file():
+                raise QeditError(f"{shard_path}: shard {i + 1} of {count} of {self._label} is missing; all the "
+                                 "shards must sit together")
+            shard = GGUFFile(shard_path, _shard=i)
+            if shard.fields.get(SPLIT_NO) != i or shard.fields.get(SPLIT_COUNT) != count:
+                raise QeditError(f"{shard_path.name}: split.no/split.count are {shard.fields.get(SPLIT_NO)!r}/"
+                                 f"{shard.fields.get(SPLIT_COUNT)!r}, expected {i}/{count}; the shards do not belong "
+                                 "together")
+            for name, info in shard.tensors.items():
+                if name in self.tensors:
+                    raise QeditError(f"{shard_path.name}: tensor {name!r} is also in an earlier shard; the shards "
+                                     "do not belong together")
+                self.tensors[name] = dataclasses.replace(info, shard=i)
+            self._maps.append(shard._map)
+            self.shards.append(shard_path)
+        if total is not None and total != len(self.tensors):
+            raise QeditError(f"{self._label}: split.tensors.count is {total} but the {count} shards hold "
+                             f"{len(self.tensors)} tensors; a shard is incomplete")
 
     def _not_gguf(self, head: bytes) -> QeditError:
         return QeditError(
@@ -287,9 +335,10 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's encoded bytes as a read-only uint8 memmap view (no copy)."""
         info = self.info(name)
-        if self._map is None:
+        mapped = self._maps[info.shard]
+        if mapped is None:
             raise QeditError(f"{self._label}: the GGUFFile was closed; open it again to read tensors")
-        return self._map[info.offset : info.offset + info.nbytes]
+        return mapped[info.offset : info.offset + info.nbytes]
 
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor as float32 in numpy order. F32 tensors come back as a read-only view."""
@@ -328,6 +377,7 @@ class GGUFFile:
     def close(self) -> None:
         """Drop the file mapping; later `raw()` calls raise. Existing views stay valid."""
         self._map = None
+        self._maps = [None] * len(self._maps)
 
     def __enter__(self) -> GGUFFile:
         return self

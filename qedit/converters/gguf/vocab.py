@@ -2,9 +2,10 @@
 
 Each supported layout maps onto the llama.cpp tokenizer that reproduces it:
 
-- byte-level BPE in tokenizer.json (GPT-2 byte alphabet: Llama 3, Qwen2) -> model "gpt2" with the
-  merges, and the pre-tokenizer named after the tokenizer.json Split regex ("llama-bpe", "qwen2",
-  "gpt-2");
+- byte-level BPE in tokenizer.json (GPT-2 byte alphabet: Llama 3, Qwen2/3, SmolLM2, OLMo 2, Phi-4-mini) ->
+  model "gpt2" with the merges, and the llama.cpp pre-tokenizer splitting the text the same way: by the
+  tokenizer.json Split regex ("llama-bpe" with ignore_merges, else "dbrx", for Llama 3's; "qwen2"; "gpt-4o"),
+  digits then GPT-2's regex ("smollm"), or GPT-2's alone ("gpt-2");
 - a SentencePiece tokenizer.model (read with `sentencepiece`: Llama 2, Gemma) -> model "llama" with the
   model's own scores and piece types;
 - SentencePiece-converted BPE in tokenizer.json (byte_fallback, "▁" for spaces) -> model "llama". llama.cpp
@@ -38,15 +39,23 @@ _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# tokenizer.json Split regex -> the llama.cpp pre-tokenizer that implements exactly that split
-_PRE_BY_REGEX = {_LLAMA3_RE: "llama-bpe", _QWEN2_RE: "qwen2", _GPT2_RE: "gpt-2"}
-_IGNORE_MERGES_PRE = ("llama-bpe",)  # llama.cpp takes a whole pre-token found in the vocab as is
+_GPT4O_RE = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.json Split regex -> the llama.cpp pre-tokenizer that implements exactly that split, as
+# (without ignore_merges, with ignore_merges)
+_PRE_BY_REGEX = {_LLAMA3_RE: ("dbrx", "llama-bpe"), _QWEN2_RE: ("qwen2", None), _GPT2_RE: ("gpt-2", None),
+                 _GPT4O_RE: ("gpt-4o", None)}
 # llama.cpp tokenizer models each exported architecture is known to use
-_ARCH_MODELS: dict[str, tuple[str, ...]] = {"llama": ("gpt2", "llama"), "qwen2": ("gpt2",), "gemma3": ("llama",)}
+_ARCH_MODELS: dict[str, tuple[str, ...]] = {
+    "llama": ("gpt2", "llama"), "qwen2": ("gpt2",), "qwen3": ("gpt2",), "gemma2": ("llama",), "gemma3": ("llama",),
+    "phi3": ("llama", "gpt2"), "smollm3": ("gpt2",), "granite": ("gpt2",), "olmo2": ("gpt2",),
+}
 _EOT_NAMES = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 _SPACE = "\u2581"
-_SUPPORTED = ("supported: byte-level BPE tokenizer.json (Llama 3 / Qwen2 / GPT-2 regex), a SentencePiece "
+_SUPPORTED = ("supported: byte-level BPE tokenizer.json (Llama 3 / Qwen2 / GPT-4o / GPT-2 regex, SmolLM's digits), a "
+              "SentencePiece "
               "tokenizer.model, or a SentencePiece-style BPE tokenizer.json with byte_fallback")
 
 
@@ -185,11 +194,7 @@ def _byte_level_vocab(tok_json: dict[str, Any], path: Path) -> _Vocab:
     if any(t != "NFC" for t in norms):
         raise QeditError(f"{path}: normalizer {norms} has no llama.cpp equivalent for byte-level BPE "
                          "(only none or NFC is supported)")
-    pre = _pre_tokenizer_name(tok_json, path)
-    if bool(model.get("ignore_merges")) != (pre in _IGNORE_MERGES_PRE):
-        log.warning("%s: ignore_merges=%s but llama.cpp's %r pre-tokenizer %s merges; rare words may tokenize "
-                    "differently", path, model.get("ignore_merges"), pre,
-                    "ignores" if pre in _IGNORE_MERGES_PRE else "applies")
+    pre = _pre_tokenizer_name(tok_json, path, bool(model.get("ignore_merges")))
     tokens = _base_tokens(tok_json, path)
     types = [int(TT.NORMAL)] * len(tokens)
     for i, (_, special) in _added_tokens(tok_json, {}).items():
@@ -203,16 +208,23 @@ def _byte_level_vocab(tok_json: dict[str, Any], path: Path) -> _Vocab:
     return _Vocab("gpt2", pre, tokens, types, None, merges, None)
 
 
-def _pre_tokenizer_name(tok_json: dict[str, Any], path: Path) -> str:
-    """The llama.cpp pre-tokenizer splitting text exactly like [Split(regex, Isolated)] + ByteLevel."""
+def _pre_tokenizer_name(tok_json: dict[str, Any], path: Path, ignore_merges: bool) -> str:
+    """The llama.cpp pre-tokenizer splitting text exactly like [Split(regex, Isolated)] + ByteLevel, or
+    [Digits(individual)] + ByteLevel (SmolLM's), with llama.cpp's ignore_merges as the BPE model has it."""
     nodes = _flatten(tok_json.get("pre_tokenizer"), "pretokenizers")
     kinds = [n.get("type") for n in nodes]
-    if kinds not in (["ByteLevel"], ["Split", "ByteLevel"]):
-        raise QeditError(f"{path}: pre_tokenizer {kinds} is not an optional Split then ByteLevel; {_SUPPORTED}")
+    if kinds not in (["ByteLevel"], ["Split", "ByteLevel"], ["Digits", "ByteLevel"]):
+        raise QeditError(f"{path}: pre_tokenizer {kinds} is not an optional Split or Digits then ByteLevel; "
+                         f"{_SUPPORTED}")
     split, byte_level = (None, nodes[0]) if len(nodes) == 1 else nodes
     if byte_level.get("add_prefix_space"):
         raise QeditError(f"{path}: ByteLevel add_prefix_space=true has no llama.cpp equivalent; "
                          "set it to false in tokenizer.json if the model was trained that way")
+    if kinds[0] == "Digits":  # each digit alone, then GPT-2's regex: llama.cpp's "smollm"
+        if not (split.get("individual_digits") and byte_level.get("use_regex", True)) or ignore_merges:
+            raise QeditError(f"{path}: Digits must split individual digits, followed by ByteLevel use_regex=true "
+                             "and a BPE without ignore_merges (llama.cpp's smollm pre-tokenizer)")
+        return "smollm"
     if split is None:  # ByteLevel's own regex is GPT-2's
         regex = _GPT2_RE if byte_level.get("use_regex", True) else None
     elif byte_level.get("use_regex", True) or split.get("behavior") != "Isolated" or split.get("invert"):
@@ -220,10 +232,15 @@ def _pre_tokenizer_name(tok_json: dict[str, Any], path: Path) -> str:
                          "use_regex=false")
     else:
         regex = (split.get("pattern") or {}).get("Regex")
-    name = _PRE_BY_REGEX.get(regex or "")
-    if name is None:
+    names = _PRE_BY_REGEX.get(regex or "")
+    if names is None:
         raise QeditError(f"{path}: pre_tokenizer Split regex {regex!r} is not one llama.cpp implements here; "
-                         f"supported: the Llama 3 (llama-bpe), Qwen2 (qwen2) and GPT-2 (gpt-2) regexes")
+                         f"supported: the Llama 3 (llama-bpe/dbrx), Qwen2 (qwen2), GPT-4o (gpt-4o) and GPT-2 (gpt-2) "
+                         "regexes")
+    name = names[ignore_merges]
+    if name is None:
+        raise QeditError(f"{path}: a BPE with ignore_merges and the {names[0]!r} regex has no llama.cpp pre-tokenizer; "
+                         "set ignore_merges to false in tokenizer.json if the model was trained that way")
     return name
 
 
