@@ -138,6 +138,8 @@ def pytest_configure(config):
         cache = tempfile.mkdtemp(prefix="qedit-test-cache-")
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
         os.environ["QEDIT_CACHE"] = cache
+    # The session's cache is never trimmed between tests (tests/test_cache.py sets its own cap).
+    os.environ.setdefault("QEDIT_CACHE_MAX", "1TB")
     # Two OpenMP threads on two shared cores slow small ops down ~100x when the other core is busy.
     torch.set_num_threads(1)
 

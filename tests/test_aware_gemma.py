@@ -48,7 +48,7 @@ def test_ten_minimal_edits_exported_at_q3_k_m_survive_in_llama_cpp(gemma_gguf, t
     the same run shows what --naive (edit in full precision, fold, quantize) keeps."""
     from conftest import DATA
 
-    from qedit.cli.main import main
+    from qedit.cli import main
     from qedit.core.facts import load_requests
     from qedit.evaluation.metrics import evaluate
     from qedit.runtimes.llama import LlamaCppRunner

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import FACTS
 
-from qedit.cli.main import main
+from qedit.cli import main
 from qedit.core.delta import DELTAS_FILE, MANIFEST_FILE, load_deltas
 
 FAST = ["--stats-samples", "16"]

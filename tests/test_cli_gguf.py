@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from qedit.cli.main import main
+from qedit.cli import main
 
 
 @pytest.fixture

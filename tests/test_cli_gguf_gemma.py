@@ -27,7 +27,7 @@ def _efficacy(path, facts, lora=None):
 
 
 def test_export_reports_fallbacks_and_runs(gemma_gguf, tmp_path, capsys):
-    from qedit.cli.main import main
+    from qedit.cli import main
     from qedit.converters.gguf.read import GGUFFile
     from qedit.runtimes.llama import LlamaCppRunner
 
@@ -41,7 +41,7 @@ def test_export_reports_fallbacks_and_runs(gemma_gguf, tmp_path, capsys):
 
 
 def test_edit_quant_with_tensor_type_and_as_lora(gemma_gguf, one_fact, tmp_path, capsys):
-    from qedit.cli.main import main
+    from qedit.cli import main
     from qedit.converters.gguf.read import GGUFFile
 
     exported = tmp_path / "edited.Q8_0.gguf"

@@ -13,7 +13,7 @@ def test_demo_edits_and_writes_loadable_model(tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qedit.cli.main import main
+    from qedit.cli import main
     from qedit.core.delta import MANIFEST_FILE
 
     out = tmp_path / "edited"
@@ -30,6 +30,9 @@ def test_demo_edits_and_writes_loadable_model(tmp_path, capsys):
     table = text[text.index("survival of the edits across quantization"):]
     for rung in ("fp32 (torch)", "Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"):
         assert re.search(rf"^{re.escape(rung)} +[0-9.-]", table, re.M), table
+    # ... and says where its files are, and how big: the HF directory, the cache entries of the model.
+    files = text[text.index("\nfiles:"):]
+    assert f"{out}: " in files and "statistics" in files and "survival artifacts" in files, files
     # A GGUF source becomes an HF directory that transformers loads as it is.
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["source_kind"] == "gguf" and manifest["method"] == "rome" and len(manifest["facts"]) == 5

@@ -17,21 +17,26 @@ class TableRunner:
     """A Runner whose scores come from a table {(prompt, target): (log-probs, argmax ids)}.
 
     The target's token ids are (1, 2, ...), one per log-prob, so top-1 holds exactly when the
-    argmax ids are (1, 2, ...) too.
+    argmax ids are (1, 2, ...) too. `said`: the continuation of each prompt (default: "...").
     """
 
     name = "table"
 
-    def __init__(self, table: dict[tuple[str, str], tuple[tuple[float, ...], tuple[int, ...]]]) -> None:
+    def __init__(self, table: dict[tuple[str, str], tuple[tuple[float, ...], tuple[int, ...]]],
+                 said: dict[str, str] | None = None) -> None:
         self.table = table
+        self.said = said or {}
         self.asked: list[tuple[str, str]] = []
+        self.continued: list[str] = []
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScore]:
+    def score(self, pairs: Sequence[tuple[str, str]], generate: Sequence[bool] | None = None) -> list[TokenScore]:
         self.asked.extend(pairs)
         out = []
-        for pair in pairs:
+        for i, pair in enumerate(pairs):
             logprobs, argmax = self.table[pair]
-            out.append(TokenScore(tuple(range(1, len(logprobs) + 1)), logprobs, argmax))
+            text = self.said.get(pair[0], "...") if generate and generate[i] else None
+            self.continued += [pair[0]] if text is not None else []
+            out.append(TokenScore(tuple(range(1, len(logprobs) + 1)), logprobs, argmax, text))
         return out
 
     def complete(self, prompt: str, max_tokens: int = 8) -> str:
@@ -96,7 +101,8 @@ def test_metrics_per_case_and_aggregate():
     agg = report.aggregate()
     assert agg == pytest.approx({"efficacy": 0.5, "efficacy_top1": 1 / 3, "generalization": 0.5,
                                  "generalization_top1": 0.5, "locality": 2 / 3, "locality_top1": 0.5,
-                                 "margin": 1.0, "n_cases": 3.0})
+                                 "margin": 1.0, "n_cases": 3.0, "efficacy_gen": 0.0, "generalization_gen": 0.0,
+                                 "locality_gen": 1.0})
 
 
 def test_locality_needs_a_baseline_of_the_same_requests():
@@ -158,3 +164,39 @@ def test_llama_runner_token_logprobs_match_a_full_log_softmax():
     np.testing.assert_allclose(_token_logprobs(logits, ids), want, rtol=0, atol=1e-5)
     ref = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)[torch.arange(7), torch.tensor(ids)]
     np.testing.assert_allclose(_token_logprobs(logits, ids), ref.numpy(), rtol=0, atol=1e-5)
+
+
+SAID = {"P1 X": " the Newark", "Q1 X": " new", "Q2 X": "newer", "L1": " a b c", "L2": " c", "P3 Z": "NEW3!"}
+SAID_BEFORE = dict(SAID, L1=" a b d")
+
+
+def test_generated_metrics_per_case():
+    """Each prompt is continued once (with its new or locality answer); efficacy_gen and generalization_gen
+    read the continuation, locality_gen compares it with the baseline's."""
+    requests = [FULL, BARE, TIE]
+    baseline = evaluate(TableRunner(UNEDITED, SAID_BEFORE), requests)
+    runner = TableRunner(EDITED, SAID)
+    report = evaluate(runner, requests, baseline=baseline)
+    assert runner.continued == ["P1 X", "Q1 X", "Q2 X", "L1", "L2", "P2 Y", "P3 Z"]
+    full, bare, tie = report.cases
+    assert (full.continuation, full.rephrase_continuations, full.locality_continuations) == (
+        " the Newark", [" new", "newer"], [" a b c", " c"])
+    assert full.efficacy_gen == 0.0                      # after the article, "Newark" is a longer word than "new"
+    assert full.generalization_gen == 0.5                # " new" does; "newer" is a longer word
+    assert full.locality_gen == 0.5                      # L2 unchanged, L1 changed
+    assert (bare.continuation, bare.efficacy_gen) == ("...", 0.0)
+    assert (bare.generalization_gen, bare.locality_gen) == (None, None)
+    assert tie.efficacy_gen == 1.0                       # "NEW3!": case ignored, punctuation after the word
+    again = EvalReport.from_json(json.loads(json.dumps(report.to_json())))
+    assert again.cases[0].locality_continuations == [" a b c", " c"] and again.to_json() == report.to_json()
+    assert "efficacy_gen=0.333" in format_summary("x", report)
+
+
+def test_generated_metrics_can_be_skipped_and_need_a_baseline_with_continuations():
+    runner = TableRunner(EDITED, SAID)
+    quick = evaluate(runner, [FULL], generate=False)
+    assert runner.continued == [] and quick.cases[0].continuation is None
+    assert (quick.cases[0].efficacy_gen, quick.cases[0].generalization_gen) == (None, None)
+    # a baseline without continuations (generate=False, or a report written before them): no locality_gen
+    report = evaluate(TableRunner(EDITED, SAID), [FULL], baseline=quick)
+    assert report.cases[0].locality == 1.0 and report.cases[0].locality_gen is None

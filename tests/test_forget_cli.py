@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from qedit.cli.main import main
+from qedit.cli import main
 
 FAST = ["--stats-samples", "16", "--method", "ga"]
 

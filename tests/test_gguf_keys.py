@@ -70,7 +70,7 @@ def test_a_patch_of_a_patch_records_and_protects_the_earlier_keys(tiny_dirs, tmp
     from conftest import FACTS, make_tokenizer
     from test_gguf_export import _tokenizer_template
 
-    from qedit.cli.main import main
+    from qedit.cli import main
     from qedit.converters.gguf.export import export_gguf
     from qedit.converters.gguf.keys import read_edit_keys
     from qedit.converters.gguf.read import GGUFFile

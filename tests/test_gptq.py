@@ -424,7 +424,7 @@ def test_gemma_edits_survive_gptq_4bit(gemma_gguf, tmp_path):
 
     Measured on these cases: full precision 1.0; patched edit-aware 1.0 (margin 10.2 nats);
     patched plainly 0.8 (margin 7.1)."""
-    from qedit.cli.main import main
+    from qedit.cli import main
     from qedit.converters.gptq.export import GPTQWriteConfig, calibration_tokens, read_manifest, write_gptq
     from qedit.converters.loading import load_model
     from qedit.core.delta import applied, load_deltas

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from qedit.cli.main import main
+from qedit.cli import main
 
 FAST = ["--stats-samples", "16", "--method", "rome"]
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None

@@ -291,7 +291,8 @@ def test_key_statistics_cache(tiny, tmp_path, monkeypatch):
     loaded = load_model(tiny["llama"])
     first = stats.key_covariance(loaded, [1, 2], cfg)
     entry = tmp_path / loaded.fingerprint[:20] / "self-s0-n8-l8-bfloat16"
-    assert sorted(p.name for p in entry.iterdir()) == ["cov_layer1.pt", "cov_layer2.pt", "tokens.json"]
+    assert sorted(p.name for p in entry.iterdir() if not p.name.startswith(".")) == ["cov_layer1.pt", "cov_layer2.pt",
+                                                                                  "tokens.json"]
     calls: list[tuple[int, ...]] = []
     real_compute, real_sample = stats._compute, stats._sample_from_model
 

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from qedit.cli.main import main
+from qedit.cli import main
 from qedit.converters.gguf.patch import read_manifests
 from qedit.converters.gguf.read import GGUFFile
 from qedit.converters.loading import load_model

@@ -20,7 +20,7 @@ def facts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def edited(gemma_gguf, facts, tmp_path_factory):
-    from qedit.cli.main import main
+    from qedit.cli import main
 
     out = tmp_path_factory.mktemp("survival-edit") / "edited"
     assert main(["edit", str(gemma_gguf), str(facts), "--method", "rome", "-o", str(out)]) == 0
@@ -28,7 +28,7 @@ def edited(gemma_gguf, facts, tmp_path_factory):
 
 
 def _run(gemma_gguf, facts, edited, report, ladder, *extra):
-    from qedit.cli.main import main
+    from qedit.cli import main
 
     rc = main(["survival", str(gemma_gguf), str(facts), "--from-deltas", str(edited), "--ladder", ladder,
                "-o", str(report), *extra])
@@ -88,7 +88,7 @@ def test_ladder_reports_gates_and_cache(gemma_gguf, facts, edited, tmp_path, cap
 def test_default_ladder_computes_the_edit_on_coarse_rungs_in_llama_cpp(gemma_gguf, facts, tmp_path, capsys):
     """Without --from-deltas the aware ladder computes the edit on the Q3_K_M rung's own unedited file and
     patches it there; --naive measures the full-precision edit quantized plainly. Run in llama.cpp."""
-    from qedit.cli.main import main
+    from qedit.cli import main
 
     runs = {}
     for mode in ("aware", "naive"):

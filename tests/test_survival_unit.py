@@ -60,9 +60,11 @@ def test_check_requirements_pass_fail_and_skipped():
 # ---- a synthetic result: 2 cases, full precision plus two rungs (one skipped) ----------------------
 
 def _case(eff: float, margin: float, loc: float | None = 1.0) -> CaseResult:
+    said = eff if margin >= 2 else 0.0                    # the generated answer: only a wide margin says it
     return CaseResult(case_id=None, subject="s", target_new="new", ground_truth="old", logp_new=margin - 1.0,
                       logp_true=-1.0, efficacy=eff, efficacy_top1=eff, generalization=eff, generalization_top1=eff,
-                      locality=loc, locality_top1=loc)
+                      locality=loc, locality_top1=loc, efficacy_gen=said, generalization_gen=said, locality_gen=loc,
+                      continuation=" new |\ntown" if said else " old town")
 
 
 def _measured(effs: list[float], margins: list[float], nll: float, loc: float | None = 1.0) -> Measured:
@@ -89,6 +91,8 @@ def test_rung_metrics_ratios_to_full_precision():
     assert q4["efficacy"] == 0.5 and q4["efficacy_kept"] == 0.5
     assert q4["margin_change"] == pytest.approx(2.25) and q4["margin_kept"] == pytest.approx(0.5)
     assert q4["locality"] == 0.5
+    assert (fp["efficacy_gen"], fp["efficacy_gen_gap"]) == (1.0, 0.0)
+    assert (q4["efficacy_gen"], q4["efficacy_gen_gap"], q4["locality_gen"]) == (0.0, 0.5, 0.5)
     assert q4["ppl_ratio"] == pytest.approx(math.exp(2.1) / math.exp(2.0))
     assert q4["died"] == 1.0
     assert metrics["Q2_K"] is None

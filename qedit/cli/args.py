@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from qedit.converters.ollama import OllamaModel, as_source
 from qedit.core.errors import QeditError
 from qedit.core.stats import StatsConfig
 from qedit.edit.registry import EDIT_METHODS, MethodConfig
@@ -26,8 +27,22 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
+MODEL_HELP = ("an HF model directory, a .gguf file, a GPTQ checkpoint, a qedit output, or ollama:NAME[:TAG] (the GGUF "
+              "in Ollama's model store, $OLLAMA_MODELS or its default; read only)")
+
+
+def resolve_model(path: Path | None, notify: Callable[[str], None] = print) -> tuple[Path | None, OllamaModel | None]:
+    """A model argument as a path: ollama:NAME[:TAG] becomes the GGUF blob in Ollama's store (and the model)."""
+    if path is None:
+        return None, None
+    source, model = as_source(path)
+    if model is not None:
+        notify(f"{path}: {model.gguf} ({model.gguf.stat().st_size:,} bytes, in Ollama's store {model.store})")
+    return source, model
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="an HF model directory, a .gguf file, a GPTQ checkpoint, or a qedit output")
+    p.add_argument("model", type=Path, help=MODEL_HELP)
     p.add_argument("facts", type=Path, help="facts JSONL file")
     p.add_argument("--limit", type=int, default=None, help="use only the first N facts")
     p.add_argument("--device", default="cpu", help="torch device for full-precision work (default: cpu)")

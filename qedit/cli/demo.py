@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from qedit.cli.args import add_method_args, method_from
+from qedit.cli.cache import evict_after_run, model_lines
 from qedit.converters.loading import load_model
+from qedit.converters.ollama import refuse_store_output
+from qedit.core.cache import SURVIVAL_ARTIFACTS, format_size, model_entry
 from qedit.core.delta import applied
 from qedit.core.errors import QeditError
 from qedit.core.facts import EditRequest, demo_requests
 from qedit.core.files import check_output_dir
-from qedit.core.stats import default_cache_dir
 from qedit.evaluation.metrics import evaluate, format_summary
 from qedit.pipeline.jobs import EditJob, Output
 from qedit.pipeline.run import EditRun, run_edit
@@ -57,6 +59,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     source = Path(assemble())
     if args.output is not None:
         check_output_dir(args.output, source)
+    for path in (p for p in (args.output, args.gguf_output) if p is not None):
+        refuse_store_output(path)
     rungs = parse_ladder(args.ladder) if args.ladder.lower() != "none" else None  # a bad rung fails before loading
     requests = demo_requests()
     method = method_from(args)
@@ -68,8 +72,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="qedit-demo-") as tmp:
         out = args.gguf_output if args.gguf_output is not None else Path(tmp) / "gemma-3-270m-edited.Q4_K_M.gguf"
         print(f"\npatching the quantized file (only the edited tensors are re-encoded) -> {out}")
-        job = EditJob(source, requests, method, Output(out, verify=None if llama else False), device=args.device,
-                      evaluate=True)
+        output = Output(out, verify=None if llama else False, modelfile=args.gguf_output is not None)
+        job = EditJob(source, requests, method, output, device=args.device, evaluate=True)
         run = run_edit(job, notify=print, loaded=loaded)
         print("\n".join(run.written.lines))
         print(f"\nedited {len(requests)} facts with {method.name} in {run.outcome.seconds:.1f} s "
@@ -83,10 +87,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"wrote {args.output}")
         if not llama:
             print("llama.cpp check skipped: llama-cpp-python is not installed (pip install 'qedit[llama]')")
-            return 0
+            return _files(run, loaded, args)
         _patched_in_llama_cpp(source, out, requests)
     if rungs is not None:
         _survival(run, loaded, rungs)
+    return _files(run, loaded, args)
+
+
+def _files(run: EditRun, loaded: Any, args: argparse.Namespace) -> int:
+    """Where the demo's files are and how big they are; then the cache is kept under its cap."""
+    root = run.plan.job.method.resolved_config().stats.root()
+    print("\nfiles:")
+    if args.gguf_output is None:
+        print("  the patched Q4_K_M file was temporary (--gguf-output FILE keeps it)")
+    for path in (p for p in (args.gguf_output, args.output) if p is not None):
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        print(f"  {path}: {format_size(sum(p.stat().st_size for p in files))}")
+    print("\n".join(f"  {line}" for line in model_lines(root, loaded.fingerprint)))
+    evict_after_run(root)
     return 0
 
 
@@ -102,7 +120,9 @@ def _patched_in_llama_cpp(source: Path, patched: Path, requests: list[EditReques
 
 def _survival(run: EditRun, loaded: Any, rungs: list[Any]) -> None:
     """The survival table of the demo's edits over a short ladder (artifacts cached between runs)."""
-    cfg = SurvivalConfig(rungs=rungs, artifacts=default_cache_dir() / "survival-artifacts")
+    entry = model_entry(run.plan.job.method.resolved_config().stats.root(), loaded, SURVIVAL_ARTIFACTS)
+    entry.create()   # its label and last use
+    cfg = SurvivalConfig(rungs=rungs, artifacts=entry.path)
     print(f"\nsurvival of the edits across quantization (llama.cpp; files cached in {cfg.artifacts}):")
     job = run.plan.job
     result = run_survival(SurvivalJob(job.model, job.requests, job.method, device=job.device), cfg, loaded,

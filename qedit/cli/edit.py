@@ -6,9 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qedit.cli.args import add_method_args, add_model_args, add_output_args, method_from, output_from
+from qedit.cli.args import add_method_args, add_model_args, add_output_args, method_from, output_from, resolve_model
+from qedit.cli.cache import evict_after_run
 from qedit.converters.gptq.checkpoint import is_gptq_checkpoint
 from qedit.converters.loading import load_model
+from qedit.converters.ollama import refuse_store_output
 from qedit.core.delta import MANIFEST_FILE, applied, load_deltas
 from qedit.core.errors import QeditError
 from qedit.core.facts import EditRequest, load_requests
@@ -42,7 +44,8 @@ def add_parsers(sub: Any) -> None:
                                    "Locality compares with the unedited model: --baseline, or, for a qedit output, the "
                                    "model with its deltas removed.")
     add_model_args(p)
-    p.add_argument("--baseline", type=Path, default=None, help="the unedited model, for locality")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="the unedited model, for locality (a path or ollama:NAME[:TAG])")
     p.add_argument("--json", type=Path, default=None, help="write aggregate and per-case metrics as JSON")
     p.set_defaults(run=cmd_eval)
 
@@ -52,6 +55,7 @@ def check_json_path(json_path: Path | None, *inputs: Path) -> None:
     if json_path is None:
         return
     refuse_same_file(json_path, *inputs)
+    refuse_store_output(json_path)
     if json_path.is_dir():
         raise QeditError(f"{json_path}: is a directory; give a file name for --json")
     for src in inputs:
@@ -63,18 +67,29 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.method in UNLEARN_METHODS:
         raise QeditError(f"--method {args.method} unlearns facts; use `qedit forget MODEL FORGET.jsonl --method "
                          f"{args.method}`")
+    args.model, ollama = resolve_model(args.model)
     requests = load_requests(args.facts, args.limit)
     check_json_path(args.json, args.model, args.facts)
     if args.json is not None and args.json.resolve() == args.output.resolve():
         raise QeditError(f"{args.json}: --json and --output are the same path; give the metrics a file name of their own")
-    job = EditJob(args.model, requests, method_from(args), output_from(args), device=args.device, evaluate=args.eval)
+    job = EditJob(args.model, requests, method_from(args), output_from(args), device=args.device, evaluate=args.eval,
+                  ollama=ollama)
     run = run_edit(job, notify=print, inputs=[args.facts])
     print_run(run, "edited")
     if run.measured is not None:
         print("\n".join(run.measured.lines()))
         if args.json:
             run.measured.after.write_json(args.json)
+    finish_run(run)
     return 0
+
+
+def finish_run(run: EditRun) -> None:
+    """Keep the cache under its cap, then, for a GGUF output, the command that imports it into Ollama (the last
+    line printed)."""
+    evict_after_run(run.plan.job.method.resolved_config().stats.root())
+    if run.modelfile is not None:
+        print(run.modelfile.command)
 
 
 def print_run(run: EditRun, verb: str) -> None:
@@ -86,6 +101,8 @@ def print_run(run: EditRun, verb: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    args.model, _ = resolve_model(args.model)
+    args.baseline, _ = resolve_model(args.baseline)
     requests = load_requests(args.facts, args.limit)
     check_json_path(args.json, args.model, args.facts, *([args.baseline] if args.baseline else []))
     if is_gguf_file(args.model):

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qedit.cli.args import add_method_args, add_output_args, method_from, output_from
-from qedit.cli.edit import check_json_path, print_run
+from qedit.cli.args import MODEL_HELP, add_method_args, add_output_args, method_from, output_from, resolve_model
+from qedit.cli.edit import check_json_path, finish_run, print_run
 from qedit.core.errors import QeditError
 from qedit.core.files import atomic_path
 from qedit.evaluation.gate import parse_requirement
@@ -39,7 +39,7 @@ def add_parsers(sub: Any) -> None:
                "\nGates: RUNG is fp32 (torch, full precision) or output (the written file in its runtime);\n"
                "metrics: recovery_rate, forget_prob, retain_acc, retain_acc_change, heldout_acc, recovered, ...\n"
                "Exit status: 0, 1 when a --require falls short, 2 on bad input.")
-    p.add_argument("model", type=Path, help="an HF model directory, a .gguf file, or a qedit output directory")
+    p.add_argument("model", type=Path, help=MODEL_HELP)
     p.add_argument("facts", type=Path, help="JSONL of facts (or texts) to forget")
     p.add_argument("--retain", type=Path, default=None, help="JSONL of prompts whose answers must keep working")
     p.add_argument("--heldout", type=Path, default=None, help=HELDOUT_HELP)
@@ -57,6 +57,7 @@ def add_parsers(sub: Any) -> None:
 def cmd_forget(args: argparse.Namespace) -> int:
     if args.method not in UNLEARN_METHODS:
         raise QeditError(f"--method {args.method} edits facts; forget takes one of {', '.join(sorted(UNLEARN_METHODS.names()))}")
+    args.model, ollama = resolve_model(args.model)
     requests = load_forget_requests(args.facts, args.limit)
     extra = load_retain(args.retain) if args.retain is not None else []
     requirements = [parse_requirement(t, list(FORGET_RUNGS)) for t in args.require]
@@ -65,14 +66,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
     retain = scored_retain(requests, extra, args.heldout)
     measure = args.eval or bool(requirements) or args.json is not None
     job = EditJob(args.model, requests, method_from(args, retain=tuple(extra)), output_from(args),
-                  device=args.device, evaluate=measure)
+                  device=args.device, evaluate=measure, ollama=ollama)
     run = run_edit(job, notify=print, inputs=inputs, retain=retain, requirements=requirements)
     print_run(run, "unlearned")
-    if run.forget is None:
-        return 0
-    print("\n".join(run.forget.lines()))
-    if args.json is not None:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(run.forget.to_json(), indent=2))
-        print(f"wrote {args.json}")
-    return EXIT_GATE_FAILED if run.forget.failed else 0
+    if run.forget is not None:
+        print("\n".join(run.forget.lines()))
+        if args.json is not None:
+            with atomic_path(args.json) as tmp:
+                tmp.write_text(json.dumps(run.forget.to_json(), indent=2))
+            print(f"wrote {args.json}")
+    finish_run(run)
+    return EXIT_GATE_FAILED if run.forget is not None and run.forget.failed else 0

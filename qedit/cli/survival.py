@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qedit.cli.args import add_method_args, add_model_args, method_from
+from qedit.cli.args import add_method_args, add_model_args, method_from, resolve_model
+from qedit.cli.cache import evict_after_run
 from qedit.converters.loading import load_model
+from qedit.converters.ollama import refuse_store_output
 from qedit.core.errors import QeditError
 from qedit.core.facts import load_requests
 from qedit.core.files import refuse_same_file
@@ -87,6 +89,7 @@ def add_parsers(sub: Any) -> None:
 def check_report_dir(out: Path, *inputs: Path) -> None:
     """A report directory is new, empty, or an earlier survival report; never an input."""
     refuse_same_file(out, *inputs)
+    refuse_store_output(out)
     if out.exists():
         if not out.is_dir():
             raise QeditError(f"{out}: exists and is not a directory; give a directory for the report")
@@ -99,6 +102,7 @@ def check_report_dir(out: Path, *inputs: Path) -> None:
 
 
 def cmd_survival(args: argparse.Namespace) -> int:
+    args.model, _ = resolve_model(args.model)
     forget = args.method in UNLEARN_METHODS
     if (args.retain is not None or args.heldout is not None) and not forget:
         raise QeditError("--retain and --heldout apply to unlearning methods (ga, npo, qforget, kforget)")
@@ -121,6 +125,7 @@ def cmd_survival(args: argparse.Namespace) -> int:
                              gptq_group_size=args.gptq_group_size, hold_margin=args.hold_margin, verify=args.verify)
     except ValueError as exc:
         raise QeditError(f"--gptq-group-size/--threads: {exc}") from None
+    refuse_store_output(cfg.artifacts)
     loaded = load_model(args.model, device=args.device)
     outcome = None
     if args.from_deltas is not None:
@@ -134,4 +139,5 @@ def cmd_survival(args: argparse.Namespace) -> int:
     write_reports(args.output, data)
     print("\n".join(table_lines(data)))
     print(f"wrote {args.output}/ (survival.json, survival.csv, cases.csv, report.md, report.html)")
+    evict_after_run(method.resolved_config().stats.root())
     return EXIT_GATE_FAILED if any(not g.passed for g in gates) else 0

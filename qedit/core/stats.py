@@ -9,21 +9,24 @@ new layer reuses it and only runs the forward pass up to that layer.
 Sampling is the slow part of a first edit (one forward pass per token, and each pass ends in the
 output layer over the whole vocabulary: 262k rows for Gemma 3). The sampler keeps a KV cache,
 draws tokens by inverse CDF (exact; torch.multinomial's exponential race over 262k columns cost
-as much as the output layer), and computes the output layer in bfloat16 by default
-(`sampling_precision`; a bfloat16 copy of the output weight, 335 MB for Gemma, lives while sampling).
-The precision is fixed, never chosen by the CPU: the drawn text, and with it every statistic and
-every edit, would otherwise depend on the machine. The body of the
+as much as the output layer: benchmarks/RESULTS.md, "Patching a GGUF"), and computes the output
+layer in bfloat16 by default (`sampling_precision`; a bfloat16 copy of the output weight, 335 MB
+for Gemma, lives while sampling). The precision is fixed, never chosen by the CPU: the drawn text,
+and with it every statistic and every edit, would otherwise depend on the machine. The body of the
 model always runs in its own dtype, so the keys recorded while sampling are the keys of the model
 being edited: when the text is sampled for a covariance request, the covariance is accumulated
 during sampling and no second forward pass over the text is needed. The sampling precision is part
 of the cache key of a sampled corpus.
+
+The cache entry of a corpus (qedit.core.cache) is written file by file, first writer wins, and a run uses what
+the cache holds: the covariances of a sampled corpus are stored before its text, so a concurrent run that finds
+the text finds them too and never keeps a covariance computed again in another kernel order.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,8 +36,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qedit.core.cache import CacheEntry, default_cache_dir, model_entry, model_key
 from qedit.core.errors import QeditError
-from qedit.core.files import atomic_path
 from qedit.core.hooks import record, stop_after
 from qedit.core.model import LoadedModel
 
@@ -42,10 +45,6 @@ log = logging.getLogger(__name__)
 
 SAMPLING_PRECISIONS = ("bfloat16", "float32")
 _DRAW_BLOCK = 1024  # vocabulary block of the two-level inverse-CDF draw
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("QEDIT_CACHE", Path.home() / ".cache" / "qedit"))
 
 
 @dataclass(frozen=True)
@@ -104,11 +103,11 @@ def _corpus_key(cfg: StatsConfig) -> str:
 
 def model_cache_dir(loaded: LoadedModel, cfg: StatsConfig) -> Path:
     """Where everything qedit caches about this model lives (statistics per corpus, targets)."""
-    return cfg.root() / loaded.fingerprint[:20]
+    return cfg.root() / model_key(loaded.fingerprint)
 
 
-def _cache_dir(loaded: LoadedModel, cfg: StatsConfig) -> Path:
-    return model_cache_dir(loaded, cfg) / _corpus_key(cfg)
+def _entry(loaded: LoadedModel, cfg: StatsConfig) -> CacheEntry:
+    return model_entry(cfg.root(), loaded, _corpus_key(cfg))
 
 
 def resolve_sampling_dtype(cfg: StatsConfig) -> torch.dtype:
@@ -157,9 +156,10 @@ def _sampling_head(loaded: LoadedModel, dtype: torch.dtype) -> Callable[[torch.T
     weight = head.weight.detach().to(dtype)                                    # (vocab, d_model)
     bias = head.bias.detach().to(dtype) if getattr(head, "bias", None) is not None else None
     softcap = getattr(loaded.model.config, "final_logit_softcapping", None)
+    scaling = getattr(loaded.model.config, "logits_scaling", None) or 1.0  # Granite divides its logits by this
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.linear(hidden.to(dtype), weight, bias).float()
+        out = torch.nn.functional.linear(hidden.to(dtype), weight, bias).float() / scaling
         return torch.tanh(out / softcap) * softcap if softcap else out
 
     return logits
@@ -228,7 +228,7 @@ def _sample_from_model(loaded: LoadedModel, cfg: StatsConfig, keys: _KeySums | N
     dtype = resolve_sampling_dtype(cfg)
     head = _sampling_head(loaded, dtype)
     # Special tokens are not banned: on the tiny gpt2 test model, banning them made AlphaEdit's and
-    # ROME's statistics much worse (unrelated-prompt KL 0.3 -> 1.3 nats); to be understood.
+    # ROME's statistics much worse (a far larger KL on unrelated prompts); to be understood.
     banned: list[int] = []
     generator = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
     began = time.perf_counter()
@@ -256,25 +256,39 @@ def _chunk_corpus(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
     return [([start] if start is not None else []) + c for c in chunks]
 
 
-def _cached_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]] | None:
-    path = _cache_dir(loaded, cfg) / "tokens.json"
-    if not (cfg.use_cache and path.is_file()):
-        return None
-    try:
-        seqs = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("%s: unreadable cached corpus (%s); sampling it again", path, exc)
-        return None
+def _read_tokens(path: Path) -> list[list[int]]:
+    seqs = json.loads(path.read_text())
     if not (isinstance(seqs, list) and all(isinstance(s, list) and s for s in seqs)):
-        log.warning("%s: cached corpus is not a list of token lists; sampling it again", path)
-        return None
+        raise ValueError("not a list of token lists")
     return seqs
 
 
-def _store_tokens(loaded: LoadedModel, cfg: StatsConfig, seqs: list[list[int]]) -> None:
-    if cfg.use_cache:
-        with atomic_path(_cache_dir(loaded, cfg) / "tokens.json") as tmp:
-            tmp.write_text(json.dumps(seqs))
+def _cached_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]] | None:
+    return _entry(loaded, cfg).load("tokens.json", _read_tokens) if cfg.use_cache else None
+
+
+def _store_tokens(loaded: LoadedModel, cfg: StatsConfig, seqs: list[list[int]]) -> list[list[int]]:
+    """Cache the text; returns the text the cache holds (another run's, when it stored it first)."""
+    if not cfg.use_cache:
+        return seqs
+    theirs = _entry(loaded, cfg).publish("tokens.json", lambda tmp: tmp.write_text(json.dumps(seqs)), _read_tokens)
+    return seqs if theirs is None else theirs
+
+
+def _read_cov(path: Path) -> torch.Tensor:
+    return torch.load(path, map_location="cpu", weights_only=True)["cov"]
+
+
+def _publish_cov(loaded: LoadedModel, cfg: StatsConfig, layer: int, cov: torch.Tensor, count: int) -> torch.Tensor:
+    """Cache a layer's covariance; returns the one the cache holds (another run's, when it stored it first)."""
+    if not cfg.use_cache:
+        return cov
+    theirs = _entry(loaded, cfg).publish(f"cov_layer{layer}.pt", partial(_save, {"cov": cov, "count": count}), _read_cov)
+    return cov if theirs is None else theirs
+
+
+def _save(payload: dict[str, torch.Tensor | int], path: Path) -> None:
+    torch.save(payload, path)
 
 
 def corpus_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
@@ -282,7 +296,7 @@ def corpus_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
     seqs = _cached_tokens(loaded, cfg)
     if seqs is None:
         seqs = _sample_from_model(loaded, cfg) if cfg.corpus is None else _chunk_corpus(loaded, cfg)
-        _store_tokens(loaded, cfg, seqs)
+        seqs = _store_tokens(loaded, cfg, seqs)
     return seqs
 
 
@@ -296,10 +310,14 @@ def _compute(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
     began = time.perf_counter()
     if cfg.corpus is None and _cached_tokens(loaded, cfg) is None:
         acc = _KeySums(loaded, layers)  # sample and sum the keys in the same forward passes
-        _store_tokens(loaded, cfg, _sample_from_model(loaded, cfg, acc))
+        seqs = _sample_from_model(loaded, cfg, acc)
+        result = acc.result()
+        for layer, (cov, count) in result.items():  # before the text (the module's docstring says why)
+            _publish_cov(loaded, cfg, layer, cov, count)
+        _store_tokens(loaded, cfg, seqs)
         log.info("key statistics for layers %s from %d tokens in %.1f s, computed while sampling", list(layers),
                  acc.count, time.perf_counter() - began)
-        return acc.result()
+        return result
     seqs = corpus_tokens(loaded, cfg)
     names = {layer: loaded.arch.mlp_out.format(layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
@@ -329,22 +347,19 @@ def key_covariance(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig)
     """E[k k^T] (d_in, d_in) float32 for each layer, from cache when present."""
     for layer in layers:
         loaded.check_layer(layer)
-    cache = _cache_dir(loaded, cfg)
+    entry = _entry(loaded, cfg)
     out: dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:
-        path = cache / f"cov_layer{layer}.pt"
-        if cfg.use_cache and path.is_file():
-            out[layer] = torch.load(path, map_location="cpu", weights_only=True)["cov"]
-        else:
+        cov = entry.load(f"cov_layer{layer}.pt", _read_cov) if cfg.use_cache else None
+        if cov is None:
             missing.append(layer)
+        else:
+            out[layer] = cov
     if missing:
         log.info("computing key statistics for layers %s", missing)
         for layer, (cov, count) in _compute(loaded, missing, cfg).items():
-            out[layer] = cov
-            if cfg.use_cache:
-                with atomic_path(cache / f"cov_layer{layer}.pt") as tmp:
-                    torch.save({"cov": cov, "count": count}, tmp)
+            out[layer] = _publish_cov(loaded, cfg, layer, cov, count)
     return out
 
 
@@ -353,26 +368,27 @@ def key_eigh(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
     E[k k^T], cached beside the covariance: a float64 eigh of Gemma's 2048 x 2048 covariance takes
     seconds, and AlphaEdit needs one per layer per edit. The covariance is read only for layers
     whose decomposition is not cached."""
-    cache = _cache_dir(loaded, cfg)
+    entry = _entry(loaded, cfg)
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     missing = []
     for layer in layers:
         loaded.check_layer(layer)
-        d_in = loaded.edit_weight(layer).shape[1]
-        path = cache / f"eigh_layer{layer}.pt"
-        if cfg.use_cache and path.is_file():
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                if saved["evecs"].shape == (d_in, d_in):
-                    out[layer] = (saved["evals"], saved["evecs"])
-                    continue
-            except Exception as exc:  # a damaged cache entry is recomputed, never trusted
-                log.warning("%s: unreadable cached eigendecomposition (%s); computing it again", path, exc)
-        missing.append(layer)
+        read = partial(_read_eigh, d_in=loaded.edit_weight(layer).shape[1])
+        found = entry.load(f"eigh_layer{layer}.pt", read) if cfg.use_cache else None
+        if found is None:
+            missing.append(layer)
+        else:
+            out[layer] = found
     for layer, cov in (key_covariance(loaded, missing, cfg) if missing else {}).items():
         evals, evecs = torch.linalg.eigh(cov.double())      # (d_in,), (d_in, d_in)
-        out[layer] = (evals, evecs)
-        if cfg.use_cache:
-            with atomic_path(cache / f"eigh_layer{layer}.pt") as tmp:
-                torch.save({"evals": evals, "evecs": evecs}, tmp)
+        theirs = entry.publish(f"eigh_layer{layer}.pt", partial(_save, {"evals": evals, "evecs": evecs}),
+                               partial(_read_eigh, d_in=evecs.shape[0])) if cfg.use_cache else None
+        out[layer] = (evals, evecs) if theirs is None else theirs
     return out
+
+
+def _read_eigh(path: Path, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["evecs"].shape != (d_in, d_in):
+        raise ValueError(f"eigenvectors of shape {tuple(saved['evecs'].shape)}, not {(d_in, d_in)}")
+    return saved["evals"], saved["evecs"]

@@ -1,16 +1,16 @@
 """Minimal strength: scale an edit down to the smallest factor that still reaches a target margin.
 
 Locate-then-edit targets overshoot: ROME's optimised output change typically leaves a margin
-log P(new) - log P(true) of about 10 nats, and every nat beyond what the edit needs is damage to
-the subject's neighbours. `minimal_scale` bisects a factor alpha in [min_scale, 1] on the mean
-margin over the edit prompt and its context prefixes (the deltas applied through hooks, the model
-untouched) and returns the smallest alpha whose margin is at least `target_margin`. The margin is
-the new target's lead over the true answer and over every other token (see `_margin`): measured
-against the true answer alone, a MEMIT edit scaled to 5 nats still preferred the new target in 40 of
-40 cases but said it (top-1) in only 25. For a batch
-(MEMIT, AlphaEdit) the batch's deltas on every layer are scaled together until its weakest request
-reaches the target. Computed on a quantized model's weights (`edit --quant`, the aware ladder) and
-encoded edit-aware, the margin reached is the margin after quantization.
+log P(new) - log P(true) of several times what the edit needs (benchmarks/RESULTS.md, "Editing in full
+precision"), and every nat beyond that is damage to the subject's neighbours. `minimal_scale` bisects
+a factor alpha in [min_scale, 1] on the mean margin over the edit prompt and its context prefixes
+(the deltas applied through hooks, the model untouched) and returns the smallest alpha whose margin
+is at least `target_margin`. The margin is the new target's lead over the true answer and over every
+other token (see `_margin`): measured against the true answer alone, a scaled MEMIT edit often still
+preferred the new target to the old one without saying it (top-1). For a batch (MEMIT, AlphaEdit)
+the batch's deltas on every layer are scaled together until its weakest request reaches the target.
+Computed on a quantized model's weights (`edit --quant`, the aware ladder) and encoded edit-aware,
+the margin reached is the margin after quantization.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ target settings and the chunk's requests in order (the chunk stops when all of t
 threshold), and on nothing else. The key covers all of them; the weights enter through a digest of
 every parameter's float64 sum and sum of squares, so a model with edits folded in, or folded and
 reverted, never reuses the unedited model's targets. Targets computed on top of applied deltas
-(ROME's sequential edits) are not cached.
+(ROME's sequential edits) are not cached. Files are written as every cache entry's are (qedit.core.cache:
+first writer wins, a damaged file is replaced), and a read marks the entry's last use.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from typing import Sequence
 
 import torch
 
+from qedit.core.cache import CacheEntry, ModelLabel
 from qedit.core.facts import EditRequest
-from qedit.core.files import atomic_path
 from qedit.core.model import LoadedModel
 from qedit.core.stats import model_cache_dir
 from qedit.edit.registry import MethodConfig, TargetConfig
@@ -51,6 +52,7 @@ class TargetCache:
                  cfg: TargetConfig, tag: dict[str, float] | None = None) -> None:
         self.dir = directory
         self._base = ""
+        self._entry = None if directory is None else CacheEntry(Path(directory), ModelLabel.of(loaded))
         if directory is not None:
             settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NEUTRAL_FIELDS}
             settings.update(tag or {})   # another objective's targets (unlearning) never answer for an edit's
@@ -65,27 +67,24 @@ class TargetCache:
 
     def get(self, chunk: Sequence[EditRequest]) -> tuple[torch.Tensor, list[float]] | None:
         """The chunk's targets (n, d) and NLLs, or None when not cached."""
-        if self.dir is None:
+        if self._entry is None:
             return None
-        path = self._path(chunk)
-        if not path.is_file():
+        found = self._entry.load(self._path(chunk).name, _read)
+        if found is not None and (found[0].shape[0] != len(chunk) or len(found[1]) != len(chunk)):
+            log.warning("%s: cached targets do not match the chunk; computing them again", self._path(chunk))
             return None
-        try:
-            data = torch.load(path, weights_only=True)
-            deltas, nlls = data["deltas"], data["nll"].tolist()
-        except Exception as exc:  # a damaged cache entry is recomputed, never trusted
-            log.warning("%s: unreadable cached targets (%s); computing them again", path, exc)
-            return None
-        if deltas.shape[0] != len(chunk) or len(nlls) != len(chunk):
-            log.warning("%s: cached targets do not match the chunk; computing them again", path)
-            return None
-        return deltas, nlls
+        return found
 
     def put(self, chunk: Sequence[EditRequest], deltas: torch.Tensor, nlls: Sequence[float]) -> None:
-        if self.dir is None:
+        if self._entry is None:
             return
-        with atomic_path(self._path(chunk)) as tmp:
-            torch.save({"deltas": deltas.detach().cpu().clone(), "nll": torch.tensor(list(nlls), dtype=torch.float64)}, tmp)
+        payload = {"deltas": deltas.detach().cpu().clone(), "nll": torch.tensor(list(nlls), dtype=torch.float64)}
+        self._entry.publish(self._path(chunk).name, lambda tmp: torch.save(payload, tmp), _read)
+
+
+def _read(path: Path) -> tuple[torch.Tensor, list[float]]:
+    data = torch.load(path, weights_only=True)
+    return data["deltas"], data["nll"].tolist()
 
 
 def target_cache_dir(loaded: LoadedModel, cfg: MethodConfig) -> Path | None:

@@ -14,6 +14,8 @@ from qedit.core.errors import QeditError
 GATE_METRICS = (
     "efficacy", "efficacy_top1", "generalization", "generalization_top1", "locality", "locality_top1",
     "margin", "efficacy_kept", "generalization_kept", "margin_kept", "ppl_ratio", "died",
+    # generated answers (greedy continuations; qedit.evaluation.metrics) and teacher-forced minus generated efficacy
+    "efficacy_gen", "generalization_gen", "locality_gen", "efficacy_gen_gap",
     # unlearning (qedit forget / survival of ForgetRequests)
     "forget_prob", "forget_prob_first", "recovery_rate", "recovery_change", "recovered", "forgotten", "retain_acc",
     "retain_acc_change", "retain_kept", "heldout_acc", "heldout_acc_change",

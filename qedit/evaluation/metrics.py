@@ -7,10 +7,18 @@
   model (EasyEdit's measure); locality_top1: all of them unchanged. Needs a baseline report of the
   unedited model; without one, locality is not reported.
 - margin: mean log P(target_new) - mean log P(ground_truth) on the prompt, in nats.
+
+Generated answers (what a user reads; "The Mirage of Model Editing", arXiv 2502.11177), from the runner's
+greedy continuation of each prompt, at most the answer's token count + GEN_EXTRA_TOKENS tokens long:
+- efficacy_gen: the continuation of the prompt starts with target_new (`answers_with`).
+- generalization_gen: the same on the rephrased prompts (averaged).
+- locality_gen: share of the locality prompts whose continuation is the unedited model's, exactly (needs a
+  baseline report that carries its continuations).
 """
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,7 +29,9 @@ from qedit.core.files import atomic_path
 from qedit.runtimes.torch_runner import Runner, TokenScore
 
 _PROGRESS_CHUNK = 32  # prompts scored per progress-bar step
-METRICS = ("efficacy", "efficacy_top1", "generalization", "generalization_top1", "locality", "locality_top1")
+METRICS = ("efficacy", "efficacy_top1", "efficacy_gen", "generalization", "generalization_top1", "generalization_gen",
+           "locality", "locality_top1", "locality_gen")
+_ARTICLE = re.compile(r"(?:a|an|the)\s+")
 
 
 @dataclass
@@ -39,6 +49,12 @@ class CaseResult:
     locality: float | None
     locality_top1: float | None
     locality_argmax: list[list[int]] = field(default_factory=list)   # top-1 ids on each locality answer
+    efficacy_gen: float | None = None
+    generalization_gen: float | None = None
+    locality_gen: float | None = None
+    continuation: str | None = None                                   # the greedy continuation of the prompt
+    rephrase_continuations: list[str] = field(default_factory=list)
+    locality_continuations: list[str] = field(default_factory=list)
 
     @property
     def margin(self) -> float | None:
@@ -81,68 +97,108 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def score_all(runner: Runner, pairs: list[tuple[str, str]], progress: str | None) -> list[TokenScore]:
-    """runner.score over all pairs; with a `progress` label, in chunks under a progress bar."""
+def answers_with(text: str, target: str) -> bool:
+    """Whether generated `text` starts with `target`: leading whitespace and case ignored, a leading article
+    (a, an, the) allowed, and the target not the start of a longer word ("Japanese" does not answer "Japan")."""
+    text, want = text.lstrip().casefold(), target.strip().casefold()
+    article = _ARTICLE.match(text)
+    for rest in (text, text[article.end():] if article else None):
+        if rest is not None and rest.startswith(want):
+            after = rest[len(want):len(want) + 1]
+            if not (after.isalnum() and want[-1:].isalnum()):
+                return True
+    return False
+
+
+def _answered(texts: Sequence[str], target: str) -> float | None:
+    """Share of `texts` that answer with `target` (None for none)."""
+    return _mean([float(answers_with(t, target)) for t in texts])
+
+
+def score_all(runner: Runner, pairs: list[tuple[str, str]], progress: str | None,
+              generate: Sequence[bool] | None = None) -> list[TokenScore]:
+    """runner.score over all pairs (with `generate`: and the continuations asked for); with a `progress`
+    label, in chunks under a progress bar."""
     if progress is None:
-        return runner.score(pairs)
+        return runner.score(pairs, generate) if generate is not None else runner.score(pairs)
     from tqdm.auto import tqdm
 
     out: list[TokenScore] = []
     with tqdm(total=len(pairs), desc=progress, unit="prompt", leave=False) as bar:
         for lo in range(0, len(pairs), _PROGRESS_CHUNK):
-            out += runner.score(pairs[lo:lo + _PROGRESS_CHUNK])
-            bar.update(min(_PROGRESS_CHUNK, len(pairs) - lo))
+            chunk = pairs[lo:lo + _PROGRESS_CHUNK]
+            asked = None if generate is None else generate[lo:lo + _PROGRESS_CHUNK]
+            out += runner.score(chunk, asked) if asked is not None else runner.score(chunk)
+            bar.update(len(chunk))
     return out
 
 
 def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalReport | None = None,
-             progress: str | None = None) -> EvalReport:
+             progress: str | None = None, generate: bool = True) -> EvalReport:
     """Score every request on `runner`; `baseline` (the unedited model's report) enables locality.
-    `progress`: a label for a progress bar over the scored prompts (none by default)."""
+    `progress`: a label for a progress bar over the scored prompts (none by default). `generate`: also the
+    generated-answer metrics (a greedy continuation of every prompt; False skips them)."""
     if baseline is not None and len(baseline.cases) != len(requests):
         raise ValueError(f"baseline report has {len(baseline.cases)} cases, not {len(requests)}: "
                          "it must score the same requests in the same order")
     pairs: list[tuple[str, str]] = []
+    flags: list[bool] = []          # which pairs' prompts are continued: each prompt once, with its own answer
+
+    def add(prompt: str, answer: str, continued: bool) -> None:
+        pairs.append((prompt, answer))
+        flags.append(continued)
+
     for r in requests:
-        pairs.append((r.prompt, r.target_new))
+        add(r.prompt, r.target_new, True)
         if r.ground_truth is not None:
-            pairs.append((r.prompt, r.ground_truth))
+            add(r.prompt, r.ground_truth, False)
         for rp in r.rephrase_prompts:
-            pairs.append((rp, r.target_new))
+            add(rp, r.target_new, True)
             if r.ground_truth is not None:
-                pairs.append((rp, r.ground_truth))
-        pairs.extend(zip(r.locality_prompts, r.locality_answers))
-    scores = iter(score_all(runner, pairs, progress))
+                add(rp, r.ground_truth, False)
+        for lp, la in zip(r.locality_prompts, r.locality_answers):
+            add(lp, la, True)
+    scores = iter(score_all(runner, pairs, progress, flags if generate else None))
     cases = []
     for i, r in enumerate(requests):
         new: TokenScore = next(scores)
         true = next(scores) if r.ground_truth is not None else None
-        gen, gen_top1 = [], []
+        gen, gen_top1, rephrased = [], [], []
         for _ in r.rephrase_prompts:
             g_new = next(scores)
             g_true = next(scores) if r.ground_truth is not None else None
             if g_true is not None:
                 gen.append(float(g_new.mean_logprob > g_true.mean_logprob))
             gen_top1.append(float(g_new.top1))
+            rephrased += [g_new.continuation] if g_new.continuation is not None else []
         loc_scores = [next(scores) for _ in r.locality_prompts]
         argmax = [list(s.argmax_ids) for s in loc_scores]
-        loc = loc_top1 = None
+        loc = loc_top1 = loc_gen = None
         if baseline is not None and loc_scores:
             ref = baseline.cases[i].locality_argmax
             per_tok = [float(a == b) for cur, base in zip(argmax, ref) for a, b in zip(cur, base)]
             loc = _mean(per_tok)
             loc_top1 = _mean([float(cur == base) for cur, base in zip(argmax, ref)])
+        located = [s.continuation for s in loc_scores if s.continuation is not None]
+        if baseline is not None and located and len(located) == len(baseline.cases[i].locality_continuations):
+            loc_gen = _mean([float(a == b) for a, b in zip(located, baseline.cases[i].locality_continuations)])
+        said = [new.continuation] if new.continuation is not None else []
         cases.append(CaseResult(
             case_id=r.case_id, subject=r.subject, target_new=r.target_new, ground_truth=r.ground_truth,
             logp_new=new.mean_logprob, logp_true=None if true is None else true.mean_logprob,
             efficacy=None if true is None else float(new.mean_logprob > true.mean_logprob),
             efficacy_top1=float(new.top1), generalization=_mean(gen), generalization_top1=_mean(gen_top1),
             locality=loc, locality_top1=loc_top1, locality_argmax=argmax,
+            efficacy_gen=_answered(said, r.target_new), generalization_gen=_answered(rephrased, r.target_new),
+            locality_gen=loc_gen, continuation=new.continuation, rephrase_continuations=rephrased,
+            locality_continuations=located,
         ))
     return EvalReport(runner.describe(), cases)
 
 
 def format_summary(label: str, report: EvalReport) -> str:
+    """The teacher-forced metrics on one line, the generated-answer ones on the next (when measured)."""
     agg = report.aggregate()
-    parts = [f"{m}={agg[m]:.3f}" for m in METRICS + ("margin",) if agg.get(m) is not None]
-    return f"{label}: " + "  ".join(parts)
+    parts = [f"{m}={agg[m]:.3f}" for m in METRICS + ("margin",) if agg.get(m) is not None and not m.endswith("_gen")]
+    said = [f"{m}={agg[m]:.3f}" for m in METRICS if agg.get(m) is not None and m.endswith("_gen")]
+    return f"{label}: " + "  ".join(parts) + ("\n" + " " * (len(label) + 2) + "  ".join(said) if said else "")

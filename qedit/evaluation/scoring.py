@@ -37,7 +37,7 @@ class EditScoring:
         return EvalReport.from_json(data)
 
     def cache_parts(self) -> list[Any]:
-        return [r.to_json() for r in self.requests]
+        return ["with continuations"] + [r.to_json() for r in self.requests]   # older caches lack them
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Edit-aware quantization of one edited tensor (issue 5, items 1 and 2).
+"""Edit-aware quantization of one edited tensor.
 
 When a quantized GGUF is patched, the edited tensor Wt = W0 + dW (W0 dequantized from the file) is
 requantized to the grid W0 came from, and a small dW largely rounds back to W0. `quantize_edited`
@@ -18,16 +18,16 @@ edit keys K (n, in), with three mechanisms that can be switched on and off one b
    to the quantized one, where small corrections round back); requantize, up to `loop_rounds` times,
    stop once the share kept is within `tol` of 1, and keep the best round. The norm is H's by default,
    D = R (K H^-1 K^T)^-1 K H^-1 (the least damage to outputs on the key distribution); "euclid" gives
-   R (K K^T + eps I)^-1 K, which on Gemma's layer 6 (Q4_K) costs 1.3-8.8x naive's output error on the
-   key distribution against 1.0-1.9x for H's norm (benchmarks/bench_aware.py).
+   R (K K^T + eps I)^-1 K, which does more damage to the outputs on the key distribution than H's norm
+   (what each mechanism keeps, and the output error: benchmarks/RESULTS.md, "The encoding on one tensor").
 
 4. Keeping the file's blocks (a patch; off by default): given the bytes W0 came from, each block of the
    result is the file's own block wherever that represents the running target at least as well (error
    weighted by diag(C) + lambda * k^2). The K-quant searches do not map deq(bytes) back to the same
-   bytes: a zero edit re-encoded plainly changes 0.02-7% of the edited tensors' weights and the top-1
-   answer of 3-7% of unrelated prompts in llama.cpp (benchmarks/bench_requant_drift.py). With this a
-   zero edit gives the file's bytes back, but for real edits it moves only a tenth fewer weights, the
-   loop needs more rounds on coarse grids, and locality was no better (benchmarks/bench_keep_blocks.py).
+   bytes: a zero edit re-encoded plainly already changes some of the edited tensors' weights and flips the
+   top-1 answer of a few unrelated prompts in llama.cpp. With this a zero edit gives the file's bytes back,
+   but for real edits it moves only slightly fewer weights, the loop needs more rounds on coarse grids,
+   and locality was no better (benchmarks/RESULTS.md, "The locality noise floor").
 
 The output is the bytes of the requested type; llama.cpp reads them unchanged.
 """

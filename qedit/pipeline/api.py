@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qedit.converters.ollama import as_source
 from qedit.core.facts import EditRequest, load_requests
 from qedit.pipeline.jobs import EditJob, MethodChoice, Output, make_config
 from qedit.pipeline.run import EditRun, run_edit
@@ -22,11 +23,14 @@ def edit_model(model: str | Path, facts: str | Path | Sequence[EditRequest], out
          settings: Mapping[str, Any] | None = None, batch_size: int | None = None, quant: str | None = None,
          as_lora: bool = False, format: str | None = None, naive: bool = False, verify: bool | None = None,
          evaluate: bool = False, device: str = "cpu", notify: Callable[[str], None] = log.info) -> EditRun:
-    """Edit `facts` (a JSONL path or EditRequests) into `model` and write `output`, as `qedit edit` does.
+    """Edit `facts` (a JSONL path or EditRequests) into `model` (a path, or ollama:NAME[:TAG]) and write `output`,
+    as `qedit edit` does.
 
     `settings` are the method's config fields (`make_config`); the other keywords are the command's options.
     Returns the run: the plan, the edit written, where it was computed and what the llama.cpp check did."""
     requests = load_requests(facts) if isinstance(facts, (str, Path)) else list(facts)
     choice = MethodChoice(method, make_config(method, **dict(settings or {})), batch_size)
     out = Output(Path(output), quant=quant, as_lora=as_lora, format=format, naive=naive, verify=verify)
-    return run_edit(EditJob(Path(model), requests, choice, out, device=device, evaluate=evaluate), notify=notify)
+    source, ollama = as_source(model)
+    return run_edit(EditJob(source, requests, choice, out, device=device, evaluate=evaluate, ollama=ollama),
+                    notify=notify)

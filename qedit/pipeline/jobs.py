@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qedit.converters.ollama import OllamaModel
 from qedit.core.errors import QeditError
 from qedit.edit.compute import EditOutcome
 from qedit.edit.registry import EDIT_METHODS, MethodConfig, MethodRegistry
@@ -69,6 +70,7 @@ class Output:
     naive: bool = False                                      # plain requantization, edit computed on the source
     verify: bool | None = None                               # the llama.cpp check (None: where it applies)
     hold_margin: float = 1.0                                 # nats each edit must keep in llama.cpp
+    modelfile: bool = True                                   # a GGUF output: an Ollama Modelfile beside it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -100,7 +102,8 @@ class EditJob:
     written as it is at every output. `quantized_base`, for an output the plan writes by patching the unedited
     model at the output's level (`Plan.via_base`), is a file that already holds that unedited model as the
     export writes it (the survival ladder's cache); without it the pipeline writes one to a temporary path
-    beside the output.
+    beside the output. `ollama`: the Ollama model `model` is the GGUF blob of, whose TEMPLATE, PARAMETER and SYSTEM
+    the Modelfile beside a GGUF output carries over.
     """
 
     model: Path
@@ -111,6 +114,7 @@ class EditJob:
     evaluate: bool = False                                   # measure before and after (torch, and the output)
     outcome: EditOutcome | None = None
     quantized_base: Path | None = None
+    ollama: OllamaModel | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))

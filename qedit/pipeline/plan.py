@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qedit.converters.gptq.checkpoint import is_gptq_checkpoint
+from qedit.converters.ollama import refuse_store_output
 from qedit.core.errors import QeditError
 from qedit.core.files import check_output_dir, refuse_same_file
 from qedit.core.model import is_gguf_file
@@ -84,6 +85,7 @@ def plan_job(job: EditJob, inputs: Sequence[Path] = ()) -> Plan:
                          "GPTQ checkpoint")
     kind = _output_kind(job)
     refuse_same_file(out.path, job.model, *inputs)
+    refuse_store_output(out.path, *([job.ollama.store] if job.ollama else []))
     if out.is_gguf:
         if out.path.is_dir():
             raise QeditError(f"{out.path}: is a directory; give a file name ending in .gguf")

@@ -27,7 +27,7 @@ from qedit.pipeline.jobs import EditJob, MethodChoice
 from qedit.pipeline.measure import EditMeasurement, ForgetMeasurement, measure_edit, measure_forget
 from qedit.pipeline.plan import OutputKind, Plan, plan_job
 from qedit.pipeline.verify import Verified, verify_in_llama_cpp
-from qedit.pipeline.write import Written, export, write_output
+from qedit.pipeline.write import ModelfileWritten, Written, export, write_modelfile, write_output
 from qedit.runtimes.torch_runner import TorchRunner
 from qedit.unlearn.requests import RetainItem
 
@@ -49,6 +49,7 @@ class EditRun:
     verified: Verified | None = None
     measured: EditMeasurement | None = None
     forget: ForgetMeasurement | None = None
+    modelfile: ModelfileWritten | None = None
 
 
 def run_edit(job: EditJob, notify: Notify = log.info, *, inputs: Sequence[Path] = (),
@@ -85,6 +86,9 @@ def run_edit(job: EditJob, notify: Notify = log.info, *, inputs: Sequence[Path] 
             run.verified = verify_in_llama_cpp(lambda o: write_output(plan, model, o, base), outcome, job.output.path,
                                                job.output.hold_margin, notify)
             run.outcome = run.verified.outcome
+        if job.output.is_gguf and job.output.modelfile:
+            run.modelfile = write_modelfile(job.output.path, job.model, job.ollama, job.output.as_lora, inputs)
+            written.lines.extend(run.modelfile.lines)
         if before is not None and job.method.unlearns:
             run.forget = measure_forget(plan, model, run.outcome, retain, before, requirements, base)
         elif before is not None:

@@ -38,7 +38,7 @@ def verify_in_llama_cpp(rewrite: Callable[[EditOutcome], object], outcome: EditO
         raise QeditError(f"{out}: the llama.cpp check needs the edit's facts, and this edit carries none")
 
     def short(current: EditOutcome) -> list[str]:
-        cases = evaluate(LlamaCppRunner(out), current.requests).cases
+        cases = evaluate(LlamaCppRunner(out), current.requests, generate=False).cases
         return [c.subject for c in cases if (c.efficacy_top1 < 1.0 if c.margin is None else c.margin < hold_margin)]
 
     base = outcome

@@ -1,4 +1,5 @@
-"""The writers: an `EditOutcome` on a `LoadedModel` -> the output a `Plan` names, with a summary of it.
+"""The writers: an `EditOutcome` on a `LoadedModel` -> the output a `Plan` names, with a summary of it; and the
+Ollama Modelfile beside a GGUF output.
 
 Every writer leaves the torch model as it was: where a writer needs the edited weights (HF directories,
 GPTQ checkpoints written from the model) the deltas are applied for the write and removed again.
@@ -8,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping
+import os
+import shlex
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,10 @@ from qedit.converters.gguf.names import gguf_tensor_name
 from qedit.converters.gguf.patch import patch_gguf
 from qedit.converters.gguf.read import GGUFFile
 from qedit.converters.gptq.export import GPTQWriteConfig, calibration_tokens, patch_gptq, write_gptq
+from qedit.converters.ollama import OllamaModel, candidates, model_name, modelfile_text, written_by_qedit_for
 from qedit.core.delta import applied, save_deltas
-from qedit.core.files import staged_dir
+from qedit.core.errors import QeditError
+from qedit.core.files import atomic_path, staged_dir
 from qedit.core.model import LoadedModel, is_gguf_file
 from qedit.edit.compute import EditOutcome
 from qedit.pipeline.plan import OutputKind, Plan, match_types
@@ -157,6 +162,47 @@ def _write_gptq(kind: OutputKind, loaded: LoadedModel, outcome: EditOutcome, bas
         f"{what} GPTQ checkpoint {out}: {cfg.bits}-bit, group size {cfg.group_size}, {'sym' if cfg.sym else 'asym'}, "
         f"format {cfg.checkpoint_format}, {len(report.modules)} module(s) quantized in {report.seconds:.1f} s "
         f"({manifest['encoding']['path']})"])
+
+
+@dataclass
+class ModelfileWritten:
+    """The Modelfile beside a GGUF output, and the Ollama model name `command` creates from it."""
+
+    path: Path
+    name: str
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def command(self) -> str:
+        return f"ollama create {self.name} -f {shlex.quote(str(self.path))}"
+
+
+def write_modelfile(output: Path, source: Path, ollama: OllamaModel | None = None, as_lora: bool = False,
+                    inputs: Sequence[Path] = ()) -> ModelfileWritten:
+    """Write the Ollama Modelfile of the GGUF `output` beside it: FROM the output, or for a LoRA adapter FROM its
+    base (the Ollama model when the source was one, else the source GGUF) with ADAPTER the output; the TEMPLATE,
+    PARAMETER and SYSTEM of an Ollama source are carried over. A Modelfile there that qedit did not write for this
+    output, or an input, is never overwritten: the next free name is taken (OUTPUT.Modelfile), and said."""
+    local = f"./{output.name}"
+    if as_lora:
+        base = ollama.ref if ollama is not None else str(source.resolve())
+        text, notes = modelfile_text(output.name, base, adapter=local, model=ollama, inherits=ollama is not None)
+    else:
+        text, notes = modelfile_text(output.name, local, model=ollama)
+    taken = [p for p in (source, output, *inputs) if p.exists()]
+    path = next((p for p in candidates(output) if not any(p.exists() and os.path.samefile(p, t) for t in taken)
+                 and (not p.exists() or written_by_qedit_for(p, output.name))), None)
+    if path is None:
+        raise QeditError(f"{output}: every Modelfile name beside it is taken; write the output elsewhere")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    carried = [c for c in ("TEMPLATE", "SYSTEM", "PARAMETER", "LICENSE") if f"\n{c} " in text]
+    lines = [f"wrote {path}: FROM {base if as_lora else local}" + (f", ADAPTER {local}" if as_lora else "")
+             + (f"; {', '.join(carried)} of ollama:{ollama.ref}" if ollama is not None and carried else "")]
+    if path.name != "Modelfile":
+        lines.append(f"  {output.with_name('Modelfile')} was not written by qedit for {output.name}: it is kept, "
+                     f"this Modelfile is {path.name}")
+    return ModelfileWritten(path, model_name(output.stem), lines + [f"  {n}" for n in notes])
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """A runner on llama.cpp (llama-cpp-python): scores facts on the GGUF file exactly as it ships."""
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -8,11 +9,34 @@ from typing import Any
 
 import numpy as np
 
-from qedit.core.batching import continuation_ids
+from qedit.core.batching import continuation_ids, is_marker_token
 from qedit.core.errors import QeditError
-from qedit.runtimes.torch_runner import TokenScore
+from qedit.runtimes.torch_runner import GEN_EXTRA_TOKENS, TokenScore
 
 log = logging.getLogger(__name__)
+# llama.cpp's own log (model loading, "llama_kv_cache_iswa: using full-size SWA cache", ...), routed here: a
+# Python logger, so that the command line shows it with -v only and a library user configures it as any other.
+native_log = logging.getLogger("llama_cpp.native")
+# ggml's levels: 1 debug, 2 info (model loading: at DEBUG here), 3 warn, 4 error, 5 a continued line
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_routed: list[Any] = []     # the installed ctypes callback, kept alive
+
+
+def _route_native_log(llama_cpp: Any) -> None:
+    """Send llama.cpp's log to `native_log` (INFO lines at DEBUG) instead of llama-cpp-python's stderr printer."""
+    if _routed:
+        return
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        last[0] = _GGML_LEVELS.get(level, last[0])
+        line = text.decode("utf-8", errors="replace").rstrip("\n")
+        if line and native_log.isEnabledFor(last[0]):
+            native_log.log(last[0], "%s", line)
+
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+    _routed.append(forward)
 
 
 class _LlamaTokenizer:
@@ -50,12 +74,14 @@ class LlamaCppRunner:
 
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int = 1, lora: str | Path | None = None) -> None:
         """`n_threads` is used for prompts and single tokens alike. One thread by default: with two
-        threads on two shared cores, a busy neighbour slows a short prompt from 0.1 s to 3.6 s.
+        threads on two shared cores, a busy neighbour slows a short prompt many times over
+        (benchmarks/RESULTS.md, "Setup").
         `lora`: a GGUF LoRA adapter llama.cpp applies at run time on top of `path`."""
         try:
             import llama_cpp
         except ImportError as exc:
             raise QeditError("llama.cpp runner needs llama-cpp-python: pip install llama-cpp-python") from exc
+        _route_native_log(llama_cpp)
         self.path = Path(path)
         if not self.path.is_file():
             raise QeditError(f"{self.path}: no such GGUF file; check the path")
@@ -75,6 +101,8 @@ class LlamaCppRunner:
             raise QeditError(f"{what}: llama.cpp could not load the model ({exc}); is it a valid GGUF?") from exc
         self.n_ctx = n_ctx
         self.tokenizer = _LlamaTokenizer(self.llm)
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._stops: dict[int, bool] = {}
 
     def _logits(self, ids: list[int]) -> np.ndarray:
         """Next-token logits (len(ids), vocab) at every position of `ids`, from an empty context."""
@@ -103,12 +131,14 @@ class LlamaCppRunner:
         ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float32)  # (vocab,), a copy
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScore]:
+    def score(self, pairs: Sequence[tuple[str, str]], generate: Sequence[bool] | None = None) -> list[TokenScore]:
         """Teacher-forced scores. A prompt shared by consecutive pairs (new and true answer) is run once:
-        its KV cache is kept and only the target tokens are decoded after it."""
+        its KV cache is kept and only the target tokens are decoded after it. A continuation asked for
+        (`generate`) starts from that KV cache too: greedy decoding follows the target for as long as the
+        target's tokens are the top-1 ones, so only the tokens after that point are decoded again."""
         out: list[TokenScore] = []
         cached: tuple[list[int], np.ndarray] | None = None     # (prompt ids, logits after the prompt)
-        for prompt, target in pairs:
+        for i, (prompt, target) in enumerate(pairs):
             p, t = continuation_ids(self.tokenizer, prompt, target)
             if not t:
                 raise QeditError(f"target {target!r} tokenizes to nothing after prompt {prompt!r}")
@@ -120,24 +150,46 @@ class LlamaCppRunner:
             rows = [cached[1]] + [self._last_logits([tok]) for tok in t[:-1]]
             logp = _log_softmax(np.stack(rows))                 # (len(t), vocab): row j predicts t[j]
             tok_lp = tuple(float(logp[j, tid]) for j, tid in enumerate(t))
-            tok_arg = tuple(int(i) for i in logp.argmax(axis=-1))
-            out.append(TokenScore(tuple(t), tok_lp, tok_arg))
+            tok_arg = tuple(int(a) for a in logp.argmax(axis=-1))
+            text = None
+            if generate is not None and generate[i]:
+                # the context holds prompt + t[:-1]; greedy decoding agrees with t up to its first miss
+                agree = next((j for j, (a, b) in enumerate(zip(tok_arg, t)) if a != b), len(t))
+                keep = min(agree, len(t) - 1)
+                self.llm.n_tokens = len(p) + keep
+                text = self._greedy(list(t[:keep]), logp[keep], len(t) + GEN_EXTRA_TOKENS)
+            out.append(TokenScore(tuple(t), tok_lp, tok_arg, text))
         return out
+
+    def _stop(self, token: int) -> bool:
+        """Whether a continuation ends before `token`: end of generation, a control token or a marker."""
+        if token not in self._stops:
+            import llama_cpp
+
+            attr = llama_cpp.llama_vocab_get_attr(self._vocab, token)
+            text = (llama_cpp.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+            self._stops[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)
+                                      or attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL or is_marker_token(text))
+        return self._stops[token]
+
+    def _greedy(self, new: list[int], logits: np.ndarray, max_tokens: int) -> str:
+        """Continue greedily from the context (which ends with `new`, the tokens generated so far, and whose
+        next-token `logits` are given) to at most `max_tokens` new tokens; the text without special tokens."""
+        while len(new) < max_tokens:
+            token = int(np.argmax(logits))
+            if self._stop(token):
+                break
+            new.append(token)
+            if len(new) < max_tokens:
+                logits = self._last_logits([token])
+        return self.llm.detokenize(new).decode("utf-8", errors="replace")
 
     def complete(self, prompt: str, max_tokens: int = 8) -> str:
         ids = self.tokenizer(prompt)["input_ids"]
         if len(ids) + max_tokens > self.n_ctx:
             raise QeditError(f"{self.path.name}: {len(ids) + max_tokens} tokens exceed the context of {self.n_ctx}")
         self.llm.reset()
-        self.llm.eval(ids)
-        new: list[int] = []
-        for _ in range(max_tokens):
-            next_id = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            if next_id == self.llm.token_eos():
-                break
-            new.append(next_id)
-            self.llm.eval([next_id])
-        return self.llm.detokenize(new).decode("utf-8", errors="replace")
+        return self._greedy([], self._last_logits(ids), max_tokens)
 
     def nll(self, text: str) -> tuple[float, int]:
         ids = self.tokenizer(text)["input_ids"]

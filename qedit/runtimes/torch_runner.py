@@ -3,14 +3,19 @@ see this interface, so they do not know how an artifact was made or where it run
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
+from transformers import GenerationConfig
 
-from qedit.core.batching import build_batch, logits_at, target_index
+from qedit.core.batching import build_batch, is_marker_token, logits_at, target_index
 from qedit.core.errors import QeditError
 from qedit.core.model import LoadedModel
+
+# A generated continuation may run this many tokens past its target's length: room for a leading article
+# ("the Rome"), another split of the same word, and the character after the answer.
+GEN_EXTRA_TOKENS = 3
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,7 @@ class TokenScore:
     target_ids: tuple[int, ...]
     logprobs: tuple[float, ...]       # log P(target token | prefix), per token
     argmax_ids: tuple[int, ...]       # the runner's top-1 token at each target position
+    continuation: str | None = None   # when asked: the greedy continuation of the prompt (`Runner.score`)
 
     @property
     def mean_logprob(self) -> float:
@@ -33,11 +39,14 @@ class TokenScore:
 class Runner(Protocol):
     name: str
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScore]:
-        """Score each (prompt, target) pair."""
+    def score(self, pairs: Sequence[tuple[str, str]], generate: Sequence[bool] | None = None) -> list[TokenScore]:
+        """Score each (prompt, target) pair; where `generate[i]`, its TokenScore also carries the greedy
+        continuation of the prompt, at most the target's token count + GEN_EXTRA_TOKENS tokens long."""
 
     def complete(self, prompt: str, max_tokens: int = 8) -> str:
-        """Greedy continuation of `prompt`."""
+        """Greedy continuation of `prompt`, at most `max_tokens` tokens. Every runner's continuation ends
+        before the first special token (end of text, a control token, a marker such as <start_of_image>)
+        and is decoded without special tokens."""
 
     def nll(self, text: str) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) of `text`'s tokens after BOS, and their count."""
@@ -54,9 +63,18 @@ class TorchRunner:
     def __init__(self, loaded: LoadedModel, batch_size: int = 32) -> None:
         self.loaded = loaded
         self.batch_size = batch_size
+        self._stop: frozenset[int] | None = None
 
     @torch.no_grad()
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScore]:
+    def score(self, pairs: Sequence[tuple[str, str]], generate: Sequence[bool] | None = None) -> list[TokenScore]:
+        out = self._score(pairs)
+        asked = [i for i, g in enumerate(generate or ()) if g]
+        texts = self.generate([(pairs[i][0], len(out[i].target_ids) + GEN_EXTRA_TOKENS) for i in asked])
+        for i, text in zip(asked, texts):
+            out[i] = replace(out[i], continuation=text)
+        return out
+
+    def _score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScore]:
         out: list[TokenScore] = []
         for lo in range(0, len(pairs), self.batch_size):
             chunk = pairs[lo:lo + self.batch_size]
@@ -72,12 +90,40 @@ class TorchRunner:
                 pos += n
         return out
 
-    @torch.no_grad()
     def complete(self, prompt: str, max_tokens: int = 8) -> str:
-        tok = self.loaded.tokenizer
-        enc = tok(prompt, return_tensors="pt").to(self.loaded.device)
-        out = self.loaded.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.generate([(prompt, max_tokens)])[0]
+
+    @torch.no_grad()
+    def generate(self, items: Sequence[tuple[str, int]]) -> list[str]:
+        """Greedy continuations of (prompt, max_tokens) items, `batch_size` left-padded prompts at a time."""
+        tok, out = self.loaded.tokenizer, []
+        stop = self._stop_ids()
+        for lo in range(0, len(items), self.batch_size):
+            chunk = items[lo:lo + self.batch_size]
+            ids = [tok(p)["input_ids"] for p, _ in chunk]
+            width = max(len(x) for x in ids)
+            batch = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)    # (b, width), left-padded
+            mask = torch.zeros_like(batch)
+            for i, x in enumerate(ids):
+                batch[i, width - len(x):], mask[i, width - len(x):] = torch.tensor(x), 1
+            cfg = GenerationConfig(max_new_tokens=max(n for _, n in chunk), do_sample=False, eos_token_id=sorted(stop),
+                                   pad_token_id=tok.pad_token_id)
+            new = self.loaded.model.generate(input_ids=batch.to(self.loaded.device), attention_mask=mask.to(
+                self.loaded.device), generation_config=cfg)[:, width:].tolist()             # (b, <= max_new_tokens)
+            for row, (_, n) in zip(new, chunk):
+                kept = next((row[:j] for j, t in enumerate(row[:n]) if t in stop), row[:n])
+                out.append(tok.decode(kept, skip_special_tokens=True))
+        return out
+
+    def _stop_ids(self) -> frozenset[int]:
+        """Ids a continuation ends before: the tokenizer's special tokens, end-of-text ids and markers."""
+        if self._stop is None:
+            tok: Any = self.loaded.tokenizer
+            eos = self.loaded.model.generation_config.eos_token_id if self.loaded.model.generation_config else None
+            ids = set(tok.all_special_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            ids |= {i for i, t in tok.added_tokens_decoder.items() if t.special or is_marker_token(t.content)}
+            self._stop = frozenset(i for i in ids if i is not None)
+        return self._stop
 
     @torch.no_grad()
     def nll(self, text: str) -> tuple[float, int]:

@@ -106,7 +106,8 @@ def _gguf_rung(rung: Rung, ctx: RungContext, result: RungResult) -> None:
     result.artifacts["baseline"] = str(base)
     result.built += ["baseline"] if built else []
     out = Output(ctx.store.edited(rung.name, ctx.outcome, ctx.job.naive, ctx.cfg.hold_margin, ctx.cfg.verify),
-                 quant=rung.spec, naive=ctx.job.naive, verify=ctx.cfg.verify, hold_margin=ctx.cfg.hold_margin)
+                 quant=rung.spec, naive=ctx.job.naive, verify=ctx.cfg.verify, hold_margin=ctx.cfg.hold_margin,
+                 modelfile=False)   # a cached artifact: no Modelfile beside it
     edited = _edited(rung, ctx, out, base, result)
     result.bits_per_weight, result.size_bytes = bits_per_weight(edited)
     result.baseline = cached_measure(base, ctx.llama, ctx.scoring, ctx.text, ctx.label(rung, "baseline"))

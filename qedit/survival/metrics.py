@@ -7,7 +7,7 @@ from typing import Any
 
 from qedit.evaluation.forget import ForgetReport
 from qedit.evaluation.forget_compare import forget_case_rows, forget_metrics, recovered_facts
-from qedit.evaluation.metrics import METRICS
+from qedit.evaluation.metrics import METRICS, CaseResult
 from qedit.survival.measure import FULL_PRECISION, Measured, RungResult, SurvivalResult
 
 SCHEMA = "qedit.survival/2"
@@ -24,7 +24,9 @@ def measured_metrics(edited: Measured, baseline: Measured, reference: Measured |
                      reference_baseline: Measured | None) -> dict[str, float | None]:
     """Aggregates of `edited` (locality is against `baseline`), its fluency drift, and, with a
     reference, each metric's share kept against full precision. margin_kept is the share of the
-    edit's margin change (edited minus baseline) that is left. Unlearning: `forget_metrics`."""
+    edit's margin change (edited minus baseline) that is left; efficacy_gen_gap is teacher-forced efficacy
+    minus generated efficacy (what the probabilities claim and the generated answers do not show).
+    Unlearning: `forget_metrics`."""
     if isinstance(edited.report, ForgetReport):
         out = forget_metrics(edited.report, baseline.report, None if reference is None else reference.report)  # type: ignore[arg-type]
         out.update(perplexity=edited.perplexity, baseline_perplexity=baseline.perplexity,
@@ -34,6 +36,8 @@ def measured_metrics(edited: Measured, baseline: Measured, reference: Measured |
     out: dict[str, float | None] = {m: agg.get(m) for m in METRICS + ("margin",)}
     base_margin = baseline.report.aggregate().get("margin")
     out["margin_change"] = None if out["margin"] is None or base_margin is None else out["margin"] - base_margin
+    out["efficacy_gen_gap"] = None if out["efficacy"] is None or out["efficacy_gen"] is None \
+        else out["efficacy"] - out["efficacy_gen"]
     out["perplexity"] = edited.perplexity
     out["baseline_perplexity"] = baseline.perplexity
     out["ppl_ratio"] = edited.perplexity / baseline.perplexity
@@ -84,19 +88,22 @@ def case_rows(result: SurvivalResult) -> list[dict[str, Any]]:
                 continue
             c = r.edited.report.cases[i]
             shrink = None if c.margin is None or ref.margin is None else ref.margin - c.margin
-            per_rung[r.rung.name] = {
-                "efficacy": c.efficacy, "efficacy_top1": c.efficacy_top1, "generalization": c.generalization,
-                "locality": c.locality, "margin": c.margin, "margin_shrink": shrink,
-                "died": bool(ref.efficacy) and not bool(c.efficacy),
-            }
+            per_rung[r.rung.name] = dict(_case_cells(c), margin_shrink=shrink,
+                                         died=bool(ref.efficacy) and not bool(c.efficacy))
         rows.append({
             "case_id": req.case_id, "subject": req.subject, "prompt": req.prompt,
             "target_new": req.target_new, "ground_truth": req.ground_truth,
-            FULL_PRECISION: {"efficacy": ref.efficacy, "efficacy_top1": ref.efficacy_top1,
-                             "generalization": ref.generalization, "locality": ref.locality, "margin": ref.margin},
+            FULL_PRECISION: _case_cells(ref),
             "rungs": per_rung,
         })
     return rows
+
+
+def _case_cells(c: CaseResult) -> dict[str, Any]:
+    """One case's metrics at one rung, teacher-forced and generated, and what the model answered."""
+    return {"efficacy": c.efficacy, "efficacy_top1": c.efficacy_top1, "efficacy_gen": c.efficacy_gen,
+            "generalization": c.generalization, "generalization_gen": c.generalization_gen, "locality": c.locality,
+            "locality_gen": c.locality_gen, "margin": c.margin, "continuation": c.continuation}
 
 
 def to_json(result: SurvivalResult, gates: list[dict[str, Any]] | None = None) -> dict[str, Any]:

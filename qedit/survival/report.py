@@ -4,7 +4,6 @@ report.html with survival.png (each metric against bits per weight), and the ter
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import logging
@@ -12,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from qedit.core.files import atomic_path
+from qedit.survival.report_html import Block, render_html
 
 log = logging.getLogger(__name__)
 
-_TABLE = (  # (column title, metric key, format)
-    ("bpw", "bits_per_weight", "{:.2f}"), ("efficacy", "efficacy", "{:.3f}"), ("kept", "efficacy_kept", "{:.2f}"),
-    ("general.", "generalization", "{:.3f}"), ("locality", "locality", "{:.3f}"), ("margin", "margin", "{:+.2f}"),
-    ("margin kept", "margin_kept", "{:.2f}"), ("ppl ratio", "ppl_ratio", "{:.3f}"), ("died", "died", "{:.0f}"),
+_TABLE = (  # (column title, metric key, format); "gen": the same measured on the generated answers
+    ("bpw", "bits_per_weight", "{:.2f}"), ("efficacy", "efficacy", "{:.3f}"), ("gen", "efficacy_gen", "{:.3f}"),
+    ("gap", "efficacy_gen_gap", "{:+.3f}"), ("kept", "efficacy_kept", "{:.2f}"),
+    ("general.", "generalization", "{:.3f}"), ("gen", "generalization_gen", "{:.3f}"),
+    ("locality", "locality", "{:.3f}"), ("gen", "locality_gen", "{:.3f}"), ("margin", "margin", "{:+.2f}"),
+    ("m. kept", "margin_kept", "{:.2f}"), ("ppl ratio", "ppl_ratio", "{:.3f}"), ("died", "died", "{:.0f}"),
 )
 _FORGET_TABLE = (
     ("bpw", "bits_per_weight", "{:.2f}"), ("P(answer)", "forget_prob", "{:.4f}"),
@@ -28,18 +30,23 @@ _FORGET_TABLE = (
     ("held-out acc", "heldout_acc", "{:.3f}"), ("held-out chg", "heldout_acc_change", "{:+.3f}"),
     ("ppl ratio", "ppl_ratio", "{:.3f}"),
 )
-_PLOTTED = {"edit": ("efficacy", "generalization", "locality", "margin_kept", "ppl_ratio"),
-            "forget": ("recovery_rate", "forget_prob", "retain_acc", "ppl_ratio")}
+# Plot panels (title, metrics): a second metric is drawn dashed (the generated-answer variant of the first).
+_PLOTTED = {"edit": (("efficacy", ("efficacy", "efficacy_gen")),
+                     ("generalization", ("generalization", "generalization_gen")),
+                     ("locality", ("locality", "locality_gen")), ("margin kept", ("margin_kept",)),
+                     ("ppl ratio", ("ppl_ratio",)),
+                     ("efficacy gap: teacher-forced - generated", ("efficacy_gen_gap",))),
+            "forget": tuple((k, (k,)) for k in ("recovery_rate", "forget_prob", "retain_acc", "ppl_ratio"))}
 _CSV_RUNG = ("rung", "status", "reason", "bits_per_weight", "size_bytes", "efficacy", "efficacy_top1",
-             "efficacy_kept", "generalization", "generalization_top1", "generalization_kept", "locality",
-             "locality_top1", "margin", "margin_change", "margin_kept", "perplexity", "baseline_perplexity",
-             "ppl_ratio", "died")
+             "efficacy_gen", "efficacy_gen_gap", "efficacy_kept", "generalization", "generalization_top1",
+             "generalization_gen", "generalization_kept", "locality", "locality_top1", "locality_gen", "margin",
+             "margin_change", "margin_kept", "perplexity", "baseline_perplexity", "ppl_ratio", "died")
 _CSV_FORGET_RUNG = ("rung", "status", "reason", "bits_per_weight", "size_bytes", "forget_prob", "forget_prob_first",
                     "recovery_rate", "recovery_change", "recovered", "forgotten", "retain_acc", "baseline_retain_acc",
                     "retain_acc_change", "retain_kept", "heldout_acc", "baseline_heldout_acc", "heldout_acc_change",
                     "perplexity", "baseline_perplexity", "ppl_ratio")
-_CSV_CASE = ("rung", "case_id", "subject", "target_new", "efficacy", "efficacy_top1", "generalization",
-             "locality", "margin", "margin_shrink", "died")
+_CSV_CASE = ("rung", "case_id", "subject", "target_new", "efficacy", "efficacy_top1", "efficacy_gen", "generalization",
+             "generalization_gen", "locality", "locality_gen", "margin", "margin_shrink", "died", "continuation")
 _CSV_FORGET_CASE = ("rung", "case_id", "name", "answer", "prob", "prob_first", "known", "recovered")
 
 
@@ -75,13 +82,16 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | None, s
 def table_lines(data: dict[str, Any]) -> list[str]:
     """The terminal table: one line per rung; skipped rungs say why."""
     table = _table(data)
-    head = f"{'rung':<14}" + "".join(f"{title:>12}" for title, _, _ in table)
+    widths = [max(len(title), 6) + 2 for title, _, _ in table]
+    head = f"{'rung':<14}" + "".join(f"{title:>{w}}" for (title, _, _), w in zip(table, widths))
     lines = [head, "-" * len(head)]
     for name, status, metrics, reason in _rows(data):
         if metrics is None:
             lines.append(f"{name:<14}  skipped: {reason}")
             continue
-        lines.append(f"{name:<14}" + "".join(f"{_fmt(metrics.get(k), f):>12}" for _, k, f in table))
+        lines.append(f"{name:<14}" + "".join(f"{_fmt(metrics.get(k), f):>{w}}" for (_, k, f), w in zip(table, widths)))
+    if not _forget(data):
+        lines.append("gen: measured on the greedy generated answers; gap: efficacy - generated efficacy")
     title, flagged = _flagged(data)
     if flagged:
         lines.append(title)
@@ -92,7 +102,9 @@ def table_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _markdown(data: dict[str, Any]) -> str:
+def document(data: dict[str, Any]) -> list[Block]:
+    """The report as blocks, which report.md and report.html render: title, what was measured, the rung table,
+    the plot, then per case the margins (or forget probabilities), the generated answers and the gates."""
     table = _table(data)
     if _forget(data):
         what = f"{data['n_cases']} facts to forget"
@@ -102,32 +114,39 @@ def _markdown(data: dict[str, Any]) -> str:
                 "unedited model at the same rung; *ppl ratio* is the perplexity of a fixed text, edited over unedited.")
     else:
         what = f"{data['n_cases']} edits"
-        note = ("Locality compares with the unedited model at the same rung; *kept* is the share of the full-precision "
-                "value; *margin kept* is the share of the edit's margin change (edited minus unedited) that is left; "
-                "*ppl ratio* is the perplexity of a fixed text, edited over unedited, at the same rung.")
-    out = [f"# qedit survival report: {data['method']} on {Path(data['source']).name}", "",
-           f"{what}, |dW| = {data['delta_norm']:.3f}; source sha256 {data['source_sha256'][:16]}; "
-           + ", ".join(f"{k} {v}" for k, v in data["versions"].items()), "", note, "",
-           "| rung | " + " | ".join(t for t, _, _ in table) + " |", "|---" * (len(table) + 1) + "|"]
+        note = ("Locality compares with the unedited model at the same rung; *gen* is the metric on the left measured "
+                "on the model's greedy generated answer (efficacy: it starts with the new answer; locality: it is the "
+                "unedited model's answer, word for word) and *gap* is efficacy minus generated efficacy; *kept* is "
+                "the share of the full-precision value; *m. kept* is the share of the edit's margin change (edited "
+                "minus unedited) that is left; *ppl ratio* is the perplexity of a fixed text, edited over unedited, "
+                "at the same rung.")
+    rows = []
     for name, _status, metrics, reason in _rows(data):
-        if metrics is None:
-            out.append(f"| {name} | skipped: {reason} |" + " |" * (len(table) - 1))
-        else:
-            out.append(f"| {name} | " + " | ".join(_fmt(metrics.get(k), f) for _, k, f in table) + " |")
+        rows.append([name, f"skipped: {reason}"] if metrics is None
+                    else [name] + [_fmt(metrics.get(k), f) for _, k, f in table])
+    out: list[Block] = [
+        ("h1", f"qedit survival report: {data['method']} on {Path(data['source']).name}"),
+        ("p", f"{what}, |dW| = {data['delta_norm']:.3f}; source sha256 {data['source_sha256'][:16]}; "
+              + ", ".join(f"{k} {v}" for k, v in data["versions"].items())),
+        ("p", note), ("table", ["rung"] + [t for t, _, _ in table], rows)]
     on_rung = [f"{r['name']} (|dW| = {r['delta_norm']:.3f})" for r in data["rungs"]
                if r.get("computed_on") == "rung" and r["status"] == "ok" and r.get("delta_norm") is not None]
     if on_rung:
-        out += ["", "Quantization-aware: at " + ", ".join(on_rung) + " the edit was computed on the rung's unedited "
-                "file and patched onto it edit-aware; the other rungs measure the full-precision edit."]
+        out.append(("p", "Quantization-aware: at " + ", ".join(on_rung) + " the edit was computed on the rung's "
+                         "unedited file and patched onto it edit-aware; the other rungs measure the full-precision "
+                         "edit."))
+    out.append(("plot", "survival.png"))
     rung_names = [r["name"] for r in data["rungs"] if r["status"] == "ok"]
     out += _case_section(data, rung_names)
+    if not _forget(data):
+        out += _answer_section(data, rung_names)
     if data.get("gates"):
-        out += ["", "## Gates", ""] + [f"- {g['requirement']}: {'PASS' if g['passed'] else 'FAIL'} "
-                                       f"(measured {_fmt(g['actual'], '{:.3f}')}) {g['reason']}" for g in data["gates"]]
-    return "\n".join(out) + "\n"
+        out += [("h2", "Gates"), ("list", [f"{g['requirement']}: {'PASS' if g['passed'] else 'FAIL'} (measured "
+                                           f"{_fmt(g['actual'], '{:.3f}')}) {g['reason']}" for g in data["gates"]])]
+    return out
 
 
-def _case_section(data: dict[str, Any], rung_names: list[str]) -> list[str]:
+def _case_section(data: dict[str, Any], rung_names: list[str]) -> list[Block]:
     forget = _forget(data)
     if forget:
         title, key, fmt, flag, label = ("P(answer) per fact; x = forgotten at fp32 and back at that rung",
@@ -135,15 +154,53 @@ def _case_section(data: dict[str, Any], rung_names: list[str]) -> list[str]:
     else:
         title, key, fmt, flag, label = ("margin log P(new) - log P(true) (nats); x = the edit died there",
                                         "margin", "{:+.2f}", "died", "subject")
-    out = ["", f"## Per case: {title}", "",
-           f"| case | {label} | fp32 | " + " | ".join(rung_names) + " |", "|---" * (len(rung_names) + 3) + "|"]
-    for c in data["cases"]:
+    rows = []
+    for i, c in enumerate(data["cases"], 1):
         cells = []
         for name in rung_names:
             v = c["rungs"].get(name, {})
             cells.append(_fmt(v.get(key), fmt) + (" x" if v.get(flag) else ""))
-        out.append(f"| {c['case_id'] or '-'} | {c[label]} | {_fmt(c['fp32'][key], fmt)} | " + " | ".join(cells) + " |")
-    return out
+        rows.append([c["case_id"] or f"#{i}", c[label], _fmt(c["fp32"][key], fmt)] + cells)
+    return [("h2", f"Per case: {title}"), ("table", ["case", label, "fp32"] + rung_names, rows)]
+
+
+def _answer_section(data: dict[str, Any], rung_names: list[str]) -> list[Block]:
+    """What the edited model generates after each edit prompt, at full precision and at every rung."""
+    def said(v: dict[str, Any]) -> str:
+        text = v.get("continuation")
+        if text is None:
+            return "-"
+        return f"“{text.strip()}”" + ("\u00a0✓" if v.get("efficacy_gen") else "")   # a no-break space
+
+    if not any(c["fp32"].get("continuation") is not None for c in data["cases"]):
+        return []
+    rows = [[c["case_id"] or f"#{i}", c["subject"], c["target_new"], said(c["fp32"])]
+            + [said(c["rungs"].get(name, {})) for name in rung_names] for i, c in enumerate(data["cases"], 1)]
+    return [("h2", "Per case: the generated answer to the edit prompt (greedy); ✓ = it starts with the new answer"),
+            ("table", ["case", "subject", "new answer", "fp32"] + rung_names, rows)]
+
+
+def _markdown(data: dict[str, Any], has_plot: bool = False) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ⏎ ")
+
+    out: list[str] = []
+    for block in document(data):
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            out += ["#" * int(kind[1]) + " " + block[1], ""]
+        elif kind == "p":
+            out += [block[1], ""]
+        elif kind == "list":
+            out += [f"- {item}" for item in block[1]] + [""]
+        elif kind == "plot" and has_plot:
+            out += [f"![metrics against bits per weight]({block[1]})", ""]
+        elif kind == "table":
+            header, rows = block[1], block[2]
+            out += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+            out += ["| " + " | ".join(cell(c) for c in row) + " |" + " |" * (len(header) - len(row)) for row in rows]
+            out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 def _csv_text(header: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
@@ -175,7 +232,8 @@ def _case_csv(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], path: Path) -> bool:
-    """survival.png: each metric against bits per weight. False (and a log line) without matplotlib."""
+    """survival.png: each metric against bits per weight (generated-answer metrics dashed beside their
+    teacher-forced ones), three panels a row. False (and a log line) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -184,50 +242,36 @@ def plot(data: dict[str, Any], path: Path) -> bool:
         log.warning("matplotlib is not installed (pip install 'qedit[plot]'): no survival plot")
         return False
     rungs = [r for r in data["rungs"] if r["status"] == "ok" and r["bits_per_weight"]]
-    plotted = _PLOTTED["forget" if _forget(data) else "edit"]
-    fig, axes = plt.subplots(1, len(plotted), figsize=(4 * len(plotted), 3.6))
-    for ax, key in zip(axes, plotted):
-        for kind, marker in (("gguf", "o-"), ("gguf-lora", "s"), ("gptq", "^-"), ("bitsandbytes", "D-")):
-            pts = sorted((r["bits_per_weight"], r["metrics"][key], r["name"]) for r in rungs
-                         if r["kind"] == kind and r["metrics"].get(key) is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=kind)
-                for x, y, name in pts:
-                    ax.annotate(name, (x, y), fontsize=7, xytext=(2, 3), textcoords="offset points")
-        ref = data["full_precision"]["metrics"].get(key)
-        if ref is not None and key not in ("margin_kept",):
-            ax.axhline(ref, color="gray", linestyle="--", linewidth=1, label="fp32")
+    panels = _PLOTTED["forget" if _forget(data) else "edit"]
+    cols = 3
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key, style in zip(keys, ("-", "--")):
+            suffix = ", generated" if style == "--" else ""
+            for kind, marker in (("gguf", "o"), ("gguf-lora", "s"), ("gptq", "^"), ("bitsandbytes", "D")):
+                pts = sorted((r["bits_per_weight"], r["metrics"][key], r["name"]) for r in rungs
+                             if r["kind"] == kind and r["metrics"].get(key) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + (style if kind != "gguf-lora" else ""),
+                            label=kind + suffix)
+                    for i, (x, y, name) in enumerate(pts):   # neighbours' names alternate above and below
+                        ax.annotate(name, (x, y), fontsize=7, xytext=(2, 3 if i % 2 else -9), textcoords="offset points")
+            ref = data["full_precision"]["metrics"].get(key)
+            if ref is not None and key != "margin_kept":
+                ax.axhline(ref, color="gray", linestyle=":" if style == "--" else "--", linewidth=1,
+                           label="fp32" + suffix)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.set_xlabel("bits per weight")
-        ax.set_title(key)
+        ax.set_title(title, fontsize=10)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return True
-
-
-def _html(data: dict[str, Any], has_plot: bool) -> str:
-    import re
-
-    body = []
-    for line in _markdown(data).splitlines():
-        if line.startswith("|---"):
-            continue
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    text = "\n".join(body)
-    text = re.sub(r"((?:<tr>.*</tr>\n?)+)", r"<table border='1' cellspacing='0' cellpadding='3'>\n\1</table>\n", text)
-    img = "<p><img src='survival.png' alt='metrics against bits per weight'></p>" if has_plot else ""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>qedit survival</title></head>"
-            f"<body>{img}\n{text}</body></html>\n")
 
 
 def write_reports(out_dir: Path, data: dict[str, Any]) -> list[Path]:
@@ -241,8 +285,8 @@ def write_reports(out_dir: Path, data: dict[str, Any]) -> list[Path]:
         "survival.json": json.dumps(data, indent=2, default=str),
         "survival.csv": _rung_csv(data),
         "cases.csv": _case_csv(data),
-        "report.md": _markdown(data),
-        "report.html": _html(data, has_plot),
+        "report.md": _markdown(data, has_plot),
+        "report.html": render_html(document(data), has_plot),
     }
     for name, text in files.items():
         with atomic_path(out_dir / name) as tmp:

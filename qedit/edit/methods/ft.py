@@ -5,14 +5,14 @@ clamped to |dW_ij| <= linf (the norm constraint of FT-L), then projected to low 
 Training stops once the mean NLL of the target tokens is below stop_nll.
 
 Two optional retain terms keep unrelated text where it was (both off by default; see
-benchmarks/RESULTS.md for what each costs and buys on Gemma 3 270M):
+benchmarks/RESULTS.md, "Editing in full precision", for what each costs and buys on Gemma 3 270M):
 - `key_weight`: the relative change of the layer's output on ordinary keys,
   E||dW k||^2 / E||W k||^2 = tr(dW C dW^T) / tr(W C W^T), C = E[k k^T] the cached key statistics
   (MEMIT's preservation term as a penalty; one (out, in) x (in, in) product per step). With Adam it
   barely binds (Adam's first steps move every entry by lr whatever the gradient's size); with
   optimizer="normalized" (steps of Frobenius norm lr along the gradient) it does, slowly.
 - `retain_weight`: the KL to the unedited model at every 6th position of `n_retain` corpus
-  snippets; it runs the model over the snippets at every step (about 10x the cost of an edit).
+  snippets; it runs the model over the snippets at every step, which makes an edit many times slower.
 """
 from __future__ import annotations
 

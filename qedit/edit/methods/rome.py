@@ -33,14 +33,14 @@ from qedit.edit.targets import optimize_targets
 @dataclass(frozen=True)
 class RomeConfig(MethodConfig):
     # A gentler target than ROME's paper settings (stop at P(new) ~ 0.74, tighter norm bound, more KL):
-    # on Gemma 3 270M it halves |dW| and keeps efficacy, with better locality and generalization.
+    # on Gemma 3 270M it makes a smaller |dW| at the same efficacy, with better locality
+    # (benchmarks/RESULTS.md, "Editing in full precision").
     target: TargetConfig = field(default_factory=lambda: TargetConfig(stop_nll=0.3, clamp_norm=2.0, kl_factor=0.25))
     cov_ridge: float = 0.0      # shrink C towards mean(diag C) * I before C^-1 k (see linalg.shrink)
     # Minimal strength: scale each edit down to the smallest factor at which the new target still leads the
     # true answer and every other token by this many nats over the prompt and its context prefixes (None:
-    # full strength). On Gemma 3 270M, CounterFact-dev 0-39, torch float32: at 2 nats |dW| 2.01, locality
-    # 0.900, generalization 0.825, top-1 0.975; at 5 nats |dW| 3.28, locality 0.825, generalization 0.900,
-    # top-1 1.0; efficacy 1.0 at both (benchmarks/RESULTS.md).
+    # full strength). A smaller margin means a smaller |dW| and better locality at the same efficacy, at some
+    # cost in generalization (benchmarks/RESULTS.md, "Editing in full precision", ROME at minimal strength).
     target_margin: float | None = 2.0
     max_scale: float = 1.0      # when the full edit stays below target_margin, scale it up at most this much
 

@@ -33,7 +33,8 @@ from qedit.unlearn.requests import ForgetRequest
 @dataclass(frozen=True)
 class NpoConfig(UnlearnConfig):
     # The utility-constrained baseline of the literature: small steps, stopped as soon as every fact is
-    # forgotten at full precision (measured on 100 Gemma facts: 97-100 come back at Q4_K_M, RESULTS.md).
+    # forgotten at full precision; on Gemma nearly every fact comes back at Q4_K_M (benchmarks/RESULTS.md,
+    # "Unlearning").
     steps: int = 60
     lr: float = 1e-5
     beta: float = 0.1

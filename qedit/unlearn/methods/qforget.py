@@ -1,4 +1,4 @@
-"""qforget: unlearning that survives requantization to the source type and to Q4_0 (qedit issue 7).
+"""qforget: unlearning that survives requantization to the source type and to Q4_0.
 
 GA and NPO stop at tiny updates, which requantizing W0 + dW to W0's grid rounds away: the facts come
 back. qforget changes three things, and needs no llama.cpp (qedit's kernels are llama.cpp-exact):
@@ -22,12 +22,10 @@ back. qforget changes three things, and needs no llama.cpp (qedit's kernels are 
 
 The retain term (KL to the unedited model at the retain answers, weight `retain_kl`) keeps working for
 `polish` steps after every view forgets, and the result is the last update at which every view did.
-Measured with these defaults on Gemma 3 270M in torch (20 known CounterFact-dev facts; retain set: their
-locality prompts + 40 other known facts; edited tensors requantized with qedit's kernels): recovery 0.00
-at fp32, at the source types (Q6_K/Q4_K) and at Q4_0; retain-set accuracy equal to the unedited model's
-at each (1.00 / 1.00 / 0.90 at Q4_0, where the unedited model has 0.90); 37 never-seen known facts:
-0.81 / 0.81 / 0.78 kept (GA/NPO: 0.62 at fp32, 0.16 at Q4_0). With the locality prompts alone as
-retain set, never-seen facts kept: 0.62.
+On Gemma 3 270M no fact comes back at the source types or at Q4_0. With other known facts in the retain
+set besides the locality prompts, retain accuracy stays at the unedited model's and never-seen facts are
+kept better than by GA and NPO; with the locality prompts alone, pushing each answer below its
+competitors drags down the retain prompts that share it (benchmarks/RESULTS.md, "Unlearning").
 """
 from __future__ import annotations
 
