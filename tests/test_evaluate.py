@@ -102,7 +102,7 @@ def test_metrics_per_case_and_aggregate():
     assert agg == pytest.approx({"efficacy": 0.5, "efficacy_top1": 1 / 3, "generalization": 0.5,
                                  "generalization_top1": 0.5, "locality": 2 / 3, "locality_top1": 0.5,
                                  "margin": 1.0, "n_cases": 3.0, "efficacy_gen": 0.0, "generalization_gen": 0.0,
-                                 "locality_gen": 1.0})
+                                 "locality_gen": 1.0, "chat_efficacy_gen": None, "chat_generalization_gen": None})
 
 
 def test_locality_needs_a_baseline_of_the_same_requests():

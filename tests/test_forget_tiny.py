@@ -358,3 +358,17 @@ def test_unlearning_configs_are_validated(method, bad):
 
     with pytest.raises(QeditError):
         make_config(method, **bad)
+
+
+def test_qforget_skips_the_source_view_of_a_model_not_loaded_from_gguf(tiny_dirs, caplog):
+    from qedit.converters.loading import load_model
+    from qedit.edit.registry import EditContext
+    from qedit.pipeline.jobs import make_config
+    from qedit.unlearn.registry import get_unlearn_method
+
+    loaded = load_model(tiny_dirs["llama"])
+    settings = {**TINY_SETTINGS["qforget"], "quant_types": ("source", "Q4_0"), "steps": 2}
+    with caplog.at_level("WARNING"):
+        result = get_unlearn_method("qforget").compute(loaded, tiny_requests(loaded),
+                                                       make_config("qforget", **settings), EditContext())
+    assert result.info["views"] == ["fp32", "Q4_0"] and "no 'source' type" in caplog.text

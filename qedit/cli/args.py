@@ -12,6 +12,7 @@ from typing import Any
 
 from qedit.converters.ollama import OllamaModel, as_source
 from qedit.core.errors import QeditError
+from qedit.core.memory import MemoryBudget
 from qedit.core.stats import StatsConfig
 from qedit.edit.registry import EDIT_METHODS, MethodConfig
 from qedit.kernels.gptq import GPTQConfig
@@ -39,6 +40,35 @@ def resolve_model(path: Path | None, notify: Callable[[str], None] = print) -> t
     if model is not None:
         notify(f"{path}: {model.gguf} ({model.gguf.stat().st_size:,} bytes, in Ollama's store {model.store})")
     return source, model
+
+
+MEMORY_HELP = ("the most memory qedit may use, e.g. 10GiB or 12GB (default: the available memory less max(2 GiB, 10%%) "
+               "for the OS). A GGUF model whose float32 weights do not fit is edited layer by layer from the file; a "
+               "budget too small even for that is refused at the start, saying by how much")
+
+
+def add_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", default=None, metavar="SIZE", help=MEMORY_HELP)
+
+
+def budget_from(args: argparse.Namespace) -> MemoryBudget:
+    """--max-memory as a MemoryBudget (the machine's default when not given)."""
+    try:
+        return MemoryBudget.resolve(args.max_memory)
+    except QeditError as exc:
+        raise QeditError(f"--max-memory: {exc}") from None
+
+
+CHAT_HELP = ("ask each fact as a one-turn chat with the model's chat template, as the runtime applies it (llama.cpp: "
+             "llama-cpp-python's chat completion; torch: the tokenizer's apply_chat_template), the fact's chat_prompt "
+             "(or else its prompt) the user turn, and report chat_efficacy_gen: the greedy reply starts with the new "
+             "answer (chat_generalization_gen on chat_rephrase_prompt). A model without a chat template is refused")
+
+
+def add_chat_arg(p: argparse.ArgumentParser, edits: bool = False) -> None:
+    p.add_argument("--chat", action="store_true",
+                   help=CHAT_HELP + ("; the edit itself is computed on that chat text (the subject must occur in "
+                                     "the chat prompt)" if edits else ""))
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qedit.cli.args import add_method_args, add_model_args, add_output_args, method_from, output_from, resolve_model
+from qedit.cli.args import (
+    add_chat_arg,
+    add_memory_arg,
+    add_method_args,
+    add_model_args,
+    add_output_args,
+    budget_from,
+    method_from,
+    output_from,
+    resolve_model,
+)
 from qedit.cli.cache import evict_after_run
 from qedit.converters.gptq.checkpoint import is_gptq_checkpoint
 from qedit.converters.loading import load_model
@@ -35,8 +45,10 @@ def add_parsers(sub: Any) -> None:
     add_model_args(p)
     add_method_args(p, unlearn=None)
     add_output_args(p)
+    add_memory_arg(p)
     p.add_argument("--eval", action="store_true", help="measure the metrics before and after and print them")
     p.add_argument("--json", type=Path, default=None, help="with --eval: write the metrics after the edit as JSON")
+    add_chat_arg(p, edits=True)
     p.set_defaults(run=cmd_edit)
 
     p = sub.add_parser("eval", help="measure efficacy, generalization and locality on a model",
@@ -47,6 +59,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--baseline", type=Path, default=None,
                    help="the unedited model, for locality (a path or ollama:NAME[:TAG])")
     p.add_argument("--json", type=Path, default=None, help="write aggregate and per-case metrics as JSON")
+    add_chat_arg(p)
     p.set_defaults(run=cmd_eval)
 
 
@@ -73,7 +86,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.json is not None and args.json.resolve() == args.output.resolve():
         raise QeditError(f"{args.json}: --json and --output are the same path; give the metrics a file name of their own")
     job = EditJob(args.model, requests, method_from(args), output_from(args), device=args.device, evaluate=args.eval,
-                  ollama=ollama)
+                  ollama=ollama, max_memory=budget_from(args), chat=args.chat)
     run = run_edit(job, notify=print, inputs=[args.facts])
     print_run(run, "edited")
     if run.measured is not None:
@@ -105,17 +118,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.baseline, _ = resolve_model(args.baseline)
     requests = load_requests(args.facts, args.limit)
     check_json_path(args.json, args.model, args.facts, *([args.baseline] if args.baseline else []))
+    loaded = None
     if is_gguf_file(args.model):
         runner: Runner = LlamaCppRunner(args.model)
-        baseline = _baseline(args, requests)
     elif args.model.is_dir() and is_gptq_checkpoint(args.model):
         runner = gptq_runner(args.model)  # GPTQModel when installed, else qedit's dequantizing runner (it says so)
-        baseline = _baseline(args, requests)
     else:
         loaded = load_model(args.model, device=args.device)
-        baseline = _baseline(args, requests, loaded)
         runner = TorchRunner(loaded)
-    report = evaluate(runner, requests, baseline=baseline)
+    if args.chat:
+        runner.chat([])   # a model without a chat template is refused before anything is measured
+    baseline = _baseline(args, requests, loaded)
+    report = evaluate(runner, requests, baseline=baseline, chat=args.chat)
     print(f"runner: {runner.name}")
     print(format_summary(str(args.model), report))
     if args.json:

@@ -7,7 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qedit.cli.args import MODEL_HELP, add_method_args, add_output_args, method_from, output_from, resolve_model
+from qedit.cli.args import (
+    MODEL_HELP,
+    add_memory_arg,
+    add_method_args,
+    add_output_args,
+    budget_from,
+    method_from,
+    output_from,
+    resolve_model,
+)
 from qedit.cli.edit import check_json_path, finish_run, print_run
 from qedit.core.errors import QeditError
 from qedit.core.files import atomic_path
@@ -47,6 +56,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="torch device for full-precision work (default: cpu)")
     add_method_args(p, default="kforget", unlearn=None)
     add_output_args(p)
+    add_memory_arg(p)
     p.add_argument("--eval", action="store_true", help="measure the forget score before and after, and print it")
     p.add_argument("--json", type=Path, default=None, help="write the measurements as JSON")
     p.add_argument("--require", action="append", default=[], metavar="RUNG:METRIC<=VALUE",
@@ -66,7 +76,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     retain = scored_retain(requests, extra, args.heldout)
     measure = args.eval or bool(requirements) or args.json is not None
     job = EditJob(args.model, requests, method_from(args, retain=tuple(extra)), output_from(args),
-                  device=args.device, evaluate=measure, ollama=ollama)
+                  device=args.device, evaluate=measure, ollama=ollama, max_memory=budget_from(args))
     run = run_edit(job, notify=print, inputs=inputs, retain=retain, requirements=requirements)
     print_run(run, "unlearned")
     if run.forget is not None:

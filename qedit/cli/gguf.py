@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qedit.cli.args import resolve_model, tensor_types
+from qedit.cli.args import add_memory_arg, budget_from, resolve_model, tensor_types
 from qedit.converters.gguf.patch import inspect_lines
 from qedit.converters.ollama import refuse_store_output
 from qedit.core.errors import QeditError
@@ -31,6 +31,7 @@ def add_parsers(sub: Any) -> None:
                    help="a GGUF of the same model whose tokenizer metadata is copied unchanged")
     p.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
                    help="override the mix for matching tensors, e.g. 'blk.*.ffn_down.weight=Q6_K' (repeatable)")
+    add_memory_arg(p)
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("inspect", help="show the qedit manifests and tensor types of a .gguf file",
@@ -54,7 +55,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     ftype_from_name(args.quant)
     rules = tensor_types(args.tensor_type)
     check_tensor_types(rules)
-    print("\n".join(export(args.model, args.output, args.quant, rules, template=args.template).lines))
+    print("\n".join(export(args.model, args.output, args.quant, rules, template=args.template,
+                           budget=budget_from(args)).lines))
     modelfile = write_modelfile(args.output, args.model, ollama, inputs=[args.template] if args.template else [])
     print("\n".join(modelfile.lines + [modelfile.command]))
     return 0

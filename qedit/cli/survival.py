@@ -6,15 +6,25 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qedit.cli.args import add_method_args, add_model_args, method_from, resolve_model
+from qedit.cli.args import (
+    add_chat_arg,
+    add_memory_arg,
+    add_method_args,
+    add_model_args,
+    budget_from,
+    method_from,
+    resolve_model,
+)
 from qedit.cli.cache import evict_after_run
-from qedit.converters.loading import load_model
+from qedit.converters.loading import read_header
 from qedit.converters.ollama import refuse_store_output
 from qedit.core.errors import QeditError
 from qedit.core.facts import load_requests
 from qedit.core.files import refuse_same_file
 from qedit.edit.compute import saved_outcome
 from qedit.evaluation.gate import check_requirements, parse_requirement
+from qedit.pipeline.budget import check_requests, load_within
+from qedit.pipeline.chat import chat_requests
 from qedit.survival.ladder import run_survival
 from qedit.survival.measure import SurvivalConfig, SurvivalJob
 from qedit.survival.metrics import all_rung_metrics, to_json
@@ -51,6 +61,7 @@ def add_parsers(sub: Any) -> None:
                "every --require holds, 1 when one falls short, 2 on bad input.")
     add_model_args(p)
     add_method_args(p, unlearn=None)
+    add_memory_arg(p)
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="report directory (new, empty, or an earlier survival report to update)")
     p.add_argument("--ladder", default=DEFAULT_LADDER,
@@ -83,6 +94,7 @@ def add_parsers(sub: Any) -> None:
                    help="the llama.cpp check of each GGUF rung, as `edit` runs it (default: 1.0)")
     p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
                    help="skip the llama.cpp check of each GGUF rung's edited file")
+    add_chat_arg(p, edits=True)
     p.set_defaults(run=cmd_survival)
 
 
@@ -104,6 +116,8 @@ def check_report_dir(out: Path, *inputs: Path) -> None:
 def cmd_survival(args: argparse.Namespace) -> int:
     args.model, _ = resolve_model(args.model)
     forget = args.method in UNLEARN_METHODS
+    if args.chat and forget:
+        raise QeditError("--chat asks edited facts as chats; unlearning methods have no chat metrics")
     if (args.retain is not None or args.heldout is not None) and not forget:
         raise QeditError("--retain and --heldout apply to unlearning methods (ga, npo, qforget, kforget)")
     retain = None
@@ -126,11 +140,17 @@ def cmd_survival(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise QeditError(f"--gptq-group-size/--threads: {exc}") from None
     refuse_store_output(cfg.artifacts)
-    loaded = load_model(args.model, device=args.device)
+    budget = budget_from(args)
+    header = read_header(args.model)
+    check_requests(method, requests, header, budget)
+    if args.chat:   # the chat template, and each fact's subject in its chat question, before the model is loaded
+        chat_requests(header.tokenizer, str(args.model), requests)
+    loaded = load_within(args.model, method, requests, args.device, budget, header)
     outcome = None
     if args.from_deltas is not None:
         outcome = saved_outcome(args.from_deltas, requests, method.resolved_config(), loaded)
-    job = SurvivalJob(args.model, requests, method, naive=args.naive, outcome=outcome, retain=retain, device=args.device)
+    job = SurvivalJob(args.model, requests, method, naive=args.naive, outcome=outcome, retain=retain, device=args.device,
+                      max_memory=budget, chat=args.chat)
     result = run_survival(job, cfg, loaded)
     gates = check_requirements(requirements, all_rung_metrics(result))
     gate_json = [{"requirement": str(g.requirement), "actual": g.actual, "passed": g.passed, "reason": g.reason}

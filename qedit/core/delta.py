@@ -19,6 +19,7 @@ from qedit.core import linalg
 from qedit.core.arch import Orientation
 from qedit.core.errors import QeditError
 from qedit.core.files import atomic_path
+from qedit.core.streaming import streamer_of
 
 DELTAS_FILE = "qedit_deltas.safetensors"
 MANIFEST_FILE = "qedit_manifest.json"
@@ -104,27 +105,33 @@ def applied(model: torch.nn.Module, deltas: Sequence[LowRankDelta]) -> Iterator[
     bit for bit. The one place in qedit that changes weights.
 
     Every delta is checked before any weight changes, so a bad one leaves the model as it was. Only the
-    edited weights are copied (one copy each, however many deltas target them)."""
+    edited weights are copied (one copy each, however many deltas target them). A streamed weight
+    (qedit.core.streaming) is pinned for the block and dropped after it: its stored value is the original."""
     params = dict(model.named_parameters())
+    streamer = streamer_of(model)
     changes = []
     for d in deltas:
         if d.name not in params:
             raise QeditError(f"delta targets {d.name!r}, which this model does not have")
-        w = params[d.name]
         change = d.stored_dense()
-        if tuple(change.shape) != tuple(w.shape):
-            raise QeditError(f"delta for {d.name} has shape {tuple(change.shape)}, weight is {tuple(w.shape)}")
-        changes.append((d.name, w, change))
-    saved = {name: w.detach().clone() for name, w, _ in changes}
+        if tuple(change.shape) != tuple(params[d.name].shape):
+            raise QeditError(f"delta for {d.name} has shape {tuple(change.shape)}, weight is {tuple(params[d.name].shape)}")
+        changes.append((d.name, change))
+    streamed = {name for name, _ in changes if streamer is not None and streamer.streams(name)}
+    pinned_here = {name for name in streamed if name not in streamer.pins} if streamer is not None else set()
+    weights = {name: streamer.pin(name) if name in streamed else params[name] for name, _ in changes}
+    saved = {name: w.detach().clone() for name, w in weights.items() if name not in pinned_here}
     try:
         with torch.no_grad():
-            for _, w, change in changes:
-                w.add_(change.to(device=w.device, dtype=w.dtype))
+            for name, change in changes:
+                weights[name].add_(change.to(device=weights[name].device, dtype=weights[name].dtype))
         yield model
     finally:
         with torch.no_grad():
             for name, original in saved.items():
-                params[name].copy_(original)
+                weights[name].copy_(original)
+        for name in pinned_here:
+            streamer.unpin(name)
 
 
 def save_deltas(directory: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any],

@@ -7,13 +7,18 @@ Accepted line layouts (one JSON object per line, blank lines ignored):
 - the plain form: ``{"prompt", "subject", "target"}`` (``target`` is the new answer);
 - the original CounterFact form: ``{"requested_rewrite": {"prompt": "{} ...", "subject",
   "target_new": {"str"}, "target_true": {"str"}}, "paraphrase_prompts", "neighborhood_prompts"}``.
+
+Any layout may add ``chat_prompt``: the fact asked as a chat user would ask it ("Where is the Eiffel Tower
+located?"), and ``chat_rephrase_prompt`` (one or a list): paraphrases of that question. `--chat` puts each in a
+one-turn chat with the model's template; a fact without a ``chat_prompt`` is asked its ``prompt`` as the user turn.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from qedit.core.errors import QeditError
 
@@ -32,6 +37,9 @@ class EditRequest:
     locality_prompts: tuple[str, ...] = ()
     locality_answers: tuple[str, ...] = ()
     case_id: str | None = None
+    chat_prompt: str | None = None                  # the question a chat user asks (None: the prompt is asked)
+    chat_rephrase_prompts: tuple[str, ...] = ()      # paraphrases of that question
+    origin: str | None = field(default=None, compare=False, repr=False)   # "facts.jsonl:3": where it was read
 
     def __post_init__(self) -> None:
         if not self.subject.strip():
@@ -46,13 +54,30 @@ class EditRequest:
             raise ValueError("a locality answer is empty")
         if len(self.locality_prompts) != len(self.locality_answers):
             raise ValueError("locality_prompts and locality_answers differ in length")
+        if self.chat_prompt is not None and not self.chat_prompt.strip():
+            raise ValueError("chat_prompt is empty; give the question or leave the field out")
+        if any(not p.strip() for p in self.chat_rephrase_prompts):
+            raise ValueError("a chat_rephrase_prompt is empty")
+
+    @property
+    def chat_question(self) -> str:
+        """The user turn of this fact's one-turn chat: its chat_prompt, or else its prompt."""
+        return self.chat_prompt if self.chat_prompt is not None else self.prompt
+
+    def input_texts(self) -> list[tuple[str, str]]:
+        """(field, text) of every text a model runs the request on: its prompt, paraphrases, locality prompts."""
+        return ([("prompt", self.prompt)] + [("rephrase_prompt", p) for p in self.rephrase_prompts]
+                + [("locality_prompt", p) for p in self.locality_prompts]
+                + ([("chat_prompt", self.chat_prompt)] if self.chat_prompt is not None else [])
+                + [("chat_rephrase_prompt", p) for p in self.chat_rephrase_prompts])
 
     def to_json(self) -> dict[str, Any]:
         """The request in the CounterFact/zsRE layout that `load_requests` reads back."""
         out: dict[str, Any] = {"prompt": self.prompt, "subject": self.subject, "target_new": self.target_new}
         optional = {"ground_truth": self.ground_truth, "rephrase_prompt": list(self.rephrase_prompts),
                     "locality_prompt": list(self.locality_prompts),
-                    "locality_ground_truth": list(self.locality_answers), "case_id": self.case_id}
+                    "locality_ground_truth": list(self.locality_answers), "case_id": self.case_id,
+                    "chat_prompt": self.chat_prompt, "chat_rephrase_prompt": list(self.chat_rephrase_prompts)}
         out.update({k: v for k, v in optional.items() if v not in (None, [])})
         return out
 
@@ -97,7 +122,7 @@ def request_from_dict(obj: dict[str, Any]) -> EditRequest:
             prompt=template.replace("{}", subject), subject=subject,
             target_new=str_field(rw["target_new"], "str", True), ground_truth=str_field(rw.get("target_true", {}), "str", False),
             rephrase_prompts=as_tuple(obj.get("paraphrase_prompts"), "paraphrase_prompts"),
-            case_id=None if obj.get("case_id") is None else str(obj["case_id"]),
+            case_id=None if obj.get("case_id") is None else str(obj["case_id"]), **_chat_fields(obj),
         )
     target = obj.get("target_new", obj.get("target"))
     if target is None:
@@ -112,8 +137,14 @@ def request_from_dict(obj: dict[str, Any]) -> EditRequest:
         ground_truth=str_field(obj, "ground_truth", False),
         rephrase_prompts=as_tuple(obj.get("rephrase_prompt"), "rephrase_prompt"),
         locality_prompts=loc_prompts, locality_answers=loc_answers,
-        case_id=None if obj.get("case_id") is None else str(obj["case_id"]),
+        case_id=None if obj.get("case_id") is None else str(obj["case_id"]), **_chat_fields(obj),
     )
+
+
+def _chat_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The optional chat fields of any layout: chat_prompt (a string) and chat_rephrase_prompt (one or a list)."""
+    return {"chat_prompt": str_field(obj, "chat_prompt", False),
+            "chat_rephrase_prompts": as_tuple(obj.get("chat_rephrase_prompt"), "chat_rephrase_prompt")}
 
 
 def parse_jsonl(lines: Iterable[str], source: str, convert: Callable[[Any], T]) -> list[T]:
@@ -127,9 +158,12 @@ def parse_jsonl(lines: Iterable[str], source: str, convert: Callable[[Any], T]) 
         except json.JSONDecodeError as exc:
             raise QeditError(f"{source}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
         try:
-            out.append(convert(obj))
+            item = convert(obj)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise QeditError(f"{source}:{lineno}: {exc}") from exc
+        if dataclasses.is_dataclass(item) and any(f.name == "origin" for f in dataclasses.fields(item)):
+            item = dataclasses.replace(item, origin=f"{source}:{lineno}")  # type: ignore[type-var]
+        out.append(item)
     return out
 
 
@@ -138,6 +172,27 @@ def parse_lines(lines: Iterable[str], source: str) -> list[EditRequest]:
     if not requests:
         raise QeditError(f"{source}: no facts found; expected one JSON object per line")
     return requests
+
+
+class HasTexts(Protocol):
+    origin: str | None
+
+    def input_texts(self) -> list[tuple[str, str]]: ...
+
+
+def check_text_lengths(requests: Sequence[HasTexts], count: Callable[[str], int], limit: int, why: str) -> None:
+    """A QeditError naming the first request (its file and line) with a text longer than `limit` tokens; `why`
+    says what sets the limit. Texts are bounded by their UTF-8 bytes first (a token covers at least one byte, BOS
+    and EOS aside), so only a text that might not fit is tokenized."""
+    for number, request in enumerate(requests, start=1):
+        for key, text in request.input_texts():
+            if len(text.encode("utf-8")) + 2 <= limit:
+                continue
+            n = count(text)
+            if n > limit:
+                where = request.origin or f"fact {number}"
+                raise QeditError(f"{where}: the {key} is {n:,} tokens ({len(text):,} characters), over the limit of "
+                                 f"{limit:,} tokens: {why}; shorten it or leave the line out")
 
 
 def load_requests(path: str | Path, limit: int | None = None) -> list[EditRequest]:

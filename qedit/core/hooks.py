@@ -1,10 +1,14 @@
 """All forward hooks live here (the nethook pattern): record a module's input or output, or edit
 its output during a forward pass. Algorithms get tensors back, never modules, and no hook
-outlives its `with` block, so the model is never changed by capturing or injecting."""
+outlives its `with` block, so the model is never changed by capturing or injecting.
+
+One kind is permanent: `wrap_forward`, with which a model's own machinery (`qedit.core.streaming`: weights
+decoded while a layer runs) wraps a module's forward for the model's lifetime."""
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -93,3 +97,9 @@ def add_at_positions(vectors: torch.Tensor, rows: torch.Tensor, cols: torch.Tens
         return out
 
     return fn
+
+
+def wrap_forward(module: nn.Module, wrapper: Callable[..., Any]) -> None:
+    """From now on, `module(...)` runs wrapper(original_forward, *args, **kwargs) in place of its forward. The
+    module's forward hooks still run around it (a `record` or `stop_after` sees the wrapped call's output)."""
+    module.forward = functools.partial(wrapper, module.forward)  # type: ignore[method-assign]

@@ -1,10 +1,15 @@
-"""Shared edit math: regularised solves, null-space projectors, SVD truncation.
+"""Shared edit math: regularised solves, null-space projectors, SVD truncation; a product with a matrix read in
+row chunks (a streamed LM head) and the inverse-CDF draw of tokens from logits.
 
 Solves run in float64: key covariances of LLM MLPs are badly conditioned.
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
+
+_DRAW_BLOCK = 1024  # vocabulary block of the two-level inverse-CDF draw
 
 
 def solve_spd(a: torch.Tensor, b: torch.Tensor, jitter: float = 1e-6) -> torch.Tensor:
@@ -66,7 +71,8 @@ def batch_update(keys: torch.Tensor, residuals: torch.Tensor, cov_term: torch.Te
     d_in = k64.shape[1]
     gram = cov_term.double() + k64.t() @ k64               # (d_in, d_in)
     if projector is None:
-        lhs = gram + l2 * torch.eye(d_in, dtype=torch.float64)
+        lhs = gram.add_(0.0)                               # gram + l2 I in place (the same bits, -0.0 included)
+        lhs.diagonal().add_(l2)
         # dW^T = lhs^-1 K^T R  -> (d_in, d_out)
         return solve_spd(lhs, k64.t() @ r64).t()
     p = projector.double()
@@ -112,3 +118,43 @@ def svd_truncate(mat: torch.Tensor, rank: int | None = None, energy: float | Non
     a = (u[:, :rank] * s[:rank]).float()
     b = vh[:rank].float()
     return a, b
+
+
+def chunked_linear(hidden: torch.Tensor, read: Callable[[int, int], torch.Tensor], n_rows: int, chunk: int,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """hidden (..., d) @ W^T (..., n_rows), W read `chunk` rows at a time by read(lo, hi) -> (hi - lo, d) and never
+    held whole; the products in `dtype` (default: hidden's)."""
+    x = hidden if dtype is None else hidden.to(dtype)
+    out = x.new_empty(*x.shape[:-1], n_rows)                                          # (..., n_rows)
+    for lo in range(0, n_rows, chunk):
+        hi = min(n_rows, lo + chunk)
+        w = read(lo, hi)                                                               # (hi - lo, d)
+        out[..., lo:hi] = torch.nn.functional.linear(x, w if dtype is None else w.to(dtype))
+    return out
+
+
+def draw_tokens(logits: torch.Tensor, generator: torch.Generator, banned: Sequence[int] = ()) -> torch.Tensor:
+    """One token per row from softmax(logits) (rows, vocab), by inverse CDF; returns (rows, 1) int64.
+
+    Two levels: cumulative block masses pick a block of the vocabulary, then a cumulative sum
+    inside that block picks the token, so one pass of block sums is the only full-width scan.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)                              # (rows, vocab), a new tensor
+    rows, vocab = probs.shape
+    banned = [t for t in banned if 0 <= t < vocab]
+    if banned:
+        probs[:, banned] = 0.0
+    full = vocab // _DRAW_BLOCK
+    masses = probs[:, : full * _DRAW_BLOCK].view(rows, full, _DRAW_BLOCK).sum(-1)  # (rows, full)
+    if full * _DRAW_BLOCK < vocab:
+        masses = torch.cat([masses, probs[:, full * _DRAW_BLOCK:].sum(-1, keepdim=True)], dim=1)
+    cum = masses.double().cumsum(-1)                                           # (rows, n_blocks)
+    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64) * cum[:, -1:]
+    b = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)    # (rows, 1) block index
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))
+    offsets = torch.arange(_DRAW_BLOCK, device=probs.device)
+    cols = b * _DRAW_BLOCK + offsets                                           # (rows, block)
+    chosen = probs.gather(1, cols.clamp(max=vocab - 1)) * (cols < vocab)       # (rows, block)
+    j = torch.searchsorted(chosen.double().cumsum(-1), u - before, right=True)  # (rows, 1)
+    last = torch.where(chosen > 0, offsets, -1).amax(-1, keepdim=True)         # rounding may overshoot the block
+    return b * _DRAW_BLOCK + torch.minimum(j, last)

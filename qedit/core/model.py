@@ -8,15 +8,25 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from qedit.core.arch import ArchSpec, Orientation
 from qedit.core.errors import QeditError
+from qedit.core.streaming import Streamer
 
 log = logging.getLogger(__name__)
+
+
+class TextSampler(Protocol):
+    """Draws text from a model: sampler(n_samples, sample_len, seed) -> n_samples token sequences of sample_len,
+    each starting with BOS. `name` tells its corpus apart in caches."""
+
+    name: str
+
+    def __call__(self, n_samples: int, sample_len: int, seed: int) -> list[list[int]]: ...
 
 
 @dataclass
@@ -32,6 +42,12 @@ class LoadedModel:
     # HF weight name -> the GGML type name it is stored in, for a model loaded from a GGUF file ({} otherwise)
     stored_types: dict[str, str] = field(default_factory=dict)
     label: str = ""                 # how the user knows the source when its file name says nothing (ollama:NAME:TAG)
+    # the model's frozen weights are decoded from the source layer by layer (qedit.core.streaming), or None when
+    # they are held in memory
+    streamer: Streamer | None = None
+    # draws the statistics' text from the source itself (e.g. in llama.cpp, much faster than a streamed torch
+    # model), set by the pipeline for a streamed model: sampler(n_samples, sample_len, seed) -> token sequences
+    sampler: TextSampler | None = None
 
     @property
     def n_layers(self) -> int:
@@ -54,10 +70,21 @@ class LoadedModel:
                 f"layer {layer} is out of range for {self.source.name}: it has {self.n_layers} layers (0..{self.n_layers - 1})"
             )
 
-    def edit_weight(self, layer: int) -> torch.Tensor:
-        """The edit-target weight at `layer` in math orientation (out, in); a view, not a copy."""
+    def edit_shape(self, layer: int) -> tuple[int, int]:
+        """(out, in) of the edit-target weight at `layer`, without reading it."""
         self.check_layer(layer)
-        w = self.module(self.arch.mlp_out.format(layer)).weight
+        shape = tuple(self.module(self.arch.mlp_out.format(layer)).weight.shape)
+        return shape if self.arch.mlp_out_orientation is Orientation.OUT_IN else shape[::-1]  # type: ignore[return-value]
+
+    def edit_weight(self, layer: int) -> torch.Tensor:
+        """The edit-target weight at `layer` in math orientation (out, in); a view, not a copy. A streamed weight is
+        pinned (held decoded in full precision from then on)."""
+        self.check_layer(layer)
+        name = self.arch.weight_name(layer)
+        if self.streamer is not None and self.streamer.streams(name):
+            w = self.streamer.pin(name)
+        else:
+            w = self.module(self.arch.mlp_out.format(layer)).weight
         return w if self.arch.mlp_out_orientation is Orientation.OUT_IN else w.t()
 
 

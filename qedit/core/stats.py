@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 from qedit.core.cache import CacheEntry, default_cache_dir, model_entry, model_key
 from qedit.core.errors import QeditError
 from qedit.core.hooks import record, stop_after
-from qedit.core.model import LoadedModel
+from qedit.core.linalg import draw_tokens
+from qedit.core.memory import Shape
+from qedit.core.model import LoadedModel, TextSampler
 
 log = logging.getLogger(__name__)
 
 SAMPLING_PRECISIONS = ("bfloat16", "float32")
-_DRAW_BLOCK = 1024  # vocabulary block of the two-level inverse-CDF draw
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ class StatsConfig:
         return memo[1]
 
 
-def _corpus_key(cfg: StatsConfig) -> str:
+def _corpus_key(cfg: StatsConfig, sampler: TextSampler | None = None) -> str:
+    if cfg.corpus is None and sampler is not None:   # text drawn by another runtime: another corpus
+        return f"self-s{cfg.seed}-n{cfg.n_samples}-l{cfg.sample_len}-{sampler.name}"
     if cfg.corpus is None:
         return f"self-s{cfg.seed}-n{cfg.n_samples}-l{cfg.sample_len}-{cfg.sampling_precision}"
     return f"file-{cfg.corpus_digest()}-n{cfg.n_samples}-l{cfg.sample_len}"
@@ -107,7 +110,7 @@ def model_cache_dir(loaded: LoadedModel, cfg: StatsConfig) -> Path:
 
 
 def _entry(loaded: LoadedModel, cfg: StatsConfig) -> CacheEntry:
-    return model_entry(cfg.root(), loaded, _corpus_key(cfg))
+    return model_entry(cfg.root(), loaded, _corpus_key(cfg, loaded.sampler))
 
 
 def resolve_sampling_dtype(cfg: StatsConfig) -> torch.dtype:
@@ -116,9 +119,11 @@ def resolve_sampling_dtype(cfg: StatsConfig) -> torch.dtype:
 
 
 class _KeySums:
-    """Running sums of k k^T (float64) at some layers, fed one sampling step at a time."""
+    """Running sums of k k^T (float64, or what a streamed model's plan allows) at some layers, fed one sampling
+    step at a time."""
 
     def __init__(self, loaded: LoadedModel, layers: Sequence[int]) -> None:
+        self.dtype = _sums_dtype(loaded)
         self.names = {layer: loaded.arch.mlp_out.format(layer) for layer in layers}
         self.last = loaded.arch.mlp_out.format(max(layers))
         self.sums: dict[int, torch.Tensor] = {}
@@ -136,7 +141,7 @@ class _KeySums:
         for layer, parts in self._pending.items():
             if parts:
                 keys = torch.cat(parts)                                         # (tokens, d_in)
-                _add_outer(self.sums, layer, keys)
+                _add_outer(self.sums, layer, keys, self.dtype)
                 tokens = keys.shape[0]
                 parts.clear()
         self.count += tokens
@@ -145,51 +150,38 @@ class _KeySums:
         return {layer: ((self.sums[layer] / self.count).float(), self.count) for layer in self.names}
 
 
-def _add_outer(sums: dict[int, torch.Tensor], layer: int, keys: torch.Tensor) -> None:
-    k = keys.double()                                                           # (tokens, d_in)
-    sums[layer] = sums[layer] + k.t() @ k if layer in sums else k.t() @ k
+def _sums_dtype(loaded: LoadedModel) -> torch.dtype:
+    """float64 sums, unless a streamed model's memory plan holds its statistics in float32."""
+    return torch.float64 if loaded.streamer is None else loaded.streamer.stats_dtype
+
+
+def _add_outer(sums: dict[int, torch.Tensor], layer: int, keys: torch.Tensor,
+               dtype: torch.dtype = torch.float64) -> None:
+    k = keys.to(dtype)                                                          # (tokens, d_in)
+    if layer in sums and dtype != torch.float64:
+        sums[layer].addmm_(k.t(), k)    # in place: no second (d_in, d_in) matrix
+    else:
+        sums[layer] = sums[layer] + k.t() @ k if layer in sums else k.t() @ k
 
 
 def _sampling_head(loaded: LoadedModel, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden (rows, d_model), final-normed -> logits (rows, vocab) float32, with the output layer in `dtype`."""
+    """hidden (rows, d_model), final-normed -> logits (rows, vocab) float32, with the output layer in `dtype`
+    (a streamed model's a chunk of rows at a time)."""
     head = loaded.module(loaded.arch.lm_head)
-    weight = head.weight.detach().to(dtype)                                    # (vocab, d_model)
-    bias = head.bias.detach().to(dtype) if getattr(head, "bias", None) is not None else None
     softcap = getattr(loaded.model.config, "final_logit_softcapping", None)
     scaling = getattr(loaded.model.config, "logits_scaling", None) or 1.0  # Granite divides its logits by this
+    if loaded.streamer is not None:
+        linear = partial(loaded.streamer.head_logits, dtype=dtype)
+    else:
+        weight = head.weight.detach().to(dtype)                                # (vocab, d_model)
+        bias = head.bias.detach().to(dtype) if getattr(head, "bias", None) is not None else None
+        linear = lambda hidden: torch.nn.functional.linear(hidden.to(dtype), weight, bias).float()  # noqa: E731
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.linear(hidden.to(dtype), weight, bias).float() / scaling
+        out = linear(hidden) / scaling
         return torch.tanh(out / softcap) * softcap if softcap else out
 
     return logits
-
-
-def draw_tokens(logits: torch.Tensor, generator: torch.Generator, banned: Sequence[int] = ()) -> torch.Tensor:
-    """One token per row from softmax(logits) (rows, vocab), by inverse CDF; returns (rows, 1) int64.
-
-    Two levels: cumulative block masses pick a block of the vocabulary, then a cumulative sum
-    inside that block picks the token, so one pass of block sums is the only full-width scan.
-    """
-    probs = torch.softmax(logits.float(), dim=-1)                              # (rows, vocab), a new tensor
-    rows, vocab = probs.shape
-    banned = [t for t in banned if 0 <= t < vocab]
-    if banned:
-        probs[:, banned] = 0.0
-    full = vocab // _DRAW_BLOCK
-    masses = probs[:, : full * _DRAW_BLOCK].view(rows, full, _DRAW_BLOCK).sum(-1)  # (rows, full)
-    if full * _DRAW_BLOCK < vocab:
-        masses = torch.cat([masses, probs[:, full * _DRAW_BLOCK:].sum(-1, keepdim=True)], dim=1)
-    cum = masses.double().cumsum(-1)                                           # (rows, n_blocks)
-    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64) * cum[:, -1:]
-    b = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)    # (rows, 1) block index
-    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))
-    offsets = torch.arange(_DRAW_BLOCK, device=probs.device)
-    cols = b * _DRAW_BLOCK + offsets                                           # (rows, block)
-    chosen = probs.gather(1, cols.clamp(max=vocab - 1)) * (cols < vocab)       # (rows, block)
-    j = torch.searchsorted(chosen.double().cumsum(-1), u - before, right=True)  # (rows, 1)
-    last = torch.where(chosen > 0, offsets, -1).amax(-1, keepdim=True)         # rounding may overshoot the block
-    return b * _DRAW_BLOCK + torch.minimum(j, last)
 
 
 def _sample_batch(loaded: LoadedModel, first: torch.Tensor, length: int, generator: torch.Generator,
@@ -295,7 +287,15 @@ def corpus_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
     """The token sequences the statistics are computed on (cached)."""
     seqs = _cached_tokens(loaded, cfg)
     if seqs is None:
-        seqs = _sample_from_model(loaded, cfg) if cfg.corpus is None else _chunk_corpus(loaded, cfg)
+        if cfg.corpus is not None:
+            seqs = _chunk_corpus(loaded, cfg)
+        elif loaded.sampler is not None:
+            began = time.perf_counter()
+            seqs = loaded.sampler(cfg.n_samples, cfg.sample_len, cfg.seed)
+            log.info("sampled %d x %d tokens in %s in %.1f s", cfg.n_samples, cfg.sample_len, loaded.sampler.name,
+                     time.perf_counter() - began)
+        else:
+            seqs = _sample_from_model(loaded, cfg)
         seqs = _store_tokens(loaded, cfg, seqs)
     return seqs
 
@@ -308,7 +308,7 @@ def corpus_texts(loaded: LoadedModel, cfg: StatsConfig) -> list[str]:
 def _compute(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> dict[int, tuple[torch.Tensor, int]]:
     """(E[k k^T] (d_in, d_in) float32, token count) per layer; samples the corpus when it is not cached."""
     began = time.perf_counter()
-    if cfg.corpus is None and _cached_tokens(loaded, cfg) is None:
+    if cfg.corpus is None and loaded.sampler is None and _cached_tokens(loaded, cfg) is None:
         acc = _KeySums(loaded, layers)  # sample and sum the keys in the same forward passes
         seqs = _sample_from_model(loaded, cfg, acc)
         result = acc.result()
@@ -321,9 +321,14 @@ def _compute(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
     seqs = corpus_tokens(loaded, cfg)
     names = {layer: loaded.arch.mlp_out.format(layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
-    count = 0
-    for lo in tqdm(range(0, len(seqs), cfg.batch_size), desc=f"key statistics (layers {list(layers)})", unit="batch", leave=False):
-        batch = seqs[lo:lo + cfg.batch_size]
+    count, step, dtype = 0, cfg.batch_size, _sums_dtype(loaded)
+    if loaded.streamer is not None:   # as many rows per pass as the plan's working memory holds
+        width = max(len(s) for s in seqs)
+        per_row = Shape.of(loaded.model.config).forward_bytes(1, width) + 12 * width * len(layers) * \
+            loaded.edit_shape(layers[0])[1]
+        step = max(1, min(step, loaded.streamer.work_room // per_row))
+    for lo in tqdm(range(0, len(seqs), step), desc=f"key statistics (layers {list(layers)})", unit="batch", leave=False):
+        batch = seqs[lo:lo + step]
         width = max(len(s) for s in batch)
         ids = torch.full((len(batch), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -337,7 +342,7 @@ def _compute(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
             loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device))
         sel = mask_keys.bool().reshape(-1)
         for layer, name in names.items():
-            _add_outer(sums, layer, rec[name].reshape(-1, rec[name].shape[-1])[sel.to(rec[name].device)])  # (tokens, d_in)
+            _add_outer(sums, layer, rec[name].reshape(-1, rec[name].shape[-1])[sel.to(rec[name].device)], dtype)
         count += int(sel.sum())
     log.info("key statistics for layers %s from %d tokens in %.1f s", list(layers), count, time.perf_counter() - began)
     return {layer: ((sums[layer] / count).float(), count) for layer in layers}
@@ -373,7 +378,7 @@ def key_eigh(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
     missing = []
     for layer in layers:
         loaded.check_layer(layer)
-        read = partial(_read_eigh, d_in=loaded.edit_weight(layer).shape[1])
+        read = partial(_read_eigh, d_in=loaded.edit_shape(layer)[1])
         found = entry.load(f"eigh_layer{layer}.pt", read) if cfg.use_cache else None
         if found is None:
             missing.append(layer)

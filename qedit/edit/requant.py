@@ -36,7 +36,7 @@ def source_type(loaded: LoadedModel, layer: int) -> GGMLQuantizationType:
 def resolve_qtype(loaded: LoadedModel, layer: int, name: str) -> GGMLQuantizationType:
     """"source" or a GGML type name -> the type a `layer` weight gets (with llama.cpp's row-length fallback)."""
 
-    n_in = int(loaded.edit_weight(layer).shape[1])
+    n_in = int(loaded.edit_shape(layer)[1])
     wanted = source_type(loaded, layer) if name == SOURCE else name
     actual, _ = resolve_type(wanted, n_in, tensor_name=loaded.arch.weight_name(layer))
     return actual

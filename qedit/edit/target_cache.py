@@ -23,6 +23,7 @@ from qedit.core.cache import CacheEntry, ModelLabel
 from qedit.core.facts import EditRequest
 from qedit.core.model import LoadedModel
 from qedit.core.stats import model_cache_dir
+from qedit.core.streaming import streamer_of
 from qedit.edit.registry import MethodConfig, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,17 @@ _NEUTRAL_FIELDS = ("chunk",)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over every parameter's name, shape, dtype, float64 sum and sum of squares."""
+    """sha256 over every parameter's name, shape, dtype, float64 sum and sum of squares. A streamed weight
+    (qedit.core.streaming) enters as "stored" (its file is in the cache directory's key), or by its sums while it
+    is pinned (it may carry a change then)."""
     h = hashlib.sha256()
+    streamer = streamer_of(model)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in (streamer.resident() if streamer is not None else params.items()):
+            if p is None:
+                h.update(f"{name}|{tuple(params[name].shape)}|stored;".encode())
+                continue
             total = squares = 0.0
             for part in p.detach().reshape(-1).split(1 << 20):      # float64 in pieces: no full copy
                 x = part.double()

@@ -16,6 +16,8 @@ GATE_METRICS = (
     "margin", "efficacy_kept", "generalization_kept", "margin_kept", "ppl_ratio", "died",
     # generated answers (greedy continuations; qedit.evaluation.metrics) and teacher-forced minus generated efficacy
     "efficacy_gen", "generalization_gen", "locality_gen", "efficacy_gen_gap",
+    # the facts asked as one-turn chats with the model's template (--chat)
+    "chat_efficacy_gen", "chat_generalization_gen",
     # unlearning (qedit forget / survival of ForgetRequests)
     "forget_prob", "forget_prob_first", "recovery_rate", "recovery_change", "recovered", "forgotten", "retain_acc",
     "retain_acc_change", "retain_kept", "heldout_acc", "heldout_acc_change",

@@ -14,6 +14,12 @@ greedy continuation of each prompt, at most the answer's token count + GEN_EXTRA
 - generalization_gen: the same on the rephrased prompts (averaged).
 - locality_gen: share of the locality prompts whose continuation is the unedited model's, exactly (needs a
   baseline report that carries its continuations).
+
+Chat (`evaluate(..., chat=True)`): each fact asked as a one-turn chat, its chat_prompt (or else its prompt) the
+user turn, formatted with the model's chat template as the runner's runtime applies it (`Runner.chat`):
+- chat_efficacy_gen: the assistant's greedy reply starts with target_new, by the same rule and within the same
+  token budget as efficacy_gen (a reply that first restates the question does not count).
+- chat_generalization_gen: the same on the fact's chat_rephrase_prompts (averaged; None without them).
 """
 from __future__ import annotations
 
@@ -26,11 +32,11 @@ from typing import Any
 
 from qedit.core.facts import EditRequest
 from qedit.core.files import atomic_path
-from qedit.runtimes.torch_runner import Runner, TokenScore
+from qedit.runtimes.torch_runner import GEN_EXTRA_TOKENS, Runner, TokenScore
 
 _PROGRESS_CHUNK = 32  # prompts scored per progress-bar step
 METRICS = ("efficacy", "efficacy_top1", "efficacy_gen", "generalization", "generalization_top1", "generalization_gen",
-           "locality", "locality_top1", "locality_gen")
+           "locality", "locality_top1", "locality_gen", "chat_efficacy_gen", "chat_generalization_gen")
 _ARTICLE = re.compile(r"(?:a|an|the)\s+")
 
 
@@ -55,6 +61,10 @@ class CaseResult:
     continuation: str | None = None                                   # the greedy continuation of the prompt
     rephrase_continuations: list[str] = field(default_factory=list)
     locality_continuations: list[str] = field(default_factory=list)
+    chat_efficacy_gen: float | None = None
+    chat_generalization_gen: float | None = None
+    chat_reply: str | None = None                                     # the assistant's reply to the chat prompt
+    chat_rephrase_replies: list[str] = field(default_factory=list)
 
     @property
     def margin(self) -> float | None:
@@ -133,14 +143,31 @@ def score_all(runner: Runner, pairs: list[tuple[str, str]], progress: str | None
     return out
 
 
+def chat_all(runner: Runner, items: list[tuple[str, int]], progress: str | None) -> list[str]:
+    """runner.chat over all (question, max_tokens) items; with a `progress` label, in chunks under a progress bar."""
+    if progress is None:
+        return runner.chat(items)
+    from tqdm.auto import tqdm
+
+    out: list[str] = []
+    with tqdm(total=len(items), desc=f"{progress} chat", unit="chat", leave=False) as bar:
+        for lo in range(0, len(items), _PROGRESS_CHUNK):
+            out += runner.chat(items[lo:lo + _PROGRESS_CHUNK])
+            bar.update(len(items[lo:lo + _PROGRESS_CHUNK]))
+    return out
+
+
 def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalReport | None = None,
-             progress: str | None = None, generate: bool = True) -> EvalReport:
+             progress: str | None = None, generate: bool = True, chat: bool = False) -> EvalReport:
     """Score every request on `runner`; `baseline` (the unedited model's report) enables locality.
     `progress`: a label for a progress bar over the scored prompts (none by default). `generate`: also the
-    generated-answer metrics (a greedy continuation of every prompt; False skips them)."""
+    generated-answer metrics (a greedy continuation of every prompt; False skips them). `chat`: also the chat
+    metrics (each fact asked as a one-turn chat; a QeditError when the model has no chat template)."""
     if baseline is not None and len(baseline.cases) != len(requests):
         raise ValueError(f"baseline report has {len(baseline.cases)} cases, not {len(requests)}: "
                          "it must score the same requests in the same order")
+    if chat:
+        runner.chat([])             # a model without a chat template fails here, before anything is scored
     pairs: list[tuple[str, str]] = []
     flags: list[bool] = []          # which pairs' prompts are continued: each prompt once, with its own answer
 
@@ -159,9 +186,10 @@ def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalRepo
         for lp, la in zip(r.locality_prompts, r.locality_answers):
             add(lp, la, True)
     scores = iter(score_all(runner, pairs, progress, flags if generate else None))
-    cases = []
+    cases, budgets = [], []
     for i, r in enumerate(requests):
         new: TokenScore = next(scores)
+        budgets.append(len(new.target_ids) + GEN_EXTRA_TOKENS)
         true = next(scores) if r.ground_truth is not None else None
         gen, gen_top1, rephrased = [], [], []
         for _ in r.rephrase_prompts:
@@ -193,7 +221,22 @@ def evaluate(runner: Runner, requests: Sequence[EditRequest], baseline: EvalRepo
             locality_gen=loc_gen, continuation=new.continuation, rephrase_continuations=rephrased,
             locality_continuations=located,
         ))
+    if chat:
+        add_chat(runner, requests, cases, budgets, progress)
     return EvalReport(runner.describe(), cases)
+
+
+def add_chat(runner: Runner, requests: Sequence[EditRequest], cases: Sequence[CaseResult], budgets: Sequence[int],
+             progress: str | None) -> None:
+    """Fill each case's chat replies and chat metrics: its chat question and chat paraphrases asked as one-turn
+    chats, each reply at most `budgets[i]` tokens (the answer's token count + GEN_EXTRA_TOKENS, as efficacy_gen)."""
+    items = [(q, n) for r, n in zip(requests, budgets) for q in (r.chat_question, *r.chat_rephrase_prompts)]
+    said = iter(chat_all(runner, items, progress))
+    for r, case in zip(requests, cases):
+        case.chat_reply = next(said)
+        case.chat_rephrase_replies = [next(said) for _ in r.chat_rephrase_prompts]
+        case.chat_efficacy_gen = float(answers_with(case.chat_reply, r.target_new))
+        case.chat_generalization_gen = _answered(case.chat_rephrase_replies, r.target_new)
 
 
 def format_summary(label: str, report: EvalReport) -> str:

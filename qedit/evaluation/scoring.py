@@ -29,15 +29,16 @@ class Scoring(Protocol):
 class EditScoring:
     requests: tuple[EditRequest, ...]
     kind: str = "edit"
+    chat: bool = False                            # also the chat metrics (each fact asked as a one-turn chat)
 
     def evaluate(self, runner: Runner, baseline: EvalReport | None, label: str | None) -> EvalReport:
-        return evaluate(runner, self.requests, baseline=baseline, progress=label)
+        return evaluate(runner, self.requests, baseline=baseline, progress=label, chat=self.chat)
 
     def report_from_json(self, data: dict[str, Any]) -> EvalReport:
         return EvalReport.from_json(data)
 
     def cache_parts(self) -> list[Any]:
-        return ["with continuations"] + [r.to_json() for r in self.requests]   # older caches lack them
+        return ["with continuations"] + (["chat"] if self.chat else []) + [r.to_json() for r in self.requests]
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,15 @@ class ForgetScoring:
         return ["forget", [r.to_json() for r in self.requests], [x.to_json() for x in self.retain]]
 
 
-def scoring_for(requests: Sequence[Any], retain: Sequence[RetainItem] | None = None) -> Scoring:
-    """EditScoring for EditRequests, ForgetScoring for ForgetRequests (with `retain`); mixed lists are refused."""
+def scoring_for(requests: Sequence[Any], retain: Sequence[RetainItem] | None = None, chat: bool = False) -> Scoring:
+    """EditScoring for EditRequests (`chat`: with the chat metrics), ForgetScoring for ForgetRequests (with
+    `retain`); mixed lists are refused."""
     if requests and all(isinstance(r, ForgetRequest) for r in requests):
+        if chat:
+            raise QeditError("--chat measures edits; unlearning has no chat metrics")
         return ForgetScoring(tuple(requests), tuple(retain or ()))
     if all(isinstance(r, EditRequest) for r in requests):
         if retain:
             raise QeditError("a retain set applies to unlearning (ForgetRequests), not to edits")
-        return EditScoring(tuple(requests))
+        return EditScoring(tuple(requests), chat=chat)
     raise QeditError("survival: the requests mix edits and facts to forget; check them in separate runs")

@@ -139,11 +139,17 @@ def edit_hessian(keys: np.ndarray, cov: np.ndarray | None, key_weight: float, da
     n_in = k.shape[1]
     if cov is None:
         h = np.eye(n_in)                                                       # (in, in)
-    else:
+    else:  # 0.5 (C + C^T) / mean(diag C), in place: one (in, in) matrix besides C (the same bits)
         c = np.asarray(cov, dtype=np.float64)
-        h = 0.5 * (c + c.T) / max(float(np.mean(np.diag(c))), 1e-30)           # (in, in)
+        h = np.add(c, c.T)                                                     # (in, in)
+        h *= 0.5
+        h /= max(float(np.mean(np.diag(c))), 1e-30)
     gram = k.T @ k                                                             # (in, in)
-    h = h + key_weight * gram / max(float(np.mean(np.diag(gram))), 1e-30)
+    scale = max(float(np.mean(np.diag(gram))), 1e-30)
+    gram *= key_weight
+    gram /= scale
+    h += gram
+    del gram
     h[np.diag_indices(n_in)] += damp * float(np.mean(np.diag(h)))
     return h
 
@@ -156,7 +162,11 @@ def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
     lower, info = torch.linalg.cholesky_ex(ht)                                 # H = L L^T
     if int(info) == 0:
         h_inv = torch.cholesky_inverse(lower)                                  # H^-1 (in, in)
-        upper, info = torch.linalg.cholesky_ex(0.5 * (h_inv + h_inv.T), upper=True)  # H^-1 = U^T U
+        del lower
+        sym = torch.add(h_inv, h_inv.T)                                        # 0.5 (H^-1 + H^-T), in place
+        del h_inv
+        sym *= 0.5
+        upper, info = torch.linalg.cholesky_ex(sym, upper=True)                # H^-1 = U^T U
     if int(info) != 0:
         raise QeditError("cov: the Hessian C + lambda K^T K is not positive definite; give a covariance that is "
                          "symmetric positive semi-definite, or raise AwareConfig.damp")
@@ -309,7 +319,7 @@ def _matrix(value: Any, name: str, rows: int | None = None, cols: int | None = N
                          "order, keys (n, in), cov (in, in)")
     if value.size == 0 or not np.isfinite(value).all():
         raise QeditError(f"{name}: must be non-empty and finite (no NaN or Inf)")
-    return value.astype(np.float64)
+    return value.astype(np.float64, copy=False)   # read only: a float64 array is used as it is
 
 
 def quantize_edited(w0: np.ndarray, dw: np.ndarray, keys: np.ndarray, ggml_type: GGMLQuantizationType | int | str,

@@ -14,6 +14,7 @@ from typing import Any
 
 from qedit.converters.ollama import OllamaModel
 from qedit.core.errors import QeditError
+from qedit.core.memory import MemoryBudget
 from qedit.edit.compute import EditOutcome
 from qedit.edit.registry import EDIT_METHODS, MethodConfig, MethodRegistry
 from qedit.kernels.gptq import GPTQConfig
@@ -103,7 +104,9 @@ class EditJob:
     model at the output's level (`Plan.via_base`), is a file that already holds that unedited model as the
     export writes it (the survival ladder's cache); without it the pipeline writes one to a temporary path
     beside the output. `ollama`: the Ollama model `model` is the GGUF blob of, whose TEMPLATE, PARAMETER and SYSTEM
-    the Modelfile beside a GGUF output carries over.
+    the Modelfile beside a GGUF output carries over. `max_memory` becomes a `MemoryBudget` (`budget`). `chat`: the
+    edit is computed on each fact's one-turn chat as the model's chat template formats it (`qedit.pipeline.chat`),
+    and `evaluate` adds the chat metrics.
     """
 
     model: Path
@@ -115,15 +118,28 @@ class EditJob:
     outcome: EditOutcome | None = None
     quantized_base: Path | None = None
     ollama: OllamaModel | None = None
+    # the most memory the run may hold: bytes, text such as "10GiB", or a MemoryBudget; None: the machine's
+    # available memory less room for the OS. A GGUF model whose float32 weights do not fit is streamed from the file.
+    max_memory: int | str | MemoryBudget | None = None
+    chat: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
+        if not isinstance(self.max_memory, MemoryBudget):
+            object.__setattr__(self, "max_memory", MemoryBudget.resolve(self.max_memory))
         object.__setattr__(self, "requests", tuple(self.requests))
         if not self.requests:
             raise QeditError("no edit requests: give at least one fact")
+        if self.method.unlearns and self.chat:
+            raise QeditError("--chat edits facts in their chat form; unlearning has no chat form")
         if self.method.unlearns and self.output.verify:
             raise QeditError("--verify checks edits in llama.cpp; for unlearning use --require output:recovery_rate<=X, "
                              "which scores the written file in llama.cpp")
+
+    @property
+    def budget(self) -> MemoryBudget:
+        assert isinstance(self.max_memory, MemoryBudget)
+        return self.max_memory
 
 
 def make_config(method: str, **overrides: Any) -> MethodConfig:

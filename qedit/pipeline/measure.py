@@ -75,9 +75,13 @@ class ForgetMeasurement:
                            "reason": g.reason} for g in self.gates]}
 
 
-def measure_edit(loaded: LoadedModel, outcome: EditOutcome, before: EvalReport) -> EditMeasurement:
+def measure_edit(loaded: LoadedModel, outcome: EditOutcome, before: EvalReport,
+                 requests: Sequence[Any] | None = None, chat: bool = False) -> EditMeasurement:
+    """`requests` (default: the outcome's) scored in torch with the edit applied, against `before`; `chat`: with the
+    chat metrics (the facts as the user gave them, where a --chat edit's own requests are their chat texts)."""
     with applied(loaded.model, outcome.deltas):
-        after = evaluate(TorchRunner(loaded), outcome.requests, baseline=before)
+        after = evaluate(TorchRunner(loaded), outcome.requests if requests is None else requests, baseline=before,
+                         chat=chat)
     return EditMeasurement(before, after)
 
 

@@ -15,19 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from qedit.converters.gguf.keys import stored_edit_keys
-from qedit.converters.gguf.read import same_tensor_data
+from qedit.converters.gguf.rows import same_tensor_data
 from qedit.converters.gptq.export import GPTQWriteConfig, calibration_tokens, write_gptq
-from qedit.converters.loading import load_model
+from qedit.converters.loading import load_model, read_header
+from qedit.core.memory import format_size
 from qedit.core.model import LoadedModel, is_gguf_file
 from qedit.edit.compute import EditOutcome, compute_edits
 from qedit.evaluation.forget import evaluate_forget
 from qedit.evaluation.gate import Requirement
 from qedit.evaluation.metrics import evaluate
+from qedit.pipeline.budget import check_requests, load_within
+from qedit.pipeline.chat import chat_requests
 from qedit.pipeline.jobs import EditJob, MethodChoice
 from qedit.pipeline.measure import EditMeasurement, ForgetMeasurement, measure_edit, measure_forget
 from qedit.pipeline.plan import OutputKind, Plan, plan_job
 from qedit.pipeline.verify import Verified, verify_in_llama_cpp
-from qedit.pipeline.write import ModelfileWritten, Written, export, write_modelfile, write_output
+from qedit.pipeline.write import ModelfileWritten, Written, export, refuse_streamed, write_modelfile, write_output
 from qedit.runtimes.torch_runner import TorchRunner
 from qedit.unlearn.requests import RetainItem
 
@@ -63,6 +66,12 @@ def run_edit(job: EditJob, notify: Notify = log.info, *, inputs: Sequence[Path] 
     `retain` and `requirements`: the retain items a forget job scores and the gates it checks.
     """
     plan = plan_job(job, inputs)
+    header = None
+    if loaded is None:   # the facts against the model's context and the memory budget, before any model work
+        header = read_header(job.model)
+        check_requests(job.method, job.requests, header, job.budget)
+        if job.chat:   # the chat template, and each fact's subject in its chat question
+            chat_requests(header.tokenizer, str(job.model), job.requests)
     with unedited_base(plan, notify) as base:
         source = job.model
         if plan.on_quantized and base is not None:
@@ -70,14 +79,22 @@ def run_edit(job: EditJob, notify: Notify = log.info, *, inputs: Sequence[Path] 
                 notify(f"{base.name}: the weights equal the source's; the edit is computed on the source")
             else:
                 source = base
-        model = loaded if loaded is not None and source == job.model else load_model(source, device=job.device)
+        if loaded is not None and source == job.model:
+            model = loaded
+        else:
+            model = load_within(source, job.method, job.requests, job.device, job.budget,
+                                header if source == job.model else None)
+            refuse_streamed(plan.write_kind, model)
+            if model.streamer is not None:
+                notify(f"{source.name}: does not fit the memory budget of {format_size(job.budget.total)} in float32"
+                       f"; its layers are decoded from the file as the edit needs them")
         before = _before(plan, model, retain)
         if job.outcome is not None:
             outcome = job.outcome
         elif source_outcome is not None and source == job.model:
             outcome = source_outcome
         else:
-            outcome = compute_for(job.method, model, job.requests, notify)
+            outcome = compute_for(job.method, model, job.requests, notify, chat=job.chat)
         if source != job.model:
             outcome.info["computed_on"] = f"{job.model} exported at {_level(plan)}"
         written = write_output(plan, model, outcome, base)
@@ -92,14 +109,17 @@ def run_edit(job: EditJob, notify: Notify = log.info, *, inputs: Sequence[Path] 
         if before is not None and job.method.unlearns:
             run.forget = measure_forget(plan, model, run.outcome, retain, before, requirements, base)
         elif before is not None:
-            run.measured = measure_edit(model, run.outcome, before)
+            run.measured = measure_edit(model, run.outcome, before, job.requests, chat=job.chat)
     return run
 
 
 def compute_for(method: MethodChoice, model: LoadedModel, requests: Sequence[Any],
-                notify: Notify = log.info) -> EditOutcome:
+                notify: Notify = log.info, chat: bool = False) -> EditOutcome:
     """The edit `method` computes for `requests` on `model`; the keys of edits an earlier patch recorded in a
-    GGUF source are protected."""
+    GGUF source are protected. `chat`: computed on each fact's one-turn chat as `model`'s template formats it."""
+    if chat:
+        requests = chat_requests(model.tokenizer, str(model.source), requests)
+        notify(f"editing {len(requests)} fact(s) in their chat form, e.g. {requests[0].prompt!r}")
     earlier = stored_edit_keys(model.source)
     if earlier:
         notify(f"{model.source.name}: protecting the keys of earlier edits recorded in the file "
@@ -114,7 +134,7 @@ def _before(plan: Plan, model: LoadedModel, retain: Sequence[RetainItem]):  # no
         return None
     if job.method.unlearns:
         return evaluate_forget(TorchRunner(model), job.requests, retain, progress="unedited")
-    return evaluate(TorchRunner(model), job.requests)
+    return evaluate(TorchRunner(model), job.requests, chat=job.chat)
 
 
 def _level(plan: Plan) -> str:
@@ -151,10 +171,11 @@ def write_unedited(plan: Plan, path: Path, notify: Notify = log.info, loaded: Lo
     """Write the unedited model at the job's output level (GGUF file type, or GPTQ bits) to `path`."""
     job, out = plan.job, plan.job.output
     if plan.kind is OutputKind.GGUF_EXPORT:
-        for line in export(job.model, path, out.quant or "", out.tensor_types).lines:
+        for line in export(job.model, path, out.quant or "", out.tensor_types, budget=job.budget).lines:
             notify(line)
         return
-    model = loaded if loaded is not None else load_model(job.model, device=job.device)
+    model = loaded if loaded is not None else load_model(job.model, device=job.device, max_memory=job.budget)
+    refuse_streamed(OutputKind.GPTQ_WRITE, model)
     cfg = job.method.resolved_config()
     write_gptq(model, path, GPTQWriteConfig(out.gptq), calibration_tokens(model, cfg.stats))
 

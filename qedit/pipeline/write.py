@@ -23,11 +23,14 @@ from qedit.converters.gguf.lora import write_lora_gguf
 from qedit.converters.gguf.names import gguf_tensor_name
 from qedit.converters.gguf.patch import patch_gguf
 from qedit.converters.gguf.read import GGUFFile
+from qedit.converters.gguf.write import ENCODE_CHUNK_BYTES
 from qedit.converters.gptq.export import GPTQWriteConfig, calibration_tokens, patch_gptq, write_gptq
+from qedit.converters.loading import read_header
 from qedit.converters.ollama import OllamaModel, candidates, model_name, modelfile_text, written_by_qedit_for
 from qedit.core.delta import applied, save_deltas
 from qedit.core.errors import QeditError
 from qedit.core.files import atomic_path, staged_dir
+from qedit.core.memory import MemoryBudget, current_rss, too_small
 from qedit.core.model import LoadedModel, is_gguf_file
 from qedit.edit.compute import EditOutcome
 from qedit.pipeline.plan import OutputKind, Plan, match_types
@@ -53,6 +56,15 @@ def edit_encoding(loaded: LoadedModel, outcome: EditOutcome, naive: bool) -> Edi
     if naive or not outcome.keys:
         return None
     return encoding_for(loaded, merged_keys(outcome.earlier_keys, outcome.keys), outcome.config.stats)
+
+
+def refuse_streamed(kind: OutputKind, loaded: LoadedModel) -> None:
+    """Writers that save the torch model's weights (an HF directory, a GPTQ checkpoint written from the model) need
+    them in memory: a model streamed from its file (over the memory budget) is refused before the edit is made."""
+    if loaded.streamer is not None and kind in (OutputKind.HF, OutputKind.GPTQ_WRITE):
+        what = "an HF directory" if kind is OutputKind.HF else "a GPTQ checkpoint"
+        raise QeditError(f"{loaded.source.name}: writing {what} needs the whole model in memory in float32, over the "
+                         "memory budget; raise --max-memory, or write a GGUF (-o X.gguf, with --quant TYPE to export)")
 
 
 def write_output(plan: Plan, loaded: LoadedModel, outcome: EditOutcome, base: Path | None = None) -> Written:
@@ -113,10 +125,30 @@ def _patch(base: Path, loaded: LoadedModel, outcome: EditOutcome, out: Path, man
     return Written(OutputKind.GGUF_PATCH, out, report, lines)
 
 
+def export_needs(source: Path, outcome: EditOutcome | None = None) -> int:
+    """What the process holds at least while exporting `source`: its resident set now and the working set of one
+    tensor. A GGUF source is re-encoded a row chunk at a time (an edited tensor whole, with its change and edit
+    keys' statistics); an HF directory's tensors are read whole in float32 and converted."""
+    shape = read_header(source).shape
+    if is_gguf_file(source):
+        work = 4 * ENCODE_CHUNK_BYTES
+        if outcome is not None and outcome.deltas:
+            work += 4 * 4 * shape.d_ff * shape.d_model + 8 * shape.d_ff ** 2
+    else:
+        work = 3 * 4 * max(shape.vocab, shape.d_ff) * shape.d_model
+    return current_rss() + work
+
+
 def export(source: Path, out: Path, quant: str, tensor_types: tuple[tuple[str, str], ...] = (), *,
            outcome: EditOutcome | None = None, manifest: dict[str, Any] | None = None,
-           encoding: EditEncoding | None = None, template: Path | None = None) -> Written:
-    """Export `source` (a GGUF file, an HF or qedit output directory) at `quant`, with `outcome`'s deltas."""
+           encoding: EditEncoding | None = None, template: Path | None = None,
+           budget: MemoryBudget | None = None) -> Written:
+    """Export `source` (a GGUF file, an HF or qedit output directory) at `quant`, with `outcome`'s deltas; a
+    one-line QeditError first when `budget` cannot hold the export (`export_needs`)."""
+    if budget is not None and budget.enforced:
+        needed = export_needs(source, outcome)
+        if needed > budget.total:
+            raise too_small(source.name, budget, needed, "exporting it one tensor at a time")
     overrides: dict[str, str] = {}
     if tensor_types:
         if is_gguf_file(source):

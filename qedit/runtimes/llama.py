@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from qedit.core.batching import continuation_ids, is_marker_token
 from qedit.core.errors import QeditError
+from qedit.core.linalg import draw_tokens
+from qedit.runtimes.llama_chat import chat_formatter
 from qedit.runtimes.torch_runner import GEN_EXTRA_TOKENS, TokenScore
 
 log = logging.getLogger(__name__)
@@ -40,13 +43,15 @@ def _route_native_log(llama_cpp: Any) -> None:
 
 
 class _LlamaTokenizer:
-    """Just enough of the HF tokenizer call interface for `qedit.core.batching.continuation_ids`."""
+    """Just enough of the HF tokenizer call interface for `qedit.core.batching.continuation_ids`. Special tokens
+    written in the text (<start_of_turn>, <|im_end|>) are parsed as such, as transformers' tokenizers and qedit's
+    GGUF tokenizer parse them, so a prompt holding a chat turn is the same ids in torch and in llama.cpp."""
 
     def __init__(self, llm: Any) -> None:
         self.llm = llm
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=False)
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
         return {"input_ids": list(ids)}
 
 
@@ -103,6 +108,7 @@ class LlamaCppRunner:
         self.tokenizer = _LlamaTokenizer(self.llm)
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self._stops: dict[int, bool] = {}
+        self._chat_ids: Callable[[str], list[int]] | None = None
 
     def _logits(self, ids: list[int]) -> np.ndarray:
         """Next-token logits (len(ids), vocab) at every position of `ids`, from an empty context."""
@@ -191,6 +197,20 @@ class LlamaCppRunner:
         self.llm.reset()
         return self._greedy([], self._last_logits(ids), max_tokens)
 
+    def chat(self, items: Sequence[tuple[str, int]]) -> list[str]:
+        """The assistant's greedy reply to each (user message, max_tokens) one-turn chat, the chat formatted and
+        tokenized as llama-cpp-python's `create_chat_completion` does for this file (`qedit.runtimes.llama_chat`)."""
+        if self._chat_ids is None:
+            self._chat_ids = chat_formatter(self.llm, self._vocab, str(self.path))
+        out = []
+        for question, max_tokens in items:
+            ids = self._chat_ids(question)
+            if len(ids) + max_tokens > self.n_ctx:
+                raise QeditError(f"{self.path.name}: {len(ids) + max_tokens} tokens exceed the context of {self.n_ctx}")
+            self.llm.reset()
+            out.append(self._greedy([], self._last_logits(ids), max_tokens))
+        return out
+
     def nll(self, text: str) -> tuple[float, int]:
         ids = self.tokenizer(text)["input_ids"]
         if len(ids) < 2:
@@ -203,3 +223,53 @@ class LlamaCppRunner:
         if self.lora is not None:
             out["lora"] = str(self.lora)
         return out
+
+
+class LlamaSampler:
+    """Statistics text drawn in llama.cpp from the GGUF file itself (a `qedit.core.model.TextSampler`): for a model
+    streamed layer by layer in torch, every sampled token would decode the whole model again. Tokens are drawn
+    from llama.cpp's next-token logits by `qedit.core.linalg.draw_tokens` (inverse CDF, a seeded torch generator),
+    one sequence at a time from BOS. llama.cpp maps the file while it samples; it is unloaded afterwards."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        self.path, self.threads = Path(path), max(1, threads)
+
+    @staticmethod
+    def available(path: str | Path, threads: int = 1) -> "LlamaSampler | None":
+        """A sampler for `path`, or None when llama-cpp-python is not installed."""
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            log.info("llama-cpp-python is not installed: statistics text is sampled in torch")
+            return None
+        return LlamaSampler(path, threads)
+
+    def __call__(self, n_samples: int, sample_len: int, seed: int) -> list[list[int]]:
+        import llama_cpp
+
+        _route_native_log(llama_cpp)
+        try:
+            llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=sample_len, logits_all=False, verbose=False,
+                                  n_threads=self.threads, n_threads_batch=self.threads)
+        except (ValueError, RuntimeError) as exc:
+            raise QeditError(f"{self.path}: llama.cpp could not load the model to sample text ({exc})") from exc
+        try:
+            start = llm.token_bos() if llm.token_bos() >= 0 else llm.token_eos()
+            generator = torch.Generator().manual_seed(seed)
+            seqs = []
+            for _ in range(n_samples):
+                llm.reset()
+                seq = [start]
+                llm.eval(seq)
+                while len(seq) < sample_len:
+                    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+                    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float32)  # (vocab,)
+                    seq.append(int(draw_tokens(torch.from_numpy(logits)[None], generator)[0, 0]))
+                    if len(seq) < sample_len:
+                        llm.eval(seq[-1:])
+                seqs.append(seq)
+            return seqs
+        finally:
+            llm.close()

@@ -10,6 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 from qedit.core.batching import build_batch, is_marker_token, logits_at, target_index
+from qedit.core.chat import chat_ids, no_template_error
 from qedit.core.errors import QeditError
 from qedit.core.model import LoadedModel
 
@@ -47,6 +48,12 @@ class Runner(Protocol):
         """Greedy continuation of `prompt`, at most `max_tokens` tokens. Every runner's continuation ends
         before the first special token (end of text, a control token, a marker such as <start_of_image>)
         and is decoded without special tokens."""
+
+    def chat(self, items: Sequence[tuple[str, int]]) -> list[str]:
+        """The assistant's greedy reply to each (user message, max_tokens) asked as a one-turn chat, formatted
+        with the model's chat template as this runtime applies it (the generation prompt added), ending and
+        decoded as `complete` does. A QeditError when the model has no chat template (empty `items`: only that
+        check)."""
 
     def nll(self, text: str) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) of `text`'s tokens after BOS, and their count."""
@@ -93,14 +100,25 @@ class TorchRunner:
     def complete(self, prompt: str, max_tokens: int = 8) -> str:
         return self.generate([(prompt, max_tokens)])[0]
 
-    @torch.no_grad()
     def generate(self, items: Sequence[tuple[str, int]]) -> list[str]:
         """Greedy continuations of (prompt, max_tokens) items, `batch_size` left-padded prompts at a time."""
+        tok = self.loaded.tokenizer
+        return self._generate([(tok(p)["input_ids"], n) for p, n in items])
+
+    def chat(self, items: Sequence[tuple[str, int]]) -> list[str]:
+        tok, model = self.loaded.tokenizer, str(self.loaded.source)
+        if not getattr(tok, "chat_template", None):
+            raise no_template_error(model)
+        return self._generate([(chat_ids(tok, question, model), n) for question, n in items])
+
+    @torch.no_grad()
+    def _generate(self, items: Sequence[tuple[list[int], int]]) -> list[str]:
+        """Greedy continuations of (prompt ids, max_tokens) items, `batch_size` left-padded prompts at a time."""
         tok, out = self.loaded.tokenizer, []
         stop = self._stop_ids()
         for lo in range(0, len(items), self.batch_size):
             chunk = items[lo:lo + self.batch_size]
-            ids = [tok(p)["input_ids"] for p, _ in chunk]
+            ids = [x for x, _ in chunk]
             width = max(len(x) for x in ids)
             batch = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)    # (b, width), left-padded
             mask = torch.zeros_like(batch)

@@ -55,7 +55,7 @@ class RungContext:
         """The job `qedit edit SOURCE FACTS -o OUTPUT` runs for this ladder's facts and settings."""
         job = self.job
         return EditJob(job.model, job.requests, job.method, output, device=job.device, outcome=job.outcome,
-                       quantized_base=base)
+                       quantized_base=base, max_memory=job.max_memory, chat=job.chat)
 
 
 def run_rung(rung: Rung, ctx: RungContext) -> RungResult:
@@ -129,9 +129,17 @@ def _lora_rung(rung: Rung, ctx: RungContext, result: RungResult) -> None:
                             ctx.label(rung, "edited"))
 
 
+def _in_memory(rung: Rung, ctx: RungContext) -> None:
+    """GPTQ and bitsandbytes rungs quantize the torch model's own weights: skipped for a streamed model."""
+    if ctx.loaded.streamer is not None:
+        raise QeditError(f"{rung.name} quantizes the whole model in memory, which does not fit the memory budget; "
+                         "raise --max-memory to measure it")
+
+
 def _gptq_rung(rung: Rung, ctx: RungContext, result: RungResult) -> None:
     """The unedited model as a GPTQ checkpoint (built once), and the file `qedit edit --format gptq --bits N`
     writes: below 8 bits the edit computed on that checkpoint and patched into it edit-aware."""
+    _in_memory(rung, ctx)
     cfg = ctx.cfg
     quant = GPTQConfig(bits=int(rung.spec), group_size=cfg.gptq_group_size, desc_act=cfg.gptq_act_order)
     seqs = calibration_tokens(ctx.loaded, ctx.job.method.resolved_config().stats)
@@ -149,6 +157,7 @@ def _gptq_rung(rung: Rung, ctx: RungContext, result: RungResult) -> None:
 def _bnb_rung(rung: Rung, ctx: RungContext, result: RungResult) -> None:
     """In memory: bitsandbytes quantizes a copy of the unedited and of the edited model (plain rounding,
     no calibration, so there is no edit-aware path)."""
+    _in_memory(rung, ctx)
     result.baseline = measure(BitsAndBytesRunner(ctx.loaded, rung.spec), ctx.scoring, ctx.text, None,
                               ctx.label(rung, "baseline"))
     with applied(ctx.loaded.model, ctx.outcome.deltas):

@@ -7,6 +7,7 @@ from typing import Any
 from qedit.converters.loading import load_model
 from qedit.core.delta import applied
 from qedit.core.errors import QeditError
+from qedit.core.memory import MemoryBudget
 from qedit.core.model import LoadedModel
 from qedit.edit.compute import EditOutcome
 from qedit.evaluation.scoring import scoring_for
@@ -25,9 +26,9 @@ def run_survival(job: SurvivalJob, cfg: SurvivalConfig, loaded: LoadedModel | No
     `loaded`: `job.model` already loaded; `source_outcome`: the job's edit already computed on it. The torch
     model is left as it was given. A rung that cannot be built is reported as skipped with the reason."""
     requests = list(job.requests)
-    scoring = scoring_for(requests, job.retain)
-    loaded = loaded or load_model(job.model, device=job.device)
-    outcome = job.outcome or source_outcome or compute_for(job.method, loaded, requests)
+    scoring = scoring_for(requests, job.retain, chat=job.chat)
+    loaded = loaded or load_model(job.model, device=job.device, max_memory=job.max_memory or MemoryBudget.resolve(None))
+    outcome = job.outcome or source_outcome or compute_for(job.method, loaded, requests, chat=job.chat)
     if not outcome.deltas:
         raise QeditError("survival: no deltas to check; run an edit or give --from-deltas DIR")
     text = cfg.text if cfg.text is not None else fluency_text()
@@ -46,5 +47,5 @@ def run_survival(job: SurvivalJob, cfg: SurvivalConfig, loaded: LoadedModel | No
     return SurvivalResult(
         source=loaded.source, source_sha256=loaded.fingerprint, method=outcome.method, requests=requests,
         reference=reference, reference_baseline=ref_base, rungs=results, versions=versions(),
-        delta_norm=outcome.delta_norm, encoding=encoding, mode=scoring.kind,
+        delta_norm=outcome.delta_norm, encoding=encoding, mode=scoring.kind, chat=job.chat,
     )

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qedit.core.files import atomic_path
+from qedit.core.memory import MemoryBudget
 from qedit.core.version import qedit_version
 from qedit.edit.compute import EditOutcome
 from qedit.evaluation.forget import ForgetReport
@@ -71,7 +72,8 @@ class SurvivalConfig:
 class SurvivalJob:
     """What the ladder checks: `requests` edited (or unlearned) in `model` by `method`, or `outcome`, an edit
     already computed on `model` (saved deltas), measured as it is at every rung. `naive`: every rung measures
-    the source's edit requantized plainly. `retain`: the retain items an unlearning run scores."""
+    the source's edit requantized plainly. `retain`: the retain items an unlearning run scores. `chat`: the edit
+    `qedit edit --chat` computes (each fact in its one-turn chat), measured with the chat metrics too."""
 
     model: Path
     requests: Sequence[Any]
@@ -80,6 +82,8 @@ class SurvivalJob:
     outcome: EditOutcome | None = None
     retain: Sequence[RetainItem] | None = None
     device: str = "cpu"
+    max_memory: MemoryBudget | None = None    # None: the machine's default (as EditJob)
+    chat: bool = False
 
 
 @dataclass
@@ -126,6 +130,7 @@ class SurvivalResult:
     delta_norm: float = 0.0
     encoding: str = "naive"                       # how edited tensors were encoded: "aware" or "naive"
     mode: str = "edit"                            # "edit", or "forget" for unlearning
+    chat: bool = False                            # the facts were also asked as one-turn chats (chat metrics)
 
 
 def measure(runner: Runner, scoring: Scoring, text: str, baseline: Measured | None, label: str | None) -> Measured:

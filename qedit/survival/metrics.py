@@ -103,7 +103,9 @@ def _case_cells(c: CaseResult) -> dict[str, Any]:
     """One case's metrics at one rung, teacher-forced and generated, and what the model answered."""
     return {"efficacy": c.efficacy, "efficacy_top1": c.efficacy_top1, "efficacy_gen": c.efficacy_gen,
             "generalization": c.generalization, "generalization_gen": c.generalization_gen, "locality": c.locality,
-            "locality_gen": c.locality_gen, "margin": c.margin, "continuation": c.continuation}
+            "locality_gen": c.locality_gen, "margin": c.margin, "continuation": c.continuation,
+            "chat_efficacy_gen": c.chat_efficacy_gen, "chat_generalization_gen": c.chat_generalization_gen,
+            "chat_reply": c.chat_reply}
 
 
 def to_json(result: SurvivalResult, gates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -125,7 +127,7 @@ def to_json(result: SurvivalResult, gates: list[dict[str, Any]] | None = None) -
         "schema": SCHEMA,
         "source": str(result.source), "source_sha256": result.source_sha256, "method": result.method,
         "n_cases": len(result.requests), "delta_norm": result.delta_norm, "versions": result.versions,
-        "encoding": result.encoding, "mode": result.mode,
+        "encoding": result.encoding, "mode": result.mode, "chat": result.chat,
         "full_precision": {"runtime": "torch", "runner": result.reference.report.runner,
                            "metrics": metrics[FULL_PRECISION]},
         "rungs": rungs,

@@ -22,6 +22,7 @@ _TABLE = (  # (column title, metric key, format); "gen": the same measured on th
     ("locality", "locality", "{:.3f}"), ("gen", "locality_gen", "{:.3f}"), ("margin", "margin", "{:+.2f}"),
     ("m. kept", "margin_kept", "{:.2f}"), ("ppl ratio", "ppl_ratio", "{:.3f}"), ("died", "died", "{:.0f}"),
 )
+_CHAT_TABLE = (("chat", "chat_efficacy_gen", "{:.3f}"), ("chat gen.", "chat_generalization_gen", "{:.3f}"))
 _FORGET_TABLE = (
     ("bpw", "bits_per_weight", "{:.2f}"), ("P(answer)", "forget_prob", "{:.4f}"),
     ("recovery", "recovery_rate", "{:.3f}"), ("vs fp32", "recovery_change", "{:+.3f}"),
@@ -36,17 +37,20 @@ _PLOTTED = {"edit": (("efficacy", ("efficacy", "efficacy_gen")),
                      ("locality", ("locality", "locality_gen")), ("margin kept", ("margin_kept",)),
                      ("ppl ratio", ("ppl_ratio",)),
                      ("efficacy gap: teacher-forced - generated", ("efficacy_gen_gap",))),
+            "chat": (("chat efficacy (generated reply)", ("chat_efficacy_gen",)),),
             "forget": tuple((k, (k,)) for k in ("recovery_rate", "forget_prob", "retain_acc", "ppl_ratio"))}
 _CSV_RUNG = ("rung", "status", "reason", "bits_per_weight", "size_bytes", "efficacy", "efficacy_top1",
              "efficacy_gen", "efficacy_gen_gap", "efficacy_kept", "generalization", "generalization_top1",
              "generalization_gen", "generalization_kept", "locality", "locality_top1", "locality_gen", "margin",
-             "margin_change", "margin_kept", "perplexity", "baseline_perplexity", "ppl_ratio", "died")
+             "margin_change", "margin_kept", "perplexity", "baseline_perplexity", "ppl_ratio", "died",
+             "chat_efficacy_gen", "chat_generalization_gen")
 _CSV_FORGET_RUNG = ("rung", "status", "reason", "bits_per_weight", "size_bytes", "forget_prob", "forget_prob_first",
                     "recovery_rate", "recovery_change", "recovered", "forgotten", "retain_acc", "baseline_retain_acc",
                     "retain_acc_change", "retain_kept", "heldout_acc", "baseline_heldout_acc", "heldout_acc_change",
                     "perplexity", "baseline_perplexity", "ppl_ratio")
 _CSV_CASE = ("rung", "case_id", "subject", "target_new", "efficacy", "efficacy_top1", "efficacy_gen", "generalization",
-             "generalization_gen", "locality", "locality_gen", "margin", "margin_shrink", "died", "continuation")
+             "generalization_gen", "locality", "locality_gen", "margin", "margin_shrink", "died", "continuation",
+             "chat_efficacy_gen", "chat_generalization_gen", "chat_reply")
 _CSV_FORGET_CASE = ("rung", "case_id", "name", "answer", "prob", "prob_first", "known", "recovered")
 
 
@@ -54,8 +58,12 @@ def _forget(data: dict[str, Any]) -> bool:
     return data.get("mode") == "forget"
 
 
+def _chat(data: dict[str, Any]) -> bool:
+    return bool(data.get("chat"))
+
+
 def _table(data: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
-    return _FORGET_TABLE if _forget(data) else _TABLE
+    return _FORGET_TABLE if _forget(data) else _TABLE + (_CHAT_TABLE if _chat(data) else ())
 
 
 def _flagged(data: dict[str, Any]) -> tuple[str, list[tuple[str, list[str]]]]:
@@ -91,7 +99,9 @@ def table_lines(data: dict[str, Any]) -> list[str]:
             continue
         lines.append(f"{name:<14}" + "".join(f"{_fmt(metrics.get(k), f):>{w}}" for (_, k, f), w in zip(table, widths)))
     if not _forget(data):
-        lines.append("gen: measured on the greedy generated answers; gap: efficacy - generated efficacy")
+        lines.append("gen: measured on the greedy generated answers; gap: efficacy - generated efficacy"
+                     + ("; chat: the reply to the fact asked as a one-turn chat starts with the new answer"
+                        if _chat(data) else ""))
     title, flagged = _flagged(data)
     if flagged:
         lines.append(title)
@@ -119,7 +129,9 @@ def document(data: dict[str, Any]) -> list[Block]:
                 "unedited model's answer, word for word) and *gap* is efficacy minus generated efficacy; *kept* is "
                 "the share of the full-precision value; *m. kept* is the share of the edit's margin change (edited "
                 "minus unedited) that is left; *ppl ratio* is the perplexity of a fixed text, edited over unedited, "
-                "at the same rung.")
+                "at the same rung." + (" *chat*: the greedy reply to the fact asked as a one-turn chat (the model's "
+                                       "template, in the rung's runtime) starts with the new answer; *chat gen.*: "
+                                       "the same on the chat paraphrases." if _chat(data) else ""))
     rows = []
     for name, _status, metrics, reason in _rows(data):
         rows.append([name, f"skipped: {reason}"] if metrics is None
@@ -140,6 +152,10 @@ def document(data: dict[str, Any]) -> list[Block]:
     out += _case_section(data, rung_names)
     if not _forget(data):
         out += _answer_section(data, rung_names)
+    if _chat(data):
+        out += _answer_section(data, rung_names, "chat_reply", "chat_efficacy_gen",
+                               "Per case: the reply to the fact asked as a chat (greedy); ✓ = it starts with the new "
+                               "answer")
     if data.get("gates"):
         out += [("h2", "Gates"), ("list", [f"{g['requirement']}: {'PASS' if g['passed'] else 'FAIL'} (measured "
                                            f"{_fmt(g['actual'], '{:.3f}')}) {g['reason']}" for g in data["gates"]])]
@@ -164,20 +180,23 @@ def _case_section(data: dict[str, Any], rung_names: list[str]) -> list[Block]:
     return [("h2", f"Per case: {title}"), ("table", ["case", label, "fp32"] + rung_names, rows)]
 
 
-def _answer_section(data: dict[str, Any], rung_names: list[str]) -> list[Block]:
-    """What the edited model generates after each edit prompt, at full precision and at every rung."""
+def _answer_section(data: dict[str, Any], rung_names: list[str], text_key: str = "continuation",
+                    flag_key: str = "efficacy_gen",
+                    title: str = "Per case: the generated answer to the edit prompt (greedy); ✓ = it starts with the "
+                                 "new answer") -> list[Block]:
+    """What the edited model generates after each edit prompt (or replies to it asked as a chat), at full
+    precision and at every rung."""
     def said(v: dict[str, Any]) -> str:
-        text = v.get("continuation")
+        text = v.get(text_key)
         if text is None:
             return "-"
-        return f"“{text.strip()}”" + ("\u00a0✓" if v.get("efficacy_gen") else "")   # a no-break space
+        return f"“{text.strip()}”" + ("\u00a0✓" if v.get(flag_key) else "")   # a no-break space
 
-    if not any(c["fp32"].get("continuation") is not None for c in data["cases"]):
+    if not any(c["fp32"].get(text_key) is not None for c in data["cases"]):
         return []
     rows = [[c["case_id"] or f"#{i}", c["subject"], c["target_new"], said(c["fp32"])]
             + [said(c["rungs"].get(name, {})) for name in rung_names] for i, c in enumerate(data["cases"], 1)]
-    return [("h2", "Per case: the generated answer to the edit prompt (greedy); ✓ = it starts with the new answer"),
-            ("table", ["case", "subject", "new answer", "fp32"] + rung_names, rows)]
+    return [("h2", title), ("table", ["case", "subject", "new answer", "fp32"] + rung_names, rows)]
 
 
 def _markdown(data: dict[str, Any], has_plot: bool = False) -> str:
@@ -242,7 +261,7 @@ def plot(data: dict[str, Any], path: Path) -> bool:
         log.warning("matplotlib is not installed (pip install 'qedit[plot]'): no survival plot")
         return False
     rungs = [r for r in data["rungs"] if r["status"] == "ok" and r["bits_per_weight"]]
-    panels = _PLOTTED["forget" if _forget(data) else "edit"]
+    panels = _PLOTTED["forget" if _forget(data) else "edit"] + (_PLOTTED["chat"] if _chat(data) else ())
     cols = 3
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)

@@ -225,7 +225,7 @@ def train(loaded: LoadedModel, layers: Sequence[int], cfg: UnlearnConfig, forget
     Returns the trained dW per layer and training info.
     """
     def shape(layer: int) -> tuple[int, int]:
-        out_dim, in_dim = loaded.edit_weight(layer).shape
+        out_dim, in_dim = loaded.edit_shape(layer)
         return (int(out_dim), int(basis[layer].shape[0]) if basis is not None else int(in_dim))
 
     params = {layer: (init[layer].detach().clone() if init and layer in init

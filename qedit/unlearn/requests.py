@@ -60,6 +60,7 @@ class ForgetRequest:
     case_id: str | None = None
     retain_prompts: tuple[str, ...] = ()
     retain_answers: tuple[str, ...] = ()
+    origin: str | None = dataclasses.field(default=None, compare=False, repr=False)   # "forget.jsonl:3"
 
     def __post_init__(self) -> None:
         fact = (self.prompt, self.subject, self.answer)
@@ -87,6 +88,11 @@ class ForgetRequest:
     def name(self) -> str:
         """"subject -> answer" for facts, the start of the first text otherwise."""
         return f"{self.subject} -> {self.answer}" if self.is_fact else self.texts[0][:40]
+
+    def input_texts(self) -> list[tuple[str, str]]:
+        """(field, text) of every text a model runs the request on: its prompt, texts and retain prompts."""
+        return ([("prompt", self.prompt)] if self.prompt is not None else []) + [("text", t) for t in self.texts] \
+            + [("locality_prompt", p) for p in self.retain_prompts]
 
     @property
     def retain(self) -> tuple[RetainItem, ...]:

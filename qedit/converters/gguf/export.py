@@ -28,6 +28,7 @@ from qedit.converters.gguf.hf_config import hf_export, hf_groups, hf_rows, hf_te
 from qedit.converters.gguf.keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
 from qedit.converters.gguf.patch import MANIFEST_KEY, VERSION_KEY, group_deltas, manifest_kvs, read_manifests
 from qedit.converters.gguf.read import GGUFFile
+from qedit.converters.gguf.rows import TensorReader
 from qedit.converters.gguf.write import (
     KVEntry,
     RowReader,
@@ -236,7 +237,7 @@ def _aware_tensor(gf: GGUFFile, name: str, ggml_type: T, deltas: Sequence[LowRan
                   importance: np.ndarray | None) -> TensorSpec:
     """An edited tensor encoded edit-aware when the writer reaches it (plainly if its layer has no keys)."""
     def produce() -> np.ndarray:
-        w0 = np.array(gf.dequantize(name), dtype=np.float32, copy=True)                     # (rows, cols)
+        w0 = TensorReader(gf).tensor(name)                                                   # (rows, cols)
         change = sum(d.dense() for d in deltas).detach().cpu().numpy().astype(np.float32)  # (rows, cols)
         encoded = encoding.encode(name, deltas[-1].layer, w0, change, ggml_type)
         if encoded is not None:

@@ -24,6 +24,7 @@ from qedit.converters.gguf.aware import EditEncoding, EncodedTensor
 from qedit.converters.gguf.keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
 from qedit.converters.gguf.names import gguf_tensor_name
 from qedit.converters.gguf.read import GGUFFile
+from qedit.converters.gguf.rows import TensorReader
 from qedit.converters.gguf.write import KVEntry, TensorSpec, copied_kvs, encode_kv, source_tensor, write_gguf
 from qedit.core.delta import LowRankDelta
 from qedit.core.errors import QeditError
@@ -121,13 +122,14 @@ def _requantize(gf: GGUFFile, name: str, layer: int, change: np.ndarray, new_typ
                 encoding: EditEncoding | None = None) -> tuple[bytes, EncodedTensor | None]:
 
     info = gf.tensors[name]
-    w0 = np.array(gf.dequantize(name), dtype=np.float32, copy=True)  # (rows, cols)
+    reader = TensorReader(gf)   # pread: the file's pages stay out of the resident set
+    w0 = reader.tensor(name)    # (rows, cols) float32
     if new_type == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(w0 + change).tobytes(), None
     try:
         if encoding is not None and new_type not in _UNROUNDED:
             same = new_type == info.ggml_type   # the file's blocks can be kept where they still fit
-            original = np.asarray(gf.raw(name)).reshape(w0.shape[0], -1) if same else None
+            original = reader.raw_rows(name, 0, w0.shape[0]) if same else None
             encoded = encoding.encode(name, layer, w0, change, new_type, original)
             if encoded is not None:
                 return encoded.data.tobytes(), encoded

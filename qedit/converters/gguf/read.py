@@ -355,24 +355,7 @@ class GGUFFile:
         n_elems = int(np.prod(info.shape, dtype=np.int64))
         if out.dtype != np.float32 or out.size != n_elems or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous float32 array of {n_elems} elements")
-        raw = self.raw(name)
-        type_id = int(info.ggml_type)
-        flat = out.reshape(-1)  # (n_elems,), a view since out is contiguous
-        if type_id in _PLAIN_DTYPES:
-            flat[...] = raw.view(_PLAIN_DTYPES[type_id])
-        elif type_id == _BF16:
-            flat.view(np.uint32)[...] = raw.view("<u2").astype(np.uint32) << 16
-        elif n_elems:
-            import libgguf  # native dequantizer, imported only when a quantized tensor is read
-
-            n_per_row = info.shape[-1]
-            n_rows = n_elems // n_per_row
-            try:
-                libgguf.dequantize_rows_into_raw(type_id, raw.reshape(n_rows, -1), flat, n_rows, n_per_row)
-            except ValueError as err:
-                raise QeditError(
-                    f"{self._label}: cannot dequantize {name!r} of type {info.ggml_type.name}: {err}"
-                ) from None
+        decode_into(info.ggml_type, self.raw(name), out, info.shape[-1], f"{self._label}: {name!r}")
 
     def close(self) -> None:
         """Drop the file mapping; later `raw()` calls raise. Existing views stay valid."""
@@ -391,16 +374,19 @@ class GGUFFile:
         return f"GGUFFile({str(self.path)!r}, v{self.version}, {len(self.fields)} fields, {len(self.tensors)} tensors)"
 
 
-def same_tensor_data(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """True when two GGUF files hold the same tensors (names, types, shapes and bytes), whatever their
-    metadata: e.g. a Q4_K_M export of a Q4_K_M file, whose every tensor is copied."""
-    with GGUFFile(a) as fa, GGUFFile(b) as fb:
-        if fa.tensors.keys() != fb.tensors.keys():
-            return False
-        for name, info in fa.tensors.items():
-            other = fb.tensors[name]
-            if (info.ggml_type, info.shape) != (other.ggml_type, other.shape):
-                return False
-            if not np.array_equal(fa.raw(name), fb.raw(name)):
-                return False
-    return True
+def decode_into(ggml_type: gguf.GGMLQuantizationType, raw: np.ndarray, out: np.ndarray, n_per_row: int,
+                what: str) -> None:
+    """Decode whole rows of `n_per_row` values, `raw` (uint8) of `ggml_type`, into `out` (C-contiguous float32)."""
+    type_id, flat = int(ggml_type), out.reshape(-1)  # (n_elems,), a view since out is contiguous
+    if type_id in _PLAIN_DTYPES:
+        flat[...] = raw.reshape(-1).view(_PLAIN_DTYPES[type_id])
+    elif type_id == _BF16:
+        flat.view(np.uint32)[...] = raw.reshape(-1).view("<u2").astype(np.uint32) << 16
+    elif flat.size:
+        import libgguf  # native dequantizer, imported only when a quantized tensor is read
+
+        n_rows = flat.size // n_per_row
+        try:
+            libgguf.dequantize_rows_into_raw(type_id, raw.reshape(n_rows, -1), flat, n_rows, n_per_row)
+        except ValueError as err:
+            raise QeditError(f"{what}: cannot dequantize {ggml_type.name} data: {err}") from None

@@ -25,6 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from qedit.converters.gguf.archs import (
     SUPPORTED_ARCHITECTURES,
+    GGUFArch,
     check_arch,
     fused_part,
     name_map,
@@ -34,6 +35,7 @@ from qedit.converters.gguf.archs import (
 )
 from qedit.converters.gguf.config import build_config
 from qedit.converters.gguf.read import GGUFFile
+from qedit.converters.gguf.rows import TensorReader
 from qedit.converters.gguf.tokenizer import build_tokenizer
 from qedit.core.errors import QeditError
 
@@ -122,13 +124,9 @@ def _parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_model(
-    gf: GGUFFile,
-    config: PretrainedConfig,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device = torch.device("cpu"),
-) -> PreTrainedModel:
-    """Instantiate the HF model for `config` with its weights decoded from `gf`."""
+def meta_model(gf: GGUFFile, config: PretrainedConfig, dtype: torch.dtype = torch.float32
+               ) -> tuple[GGUFArch, PreTrainedModel]:
+    """The HF model for `config` with every parameter on the meta device (buffers real, in `dtype`)."""
     import transformers
 
     spec = check_arch(gf)
@@ -142,48 +140,78 @@ def build_model(
             model = model_cls(config)
     finally:
         torch.set_default_dtype(previous_dtype)
-    names = name_map(spec.name, config.num_hidden_layers)
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    state: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    last: dict[str, torch.Tensor] = {}  # the last stored tensor read: a fused attn_qkv gives q, k and v in turn
-    for hf_name, param in model.named_parameters():  # tied parameters are listed once
-        source = _source(gf, hf_name, names, config)
+    return spec, model
+
+
+def parameter_sources(gf: GGUFFile, spec: GGUFArch, model: PreTrainedModel) -> dict[str, _Source]:
+    """HF parameter name -> where it is stored, for every parameter of `model` (tied ones once); a parameter the
+    file lacks is a QeditError."""
+    names = name_map(spec.name, model.config.num_hidden_layers)
+    out = {}
+    for hf_name, _ in model.named_parameters():
+        source = _source(gf, hf_name, names, model.config)
         if source is None or not source.parts:
             expected = None if source is None else source.name
             raise QeditError(
                 f"{gf.path.name}: no GGUF tensor for HF parameter {hf_name} (expected {expected}); "
                 f"the file is incomplete or not a standard {spec.name} export"
             )
-        parts = [last[part] if part in last else _dequantized(gf, part) for part in source.parts]
+        out[hf_name] = source
+    return out
+
+
+def as_parameter(gf: GGUFFile, spec: GGUFArch, config: PretrainedConfig, source: _Source, hf_name: str,
+                 parts: list[torch.Tensor], shape: tuple[int, ...], cut: bool = True) -> torch.Tensor:
+    """The stored tensors `parts` of `source` (float32, GGUF numpy order) -> the HF parameter `hf_name` of `shape`:
+    joined, cut to the rows of a fused tensor (unless `cut` is False: the parts are those rows already),
+    llama.cpp's conversion undone."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    values = parts[0] if len(parts) == 1 else torch.cat(parts)  # shape: GGUF numpy order
+    if source.rows is not None and cut:
+        values = values[source.rows[0]:source.rows[1]].clone()  # q, k and v must not share storage
+    values = to_hf(spec, source.name, values, heads, kv_heads)
+    if tuple(values.shape) != tuple(shape):
+        raise QeditError(
+            f"{gf.path.name}: tensor {source.name} has shape {tuple(values.shape)} but {hf_name} needs "
+            f"{tuple(shape)}; the metadata does not match the tensors"
+        )
+    return values
+
+
+def check_unused(gf: GGUFFile, sources: dict[str, _Source]) -> None:
+    """Warn about GGUF tensors no parameter reads."""
+    used = {part for source in sources.values() for part in source.parts}
+    unused = [name for name in gf.tensors if name not in used and name not in _CONFIG_TENSORS]
+    if unused:
+        logger.warning("%s: %d GGUF tensors were not used: %s", gf.path.name, len(unused), ", ".join(unused[:5]))
+
+
+def build_model(
+    gf: GGUFFile,
+    config: PretrainedConfig,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device = torch.device("cpu"),
+) -> PreTrainedModel:
+    """Instantiate the HF model for `config` with its weights decoded from `gf`."""
+    spec, model = meta_model(gf, config, dtype)
+    sources = parameter_sources(gf, spec, model)
+    reader = TensorReader(gf)  # pread: the file's pages never stay in the resident set
+    state: dict[str, torch.Tensor] = {}
+    last: dict[str, torch.Tensor] = {}  # the last stored tensor read: a fused attn_qkv gives q, k and v in turn
+    for hf_name, param in model.named_parameters():  # tied parameters are listed once
+        source = sources[hf_name]
+        parts = [last[part] if part in last else torch.from_numpy(reader.tensor(part)) for part in source.parts]
         last = {source.parts[-1]: parts[-1]}
-        values = parts[0] if len(parts) == 1 else torch.cat(parts)  # shape: GGUF numpy order
-        if source.rows is not None:
-            values = values[source.rows[0]:source.rows[1]].clone()  # q, k and v must not share storage
-        values = to_hf(spec, source.name, values, heads, kv_heads)
-        if tuple(values.shape) != tuple(param.shape):
-            raise QeditError(
-                f"{gf.path.name}: tensor {source.name} has shape {tuple(values.shape)} but {hf_name} needs "
-                f"{tuple(param.shape)}; the metadata does not match the tensors"
-            )
+        values = as_parameter(gf, spec, config, source, hf_name, parts, tuple(param.shape))
         state[hf_name] = values.to(device=device, dtype=dtype)
-        used.update(source.parts)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
     meta = [name for name, p in model.named_parameters() if p.is_meta]
     if meta:
         raise QeditError(f"{gf.path.name}: parameters left without weights: {', '.join(meta[:5])}")
-    unused = [name for name in gf.tensors if name not in used and name not in _CONFIG_TENSORS]
-    if unused:
-        logger.warning("%s: %d GGUF tensors were not used: %s", gf.path.name, len(unused), ", ".join(unused[:5]))
+    reader.close()
+    check_unused(gf, sources)
     model.config.dtype = dtype
     return model.to(device).eval()
-
-
-def _dequantized(gf: GGUFFile, name: str) -> torch.Tensor:
-    values = torch.empty(gf.tensors[name].shape, dtype=torch.float32)  # shape: GGUF numpy order
-    gf.dequantize_into(name, values.numpy())
-    return values
-

@@ -25,12 +25,13 @@ import gguf
 import numpy as np
 
 from qedit.converters.gguf.read import GGUFFile
+from qedit.converters.gguf.rows import TensorReader
 from qedit.converters.gguf.vocab import vocab_kvs
 from qedit.core.delta import MANIFEST_FILE
 from qedit.core.errors import QeditError
 from qedit.core.files import atomic_path
 from qedit.core.model import fingerprint_source
-from qedit.kernels import dequantize_tensor, registry
+from qedit.kernels import registry
 
 if TYPE_CHECKING:
     from qedit.core.delta import LowRankDelta
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 VT = gguf.GGUFValueType
 _COPY_CHUNK = 1 << 24  # bytes per write when copying a large array or memmap slice
 _ENCODE_VALUES = 1 << 22  # float32 values per row chunk when encoding (16 MB)
+ENCODE_CHUNK_BYTES = 4 * _ENCODE_VALUES
 _SCALAR_FORMATS: dict[VT, str] = {
     VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
     VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d",
@@ -169,8 +171,17 @@ def copied_kvs(gf: GGUFFile, keys: Iterable[str]) -> list[KVEntry]:
 
 
 def source_tensor(gf: GGUFFile, name: str) -> Callable[[], TensorData]:
-    """A producer that copies tensor `name` of `gf` unchanged (a memmap view, written in chunks)."""
-    return lambda: gf.raw(name)
+    """A producer that copies tensor `name` of `gf` unchanged, read with pread a chunk at a time (through the
+    memory map, a copy of the whole file would stay in the resident set)."""
+
+    def produce() -> Iterator[np.ndarray]:
+        reader = TensorReader(gf)
+        try:
+            yield from reader.chunks(name, _COPY_CHUNK)
+        finally:
+            reader.close()
+
+    return produce
 
 
 def encoded_chunks(
@@ -216,10 +227,10 @@ def reencoded_tensor(gf: GGUFFile, name: str, ggml_type: gguf.GGMLQuantizationTy
 
     def make_reader() -> RowReader:
         change = sum(d.dense() for d in deltas).detach().cpu().numpy().reshape(n_rows, n_cols) if deltas else None
+        reader = TensorReader(gf)   # pread: nothing of the file stays in the resident set
 
         def read(lo: int, hi: int) -> np.ndarray:
-            raw = gf.raw(name).reshape(n_rows, -1)  # (n_rows, row_bytes), a memmap view
-            rows = dequantize_tensor(raw[lo:hi], info.ggml_type, (hi - lo, n_cols))  # (hi - lo, n_cols), a copy
+            rows = reader.rows(name, lo, hi)  # (hi - lo, n_cols)
             if change is not None:
                 rows += change[lo:hi]  # change: (n_rows, n_cols) float32
             return rows

@@ -72,7 +72,7 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
     texts = [pre + r.prompt for r in requests for pre in prefixes]
     batch = build_batch(loaded, texts, [r.target_new for r in requests for _ in prefixes])
     rows, cols, ids = target_index(batch)
-    params = {layer: torch.zeros(tuple(loaded.edit_weight(layer).shape), requires_grad=True) for layer in layers}  # (out, in)
+    params = {layer: torch.zeros(loaded.edit_shape(layer), requires_grad=True) for layer in layers}  # (out, in)
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr) if cfg.optimizer == "adam" else None
 
     edits = dense_edits(loaded, params)

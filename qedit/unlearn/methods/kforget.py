@@ -99,7 +99,7 @@ def retain_grams(loaded: LoadedModel, layers: Sequence[int], prompts: Sequence[s
     """Per layer, sum of k k^T (d_in, d_in) float64 over the MLP output projection's input at every token of
     `prompts` (the unedited model)."""
     modules = [loaded.arch.mlp_out.format(layer) for layer in layers]
-    d_in = {layer: loaded.edit_weight(layer).shape[1] for layer in layers}
+    d_in = {layer: loaded.edit_shape(layer)[1] for layer in layers}
     grams = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64) for layer in layers}
     origin = torch.zeros(1, dtype=torch.long)
     for lo in range(0, len(prompts), chunk):

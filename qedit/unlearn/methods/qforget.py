@@ -131,7 +131,7 @@ def hinge(margin: float):
 def _views(loaded: LoadedModel, layers: Sequence[int], cfg: QForgetConfig) -> tuple[list[Requantizer], list[str]]:
     quants, names = [], []
     for name in cfg.quant_types:
-        if name == SOURCE and loaded.gguf is None:
+        if name == SOURCE and not loaded.stored_types:
             log.warning("%s was not loaded from a GGUF file: no 'source' type to train against", loaded.source)
             continue
         quants.append(Requantizer.for_type(loaded, list(layers), name))
@@ -164,7 +164,7 @@ def column_masks(loaded: LoadedModel, layers: Sequence[int], requests: Sequence[
     """
     usage = _rms_inputs(loaded, layers, retain) if retain is not None else {}
     if cfg.saliency == "gradient":
-        params = {layer: torch.zeros(tuple(loaded.edit_weight(layer).shape), requires_grad=True) for layer in layers}
+        params = {layer: torch.zeros(loaded.edit_shape(layer), requires_grad=True) for layer in layers}
         objective(logits_with(loaded, params, forget), forget).backward()
         signal = {layer: p.grad.norm(dim=0) for layer, p in params.items()}           # (in,) per layer
     else:
@@ -179,7 +179,7 @@ def column_masks(loaded: LoadedModel, layers: Sequence[int], requests: Sequence[
         score = signal[layer]
         if layer in usage:
             score = score / (usage[layer] + 0.1 * usage[layer].mean() + 1e-12)
-        mask = torch.zeros(tuple(loaded.edit_weight(layer).shape))                    # (out, in)
+        mask = torch.zeros(loaded.edit_shape(layer))                    # (out, in)
         if cfg.n_columns == 0 or cfg.n_columns >= score.numel():
             mask.fill_(1.0)
         else:
@@ -242,7 +242,7 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: QForget
     forget = forget_targets(loaded, requests)
     quants, names = _views(loaded, layers, cfg)
     margin, effect = cfg.margin, 0.0
-    zero = {layer: torch.zeros(tuple(loaded.edit_weight(layer).shape)) for layer in layers}
+    zero = {layer: torch.zeros(loaded.edit_shape(layer)) for layer in layers}
     base = view_gaps(loaded, zero, forget, quants, names)
     if cfg.auto_margin and names:
         effect = max(float((base[n] - base["fp32"]).abs().mean()) for n in names)
