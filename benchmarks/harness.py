@@ -67,7 +67,7 @@ def thread_env(threads: int = 1, **extra: str) -> dict[str, str]:
 
 def qedit_cmd(*args: str) -> list[str]:
     """The command line `qedit ARGS` as this interpreter runs it."""
-    return [sys.executable, "-m", "qedit.cli.main", *args]
+    return [sys.executable, "-m", "qedit.cli", *args]
 
 
 class ChildFailed(RuntimeError):

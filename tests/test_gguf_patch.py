@@ -36,10 +36,10 @@ def torch_before(gemma):
 def patched(gemma, gemma_gguf, torch_before, tmp_path_factory):
     from qedit.converters.gguf.patch import patch_gguf
     from qedit.core.facts import demo_requests
-    from qedit.edit.compute import edit
+    from qedit.edit.compute import compute_edits
 
     requests = demo_requests()[:2]
-    outcome = edit(gemma, requests, "rome", _fast_rome())
+    outcome = compute_edits(gemma, requests, "rome", _fast_rome())
     manifest = outcome.manifest(gemma)
     dst = tmp_path_factory.mktemp("patched") / "edited.gguf"
     report = patch_gguf(gemma_gguf, dst, outcome.deltas, manifest)

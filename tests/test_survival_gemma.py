@@ -89,6 +89,8 @@ def test_default_ladder_computes_the_edit_on_coarse_rungs_in_llama_cpp(gemma_ggu
     """Without --from-deltas the aware ladder computes the edit on the Q3_K_M rung's own unedited file and
     patches it there; --naive measures the full-precision edit quantized plainly. Run in llama.cpp."""
     from qedit.cli import main
+    from qedit.converters.gguf.patch import read_manifests
+    from qedit.converters.gguf.read import GGUFFile
 
     runs = {}
     for mode in ("aware", "naive"):
@@ -100,7 +102,8 @@ def test_default_ladder_computes_the_edit_on_coarse_rungs_in_llama_cpp(gemma_ggu
     aware, naive = runs["aware"], runs["naive"]
     assert aware["Q8_0"]["computed_on"] == naive["Q8_0"]["computed_on"] == naive["Q3_K_M"]["computed_on"] == "source"
     assert aware["Q3_K_M"]["computed_on"] == "rung" and aware["Q3_K_M"]["encoding"] == "aware"
-    assert "onrung" in aware["Q3_K_M"]["artifacts"]["edited"]
+    with GGUFFile(aware["Q3_K_M"]["artifacts"]["edited"]) as gf:   # what `qedit edit --quant Q3_K_M` records
+        assert "exported at Q3_K_M" in read_manifests(gf)[-1]["info"]["computed_on"]
     assert aware["Q3_K_M"]["artifacts"]["baseline"] == naive["Q3_K_M"]["artifacts"]["baseline"]
     assert aware["Q3_K_M"]["delta_norm"] != pytest.approx(naive["Q3_K_M"]["delta_norm"], rel=1e-4)
     a, n = aware["Q3_K_M"]["metrics"], naive["Q3_K_M"]["metrics"]

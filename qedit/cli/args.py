@@ -71,11 +71,29 @@ def add_chat_arg(p: argparse.ArgumentParser, edits: bool = False) -> None:
                                      "the chat prompt)" if edits else ""))
 
 
+DEVICE_MAP_HELP = ("spread the model's layers over the machine's GPUs with accelerate's device map (infer_auto_device_map "
+                   "and dispatch_model, as transformers' device_map='auto'); without a GPU, the CPU. A model that does "
+                   "not fit the GPUs, or one streamed layer by layer (--max-memory), is refused")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device for full-precision work, as torch names it "
+                                                   "(default: cpu)")
+    p.add_argument("--device-map", default=None, choices=("auto",), help=DEVICE_MAP_HELP)
+
+
+def device_map_from(args: argparse.Namespace) -> str | None:
+    """--device-map, refused beside a --device other than the CPU (the map places the layers itself)."""
+    if args.device_map is not None and args.device != "cpu":
+        raise QeditError(f"--device-map {args.device_map} places the model's layers itself; leave out --device {args.device}")
+    return args.device_map
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help=MODEL_HELP)
     p.add_argument("facts", type=Path, help="facts JSONL file")
     p.add_argument("--limit", type=int, default=None, help="use only the first N facts")
-    p.add_argument("--device", default="cpu", help="torch device for full-precision work (default: cpu)")
+    add_device_args(p)
 
 
 def add_method_args(p: argparse.ArgumentParser, default: str = "memit", unlearn: bool | None = False) -> None:

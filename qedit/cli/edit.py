@@ -13,6 +13,7 @@ from qedit.cli.args import (
     add_model_args,
     add_output_args,
     budget_from,
+    device_map_from,
     method_from,
     output_from,
     resolve_model,
@@ -85,8 +86,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     check_json_path(args.json, args.model, args.facts)
     if args.json is not None and args.json.resolve() == args.output.resolve():
         raise QeditError(f"{args.json}: --json and --output are the same path; give the metrics a file name of their own")
-    job = EditJob(args.model, requests, method_from(args), output_from(args), device=args.device, evaluate=args.eval,
-                  ollama=ollama, max_memory=budget_from(args), chat=args.chat)
+    job = EditJob(args.model, requests, method_from(args), output_from(args), device=args.device,
+                  device_map=device_map_from(args), evaluate=args.eval, ollama=ollama, max_memory=budget_from(args),
+                  chat=args.chat)
     run = run_edit(job, notify=print, inputs=[args.facts])
     print_run(run, "edited")
     if run.measured is not None:
@@ -116,6 +118,7 @@ def print_run(run: EditRun, verb: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     args.model, _ = resolve_model(args.model)
     args.baseline, _ = resolve_model(args.baseline)
+    device_map = device_map_from(args)
     requests = load_requests(args.facts, args.limit)
     check_json_path(args.json, args.model, args.facts, *([args.baseline] if args.baseline else []))
     loaded = None
@@ -124,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.model.is_dir() and is_gptq_checkpoint(args.model):
         runner = gptq_runner(args.model)  # GPTQModel when installed, else qedit's dequantizing runner (it says so)
     else:
-        loaded = load_model(args.model, device=args.device)
+        loaded = load_model(args.model, device=args.device, device_map=device_map)
         runner = TorchRunner(loaded)
     if args.chat:
         runner.chat([])   # a model without a chat template is refused before anything is measured
@@ -146,7 +149,7 @@ def _baseline(args: argparse.Namespace, requests: list[EditRequest], loaded: Loa
         elif args.baseline.is_dir() and is_gptq_checkpoint(args.baseline):
             base = gptq_runner(args.baseline)
         else:
-            base = TorchRunner(load_model(args.baseline, device=args.device))
+            base = TorchRunner(load_model(args.baseline, device=args.device, device_map=args.device_map))
         return evaluate(base, requests)
     if loaded is not None and args.model.is_dir() and (args.model / MANIFEST_FILE).is_file():
         deltas, _ = load_deltas(args.model)

@@ -9,10 +9,12 @@ from typing import Any
 
 from qedit.cli.args import (
     MODEL_HELP,
+    add_device_args,
     add_memory_arg,
     add_method_args,
     add_output_args,
     budget_from,
+    device_map_from,
     method_from,
     output_from,
     resolve_model,
@@ -53,7 +55,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--retain", type=Path, default=None, help="JSONL of prompts whose answers must keep working")
     p.add_argument("--heldout", type=Path, default=None, help=HELDOUT_HELP)
     p.add_argument("--limit", type=int, default=None, help="use only the first N facts")
-    p.add_argument("--device", default="cpu", help="torch device for full-precision work (default: cpu)")
+    add_device_args(p)
     add_method_args(p, default="kforget", unlearn=None)
     add_output_args(p)
     add_memory_arg(p)
@@ -76,7 +78,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     retain = scored_retain(requests, extra, args.heldout)
     measure = args.eval or bool(requirements) or args.json is not None
     job = EditJob(args.model, requests, method_from(args, retain=tuple(extra)), output_from(args),
-                  device=args.device, evaluate=measure, ollama=ollama, max_memory=budget_from(args))
+                  device=args.device, device_map=device_map_from(args), evaluate=measure, ollama=ollama,
+                  max_memory=budget_from(args))
     run = run_edit(job, notify=print, inputs=inputs, retain=retain, requirements=requirements)
     print_run(run, "unlearned")
     if run.forget is not None:

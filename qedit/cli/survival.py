@@ -12,6 +12,7 @@ from qedit.cli.args import (
     add_method_args,
     add_model_args,
     budget_from,
+    device_map_from,
     method_from,
     resolve_model,
 )
@@ -141,16 +142,17 @@ def cmd_survival(args: argparse.Namespace) -> int:
         raise QeditError(f"--gptq-group-size/--threads: {exc}") from None
     refuse_store_output(cfg.artifacts)
     budget = budget_from(args)
+    device_map = device_map_from(args)
     header = read_header(args.model)
     check_requests(method, requests, header, budget)
     if args.chat:   # the chat template, and each fact's subject in its chat question, before the model is loaded
         chat_requests(header.tokenizer, str(args.model), requests)
-    loaded = load_within(args.model, method, requests, args.device, budget, header)
+    loaded = load_within(args.model, method, requests, args.device, budget, header, device_map)
     outcome = None
     if args.from_deltas is not None:
         outcome = saved_outcome(args.from_deltas, requests, method.resolved_config(), loaded)
     job = SurvivalJob(args.model, requests, method, naive=args.naive, outcome=outcome, retain=retain, device=args.device,
-                      max_memory=budget, chat=args.chat)
+                      device_map=device_map, max_memory=budget, chat=args.chat)
     result = run_survival(job, cfg, loaded)
     gates = check_requirements(requirements, all_rung_metrics(result))
     gate_json = [{"requirement": str(g.requirement), "actual": g.actual, "passed": g.passed, "reason": g.reason}

@@ -4,9 +4,13 @@
 A GGUF model whose float32 weights do not fit the budget is loaded streamed (`converters/gguf/streamed.py`):
 its frozen weights stay in the file and are decoded layer by layer as passes need them. `read_header` gives a
 model's config and tokenizer without its weights, for checks that must come before any model work.
+
+`device_map="auto"` spreads a model held whole over the machine's accelerators with accelerate's device map
+(`spread`); its hooks move each layer's inputs to that layer's device. A streamed model is not spread.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -108,14 +112,18 @@ def read_header(source: str | Path) -> ModelHeader:
 
 
 def load_gguf_model(path: Path, device: torch.device, dtype: torch.dtype, budget: MemoryBudget | None = None,
-                    work: Workload | None = None) -> LoadedModel:
+                    work: Workload | None = None, device_map: str | None = None) -> LoadedModel:
     """A GGUF file, every tensor dequantized (the types it is stored in are kept in `stored_types`), or, when its
-    float32 weights do not fit `budget` besides `work`, streamed from the file."""
+    float32 weights do not fit `budget` besides `work`, streamed from the file (refused with a `device_map`)."""
     budget = budget or MemoryBudget(0)
     with GGUFFile(path) as gf:
         config = build_config(gf)
         tokenizer = build_tokenizer(gf, config)
         plan = memory_plan(gf, config, budget, work or Workload(), dtype, budget.stream, budget.cache_limit)
+        if device_map is not None and not plan.whole:
+            raise QeditError(f"{path.name}: --device-map {device_map} spreads a model held whole, but this one does not "
+                             f"fit the memory budget of {format_size(budget.total)} and would be streamed layer by layer "
+                             "from the file; raise --max-memory, or leave out --device-map")
         streamer = None
         if plan.whole:
             model = build_model(gf, config, dtype=dtype, device=device)
@@ -169,21 +177,75 @@ def _check_fits(path: Path, budget: MemoryBudget, work: Workload) -> None:
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               max_memory: MemoryBudget | int | str | None = None, work: Workload | None = None) -> LoadedModel:
+               max_memory: MemoryBudget | int | str | None = None, work: Workload | None = None,
+               device_map: str | None = None) -> LoadedModel:
     """Load an HF model directory, a .gguf file or a GPTQ checkpoint for editing (full precision, eval mode).
 
     `max_memory` (bytes, text such as '10GiB', or a MemoryBudget; None: no budget) bounds what the process holds
     with `work` (the edit's batches, statistics and edited matrices) on top: a GGUF model that does not fit
-    whole is streamed, anything else that does not fit is a one-line error."""
+    whole is streamed, anything else that does not fit is a one-line error. `device_map="auto"`: the model is
+    loaded on the CPU and then spread over the available devices (`spread`); `device` must be the CPU then."""
     path = Path(source)
     device = torch.device(device)
+    if device_map is not None:
+        check_device_map(device_map)
+        if device.type != "cpu":
+            raise QeditError(f"--device-map {device_map} places the model's layers itself; leave out --device {device}")
     kind = _kind(path)
     budget = max_memory if isinstance(max_memory, MemoryBudget) or max_memory is None else MemoryBudget.resolve(max_memory)
     log.info("loading %s", path)
     if kind == "gguf":
-        return load_gguf_model(path, device, dtype, budget, work)
-    if budget is not None:
-        _check_fits(path, budget, work or Workload())
-    if kind == "gptq":  # dequantized by qedit's reader: full-precision work needs no GPTQ kernels
-        return load_dequantized(path, device, dtype)
-    return load_hf_dir(path, device, dtype)
+        loaded = load_gguf_model(path, device, dtype, budget, work, device_map)
+    else:
+        if budget is not None:
+            _check_fits(path, budget, work or Workload())
+        # a GPTQ checkpoint is dequantized by qedit's reader: full-precision work needs no GPTQ kernels
+        loaded = load_dequantized(path, device, dtype) if kind == "gptq" else load_hf_dir(path, device, dtype)
+    return spread(loaded, device_map) if device_map is not None else loaded
+
+
+DEVICE_MAPS = ("auto",)
+
+
+def check_device_map(device_map: str) -> None:
+    if device_map not in DEVICE_MAPS:
+        raise QeditError(f"--device-map {device_map!r}: the supported maps are {', '.join(DEVICE_MAPS)}")
+
+
+def spread(loaded: LoadedModel, device_map: str = "auto") -> LoadedModel:
+    """`loaded` (held whole, on the CPU) spread over the machine's devices with accelerate's device map, as
+    transformers' device_map="auto" does: `infer_auto_device_map` over the accelerators' memory balanced by
+    `get_balanced_memory`, decoder layers kept whole (the model's `_no_split_modules`), then `dispatch_model`, whose
+    hooks move each module's inputs to its device. Without an accelerator the map is the CPU alone. A model that
+    does not fit the accelerators is refused: accelerate would offload the rest to the CPU or disk, leaving weights
+    on the meta device that an edit cannot read or change. The returned model's `device` is its input embedding's."""
+    check_device_map(device_map)
+    if loaded.streamer is not None:
+        raise QeditError(f"{loaded.source.name}: --device-map {device_map} cannot spread a model streamed layer by layer "
+                         "from its file; raise --max-memory, or leave out --device-map")
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.utils import get_balanced_memory, get_max_memory
+    except ImportError:
+        raise QeditError(f"--device-map {device_map} needs accelerate: pip install accelerate") from None
+    model = loaded.model
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    dtype = next(model.parameters()).dtype
+    accelerators = {k: v for k, v in get_max_memory().items() if k not in ("cpu", "disk")}
+    if accelerators:
+        budget = get_balanced_memory(model, max_memory=accelerators, no_split_module_classes=no_split, dtype=dtype)
+    else:   # the CPU alone, which holds the model already
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        budget = {"cpu": 2 * held + (1 << 30)}
+    placement = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
+    offloaded = sorted({str(d) for d in placement.values()} & {"cpu", "disk"}) if accelerators else []
+    if offloaded:
+        free = format_size(sum(int(v) for v in accelerators.values()))
+        raise QeditError(f"{loaded.source.name}: does not fit the {len(accelerators)} accelerator(s) ({free} free); "
+                         f"--device-map {device_map} would offload part of it to the {' and '.join(offloaded)}, which "
+                         "qedit does not do; use a machine with more accelerator memory, or --device cpu")
+    dispatch_model(model, placement)
+    device = model.get_input_embeddings().weight.device
+    log.info("%s spread over %s with accelerate's device map", loaded.source.name,
+             ", ".join(sorted({str(d) for d in placement.values()})))
+    return dataclasses.replace(loaded, device=device)

@@ -83,20 +83,24 @@ def build_batch(loaded: LoadedModel, prompts: Sequence[str], targets: Sequence[s
         lasts.append(len(p) - 1)
         subj = subjects[i] if subjects is not None else None
         lookups.append(subject_last_index(tok, prompt, subj) if subj else -1)
+    ids, mask = padded(rows, tok.pad_token_id, loaded.device)
+    return Batch(ids, mask, tpos, tids, lookups, lasts)
+
+
+def padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded to the longest: ids and attention mask (len(rows), width) int64, made on `device`."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return Batch(ids.to(loaded.device), mask.to(loaded.device), tpos, tids, lookups, lasts)
+    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
 
 
 def logits_at(loaded: LoadedModel, batch: Batch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Next-token logits (n, vocab) at (rows[i], cols[i]), computing the LM head only there."""
+    """Next-token logits (n, vocab) float32 at (rows[i], cols[i]), computing the LM head only there; on the model's
+    input device (`LoadedModel.device`), wherever a device map put the last layers and the head."""
     base = loaded.model.get_submodule(loaded.arch.base_model)
     hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (b, s, d)
-    h = hidden[rows, cols]                                                                              # (n, d)
+    h = hidden[rows.to(hidden.device), cols.to(hidden.device)]                                          # (n, d)
     logits = loaded.model.get_submodule(loaded.arch.lm_head)(h)                                         # (n, vocab)
     scaling = getattr(loaded.model.config, "logits_scaling", None)  # Granite divides its logits by this
     if scaling:
@@ -104,7 +108,7 @@ def logits_at(loaded: LoadedModel, batch: Batch, rows: torch.Tensor, cols: torch
     cap = getattr(loaded.model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return logits.float()
+    return logits.float().to(loaded.device)
 
 
 def best_other(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -115,11 +119,11 @@ def best_other(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def target_index(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flattened (row, col, token id) over every target token of the batch."""
+    """Flattened (row, col, token id) over every target token of the batch, on the batch's device."""
     rows, cols, ids = [], [], []
     for i, (pos, tid) in enumerate(zip(batch.target_pos, batch.target_ids)):
         rows.extend([i] * len(pos))
         cols.extend(pos)
         ids.extend(tid)
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=batch.input_ids.device)  # noqa: E731
     return as_long(rows), as_long(cols), as_long(ids)

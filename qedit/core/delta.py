@@ -143,8 +143,8 @@ def save_deltas(directory: Path, deltas: Sequence[LowRankDelta], manifest: dict[
     tensors: dict[str, torch.Tensor] = {}
     entries = []
     for i, d in enumerate(deltas):
-        tensors[f"{i}.a"] = d.a.float().contiguous()
-        tensors[f"{i}.b"] = d.b.float().contiguous()
+        tensors[f"{i}.a"] = d.a.detach().float().cpu().contiguous()
+        tensors[f"{i}.b"] = d.b.detach().float().cpu().contiguous()
         entries.append({"index": i, "name": d.name, "layer": d.layer, "rank": d.rank, "scale": d.scale,
                         "orientation": d.orientation.value, "norm": d.norm(), "meta": d.meta})
     for layer, k in (keys or {}).items():

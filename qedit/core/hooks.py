@@ -87,13 +87,20 @@ def stop_after(model: nn.Module, name: str) -> Iterator[None]:
         handle.remove()
 
 
+def at_positions(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """t[rows[i], cols[i]] (n, ...) of a value recorded at some module, t (batch, seq, ...): the indices are moved to
+    t's device (with a device map, a layer's values live on that layer's device)."""
+    return t[rows.to(t.device), cols.to(t.device)]
+
+
 def add_at_positions(vectors: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> OutputEdit:
-    """An OutputEdit adding vectors[i] (n, dim) to output[rows[i], cols[i]]."""
+    """An OutputEdit adding vectors[i] (n, dim) to output[rows[i], cols[i]], on the output's device."""
 
     def fn(_inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # out: (batch, seq, dim)
+        r, c = rows.to(out.device), cols.to(out.device)
         out = out.clone()
-        out[rows, cols] = out[rows, cols] + vectors.to(out.dtype)
+        out[r, c] = out[r, c] + vectors.to(device=out.device, dtype=out.dtype)
         return out
 
     return fn

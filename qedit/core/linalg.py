@@ -1,7 +1,10 @@
 """Shared edit math: regularised solves, null-space projectors, SVD truncation; a product with a matrix read in
 row chunks (a streamed LM head) and the inverse-CDF draw of tokens from logits.
 
-Solves run in float64: key covariances of LLM MLPs are badly conditioned.
+Solves run in float64: key covariances of LLM MLPs are badly conditioned. Where: on the device of the tensor a
+function names as its primary input (the keys of a solve, the matrix of a decomposition), when that device computes
+in float64 (the CPU and CUDA do); on a device without float64 (Apple's MPS) on the CPU (`float64_device`), and the
+results stay there. The other inputs are moved to that device.
 """
 from __future__ import annotations
 
@@ -10,6 +13,19 @@ from typing import Callable, Sequence
 import torch
 
 _DRAW_BLOCK = 1024  # vocabulary block of the two-level inverse-CDF draw
+_NO_FLOAT64 = frozenset({"mps"})  # device types without float64 arithmetic
+_CPU = torch.device("cpu")
+
+
+def float64_device(device: torch.device | str) -> torch.device:
+    """Where float64 work on tensors of `device` runs: that device, or the CPU when it has no float64 (MPS)."""
+    device = torch.device(device)
+    return _CPU if device.type in _NO_FLOAT64 else device
+
+
+def wide(t: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """`t` in float64 on `device` (default: t's own), or on the CPU when that device has no float64."""
+    return t.to(device=float64_device(t.device if device is None else device), dtype=torch.float64)
 
 
 def solve_spd(a: torch.Tensor, b: torch.Tensor, jitter: float = 1e-6) -> torch.Tensor:
@@ -20,7 +36,8 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor, jitter: float = 1e-6) -> torch.T
     diagonal, grown tenfold until the Cholesky factorisation succeeds. Inverting the rounding
     noise instead (a plain least-squares solve) returns vectors dominated by that noise.
     """
-    a64, b64 = a.double(), b.double()
+    a64 = wide(a)
+    b64 = wide(b, a64.device)
     chol, info = torch.linalg.cholesky_ex(a64)
     if int(info) == 0:
         return torch.cholesky_solve(b64, chol)
@@ -39,7 +56,7 @@ def shrink(cov: torch.Tensor, ridge: float) -> torch.Tensor:
     """cov + ridge * mean(diag cov) * I in float64: a covariance estimated from fewer tokens than it
     has well-sampled directions is near-singular, and its inverse blows up exactly the directions the
     sample saw least."""
-    c64 = cov.double()
+    c64 = wide(cov)
     if ridge <= 0:
         return c64
     scale = float(c64.diagonal().mean())
@@ -50,12 +67,13 @@ def rank_one_update(cov: torch.Tensor, key: torch.Tensor, residual: torch.Tensor
                     ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ROME's closed form: the rank-one dW = u v^T with dW k = residual and minimal C-weighted change.
 
-    cov (d_in, d_in), key (d_in,), residual (d_out,) -> u (d_out, 1), v (1, d_in), both float64.
-    `ridge` shrinks C towards a multiple of I first (see `shrink`).
+    cov (d_in, d_in), key (d_in,), residual (d_out,) -> u (d_out, 1), v (1, d_in), both float64, on the key's
+    device. `ridge` shrinks C towards a multiple of I first (see `shrink`).
     """
-    cinv_k = solve_spd(shrink(cov, ridge), key[:, None])[:, 0]          # (d_in,)
-    denom = torch.dot(cinv_k, key.double())
-    return residual.double()[:, None], (cinv_k / denom)[None, :]
+    k64 = wide(key)
+    cinv_k = solve_spd(shrink(cov.to(k64.device), ridge), k64[:, None])[:, 0]     # (d_in,)
+    denom = torch.dot(cinv_k, k64)
+    return wide(residual, k64.device)[:, None], (cinv_k / denom)[None, :]
 
 
 def batch_update(keys: torch.Tensor, residuals: torch.Tensor, cov_term: torch.Tensor,
@@ -66,17 +84,19 @@ def batch_update(keys: torch.Tensor, residuals: torch.Tensor, cov_term: torch.Te
     preserved keys (MEMIT: lambda*C; AlphaEdit: keys of earlier edits).
     Without projector: dW = R^T K (cov_term + K^T K)^-1   (MEMIT).
     With projector P:  dW = R^T K P ((cov_term + K^T K) P + l2 I)^-1   (AlphaEdit: dW K0 = 0).
+    Runs on the keys' device (see the module's docstring).
     """
-    k64, r64 = keys.double(), residuals.double()
+    k64 = wide(keys)
+    r64 = wide(residuals, k64.device)
     d_in = k64.shape[1]
-    gram = cov_term.double() + k64.t() @ k64               # (d_in, d_in)
+    gram = wide(cov_term, k64.device) + k64.t() @ k64     # (d_in, d_in)
     if projector is None:
         lhs = gram.add_(0.0)                               # gram + l2 I in place (the same bits, -0.0 included)
         lhs.diagonal().add_(l2)
         # dW^T = lhs^-1 K^T R  -> (d_in, d_out)
         return solve_spd(lhs, k64.t() @ r64).t()
-    p = projector.double()
-    lhs = p @ gram + l2 * torch.eye(d_in, dtype=torch.float64)  # not symmetric: general solve
+    p = wide(projector, k64.device)
+    lhs = p @ gram + l2 * torch.eye(d_in, dtype=torch.float64, device=k64.device)  # not symmetric: general solve
     return torch.linalg.solve(lhs, p @ k64.t() @ r64).t()
 
 
@@ -85,7 +105,7 @@ def null_space_projector(cov: torch.Tensor, threshold: float = 1e-2, relative: b
 
     relative=True compares eigenvalues with threshold * the largest one.
     """
-    evals, evecs = torch.linalg.eigh(cov.double())
+    evals, evecs = torch.linalg.eigh(wide(cov))
     return projector_from_eigh(evals, evecs, threshold, relative)
 
 
@@ -93,7 +113,8 @@ def projector_from_eigh(evals: torch.Tensor, evecs: torch.Tensor, threshold: flo
                         relative: bool = False) -> torch.Tensor:
     """null_space_projector from an eigendecomposition already made: evals (d,), evecs (d, d)."""
     cut = threshold * float(evals.max()) if relative else threshold
-    basis = evecs.double()[:, evals < cut]                 # (d, k)
+    vecs = wide(evecs)
+    basis = vecs[:, (evals < cut).to(vecs.device)]        # (d, k)
     return basis @ basis.t()
 
 
@@ -107,11 +128,11 @@ def svd_truncate(mat: torch.Tensor, rank: int | None = None, energy: float | Non
         raise ValueError("rank must be >= 1")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise ValueError("energy must be in (0, 1]")
-    u, s, vh = torch.linalg.svd(mat.double(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(wide(mat), full_matrices=False)
     if rank is None:
         if energy is not None:
             cum = torch.cumsum(s**2, 0) / torch.clamp((s**2).sum(), min=1e-300)
-            rank = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12)) + 1
+            rank = int(torch.searchsorted(cum, torch.tensor([energy - 1e-12], dtype=cum.dtype, device=cum.device))) + 1
         else:
             rank = max(1, int((s > s[0] * 1e-7).sum())) if s.numel() else 1
     rank = min(rank, s.numel())
@@ -138,7 +159,13 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator, banned: Sequen
 
     Two levels: cumulative block masses pick a block of the vocabulary, then a cumulative sum
     inside that block picks the token, so one pass of block sums is the only full-width scan.
+    The uniform draws come from `generator` on its own device (the CPU's: the same draws wherever the logits
+    are) and the token ids are returned on the logits' device; the cumulative sums are float64, so on a
+    device without float64 (MPS) the draw runs on the CPU.
     """
+    work = float64_device(logits.device)
+    if work != logits.device:
+        return draw_tokens(logits.to(work), generator, banned).to(logits.device)
     probs = torch.softmax(logits.float(), dim=-1)                              # (rows, vocab), a new tensor
     rows, vocab = probs.shape
     banned = [t for t in banned if 0 <= t < vocab]
@@ -149,7 +176,8 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator, banned: Sequen
     if full * _DRAW_BLOCK < vocab:
         masses = torch.cat([masses, probs[:, full * _DRAW_BLOCK:].sum(-1, keepdim=True)], dim=1)
     cum = masses.double().cumsum(-1)                                           # (rows, n_blocks)
-    u = torch.rand((rows, 1), generator=generator, device=probs.device, dtype=torch.float64) * cum[:, -1:]
+    u = torch.rand((rows, 1), generator=generator, device=generator.device, dtype=torch.float64)
+    u = u.to(probs.device) * cum[:, -1:]
     b = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)    # (rows, 1) block index
     before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(u))
     offsets = torch.arange(_DRAW_BLOCK, device=probs.device)

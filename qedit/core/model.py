@@ -38,6 +38,8 @@ class LoadedModel:
     arch: ArchSpec
     source: Path
     source_kind: str                # "hf", "gguf" or "gptq"
+    # where inputs go: the device of the input embedding (with a device map, the first of the model's devices). A
+    # layer's values, weights and edits live on that layer's device (`layer_device`); logits come back here.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # HF weight name -> the GGML type name it is stored in, for a model loaded from a GGUF file ({} otherwise)
     stored_types: dict[str, str] = field(default_factory=dict)
@@ -75,6 +77,12 @@ class LoadedModel:
         self.check_layer(layer)
         shape = tuple(self.module(self.arch.mlp_out.format(layer)).weight.shape)
         return shape if self.arch.mlp_out_orientation is Orientation.OUT_IN else shape[::-1]  # type: ignore[return-value]
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device of the edit-target weight at `layer` (its decoder layer's, with a device map), without
+        reading it."""
+        self.check_layer(layer)
+        return self.module(self.arch.mlp_out.format(layer)).weight.device
 
     def edit_weight(self, layer: int) -> torch.Tensor:
         """The edit-target weight at `layer` in math orientation (out, in); a view, not a copy. A streamed weight is

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from qedit.core.cache import CacheEntry, default_cache_dir, model_entry, model_key
 from qedit.core.errors import QeditError
 from qedit.core.hooks import record, stop_after
-from qedit.core.linalg import draw_tokens
+from qedit.core.linalg import draw_tokens, float64_device, wide
 from qedit.core.memory import Shape
 from qedit.core.model import LoadedModel, TextSampler
 
@@ -157,7 +157,10 @@ def _sums_dtype(loaded: LoadedModel) -> torch.dtype:
 
 def _add_outer(sums: dict[int, torch.Tensor], layer: int, keys: torch.Tensor,
                dtype: torch.dtype = torch.float64) -> None:
-    k = keys.to(dtype)                                                          # (tokens, d_in)
+    """Add keys^T keys (tokens, d_in) to the layer's sum, on the keys' device (float64 sums of keys on a device
+    without float64 on the CPU, `linalg.float64_device`)."""
+    device = float64_device(keys.device) if dtype == torch.float64 else keys.device
+    k = keys.to(device=device, dtype=dtype)                                     # (tokens, d_in)
     if layer in sums and dtype != torch.float64:
         sums[layer].addmm_(k.t(), k)    # in place: no second (d_in, d_in) matrix
     else:
@@ -175,7 +178,9 @@ def _sampling_head(loaded: LoadedModel, dtype: torch.dtype) -> Callable[[torch.T
     else:
         weight = head.weight.detach().to(dtype)                                # (vocab, d_model)
         bias = head.bias.detach().to(dtype) if getattr(head, "bias", None) is not None else None
-        linear = lambda hidden: torch.nn.functional.linear(hidden.to(dtype), weight, bias).float()  # noqa: E731
+        # with a device map the final norm's output may be on another device than the head
+        linear = lambda hidden: torch.nn.functional.linear(  # noqa: E731
+            hidden.to(device=weight.device, dtype=dtype), weight, bias).float()
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
         out = linear(hidden) / scaling
@@ -198,7 +203,7 @@ def _sample_batch(loaded: LoadedModel, first: torch.Tensor, length: int, generat
         if keys is not None and names:
             keys.add_step(rec)
         past = out.past_key_values
-        ids = draw_tokens(head(out.last_hidden_state[:, -1]), generator, banned)     # (rows, 1)
+        ids = draw_tokens(head(out.last_hidden_state[:, -1]), generator, banned).to(first.device)  # (rows, 1)
         columns.append(ids)
         step()
     if keys is not None:  # the last token is never fed to draw a successor: a partial pass for its keys
@@ -222,7 +227,7 @@ def _sample_from_model(loaded: LoadedModel, cfg: StatsConfig, keys: _KeySums | N
     # Special tokens are not banned: on the tiny gpt2 test model, banning them made AlphaEdit's and
     # ROME's statistics much worse (a far larger KL on unrelated prompts); to be understood.
     banned: list[int] = []
-    generator = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)   # the CPU's: the same draws on every device (draw_tokens)
     began = time.perf_counter()
     seqs: list[list[int]] = []
     with tqdm(total=cfg.n_samples * (cfg.sample_len - 1), desc="sampling corpus", unit="tok", leave=False) as bar:
@@ -280,7 +285,7 @@ def _publish_cov(loaded: LoadedModel, cfg: StatsConfig, layer: int, cov: torch.T
 
 
 def _save(payload: dict[str, torch.Tensor | int], path: Path) -> None:
-    torch.save(payload, path)
+    torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in payload.items()}, path)
 
 
 def corpus_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]]:
@@ -330,16 +335,15 @@ def _compute(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
     for lo in tqdm(range(0, len(seqs), step), desc=f"key statistics (layers {list(layers)})", unit="batch", leave=False):
         batch = seqs[lo:lo + step]
         width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(batch):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        pad = loaded.tokenizer.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch], dtype=torch.long, device=loaded.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], dtype=torch.long,
+                            device=loaded.device)
         mask_keys = mask.clone()
         mask_keys[:, 0] = 0  # the BOS position is an attention sink with outsized activations
         last = loaded.arch.mlp_out.format(max(layers))
         with record(loaded.model, list(names.values()), kind="input") as rec, stop_after(loaded.model, last):
-            loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device))
+            loaded.model(input_ids=ids, attention_mask=mask)
         sel = mask_keys.bool().reshape(-1)
         for layer, name in names.items():
             _add_outer(sums, layer, rec[name].reshape(-1, rec[name].shape[-1])[sel.to(rec[name].device)], dtype)
@@ -385,7 +389,7 @@ def key_eigh(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
         else:
             out[layer] = found
     for layer, cov in (key_covariance(loaded, missing, cfg) if missing else {}).items():
-        evals, evecs = torch.linalg.eigh(cov.double())      # (d_in,), (d_in, d_in)
+        evals, evecs = torch.linalg.eigh(wide(cov))         # (d_in,), (d_in, d_in)
         theirs = entry.publish(f"eigh_layer{layer}.pt", partial(_save, {"evals": evals, "evecs": evecs}),
                                partial(_read_eigh, d_in=evecs.shape[0])) if cfg.use_cache else None
         out[layer] = (evals, evecs) if theirs is None else theirs

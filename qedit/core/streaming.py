@@ -250,7 +250,7 @@ def stream(model: nn.Module, source: WeightSource, layers: Sequence[nn.Module], 
     fit)."""
     streamer = Streamer(model, source, device, cache_bytes, head_chunk_rows, work_room, stats_dtype)
     owner = {id(p): name for name, p in model.named_parameters()}
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     ends = [(module, attr, owner[id(module._parameters[attr])]) for module, attr in (embedding, head)]
     for module, attr, name in ends:
         if name not in streamer.slots:

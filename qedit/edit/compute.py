@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from qedit.core import linalg
 from qedit.core.delta import LowRankDelta, applied, load_deltas, load_edit_keys
 from qedit.core.errors import QeditError
 from qedit.core.model import LoadedModel
@@ -125,9 +126,11 @@ def compute_edits(loaded: LoadedModel, requests: Sequence[Any], method: str, cfg
 
 
 def _add_history(ctx: EditContext, layer: int, keys: torch.Tensor) -> None:
-    """Add sum_i k_i k_i^T over `keys` (n, d_in) to the layer's history of earlier edits (float64)."""
-    gram = keys.double().t() @ keys.double()                                    # (d_in, d_in)
-    ctx.history[layer] = ctx.history[layer] + gram if layer in ctx.history else gram
+    """Add sum_i k_i k_i^T over `keys` (n, d_in) to the layer's history of earlier edits (float64, on the keys'
+    device; the solves move it where they run)."""
+    k = linalg.wide(keys)
+    gram = k.t() @ k                                                            # (d_in, d_in)
+    ctx.history[layer] = ctx.history[layer].to(gram.device) + gram if layer in ctx.history else gram
 
 
 def saved_outcome(directory: Path, requests: Sequence[Any], config: MethodConfig, loaded: LoadedModel) -> EditOutcome:

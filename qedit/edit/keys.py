@@ -9,7 +9,7 @@ import torch
 from qedit.core.batching import build_batch
 from qedit.core.delta import LowRankDelta, combine
 from qedit.core.facts import EditRequest
-from qedit.core.hooks import OutputEdit, add_at_positions, edit_outputs, record, stop_after
+from qedit.core.hooks import OutputEdit, add_at_positions, at_positions, edit_outputs, record, stop_after
 from qedit.core.model import LoadedModel
 from qedit.core.stats import corpus_tokens
 from qedit.edit.registry import MethodConfig
@@ -32,12 +32,14 @@ def context_prefixes(loaded: LoadedModel, cfg: MethodConfig) -> list[str]:
 
 
 def low_rank_edit(delta: LowRankDelta) -> OutputEdit:
-    """An OutputEdit that adds delta's change: out += scale * (x b^T) a^T, x the module input."""
+    """An OutputEdit that adds delta's change: out += scale * (x b^T) a^T, x the module input (the factors moved to
+    its device)."""
     a, b, scale = delta.a, delta.b, delta.scale
 
     def fn(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # inp (..., d_in), out (..., d_out)
-        return out + scale * ((inp @ b.t().to(inp.dtype)) @ a.t().to(inp.dtype))
+        to = dict(device=inp.device, dtype=inp.dtype)
+        return out + scale * ((inp @ b.t().to(**to)) @ a.t().to(**to))
 
     return fn
 
@@ -67,16 +69,18 @@ def site_values_many(loaded: LoadedModel, requests: Sequence[EditRequest], sites
         chunk = texts[lo:lo + ROWS_PER_FORWARD]
         batch = build_batch(loaded, chunk, [None] * len(chunk), subjects[lo:lo + ROWS_PER_FORWARD])
         with ExitStack() as stack:
-            rows, cols = torch.arange(len(batch.lookup)), torch.tensor(batch.lookup)
+            device = batch.input_ids.device
+            rows = torch.arange(len(batch.lookup), device=device)
+            cols = torch.tensor(batch.lookup, device=device)
             stack.enter_context(edit_outputs(loaded.model, delta_edits(loaded, applied)))
             if inject is not None:  # registered after the deltas, so it sees their output
-                owner = torch.arange(lo, lo + len(chunk)) // len(prefixes)                  # (rows,)
+                owner = torch.arange(lo, lo + len(chunk), device=inject[1].device) // len(prefixes)   # (rows,)
                 stack.enter_context(edit_outputs(loaded.model, {inject[0]: add_at_positions(inject[1][owner], rows, cols)}))
             recs = [stack.enter_context(record(loaded.model, [m], kind)) for m, kind in sites]
             stack.enter_context(stop_after(loaded.model, sites[-1][0]))
             loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         for out, rec, (m, _) in zip(collected, recs, sites):
-            out.append(rec[m][rows, cols].float())                                  # (rows, dim)
+            out.append(at_positions(rec[m], rows, cols).float())                    # (rows, dim)
     return [torch.cat(c).view(len(requests), len(prefixes), -1).mean(1) for c in collected]
 
 

@@ -94,10 +94,11 @@ class Requantizer:
 
 
 def dense_edits(loaded: LoadedModel, changes: Mapping[int, torch.Tensor]) -> dict[str, OutputEdit]:
-    """Hooks that make a forward pass see W + dW at each layer (dW (out, in), math orientation)."""
+    """Hooks that make a forward pass see W + dW at each layer (dW (out, in), math orientation), dW moved to the
+    layer's device (differentiably)."""
 
     def add(dw: torch.Tensor) -> OutputEdit:
-        return lambda inp, out: out + inp @ dw.t().to(inp.dtype)      # inp (..., in) -> (..., out)
+        return lambda inp, out: out + inp @ dw.t().to(device=inp.device, dtype=inp.dtype)   # inp (..., in) -> (..., out)
 
     return {loaded.arch.mlp_out.format(layer): add(dw) for layer, dw in changes.items()}
 

@@ -29,7 +29,7 @@ def corpus_retain(loaded: LoadedModel, stats: StatsConfig, n: int, length: int
         return None
     batch = build_batch(loaded, texts, [None] * len(texts))
     mask = batch.attention_mask.bool()                                                 # (b, s)
-    mask[:, torch.arange(mask.shape[1]) % _CORPUS_STRIDE != _CORPUS_STRIDE - 1] = False
+    mask[:, torch.arange(mask.shape[1], device=mask.device) % _CORPUS_STRIDE != _CORPUS_STRIDE - 1] = False
     rows, cols = mask.nonzero(as_tuple=True)
     ref = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                     # (n_pos, vocab)
     return batch, rows, cols, ref

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from qedit.core import linalg
 from qedit.core.delta import LowRankDelta
 from qedit.core.facts import EditRequest
 from qedit.core.model import LoadedModel
@@ -58,9 +59,10 @@ def _to_mlp_space(loaded: LoadedModel, layer: int, resid: torch.Tensor, mlp_out:
     norm = loaded.module(loaded.arch.mlp_out_norm.format(layer))
     out = []
     for r, u in zip(resid, mlp_out):
-        jac = torch.autograd.functional.jacobian(lambda x: norm(x[None])[0], u.detach())   # (d, d)
+        jac = torch.autograd.functional.jacobian(lambda x: norm(x[None])[0], u.detach())   # (d, d), at the layer's device
         # the norm's Jacobian is singular along u itself: a truncated pseudo-inverse keeps the step finite
-        out.append((torch.linalg.pinv(jac.double(), rtol=PINV_RTOL) @ r.double()).float())
+        j64 = linalg.wide(jac)
+        out.append((torch.linalg.pinv(j64, rtol=PINV_RTOL) @ linalg.wide(r, j64.device)).float())
     return torch.stack(out)
 
 

@@ -49,8 +49,8 @@ def _margin(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence
     own = logp.gather(1, ids[:, None])[:, 0]                                               # (n_tok,)
     other = best_other(logp, ids)                                                          # (n_tok,)
     count = torch.bincount(rows, minlength=len(texts)).clamp(min=1)                        # (2 n,)
-    per_row = torch.zeros(len(texts)).index_add(0, rows, own) / count                      # (2 n,)
-    lead = torch.zeros(len(texts)).index_add(0, rows, own - other) / count            # (2 n,)
+    per_row = own.new_zeros(len(texts)).index_add(0, rows, own) / count                    # (2 n,)
+    lead = own.new_zeros(len(texts)).index_add(0, rows, own - other) / count               # (2 n,)
     n = len(texts) // 2
     vs_true = (per_row[:n] - per_row[n:]).view(len(reqs), len(prefixes)).mean(1)          # (n_reqs,)
     top1 = lead[:n].view(len(reqs), len(prefixes)).mean(1)                                 # (n_reqs,)
@@ -83,9 +83,10 @@ def forget_gaps(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequ
     the one a user types). Positive: the answer is not top-1 on the bare prompt."""
     texts = [pre + r.prompt for r in reqs for pre in prefixes]
     batch = build_batch(loaded, texts, [r.target_new for r in reqs for _ in prefixes])
-    rows = torch.arange(len(texts))
-    cols = torch.tensor([pos[0] for pos in batch.target_pos])                               # (n,) first answer token
-    ids = torch.tensor([tid[0] for tid in batch.target_ids])                                # (n,)
+    device = batch.input_ids.device
+    rows = torch.arange(len(texts), device=device)
+    cols = torch.tensor([pos[0] for pos in batch.target_pos], device=device)                # (n,) first answer token
+    ids = torch.tensor([tid[0] for tid in batch.target_ids], device=device)                 # (n,)
     with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
         logp = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                     # (n, vocab)
     own = logp.gather(1, ids[:, None])[:, 0]                                               # (n,)

@@ -21,6 +21,7 @@ import torch
 
 from qedit.core.cache import CacheEntry, ModelLabel
 from qedit.core.facts import EditRequest
+from qedit.core.linalg import wide
 from qedit.core.model import LoadedModel
 from qedit.core.stats import model_cache_dir
 from qedit.core.streaming import streamer_of
@@ -46,7 +47,7 @@ def weights_digest(model: torch.nn.Module) -> str:
                 continue
             total = squares = 0.0
             for part in p.detach().reshape(-1).split(1 << 20):      # float64 in pieces: no full copy
-                x = part.double()
+                x = wide(part)
                 total += float(x.sum())
                 squares += float(x.dot(x))
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{total!r}|{squares!r};".encode())
@@ -91,7 +92,7 @@ class TargetCache:
 
 
 def _read(path: Path) -> tuple[torch.Tensor, list[float]]:
-    data = torch.load(path, weights_only=True)
+    data = torch.load(path, map_location="cpu", weights_only=True)
     return data["deltas"], data["nll"].tolist()
 
 

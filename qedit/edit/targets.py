@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from qedit.core.batching import build_batch, logits_at, target_index
 from qedit.core.delta import LowRankDelta
 from qedit.core.facts import EditRequest
-from qedit.core.hooks import OutputEdit, add_at_positions, edit_outputs, record
+from qedit.core.hooks import OutputEdit, add_at_positions, at_positions, edit_outputs, record
 from qedit.core.model import LoadedModel
 from qedit.edit.keys import delta_edits
 from qedit.edit.registry import TargetConfig
@@ -70,16 +70,17 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
     targets: list[str | None] = [r.target_new for r in reqs for _ in prefixes] + [None] * n
     subjects = [r.subject for r in reqs for _ in prefixes] + [r.subject for r in reqs]
     batch = build_batch(loaded, texts, targets, subjects)
-    owner = torch.tensor([i for i in range(n) for _ in prefixes] + list(range(n)))     # (rows,)
-    rows_all = torch.arange(len(texts))
-    lookup = torch.tensor(batch.lookup)
+    device = batch.input_ids.device      # the indices, the logits and the losses: the model's input device
+    owner = torch.tensor([i for i in range(n) for _ in prefixes] + list(range(n)), device=device)     # (rows,)
+    rows_all = torch.arange(len(texts), device=device)
+    lookup = torch.tensor(batch.lookup, device=device)
     t_rows, t_cols, t_ids = target_index(batch)
     if objective.first_token_only:
         first = torch.ones_like(t_rows, dtype=torch.bool)
         first[1:] = t_rows[1:] != t_rows[:-1]
         t_rows, t_cols, t_ids = t_rows[first], t_cols[first], t_ids[first]
-    kl_rows = torch.arange(n * p, n * p + n)
-    kl_cols = torch.tensor([batch.last[i] for i in kl_rows.tolist()])
+    kl_rows = torch.arange(n * p, n * p + n, device=device)
+    kl_cols = torch.tensor([batch.last[i] for i in kl_rows.tolist()], device=device)
     q_rows, q_cols = torch.cat([t_rows, kl_rows]), torch.cat([t_cols, kl_cols])
     n_t = len(t_rows)
     tok_owner = owner[t_rows]                                                            # (n_t,)
@@ -89,7 +90,7 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
     with torch.no_grad(), edit_outputs(loaded.model, base_edits), record(loaded.model, [site], "output") as rec:
         logits = logits_at(loaded, batch, q_rows, q_cols)
         ref_kl = F.log_softmax(logits[n_t:], dim=-1)                                     # (n, vocab)
-        orig = rec[site][kl_rows, lookup[kl_rows]].float()                               # (n, d)
+        orig = at_positions(rec[site], kl_rows, lookup[kl_rows]).float()                 # (n, d), at the site's device
     orig_norm = orig.norm(dim=-1).clamp(min=1e-6)                                        # (n,)
 
     # Optimise in units of the site's RMS, so one learning rate fits sites of very different
@@ -97,19 +98,19 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
     unit = (orig_norm / orig.shape[1] ** 0.5)[:, None]                                  # (n, 1)
     theta = torch.zeros_like(orig, requires_grad=True)                                   # (n, d)
     opt = torch.optim.Adam([theta], lr=cfg.lr)
-    nll_per = torch.zeros(n)
+    nll_per = torch.zeros(n, device=device)
     for _step in range(cfg.steps):
         opt.zero_grad()
         delta = theta * unit                                                             # (n, d)
-        inject = add_at_positions(delta[owner], rows_all, lookup)
+        inject = add_at_positions(delta[owner.to(delta.device)], rows_all, lookup)
         # hooks on one module chain in registration order: the applied deltas first, then the injection
         with edit_outputs(loaded.model, base_edits), edit_outputs(loaded.model, {site: inject}):
             logits = logits_at(loaded, batch, q_rows, q_cols)
         logp_all = F.log_softmax(logits[:n_t], dim=-1)                                   # (n_t, vocab)
         token_loss = objective.token_loss(logp_all, t_ids)                               # (n_t,)
-        nll_per = torch.zeros(n).index_add(0, tok_owner, token_loss) / counts            # (n,) mean over tokens, prefixes
+        nll_per = torch.zeros(n, device=device).index_add(0, tok_owner, token_loss) / counts  # (n,) mean over tokens, prefixes
         kl = F.kl_div(F.log_softmax(logits[n_t:], dim=-1), ref_kl, log_target=True, reduction="none").sum(-1)  # (n,)
-        decay = (delta.norm(dim=-1) / orig_norm) ** 2
+        decay = ((delta.norm(dim=-1) / orig_norm) ** 2).to(device)
         loss = (nll_per + cfg.kl_factor * kl + cfg.weight_decay * decay).sum()
         if float(nll_per.detach().max()) < cfg.stop_nll:
             break
@@ -126,8 +127,8 @@ def optimize_targets(loaded: LoadedModel, requests: Sequence[EditRequest], site:
                      cfg: TargetConfig, applied: Sequence[LowRankDelta] = (),
                      cache_dir: Path | None = None, objective: TargetObjective = REACH_TARGET
                      ) -> tuple[torch.Tensor, list[float]]:
-    """delta (n, d) to add to `site`'s output at each request's subject-last token, and the final losses of
-    `objective` per request (NLLs for the edits' own).
+    """delta (n, d) to add to `site`'s output at each request's subject-last token (on the model's input device),
+    and the final losses of `objective` per request (NLLs for the edits' own).
 
     With cache_dir, targets computed on the model as it is (no applied deltas) are read from and
     written to that directory (qedit.edit.target_cache)."""
@@ -141,7 +142,7 @@ def optimize_targets(loaded: LoadedModel, requests: Sequence[EditRequest], site:
             cache.put(chunk, *found)
         else:
             hits += len(chunk)
-        parts.append(found[0])
+        parts.append(found[0].to(loaded.device))   # cached targets are read to the CPU
         nlls.extend(found[1])
     if hits:
         log.info("%d of %d targets from the cache %s", hits, len(requests), cache.dir)

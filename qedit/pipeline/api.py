@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def edit_model(model: str | Path, facts: str | Path | Sequence[EditRequest], output: str | Path, *, method: str = "memit",
          settings: Mapping[str, Any] | None = None, batch_size: int | None = None, quant: str | None = None,
          as_lora: bool = False, format: str | None = None, naive: bool = False, verify: bool | None = None,
-         evaluate: bool = False, device: str = "cpu", chat: bool = False,
+         evaluate: bool = False, device: str = "cpu", device_map: str | None = None, chat: bool = False,
          notify: Callable[[str], None] = log.info) -> EditRun:
     """Edit `facts` (a JSONL path or EditRequests) into `model` (a path, or ollama:NAME[:TAG]) and write `output`,
     as `qedit edit` does.
@@ -33,5 +33,5 @@ def edit_model(model: str | Path, facts: str | Path | Sequence[EditRequest], out
     choice = MethodChoice(method, make_config(method, **dict(settings or {})), batch_size)
     out = Output(Path(output), quant=quant, as_lora=as_lora, format=format, naive=naive, verify=verify)
     source, ollama = as_source(model)
-    return run_edit(EditJob(source, requests, choice, out, device=device, evaluate=evaluate, ollama=ollama, chat=chat),
-                    notify=notify)
+    return run_edit(EditJob(source, requests, choice, out, device=device, device_map=device_map, evaluate=evaluate,
+                            ollama=ollama, chat=chat), notify=notify)

@@ -63,13 +63,14 @@ def check_requests(method: MethodChoice, requests: Sequence[Any], header: ModelH
 
 
 def load_within(source: Path, method: MethodChoice, requests: Sequence[Any], device: str,
-                budget: MemoryBudget, header: ModelHeader | None = None) -> LoadedModel:
+                budget: MemoryBudget, header: ModelHeader | None = None, device_map: str | None = None) -> LoadedModel:
     """`source` loaded for editing `requests` within `budget` (streamed when its float32 weights do not fit). A
     streamed GGUF model draws its statistics' text in llama.cpp when llama-cpp-python is installed and the
     quantized file fits the budget beside the process (llama.cpp holds the file while it samples); not when the
     budget's `stream` knob streams a model that fits (its numbers then equal the whole model's)."""
     header = header or read_header(source)
-    loaded = load_model(source, device=device, max_memory=budget, work=workload(method, requests, header))
+    loaded = load_model(source, device=device, max_memory=budget, work=workload(method, requests, header),
+                        device_map=device_map)
     if loaded.streamer is not None and loaded.source_kind == "gguf" and not budget.stream:
         size = sum(p.stat().st_size for p in _shards(loaded.source))
         if budget.enforced and current_rss() + size + loaded.streamer.used > budget.total:

@@ -114,6 +114,7 @@ class EditJob:
     method: MethodChoice
     output: Output
     device: str = "cpu"
+    device_map: str | None = None                            # "auto": spread over the GPUs (converters.loading.spread)
     evaluate: bool = False                                   # measure before and after (torch, and the output)
     outcome: EditOutcome | None = None
     quantized_base: Path | None = None

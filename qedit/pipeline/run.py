@@ -83,7 +83,7 @@ def run_edit(job: EditJob, notify: Notify = log.info, *, inputs: Sequence[Path] 
             model = loaded
         else:
             model = load_within(source, job.method, job.requests, job.device, job.budget,
-                                header if source == job.model else None)
+                                header if source == job.model else None, job.device_map)
             refuse_streamed(plan.write_kind, model)
             if model.streamer is not None:
                 notify(f"{source.name}: does not fit the memory budget of {format_size(job.budget.total)} in float32"
@@ -174,7 +174,8 @@ def write_unedited(plan: Plan, path: Path, notify: Notify = log.info, loaded: Lo
         for line in export(job.model, path, out.quant or "", out.tensor_types, budget=job.budget).lines:
             notify(line)
         return
-    model = loaded if loaded is not None else load_model(job.model, device=job.device, max_memory=job.budget)
+    model = loaded if loaded is not None else load_model(job.model, device=job.device, max_memory=job.budget,
+                                                         device_map=job.device_map)
     refuse_streamed(OutputKind.GPTQ_WRITE, model)
     cfg = job.method.resolved_config()
     write_gptq(model, path, GPTQWriteConfig(out.gptq), calibration_tokens(model, cfg.stats))

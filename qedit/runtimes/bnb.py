@@ -85,7 +85,12 @@ class BitsAndBytesRunner(TorchRunner):
             if not any(isinstance(f, _DropCastWarning) for f in bnb_log.filters):
                 bnb_log.addFilter(_DropCastWarning())
         self.name = f"bitsandbytes-{mode}"
-        model = copy.deepcopy(loaded.model).cpu()
+        model = copy.deepcopy(loaded.model)
+        if getattr(model, "hf_device_map", None) is not None:   # spread by a device map: one piece on the CPU here
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(model, recurse=True)
+        model = model.cpu()
         names = quantizable_linears(loaded)
         for name in names:
             parent_name, _, child = name.rpartition(".")

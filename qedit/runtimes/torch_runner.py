@@ -120,14 +120,14 @@ class TorchRunner:
             chunk = items[lo:lo + self.batch_size]
             ids = [x for x, _ in chunk]
             width = max(len(x) for x in ids)
-            batch = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)    # (b, width), left-padded
-            mask = torch.zeros_like(batch)
-            for i, x in enumerate(ids):
-                batch[i, width - len(x):], mask[i, width - len(x):] = torch.tensor(x), 1
+            device = self.loaded.device
+            batch = torch.tensor([[tok.pad_token_id] * (width - len(x)) + list(x) for x in ids], dtype=torch.long,
+                                 device=device)                                          # (b, width), left-padded
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long, device=device)
             cfg = GenerationConfig(max_new_tokens=max(n for _, n in chunk), do_sample=False, eos_token_id=sorted(stop),
                                    pad_token_id=tok.pad_token_id)
-            new = self.loaded.model.generate(input_ids=batch.to(self.loaded.device), attention_mask=mask.to(
-                self.loaded.device), generation_config=cfg)[:, width:].tolist()             # (b, <= max_new_tokens)
+            new = self.loaded.model.generate(input_ids=batch, attention_mask=mask,
+                                             generation_config=cfg)[:, width:].tolist()    # (b, <= max_new_tokens)
             for row, (_, n) in zip(new, chunk):
                 kept = next((row[:j] for j, t in enumerate(row[:n]) if t in stop), row[:n])
                 out.append(tok.decode(kept, skip_special_tokens=True))
@@ -145,11 +145,11 @@ class TorchRunner:
 
     @torch.no_grad()
     def nll(self, text: str) -> tuple[float, int]:
-        ids = self.loaded.tokenizer(text, return_tensors="pt")["input_ids"].to(self.loaded.device)  # (1, seq)
+        ids = torch.tensor([self.loaded.tokenizer(text)["input_ids"]], dtype=torch.long, device=self.loaded.device)  # (1, seq)
         if ids.shape[1] < 2:
             raise QeditError(f"text {text[:40]!r} has fewer than two tokens; perplexity needs a longer text")
         logits = self.loaded.model(input_ids=ids).logits[0, :-1].float()      # (seq - 1, vocab)
-        logp = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])  # (seq - 1, 1)
+        logp = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None].to(logits.device))  # (seq - 1, 1)
         return float(-logp.sum()), int(ids.shape[1] - 1)
 
     def describe(self) -> dict[str, str]:

@@ -54,8 +54,8 @@ class RungContext:
     def edit_job(self, output: Output, base: Path) -> EditJob:
         """The job `qedit edit SOURCE FACTS -o OUTPUT` runs for this ladder's facts and settings."""
         job = self.job
-        return EditJob(job.model, job.requests, job.method, output, device=job.device, outcome=job.outcome,
-                       quantized_base=base, max_memory=job.max_memory, chat=job.chat)
+        return EditJob(job.model, job.requests, job.method, output, device=job.device, device_map=job.device_map,
+                       outcome=job.outcome, quantized_base=base, max_memory=job.max_memory, chat=job.chat)
 
 
 def run_rung(rung: Rung, ctx: RungContext) -> RungResult:

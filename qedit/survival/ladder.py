@@ -27,7 +27,8 @@ def run_survival(job: SurvivalJob, cfg: SurvivalConfig, loaded: LoadedModel | No
     model is left as it was given. A rung that cannot be built is reported as skipped with the reason."""
     requests = list(job.requests)
     scoring = scoring_for(requests, job.retain, chat=job.chat)
-    loaded = loaded or load_model(job.model, device=job.device, max_memory=job.max_memory or MemoryBudget.resolve(None))
+    loaded = loaded or load_model(job.model, device=job.device, max_memory=job.max_memory or MemoryBudget.resolve(None),
+                                  device_map=job.device_map)
     outcome = job.outcome or source_outcome or compute_for(job.method, loaded, requests, chat=job.chat)
     if not outcome.deltas:
         raise QeditError("survival: no deltas to check; run an edit or give --from-deltas DIR")

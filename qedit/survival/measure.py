@@ -82,6 +82,7 @@ class SurvivalJob:
     outcome: EditOutcome | None = None
     retain: Sequence[RetainItem] | None = None
     device: str = "cpu"
+    device_map: str | None = None             # "auto": spread over the GPUs (as EditJob)
     max_memory: MemoryBudget | None = None    # None: the machine's default (as EditJob)
     chat: bool = False
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qedit.core.batching import Batch, continuation_ids, logits_at
+from qedit.core.batching import Batch, continuation_ids, logits_at, padded
 from qedit.core.errors import QeditError
 from qedit.core.hooks import edit_outputs
 from qedit.core.model import LoadedModel
@@ -89,23 +89,19 @@ class Targets:
 
 
 def _pack(loaded: LoadedModel, seqs: Sequence[tuple[list[int], list[int]]], facts: Sequence[bool]) -> Targets:
-    """(prefix ids, target ids) per sequence -> a right-padded batch scoring each target token."""
-    pad = loaded.tokenizer.pad_token_id
-    width = max(len(p) + len(t) - 1 for p, t in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)                # (b, s)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)                   # (b, s)
+    """(prefix ids, target ids) per sequence -> a right-padded batch scoring each target token (every tensor on the
+    model's input device)."""
+    device = loaded.device
+    ids, mask = padded([p + t[:-1] for p, t in seqs], loaded.tokenizer.pad_token_id, device)   # (b, s) each
     rows, cols, tids, owner, first, fact = [], [], [], [], [], []
     for i, ((p, t), is_fact) in enumerate(zip(seqs, facts)):
-        seq = p + t[:-1]
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
         for j, tok in enumerate(t):
             rows.append(i), cols.append(len(p) - 1 + j), tids.append(tok), owner.append(i)
             first.append(is_fact and j == 0)
             fact.append(is_fact)
-    batch = Batch(ids.to(loaded.device), mask.to(loaded.device))
-    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    flags = lambda xs: torch.tensor(xs, dtype=torch.bool)  # noqa: E731
+    batch = Batch(ids, mask)
+    long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    flags = lambda xs: torch.tensor(xs, dtype=torch.bool, device=device)  # noqa: E731
     return Targets(batch, long(rows), long(cols), long(tids), long(owner), flags(first), len(seqs), flags(fact))
 
 
@@ -150,7 +146,7 @@ def token_logprobs(logits: torch.Tensor, t: Targets) -> torch.Tensor:
 
 def seq_logprobs(logits: torch.Tensor, t: Targets) -> torch.Tensor:
     """Summed log P per sequence (n_seq,)."""
-    return torch.zeros(t.n_seq, dtype=logits.dtype).index_add(0, t.owner, token_logprobs(logits, t))
+    return logits.new_zeros(t.n_seq).index_add(0, t.owner, token_logprobs(logits, t))
 
 
 def still_known(logits: torch.Tensor, t: Targets) -> torch.Tensor:
@@ -161,7 +157,7 @@ def still_known(logits: torch.Tensor, t: Targets) -> torch.Tensor:
 @torch.no_grad()
 def active_sequences(logits: torch.Tensor, t: Targets) -> torch.Tensor:
     """(n_seq,) bool: facts whose answer's first token is still top-1, and every text."""
-    active = torch.ones(t.n_seq, dtype=torch.bool)
+    active = torch.ones(t.n_seq, dtype=torch.bool, device=logits.device)
     active[t.owner[t.first]] = still_known(logits.detach(), t)
     return active
 
@@ -179,7 +175,7 @@ class RetainTerm:
         self.corpus = corpus_retain(loaded, cfg.stats, cfg.n_corpus, cfg.corpus_len) if cfg.corpus_kl > 0 else None
 
     def loss(self, changes: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.loaded.device)   # where the logits are (logits_at)
         if self.targets is not None and self.ref is not None:
             logits = logits_with(self.loaded, changes, self.targets)                 # (n_tok, vocab)
             if self.cfg.retain_kl > 0:
@@ -228,11 +224,11 @@ def train(loaded: LoadedModel, layers: Sequence[int], cfg: UnlearnConfig, forget
         out_dim, in_dim = loaded.edit_shape(layer)
         return (int(out_dim), int(basis[layer].shape[0]) if basis is not None else int(in_dim))
 
-    params = {layer: (init[layer].detach().clone() if init and layer in init
-                      else torch.zeros(shape(layer))).requires_grad_(True)                # (out, in) or (out, r)
-              for layer in layers}
+    params = {layer: (init[layer].detach().to(loaded.layer_device(layer), copy=True) if init and layer in init
+                      else torch.zeros(shape(layer), device=loaded.layer_device(layer))).requires_grad_(True)
+              for layer in layers}                                                                # (out, in) or (out, r)
     dense = (lambda: params) if basis is None else \
-        (lambda: {layer: a @ basis[layer] for layer, a in params.items()})                   # (out, in) per layer
+        (lambda: {layer: a @ basis[layer].to(a.device) for layer, a in params.items()})      # (out, in) per layer
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
     info: dict[str, Any] = {"steps": 0, "stopped": False}
     best: dict[int, torch.Tensor] | None = None
@@ -257,7 +253,7 @@ def train(loaded: LoadedModel, layers: Sequence[int], cfg: UnlearnConfig, forget
         loss.backward()
         if masks is not None:
             for layer, p in params.items():
-                p.grad.mul_(masks[layer])
+                p.grad.mul_(masks[layer].to(p.grad.device))
         opt.step()
         info["steps"] = step + 1
         if cfg.linf is not None:

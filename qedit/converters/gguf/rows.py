@@ -61,7 +61,7 @@ class TensorReader:
         every torch tensor is, so that a product over a decoded matrix takes the same kernel path (and gives the
         same bits) whichever way the matrix was decoded."""
         info, _, n_cols, _ = self.geometry(name)
-        out = torch.empty((raw.shape[0], n_cols), dtype=torch.float32).numpy()       # (n, n_cols)
+        out = torch.empty((raw.shape[0], n_cols), dtype=torch.float32, device="cpu").numpy()   # (n, n_cols), host
         decode_into(info.ggml_type, raw, out, n_cols, f"{self.gf.path.name}: {name!r}")
         return out
 

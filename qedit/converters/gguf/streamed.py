@@ -78,7 +78,7 @@ def stream_floor(gf: GGUFFile, config: PretrainedConfig, dtype: torch.dtype = to
     """(what the process needs at least to run `gf` streamed, its LM head rows per chunk), bytes: the process as it
     is, the resident parameters, one decoder layer and one more matrix (a backward pass decodes one again while
     the next is in use), a chunk of LM head rows, and headroom; the edit's workload comes on top."""
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     _, resident, layer, largest = _sizes(gf, size)
     shape = Shape.of(config)
     chunk_rows = max(1, min(shape.vocab, HEAD_CHUNK_BYTES // (shape.d_model * size)))
@@ -90,7 +90,7 @@ def memory_plan(gf: GGUFFile, config: PretrainedConfig, budget: MemoryBudget, wo
                 cache_limit: int | None = None) -> MemoryPlan:
     """The plan for `gf` under `budget` with `work` on top (see the module's docstring). `stream_anyway` streams
     even a model that fits; `cache_limit` caps the cache (both for tests and for keeping memory low)."""
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     model_bytes, _, layer, _ = _sizes(gf, size)
     shape = Shape.of(config)
     work_bytes = work.bytes(shape)
@@ -137,7 +137,7 @@ class GGUFWeights:
     def _plain(self, name: str) -> str:
         """The one GGUF tensor a row-read parameter is stored in, as it is (no conversion applies)."""
         source = self.sources[name]
-        probe = torch.zeros(1, 1)
+        probe = torch.zeros(1, 1, device="meta")   # only its identity matters
         if source.rows is not None or len(source.parts) != 1 or to_hf(self.spec, source.name, probe, 1, 1) is not probe:
             raise ValueError(f"{name}: stored as {source.parts}, not as one plain GGUF tensor; rows cannot be read alone")
         return source.parts[0]
@@ -161,6 +161,10 @@ def build_streamed(gf: GGUFFile, config: PretrainedConfig, plan: MemoryPlan, dty
     streamed = layer_params | {id(embedding.weight), id(head.weight)}
     state = {name: weights.tensor(name) for name, p in model.named_parameters() if id(p) not in streamed}
     model.load_state_dict(state, strict=False, assign=True)
+    for module in model.modules():   # the buffers (rotary frequencies) were made on the CPU: to the model's device
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(device)
     check_unused(gf, weights.sources)
     streamer = stream(model, weights, layers, (embedding, "weight"), (head, "weight"), device, plan.cache_bytes,
                       plan.head_chunk_rows, dtype, plan.work_bytes if plan.budget.enforced else 1 << 62,

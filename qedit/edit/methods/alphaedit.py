@@ -41,7 +41,7 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: AlphaEdit
                 f"AlphaEdit: layer {layer} has no null space at nullspace_threshold={cfg.nullspace_threshold} "
                 "(every key direction is in use), so the edit would be zero; raise the threshold or use memit")
         null_dims[layer] = null_dim
-        prior = ctx.history.get(layer, torch.zeros_like(cov))
+        prior = ctx.history.get(layer, torch.zeros_like(cov))   # batch_update moves it to the keys' device
         return linalg.batch_update(keys, resid, prior, projector=proj, l2=cfg.l2).float()
 
     eighs = key_eigh(loaded, resolve_layers(loaded, cfg, multi_layer=True), cfg.stats)  # cached with the statistics

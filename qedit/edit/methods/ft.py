@@ -72,11 +72,13 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
     texts = [pre + r.prompt for r in requests for pre in prefixes]
     batch = build_batch(loaded, texts, [r.target_new for r in requests for _ in prefixes])
     rows, cols, ids = target_index(batch)
-    params = {layer: torch.zeros(loaded.edit_shape(layer), requires_grad=True) for layer in layers}  # (out, in)
+    params = {layer: torch.zeros(loaded.edit_shape(layer), device=loaded.layer_device(layer), requires_grad=True)
+              for layer in layers}                                                                      # (out, in)
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr) if cfg.optimizer == "adam" else None
 
     edits = dense_edits(loaded, params)
-    covs = key_covariance(loaded, layers, cfg.stats) if cfg.key_weight > 0 else {}              # (in, in) each
+    covs = {layer: c.to(params[layer].device)                                                   # (in, in) each
+            for layer, c in (key_covariance(loaded, layers, cfg.stats) if cfg.key_weight > 0 else {}).items()}
     with torch.no_grad():  # tr(W C W^T): the mean squared output on ordinary keys
         out_energy = {layer: float(((loaded.edit_weight(layer).float() @ c) * loaded.edit_weight(layer).float()).sum())
                       for layer, c in covs.items()}
@@ -87,12 +89,12 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
             p.grad = None
         with edit_outputs(loaded.model, edits):
             logits = logits_at(loaded, batch, rows, cols)
-        loss = -F.log_softmax(logits, -1).gather(1, ids[:, None]).mean()
+        loss = -F.log_softmax(logits, -1).gather(1, ids[:, None]).mean()                      # on the input device
         nll = float(loss.detach())
         if nll < cfg.stop_nll:
             break
         for layer, c in covs.items():  # tr(dW C dW^T) / tr(W C W^T), dW (out, in)
-            loss = loss + cfg.key_weight * ((params[layer] @ c) * params[layer]).sum() / out_energy[layer]
+            loss = loss + (cfg.key_weight * ((params[layer] @ c) * params[layer]).sum() / out_energy[layer]).to(loss.device)
         if retain is not None:
             r_batch, r_rows, r_cols, r_ref = retain
             with edit_outputs(loaded.model, edits):
@@ -104,9 +106,10 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: FtConfig,
             if opt is not None:
                 opt.step()
             else:  # a step of Frobenius norm lr along the gradient: it keeps the gradient's low rank
-                norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params.values())).clamp_min(1e-12)
+                first = next(iter(params.values())).device   # with a device map, layers' grads on their devices
+                norm = torch.sqrt(sum((p.grad ** 2).sum().to(first) for p in params.values())).clamp_min(1e-12)
                 for p in params.values():
-                    p.sub_(cfg.lr * p.grad / norm)
+                    p.sub_(cfg.lr * p.grad / norm.to(p.device))
             for p in params.values():
                 p.clamp_(-cfg.linf, cfg.linf)
     deltas = [finish_delta(loaded, layer, p.detach(), cfg, {"n_requests": len(requests)}) for layer, p in params.items()]

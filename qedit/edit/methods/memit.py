@@ -29,8 +29,9 @@ class MemitConfig(SpreadConfig):
 @register_method(EditMethod.MEMIT, MemitConfig, multi_layer=True)
 def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: MemitConfig, ctx: EditContext) -> EditResult:
     def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        prior = cov.to(torch.float64, copy=True).mul_(cfg.cov_weight)   # lambda C + history: one (d_in, d_in) copy
-        prior += ctx.history[layer].double() if layer in ctx.history else 0.0
+        # lambda C + history: one (d_in, d_in) copy, where the solve runs (the keys' device)
+        prior = cov.to(device=linalg.float64_device(keys.device), dtype=torch.float64, copy=True).mul_(cfg.cov_weight)
+        prior += ctx.history[layer].to(prior) if layer in ctx.history else 0.0
         return linalg.batch_update(keys, resid, prior).float()
 
     return spread_edit(loaded, requests, cfg, ctx, solve)

@@ -97,11 +97,12 @@ def as_edit_requests(requests: Sequence[ForgetRequest]) -> list[EditRequest]:
 def retain_grams(loaded: LoadedModel, layers: Sequence[int], prompts: Sequence[str],
                  chunk: int) -> dict[int, torch.Tensor]:
     """Per layer, sum of k k^T (d_in, d_in) float64 over the MLP output projection's input at every token of
-    `prompts` (the unedited model)."""
+    `prompts` (the unedited model), on the layer's device (`linalg.float64_device`)."""
     modules = [loaded.arch.mlp_out.format(layer) for layer in layers]
     d_in = {layer: loaded.edit_shape(layer)[1] for layer in layers}
-    grams = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64) for layer in layers}
-    origin = torch.zeros(1, dtype=torch.long)
+    grams = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=torch.float64,
+                                device=linalg.float64_device(loaded.layer_device(layer))) for layer in layers}
+    origin = torch.zeros(1, dtype=torch.long, device=loaded.device)
     for lo in range(0, len(prompts), chunk):
         part = list(prompts[lo:lo + chunk])
         batch = build_batch(loaded, part, [None] * len(part))
@@ -109,7 +110,7 @@ def retain_grams(loaded: LoadedModel, layers: Sequence[int], prompts: Sequence[s
             logits_at(loaded, batch, origin, origin)
         mask = batch.attention_mask.bool()                                          # (b, s)
         for layer, m in zip(layers, modules):
-            k = rec[m][mask].double()                                               # (tokens, d_in)
+            k = linalg.wide(rec[m][mask.to(rec[m].device)], grams[layer].device)   # (tokens, d_in)
             grams[layer] += k.t() @ k
     return grams
 
@@ -126,11 +127,15 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForget
     done: dict[int, list[torch.Tensor]] = {}   # layer -> keys (n, d_in) of earlier passes, kept in later solves
 
     def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        prior = cfg.cov_weight * cov.double() + ctx.history.get(layer, torch.zeros_like(cov)).double()
+        device = keys.device   # the solve runs where the keys are (linalg.batch_update)
+        prior = cfg.cov_weight * linalg.wide(cov, device)
+        if layer in ctx.history:
+            prior = prior + ctx.history[layer].to(prior)
         if layer in keep:
             prior = prior + cfg.retain_weight * keep[layer].to(prior.device)
         for k in done.get(layer, []):
-            prior = prior + k.double().t() @ k.double()
+            k64 = linalg.wide(k, prior.device)
+            prior = prior + k64.t() @ k64
         return linalg.batch_update(keys, resid, prior).float()                      # (d_out, d_in)
 
     prefixes = context_prefixes(loaded, cfg)

@@ -40,7 +40,7 @@ from qedit.core import linalg
 from qedit.core.batching import best_other, subject_last_index
 from qedit.core.delta import LowRankDelta
 from qedit.core.errors import QeditError
-from qedit.core.hooks import record
+from qedit.core.hooks import at_positions, record
 from qedit.core.model import LoadedModel
 from qedit.core.stats import key_covariance
 from qedit.edit.registry import EditContext, EditResult, finish_delta, resolve_layers
@@ -148,7 +148,8 @@ def _rms_inputs(loaded: LoadedModel, layers: Sequence[int], t: Targets, rows: to
         logits_with(loaded, {}, t)
     out = {}
     for layer, m in zip(layers, modules):
-        keys = rec[m][t.batch.attention_mask.bool()] if rows is None else rec[m][rows, cols]   # (n, in)
+        keys = rec[m][t.batch.attention_mask.bool().to(rec[m].device)] if rows is None \
+            else at_positions(rec[m], rows, cols)                                                # (n, in)
         out[layer] = keys.float().pow(2).mean(0).sqrt()                                         # (in,)
     return out
 
@@ -164,26 +165,28 @@ def column_masks(loaded: LoadedModel, layers: Sequence[int], requests: Sequence[
     """
     usage = _rms_inputs(loaded, layers, retain) if retain is not None else {}
     if cfg.saliency == "gradient":
-        params = {layer: torch.zeros(loaded.edit_shape(layer), requires_grad=True) for layer in layers}
+        params = {layer: torch.zeros(loaded.edit_shape(layer), device=loaded.layer_device(layer), requires_grad=True)
+                  for layer in layers}
         objective(logits_with(loaded, params, forget), forget).backward()
         signal = {layer: p.grad.norm(dim=0) for layer, p in params.items()}           # (in,) per layer
     else:
         facts = [r for r in requests if r.is_fact]
         if not facts:
             raise QeditError("qforget saliency 'activation' needs facts (with subjects); use saliency 'gradient' for texts")
-        rows = torch.arange(len(facts))
-        cols = torch.tensor([subject_last_index(loaded.tokenizer, r.prompt, r.subject) for r in facts])  # type: ignore[arg-type]
+        rows = torch.arange(len(facts), device=loaded.device)
+        cols = torch.tensor([subject_last_index(loaded.tokenizer, r.prompt, r.subject) for r in facts],  # type: ignore[arg-type]
+                            device=loaded.device)
         signal = _rms_inputs(loaded, layers, forget, rows, cols)
     masks = {}
     for layer in layers:
         score = signal[layer]
         if layer in usage:
-            score = score / (usage[layer] + 0.1 * usage[layer].mean() + 1e-12)
-        mask = torch.zeros(loaded.edit_shape(layer))                    # (out, in)
+            score = score / (usage[layer] + 0.1 * usage[layer].mean() + 1e-12).to(score.device)
+        mask = torch.zeros(loaded.edit_shape(layer), device=loaded.layer_device(layer))   # (out, in)
         if cfg.n_columns == 0 or cfg.n_columns >= score.numel():
             mask.fill_(1.0)
         else:
-            mask[:, score.topk(cfg.n_columns).indices] = 1.0
+            mask[:, score.topk(cfg.n_columns).indices.to(mask.device)] = 1.0
         masks[layer] = mask
     return masks
 
@@ -196,16 +199,17 @@ def key_basis(loaded: LoadedModel, layers: Sequence[int], requests: Sequence[For
     facts = [r for r in requests if r.is_fact]
     if not facts:
         raise QeditError("qforget subspace 'keys' needs facts (with subjects); use subspace 'columns' for texts")
-    rows = torch.arange(len(facts))
-    cols = torch.tensor([subject_last_index(loaded.tokenizer, r.prompt, r.subject) for r in facts])  # type: ignore[arg-type]
+    rows = torch.arange(len(facts), device=loaded.device)
+    cols = torch.tensor([subject_last_index(loaded.tokenizer, r.prompt, r.subject) for r in facts],  # type: ignore[arg-type]
+                        device=loaded.device)
     modules = [loaded.arch.mlp_out.format(layer) for layer in layers]
     with torch.no_grad(), record(loaded.model, modules, "input") as rec:
         logits_with(loaded, {}, forget)
     covs = key_covariance(loaded, layers, cfg.stats)
     out = {}
     for layer, m in zip(layers, modules):
-        keys = rec[m][rows, cols].double()                                              # (n, in)
-        ck = linalg.solve_spd(linalg.shrink(covs[layer], cfg.cov_ridge), keys.t()).t()  # (n, in)
+        keys = linalg.wide(at_positions(rec[m], rows, cols))                             # (n, in), the layer's device
+        ck = linalg.solve_spd(linalg.shrink(covs[layer].to(keys.device), cfg.cov_ridge), keys.t()).t()  # (n, in)
         out[layer] = (ck / (ck * keys).sum(1, keepdim=True)).float()
     return out
 
@@ -229,8 +233,8 @@ def _delta(loaded: LoadedModel, layer: int, dense: torch.Tensor, cfg: QForgetCon
     if masks is None or cfg.rank is not None or cfg.energy is not None:
         return finish_delta(loaded, layer, dense, cfg, meta)
     cols = masks[layer].amax(0).nonzero()[:, 0]                                         # (k,)
-    b = torch.zeros(len(cols), dense.shape[1])                                          # (k, in)
-    b[torch.arange(len(cols)), cols] = 1.0
+    b = torch.zeros(len(cols), dense.shape[1], device=dense.device)                     # (k, in)
+    b[torch.arange(len(cols), device=dense.device), cols.to(dense.device)] = 1.0
     return LowRankDelta(loaded.arch.weight_name(layer), layer, dense[:, cols].float().contiguous(), b, 1.0,
                         loaded.arch.mlp_out_orientation, meta)
 
@@ -242,7 +246,7 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: QForget
     forget = forget_targets(loaded, requests)
     quants, names = _views(loaded, layers, cfg)
     margin, effect = cfg.margin, 0.0
-    zero = {layer: torch.zeros(loaded.edit_shape(layer)) for layer in layers}
+    zero = {layer: torch.zeros(loaded.edit_shape(layer), device=loaded.layer_device(layer)) for layer in layers}
     base = view_gaps(loaded, zero, forget, quants, names)
     if cfg.auto_margin and names:
         effect = max(float((base[n] - base["fp32"]).abs().mean()) for n in names)
