@@ -119,7 +119,7 @@ def test_gptq_error_feedback_lowers_the_hessian_error() -> None:
     h = x.T @ x / len(x)                                                       # (in, in)
     kernel = get_kernel("Q4_0")
     damped = h + 0.01 * np.mean(np.diag(h)) * np.eye(512)                     # (in, in)
-    u = inverse_cholesky_upper(damped)
+    u = inverse_cholesky_upper(damped.copy())
     assert np.allclose(np.triu(u), u) and np.allclose(u.T @ u, np.linalg.inv(damped))
 
     def h_error(data: np.ndarray) -> float:
@@ -128,6 +128,24 @@ def test_gptq_error_feedback_lowers_the_hessian_error() -> None:
 
     plain = h_error(kernel.quantize(w, None, n_threads=1))
     assert h_error(gptq_encode(kernel, w.astype(np.float64), u, None, n_threads=1)) < 0.8 * plain
+
+
+def test_the_factor_computed_in_place_equals_the_one_computed_in_copies() -> None:
+    """inverse_cholesky_upper overwrites H with U, bit for bit the U of the out-of-place sequence (factor,
+    inverse, symmetrised inverse, its upper factor), and refuses an array it cannot overwrite."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((700, 300))                                        # (samples, in)
+    h = x.T @ x / 700 + 0.01 * np.eye(300)                                     # (in, in)
+    lower = torch.linalg.cholesky(torch.from_numpy(h))
+    inv = torch.cholesky_inverse(lower)
+    want = torch.linalg.cholesky(0.5 * (inv + inv.T), upper=True).numpy()
+    work = h.copy()
+    got = inverse_cholesky_upper(work)
+    assert np.shares_memory(got, work) and np.array_equal(got, want)
+    with pytest.raises(QeditError, match="writable C-contiguous float64"):
+        inverse_cholesky_upper(h.astype(np.float32))
 
 
 # --- importance and Hessian -------------------------------------------------------------------

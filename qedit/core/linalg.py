@@ -60,7 +60,9 @@ def shrink(cov: torch.Tensor, ridge: float) -> torch.Tensor:
     if ridge <= 0:
         return c64
     scale = float(c64.diagonal().mean())
-    return c64 + ridge * scale * torch.eye(c64.shape[0], dtype=torch.float64, device=c64.device)
+    out = c64.clone() if c64 is cov else c64    # a copy of its own: added to in place, no identity matrix made
+    out.diagonal().add_(ridge * scale)
+    return out
 
 
 def rank_one_update(cov: torch.Tensor, key: torch.Tensor, residual: torch.Tensor,
@@ -77,19 +79,24 @@ def rank_one_update(cov: torch.Tensor, key: torch.Tensor, residual: torch.Tensor
 
 
 def batch_update(keys: torch.Tensor, residuals: torch.Tensor, cov_term: torch.Tensor,
-                 projector: torch.Tensor | None = None, l2: float = 0.0) -> torch.Tensor:
+                 projector: torch.Tensor | None = None, l2: float = 0.0, consume: bool = False) -> torch.Tensor:
     """MEMIT / AlphaEdit least squares, returned as dW (d_out, d_in), float64.
 
     keys (n, d_in), residuals (n, d_out), cov_term (d_in, d_in): the covariance weight on
     preserved keys (MEMIT: lambda*C; AlphaEdit: keys of earlier edits).
     Without projector: dW = R^T K (cov_term + K^T K)^-1   (MEMIT).
     With projector P:  dW = R^T K P ((cov_term + K^T K) P + l2 I)^-1   (AlphaEdit: dW K0 = 0).
-    Runs on the keys' device (see the module's docstring).
+    Runs on the keys' device (see the module's docstring). `consume`: cov_term is the caller's to give up, and
+    when it is float64 on that device K^T K is added to it in place (one covariance-sized matrix fewer).
     """
     k64 = wide(keys)
     r64 = wide(residuals, k64.device)
     d_in = k64.shape[1]
-    gram = wide(cov_term, k64.device) + k64.t() @ k64     # (d_in, d_in)
+    c64 = wide(cov_term, k64.device)
+    if consume and c64 is cov_term:
+        gram = c64.add_(k64.t() @ k64)                     # (d_in, d_in), the same bits as the sum below
+    else:
+        gram = c64 + k64.t() @ k64                         # (d_in, d_in)
     if projector is None:
         lhs = gram.add_(0.0)                               # gram + l2 I in place (the same bits, -0.0 included)
         lhs.diagonal().add_(l2)

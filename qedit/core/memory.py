@@ -7,6 +7,7 @@ runtime, torch, the tokenizer) is taken off.
 """
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import re
@@ -25,10 +26,11 @@ PAGE = mmap.PAGESIZE
 # room kept for the OS by the default budget: the larger of this and `_OS_SHARE` of the machine's memory
 _OS_FLOOR, _OS_SHARE = 2 * GiB, 0.10
 _SCORED = 4  # positions per row whose logits a pass computes (the answer's tokens)
-# float64 matrices of a covariance's size alive at once in the largest solve: the edit-aware encoding's (the
-# float64 covariance, C + lambda K^T K, its inverse and the inverse's factor), beside float64 copies of the
-# edited matrix (W0, dW, W0 + dW, the running weight, GPTQ's working copy and its lazy update, float32 copies)
-SOLVE_COPIES, EDITED_COPIES = 4, 7
+# float64 matrices of a covariance's size alive at once in a method's solve, by default (a method registers its
+# own count): ROME's shrunk covariance and MEMIT's C + K^T K, each with its Cholesky factor. The edit-aware
+# encoding, later, holds one (C + lambda K^T K, factored in place) beside float64 copies of the edited matrix
+# (W0 + dW, the running weight, GPTQ's working copy, a dequantized encoding and its residual, float32 copies)
+SOLVE_COPIES, EDITED_COPIES = 2, 6
 
 
 def parse_size(text: str) -> int:
@@ -215,23 +217,31 @@ class Workload:
     of `stats_layers` layers and `edited` matrices in full precision (with their changes and encodings). Then, in
     turn, either a pass over its largest batch (`rows` x `tokens`, backpropagated through every layer when
     `backward`) or a float64 solve over a covariance (ROME's and MEMIT's solves, and the edit-aware encoding of
-    an edited matrix, which inverts C + lambda K^T K: `SOLVE_COPIES` matrices of its width)."""
+    an edited matrix, which inverts C + lambda K^T K: `solve_copies` matrices of its width). A backward pass
+    keeps activations only from `first_layer` on: every trainable change sits at an edited layer, so autograd
+    records nothing below the lowest one."""
 
     rows: int = 8
     tokens: int = 64
     backward: bool = True
     stats_layers: int = 1
     edited: int = 1
+    first_layer: int = 0
+    solve_copies: int = SOLVE_COPIES
 
     def held(self, shape: Shape) -> int:
         return 4 * self.stats_layers * shape.d_ff ** 2 + 4 * 4 * self.edited * shape.d_ff * shape.d_model
 
     def passes(self, shape: Shape) -> int:
-        acts = shape.forward_bytes(self.rows, self.tokens, shape.n_layers if self.backward else 0)
+        kept = max(0, shape.n_layers - self.first_layer) if self.backward else 0
+        acts = shape.forward_bytes(self.rows, self.tokens, kept)
         return acts + 4 * 4 * self.rows * _SCORED * shape.vocab   # logits at the scored positions, softmax, grads
 
     def solve(self, shape: Shape) -> int:
-        return 8 * (SOLVE_COPIES * shape.d_ff ** 2 + EDITED_COPIES * shape.d_ff * shape.d_model) if self.stats_layers else 0
+        if not self.stats_layers:
+            return 0
+        encoding = shape.d_ff ** 2 + EDITED_COPIES * shape.d_ff * shape.d_model     # the edit-aware encoding
+        return 8 * max(self.solve_copies * shape.d_ff ** 2, encoding)
 
     def bytes(self, shape: Shape) -> int:
         return self.held(shape) + max(self.passes(shape), self.solve(shape))
@@ -241,7 +251,7 @@ class Workload:
         lo, hi = 0, max(1, min(shape.context, 1 << 24))
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if Workload(self.rows, mid, self.backward, self.stats_layers, self.edited).bytes(shape) <= room:
+            if dataclasses.replace(self, tokens=mid).bytes(shape) <= room:
                 lo = mid
             else:
                 hi = mid - 1

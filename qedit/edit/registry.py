@@ -95,6 +95,8 @@ class MethodSpec(Generic[M]):
     config_cls: type[MethodConfig]
     compute: ComputeFn
     multi_layer: bool
+    # float64 matrices of the covariance's size its largest solve holds at once (for the memory budget)
+    solve_copies: int = 2
 
 
 class MethodRegistry(Generic[M]):
@@ -104,13 +106,14 @@ class MethodRegistry(Generic[M]):
         self.kind, self.methods, self.request_type, self.loader = kind, methods, request_type, loader
         self._specs: dict[M, MethodSpec[M]] = {}
 
-    def register(self, method: M, config_cls: type[MethodConfig], multi_layer: bool) -> Callable[[ComputeFn], ComputeFn]:
-        """Register `compute` as the implementation of `method`."""
+    def register(self, method: M, config_cls: type[MethodConfig], multi_layer: bool,
+                 solve_copies: int = 2) -> Callable[[ComputeFn], ComputeFn]:
+        """Register `compute` as the implementation of `method` (`solve_copies`: see MethodSpec)."""
 
         def deco(fn: ComputeFn) -> ComputeFn:
             if method in self._specs:
                 raise ValueError(f"method {method.value} registered twice")
-            self._specs[method] = MethodSpec(method, config_cls, self._checked(method, fn), multi_layer)
+            self._specs[method] = MethodSpec(method, config_cls, self._checked(method, fn), multi_layer, solve_copies)
             return fn
 
         return deco
@@ -162,9 +165,10 @@ EDIT_METHODS: MethodRegistry[EditMethod] = MethodRegistry("edit", EditMethod, Ed
                                                           "qedit.core.facts.load_requests")
 
 
-def register_method(method: EditMethod, config_cls: type[MethodConfig], multi_layer: bool) -> Callable[[ComputeFn], ComputeFn]:
+def register_method(method: EditMethod, config_cls: type[MethodConfig], multi_layer: bool,
+                    solve_copies: int = 2) -> Callable[[ComputeFn], ComputeFn]:
     """Register an edit method (the decorator each method module applies)."""
-    return EDIT_METHODS.register(method, config_cls, multi_layer)
+    return EDIT_METHODS.register(method, config_cls, multi_layer, solve_copies)
 
 
 def get_method(name: str | EditMethod) -> MethodSpec[EditMethod]:

@@ -56,6 +56,7 @@ ROW_SIGMA_TYPES: frozenset[GGMLQuantizationType] = frozenset({T.Q4_0, T.Q4_1, T.
 _LAZY_BATCH = 256  # columns per GPTQ lazy batch (rounded up to a multiple of the block size)
 LOOP_METRICS = ("hessian", "euclid")
 _PAD_SEARCH = 256  # neighbouring floats tried each way for the pad's last value
+_FINITE_CHUNK = 1 << 22  # elements per finiteness check of an input matrix
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def edit_importance(keys: np.ndarray, cov: np.ndarray | None, key_weight: float)
     """keys (n, in), cov (in, in) | None -> float32 (in,): diag(C)/mean + lambda * sum_i k_i^2 / mean."""
     k = np.asarray(keys, dtype=np.float64)                                     # (n, in)
     n_in = k.shape[1]
-    diag = np.ones(n_in) if cov is None else np.clip(np.diag(np.asarray(cov, dtype=np.float64)), 0.0, None)
+    diag = np.ones(n_in) if cov is None else np.clip(np.diag(cov).astype(np.float64), 0.0, None)
     energy = np.sum(k * k, axis=0)                                             # (in,)
     out = diag / max(float(diag.mean()), 1e-30) + key_weight * energy / max(float(energy.mean()), 1e-30)
     return out.astype(np.float32)
@@ -134,43 +135,50 @@ def edit_importance(keys: np.ndarray, cov: np.ndarray | None, key_weight: float)
 
 def edit_hessian(keys: np.ndarray, cov: np.ndarray | None, key_weight: float, damp: float) -> np.ndarray:
     """keys (n, in), cov (in, in) | None -> float64 (in, in): H = C/mean(diag C) + lambda K^T K/mean(diag K^T K),
-    plus damp * mean(diag H) on the diagonal. Its diagonal is `edit_importance` (before damping)."""
+    plus damp * mean(diag H) on the diagonal. Its diagonal is `edit_importance` (before damping). C may be
+    float32: H is summed in float64 from it without a float64 copy of C."""
     k = np.asarray(keys, dtype=np.float64)                                     # (n, in)
     n_in = k.shape[1]
     if cov is None:
         h = np.eye(n_in)                                                       # (in, in)
-    else:  # 0.5 (C + C^T) / mean(diag C), in place: one (in, in) matrix besides C (the same bits)
-        c = np.asarray(cov, dtype=np.float64)
-        h = np.add(c, c.T)                                                     # (in, in)
+    else:  # 0.5 (C + C^T) / mean(diag C), in place: one (in, in) float64 matrix besides C
+        h = np.add(cov, cov.T, dtype=np.float64)                               # (in, in)
         h *= 0.5
-        h /= max(float(np.mean(np.diag(c))), 1e-30)
-    gram = k.T @ k                                                             # (in, in)
-    scale = max(float(np.mean(np.diag(gram))), 1e-30)
-    gram *= key_weight
-    gram /= scale
-    h += gram
-    del gram
+        h /= max(float(np.mean(np.diag(cov).astype(np.float64))), 1e-30)
+    # + lambda K^T K / mean(diag K^T K), a band of rows at a time: no second (in, in) matrix
+    step = max(1, _FINITE_CHUNK // n_in)
+    diag = np.concatenate([np.diag(k[:, i:i + step].T @ k[:, i:i + step]) for i in range(0, n_in, step)])  # (in,)
+    scale = max(float(np.mean(diag)), 1e-30)
+    for i in range(0, n_in, step):
+        band = k[:, i:i + step].T @ k                                          # (step, in)
+        band *= key_weight
+        band /= scale
+        h[i:i + step] += band
     h[np.diag_indices(n_in)] += damp * float(np.mean(np.diag(h)))
     return h
 
 
 def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
-    """SPD H (in, in) -> float64 upper-triangular U with U^T U = H^-1 (GPTQ's Hinv factor)."""
+    """Symmetric positive definite H (in, in) float64 -> upper-triangular U with U^T U = H^-1 (GPTQ's Hinv factor),
+    computed in H's own memory: H is overwritten, and U is returned as a (Fortran-ordered) view of it.
+
+    LAPACK works on column-major matrices; H's transpose is one, and is H. Factor, inverse and the inverse's factor
+    each replace the one before in place, so one covariance-sized matrix is held, and the bits are those of the
+    out-of-place sequence (L of H, H^-1 = L^-T L^-1 symmetric as LAPACK gives it, U of that)."""
     import torch
 
-    ht = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float64))           # (in, in) float64, CPU
-    lower, info = torch.linalg.cholesky_ex(ht)                                 # H = L L^T
+    if h.dtype != np.float64 or not h.flags.c_contiguous or not h.flags.writeable:
+        raise QeditError("inverse_cholesky_upper: H must be a writable C-contiguous float64 array")
+    col = torch.from_numpy(h).mT                                               # (in, in) column-major, H's memory
+    info = torch.zeros((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(col, out=(col, info))                             # H = L L^T
     if int(info) == 0:
-        h_inv = torch.cholesky_inverse(lower)                                  # H^-1 (in, in)
-        del lower
-        sym = torch.add(h_inv, h_inv.T)                                        # 0.5 (H^-1 + H^-T), in place
-        del h_inv
-        sym *= 0.5
-        upper, info = torch.linalg.cholesky_ex(sym, upper=True)                # H^-1 = U^T U
+        torch.cholesky_inverse(col, out=col)                                   # H^-1
+        torch.linalg.cholesky_ex(col, upper=True, out=(col, info))             # H^-1 = U^T U
     if int(info) != 0:
         raise QeditError("cov: the Hessian C + lambda K^T K is not positive definite; give a covariance that is "
                          "symmetric positive semi-definite, or raise AwareConfig.damp")
-    return np.ascontiguousarray(upper.numpy())
+    return h.T                                                                 # U, a view of H's memory
 
 
 def correction_basis(keys: np.ndarray, u: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -308,8 +316,8 @@ def gptq_encode(kernel: QuantKernel, p: np.ndarray, u: np.ndarray, importance: n
     return np.concatenate(parts, axis=1)
 
 
-def _matrix(value: Any, name: str, rows: int | None = None, cols: int | None = None) -> np.ndarray:
-    """A finite 2-D float array (as float64), else QeditError naming `name`."""
+def _matrix(value: Any, name: str, rows: int | None = None, cols: int | None = None, widen: bool = True) -> np.ndarray:
+    """A finite 2-D float array (as float64 when `widen`, else as it is), else QeditError naming `name`."""
     if not isinstance(value, np.ndarray) or value.ndim != 2 or not np.issubdtype(value.dtype, np.floating):
         got = f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
         raise QeditError(f"{name}: expected a 2-D float numpy array, got {got}")
@@ -317,9 +325,10 @@ def _matrix(value: Any, name: str, rows: int | None = None, cols: int | None = N
         want = f"({rows if rows is not None else 'n'}, {cols if cols is not None else '?'})"
         raise QeditError(f"{name}: expected shape {want}, got {value.shape}; w0 and dw are (out, in) in GGUF numpy "
                          "order, keys (n, in), cov (in, in)")
-    if value.size == 0 or not np.isfinite(value).all():
+    step = max(1, _FINITE_CHUNK // max(1, value.shape[1]))   # rows per check: no mask of the whole matrix
+    if value.size == 0 or not all(np.isfinite(value[i:i + step]).all() for i in range(0, value.shape[0], step)):
         raise QeditError(f"{name}: must be non-empty and finite (no NaN or Inf)")
-    return value.astype(np.float64, copy=False)   # read only: a float64 array is used as it is
+    return value.astype(np.float64, copy=False) if widen else value   # read only: used as it is where it can be
 
 
 def quantize_edited(w0: np.ndarray, dw: np.ndarray, keys: np.ndarray, ggml_type: GGMLQuantizationType | int | str,
@@ -339,7 +348,7 @@ def quantize_edited(w0: np.ndarray, dw: np.ndarray, keys: np.ndarray, ggml_type:
     n_out, n_in = base.shape
     change = _matrix(dw, "dw", n_out, n_in)                                    # (out, in)
     k = _matrix(keys, "keys", None, n_in)                                      # (n, in)
-    c = None if cov is None else _matrix(cov, "cov", n_in, n_in)               # (in, in)
+    c = None if cov is None else _matrix(cov, "cov", n_in, n_in, widen=False)  # (in, in), float32 or float64
     if c is not None and (np.diag(c).min() < 0 or np.diag(c).max() <= 0):
         raise QeditError("cov: must be E[k k^T] of the layer's keys, with a non-negative, non-zero diagonal; "
                          "pass qedit.core.stats.key_covariance's matrix or None")
@@ -357,6 +366,7 @@ def quantize_edited(w0: np.ndarray, dw: np.ndarray, keys: np.ndarray, ggml_type:
     start = time.perf_counter()
     target = base + change                                                     # (out, in) Wt
     want = change @ k.T                                                        # (out, n) intended change at the keys
+    del base, change                                                           # Wt and its change at the keys suffice
     want_norm = float(np.linalg.norm(want))
 
     def score(data: np.ndarray) -> tuple[float, float, np.ndarray]:

@@ -13,7 +13,7 @@ from typing import Any
 from qedit.converters.gguf.read import GGUFFile
 from qedit.converters.loading import ModelHeader, budget_floor, load_model, read_header
 from qedit.core.facts import check_text_lengths
-from qedit.core.memory import MemoryBudget, Workload, current_rss, format_size
+from qedit.core.memory import SOLVE_COPIES, MemoryBudget, Workload, current_rss, format_size
 from qedit.core.model import LoadedModel
 from qedit.edit.registry import MethodConfig
 from qedit.pipeline.jobs import MethodChoice
@@ -24,22 +24,25 @@ log = logging.getLogger(__name__)
 _ANSWER_TOKENS = 8   # room a row keeps after its text: the answer's tokens
 
 
-def _edit_layers(method: MethodChoice, header: ModelHeader) -> int:
+def _edit_layers(method: MethodChoice, header: ModelHeader) -> tuple[int, ...]:
+    """The layers `method` edits on `header`'s model (its settings' or the architecture's default)."""
     cfg: MethodConfig = method.resolved_config()
     multi = method.registry.get(method.name).multi_layer
-    return len(cfg.layers) if cfg.layers else (len(header.arch.memit_layer_fracs) if multi else 1)
+    return tuple(cfg.layers) if cfg.layers else header.arch.default_layers(header.shape.n_layers, multi)
 
 
 def workload(method: MethodChoice, requests: Sequence[Any], header: ModelHeader) -> Workload:
     """What an edit of `requests` with `method` holds besides the frozen weights: its largest batch (a chunk of
     requests with their context prefixes, backpropagated), its key statistics and its edited matrices."""
     cfg = method.resolved_config()
-    n_layers = _edit_layers(method, header)
+    layers = _edit_layers(method, header)
     chunk = min(cfg.target.chunk, len(requests))
     count = header.tokenizer
     longest = max((len(count(text)["input_ids"]) for r in requests for _, text in r.input_texts()[:1]), default=1)
     rows = chunk * (cfg.target.n_prefixes + 1) + chunk
-    return Workload(rows, longest + cfg.target.prefix_len + _ANSWER_TOKENS, True, n_layers, n_layers)
+    copies = max(SOLVE_COPIES, method.registry.get(method.name).solve_copies)
+    return Workload(rows, longest + cfg.target.prefix_len + _ANSWER_TOKENS, True, len(layers), len(layers),
+                    min(layers, default=0), copies)
 
 
 def check_requests(method: MethodChoice, requests: Sequence[Any], header: ModelHeader, budget: MemoryBudget) -> None:
@@ -48,8 +51,9 @@ def check_requests(method: MethodChoice, requests: Sequence[Any], header: ModelH
     the memory budget lets a pass over it (with its context prefixes, backpropagated) hold."""
     cfg = method.resolved_config()
     shape = header.shape
-    n_layers = _edit_layers(method, header)
-    one = Workload(cfg.target.n_prefixes + 2, 1, True, n_layers, n_layers)   # one fact of one token
+    layers = _edit_layers(method, header)
+    copies = max(SOLVE_COPIES, method.registry.get(method.name).solve_copies)
+    one = Workload(cfg.target.n_prefixes + 2, 1, True, len(layers), len(layers), min(layers, default=0), copies)
     floor = budget_floor(header, budget, one) - one.bytes(shape)
     reserve = cfg.target.prefix_len + _ANSWER_TOKENS
     limit, why = shape.context - reserve, f"the model's context is {shape.context:,} tokens"

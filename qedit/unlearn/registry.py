@@ -24,10 +24,10 @@ UNLEARN_METHODS: MethodRegistry[UnlearnMethod] = MethodRegistry("unlearning", Un
                                                                 "qedit.unlearn.requests.load_forget_requests")
 
 
-def register_unlearn_method(method: UnlearnMethod, config_cls: type[MethodConfig],
-                            multi_layer: bool) -> Callable[[ComputeFn], ComputeFn]:
+def register_unlearn_method(method: UnlearnMethod, config_cls: type[MethodConfig], multi_layer: bool,
+                            solve_copies: int = 2) -> Callable[[ComputeFn], ComputeFn]:
     """Register an unlearning method (the decorator each method module applies)."""
-    return UNLEARN_METHODS.register(method, config_cls, multi_layer)
+    return UNLEARN_METHODS.register(method, config_cls, multi_layer, solve_copies)
 
 
 def get_unlearn_method(name: str | UnlearnMethod) -> MethodSpec[UnlearnMethod]:

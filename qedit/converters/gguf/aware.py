@@ -51,7 +51,7 @@ class EditEncoding:
         """What identifies this encoding for caches: its settings and the content of keys and covariances."""
         import hashlib
 
-        content = {f"{what}{int(k)}": hashlib.sha256(as_numpy(v).tobytes()).hexdigest()
+        content = {f"{what}{int(k)}": hashlib.sha256(memoryview(as_numpy(v, None))).hexdigest()
                    for what, table in (("keys", self.keys), ("cov", self.covs)) for k, v in table.items()}
         return [self.describe(), content]
 
@@ -62,7 +62,7 @@ class EditEncoding:
         if layer not in self.keys:
             return None
         keys = as_numpy(self.keys[layer])                                   # (n, in)
-        cov = as_numpy(self.covs[layer]) if layer in self.covs else None    # (in, in)
+        cov = as_numpy(self.covs[layer], None) if layer in self.covs else None   # (in, in), not widened
         res = quantize_edited(w0, change, keys, ggml_type, cov=cov, cfg=self.cfg, original=original)
         log.info("%s: edit-aware %s, kept %.3f of the edit at its keys (plain requantization: %.3f)",
                  name, ggml_type.name, res.kept, res.kept_naive)
@@ -70,9 +70,12 @@ class EditEncoding:
 
 
 def as_numpy(t: Any, dtype: Any = np.float64) -> np.ndarray:
-    """A torch tensor or array-like as a contiguous numpy array of `dtype` (float64 by default)."""
+    """A torch tensor or array-like as a contiguous numpy array of `dtype` (float64 by default; None: the float
+    type it has, a CPU tensor's memory shared rather than copied)."""
     if hasattr(t, "detach"):
-        t = t.detach().cpu().double().numpy()
+        t = t.detach().cpu()
+        native = dtype is None or np.dtype(dtype) != np.float64
+        t = (t if native and str(t.dtype) in ("torch.float32", "torch.float64") else t.double()).numpy()
     return np.ascontiguousarray(np.asarray(t, dtype=dtype))
 
 

@@ -32,6 +32,6 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: MemitConf
         # lambda C + history: one (d_in, d_in) copy, where the solve runs (the keys' device)
         prior = cov.to(device=linalg.float64_device(keys.device), dtype=torch.float64, copy=True).mul_(cfg.cov_weight)
         prior += ctx.history[layer].to(prior) if layer in ctx.history else 0.0
-        return linalg.batch_update(keys, resid, prior).float()
+        return linalg.batch_update(keys, resid, prior, consume=True).float()
 
     return spread_edit(loaded, requests, cfg, ctx, solve)
