@@ -26,6 +26,12 @@ def test_forget_writes_a_model_and_gates_on_the_forget_score(tiny_dirs, facts_fi
     unedited, forgotten = data["unedited"]["aggregate"], data["fp32"]["aggregate"]
     assert forgotten["forget_prob"] <= unedited["forget_prob"]  # (the random tiny model knows none of them)
     assert data["metrics"]["fp32"]["forget_prob"] == pytest.approx(forgotten["forget_prob"])
+    # beyond the rank: every fact has a target_new (its wrong answer) and a paraphrase, and is sampled 20 times
+    assert forgotten["n_ratio"] == forgotten["n_paraphrased"] == forgotten["n_sampled"] == 3
+    for key in ("truth_ratio", "below_wrong", "para_truth_ratio", "para_below_wrong", "sampled_leak"):
+        assert data["metrics"]["fp32"][key] == pytest.approx(forgotten[key]) and f"{key}=" in text
+    assert [f["wrong"] for f in data["fp32"]["facts"]] == ["Rome", "tennis", "Italy"]
+    assert all(f["n_samples"] == 20 for f in data["unedited"]["facts"])
     # a gate that cannot hold: exit 1, the output is still written
     assert main(["forget", str(tiny_dirs["llama"]), str(facts_file), "-o", str(tmp_path / "o2"), *FAST,
                  "--require", "fp32:forget_prob<=0"]) == 1
@@ -107,7 +113,11 @@ def test_survival_of_unlearning_reports_recovery_per_rung(tiny_dirs, facts_file,
     assert "recovery" in capsys.readouterr().out
     md = (report / "report.md").read_text()
     assert "facts to forget" in md and "P(answer) per fact" in md
-    assert (report / "cases.csv").read_text().splitlines()[0] == "rung,case_id,name,answer,prob,prob_first,known,recovered"
+    assert (report / "cases.csv").read_text().splitlines()[0] == ("rung,case_id,name,answer,wrong,prob,prob_first,known,recovered,"
+                                                                 "truth_ratio,below_wrong,para_below_wrong,leaks")
+    assert "leak" in md and "truth ratio" in md
+    assert all(m["metrics"]["below_wrong"] is not None and m["metrics"]["sampled_leak"] is not None
+               for m in data["rungs"])
 
 
 def test_recovered_facts_are_named():

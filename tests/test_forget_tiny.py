@@ -109,6 +109,9 @@ class TableRunner:
     def complete(self, prompt: str, max_tokens: int = 8) -> str:
         return ""
 
+    def sample(self, items: Sequence[tuple[str, int]], n: int, temperature: float, seed: int) -> list[list[str]]:
+        return [[""] * n for _ in items]
+
     def nll(self, text: str) -> tuple[float, int]:
         return self.nlls[text]
 

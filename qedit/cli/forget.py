@@ -48,7 +48,10 @@ def add_parsers(sub: Any) -> None:
                "  qedit forget model.gguf texts.jsonl --method qforget -o forgotten.gguf\n"
                "  qedit survival model.gguf forget.jsonl --method kforget --ladder Q4_K_M,Q4_0 -o report/\n"
                "\nGates: RUNG is fp32 (torch, full precision) or output (the written file in its runtime);\n"
-               "metrics: recovery_rate, forget_prob, retain_acc, retain_acc_change, heldout_acc, recovered, ...\n"
+               "metrics: recovery_rate, forget_prob, retain_acc, retain_acc_change, heldout_acc, recovered,\n"
+               "below_wrong, para_below_wrong, truth_ratio, sampled_leak, ... (below_wrong: the share of facts whose\n"
+               "answer is less likely than their wrong answer, target_new or another answer of the same relation_id;\n"
+               "sampled_leak: the share whose answer starts 1 of 20 continuations sampled at temperature 1)\n"
                "Exit status: 0, 1 when a --require falls short, 2 on bad input.")
     p.add_argument("model", type=Path, help=MODEL_HELP)
     p.add_argument("facts", type=Path, help="JSONL of facts (or texts) to forget")

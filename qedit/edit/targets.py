@@ -36,9 +36,13 @@ class TargetObjective(Protocol):
     name: str                    # "NLL", "hinge", ...: for logs
     first_token_only: bool       # score only the first token of each target
     minimal_strength: bool       # an edit towards it may be scaled down to a margin (qedit.edit.strength)
+    contrast: bool               # token_loss gets contrast ids: the first token of each request's ground_truth
+    paraphrases: bool            # also optimised on the request's rephrase prompts that hold the subject
 
-    def token_loss(self, logp_all: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
-        """logp_all (n_t, vocab) log-probs at the scored positions, t_ids (n_t,) -> loss (n_t,)."""
+    def token_loss(self, logp_all: torch.Tensor, t_ids: torch.Tensor,
+                   contrast_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """logp_all (n_t, vocab) log-probs at the scored positions, t_ids (n_t,) -> loss (n_t,). With `contrast`
+        (first_token_only): contrast_ids (n_t,), the first token of the row's ground_truth there (-1: none)."""
 
     def cache_tag(self) -> dict[str, float]:
         """What the target cache key adds for this objective ({} for the edits' own)."""
@@ -51,8 +55,11 @@ class ReachTarget:
     name: str = "NLL"
     first_token_only: bool = False
     minimal_strength: bool = True
+    contrast: bool = False
+    paraphrases: bool = False
 
-    def token_loss(self, logp_all: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
+    def token_loss(self, logp_all: torch.Tensor, t_ids: torch.Tensor,
+                   contrast_ids: torch.Tensor | None = None) -> torch.Tensor:
         return -logp_all.gather(1, t_ids[:, None])[:, 0]                                   # (n_t,)
 
     def cache_tag(self) -> dict[str, float]:
@@ -65,13 +72,16 @@ REACH_TARGET = ReachTarget()
 def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, prefixes: Sequence[str],
                    cfg: TargetConfig, applied: Sequence[LowRankDelta],
                    objective: TargetObjective) -> tuple[torch.Tensor, list[float]]:
-    n, p = len(reqs), len(prefixes)
-    texts = [pre + r.prompt for r in reqs for pre in prefixes] + [f"{r.subject} is a" for r in reqs]
-    targets: list[str | None] = [r.target_new for r in reqs for _ in prefixes] + [None] * n
-    subjects = [r.subject for r in reqs for _ in prefixes] + [r.subject for r in reqs]
+    n = len(reqs)
+    # per request, its prompt (and, for an objective that asks, its paraphrases with the subject) after each prefix
+    rows = [(i, pre + q) for i, r in enumerate(reqs) for q in _prompts(r, objective) for pre in prefixes]
+    n_rows = len(rows)
+    texts = [t for _, t in rows] + [f"{r.subject} is a" for r in reqs]
+    targets: list[str | None] = [reqs[i].target_new for i, _ in rows] + [None] * n
+    subjects = [reqs[i].subject for i, _ in rows] + [r.subject for r in reqs]
     batch = build_batch(loaded, texts, targets, subjects)
     device = batch.input_ids.device      # the indices, the logits and the losses: the model's input device
-    owner = torch.tensor([i for i in range(n) for _ in prefixes] + list(range(n)), device=device)     # (rows,)
+    owner = torch.tensor([i for i, _ in rows] + list(range(n)), device=device)                        # (rows,)
     rows_all = torch.arange(len(texts), device=device)
     lookup = torch.tensor(batch.lookup, device=device)
     t_rows, t_cols, t_ids = target_index(batch)
@@ -79,7 +89,8 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
         first = torch.ones_like(t_rows, dtype=torch.bool)
         first[1:] = t_rows[1:] != t_rows[:-1]
         t_rows, t_cols, t_ids = t_rows[first], t_cols[first], t_ids[first]
-    kl_rows = torch.arange(n * p, n * p + n, device=device)
+    contrast_ids = _contrast_ids(loaded, reqs, rows, t_rows) if objective.contrast else None          # (n_t,)
+    kl_rows = torch.arange(n_rows, n_rows + n, device=device)
     kl_cols = torch.tensor([batch.last[i] for i in kl_rows.tolist()], device=device)
     q_rows, q_cols = torch.cat([t_rows, kl_rows]), torch.cat([t_cols, kl_cols])
     n_t = len(t_rows)
@@ -107,7 +118,7 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
         with edit_outputs(loaded.model, base_edits), edit_outputs(loaded.model, {site: inject}):
             logits = logits_at(loaded, batch, q_rows, q_cols)
         logp_all = F.log_softmax(logits[:n_t], dim=-1)                                   # (n_t, vocab)
-        token_loss = objective.token_loss(logp_all, t_ids)                               # (n_t,)
+        token_loss = objective.token_loss(logp_all, t_ids, contrast_ids)                 # (n_t,)
         nll_per = torch.zeros(n, device=device).index_add(0, tok_owner, token_loss) / counts  # (n,) mean over tokens, prefixes
         kl = F.kl_div(F.log_softmax(logits[n_t:], dim=-1), ref_kl, log_target=True, reduction="none").sum(-1)  # (n,)
         decay = ((delta.norm(dim=-1) / orig_norm) ** 2).to(device)
@@ -121,6 +132,23 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
             scale = (limit / theta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
             theta.mul_(scale[:, None])
     return (theta * unit).detach(), nll_per.detach().tolist()
+
+
+def _prompts(r: EditRequest, objective: TargetObjective) -> tuple[str, ...]:
+    extra = tuple(q for q in r.rephrase_prompts if r.subject in q) if objective.paraphrases else ()
+    return (r.prompt,) + extra
+
+
+def _contrast_ids(loaded: LoadedModel, reqs: Sequence[EditRequest], rows: Sequence[tuple[int, str]],
+                  t_rows: torch.Tensor) -> torch.Tensor:
+    """(n_t,) the first token of each scored row's ground_truth after its text (-1 where it has none)."""
+    have = [(j, reqs[i].ground_truth) for j, (i, _) in enumerate(rows) if reqs[i].ground_truth is not None]
+    first = [-1] * len(rows)
+    if have:
+        batch = build_batch(loaded, [rows[j][1] for j, _ in have], [g for _, g in have])
+        for (j, _), ids in zip(have, batch.target_ids):
+            first[j] = ids[0]
+    return torch.tensor(first, dtype=torch.long, device=t_rows.device)[t_rows]
 
 
 def optimize_targets(loaded: LoadedModel, requests: Sequence[EditRequest], site: str, prefixes: Sequence[str],

@@ -21,6 +21,9 @@ GATE_METRICS = (
     # unlearning (qedit forget / survival of ForgetRequests)
     "forget_prob", "forget_prob_first", "recovery_rate", "recovery_change", "recovered", "forgotten", "retain_acc",
     "retain_acc_change", "retain_kept", "heldout_acc", "heldout_acc_change",
+    # unlearning beyond the rank (qedit.evaluation.forget_probes), and their change against full precision
+    "truth_ratio", "below_wrong", "para_truth_ratio", "para_below_wrong", "sampled_leak", "truth_ratio_change",
+    "below_wrong_change", "para_below_wrong_change", "sampled_leak_change",
 )
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,

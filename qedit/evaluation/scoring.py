@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from qedit.core.errors import QeditError
 from qedit.core.facts import EditRequest
 from qedit.evaluation.forget import ForgetReport, evaluate_forget
+from qedit.evaluation.forget_probes import LeakSampling
 from qedit.evaluation.metrics import EvalReport, evaluate
 from qedit.runtimes.torch_runner import Runner
 from qedit.unlearn.requests import ForgetRequest, RetainItem
@@ -46,15 +47,19 @@ class ForgetScoring:
     requests: tuple[ForgetRequest, ...]
     retain: tuple[RetainItem, ...]
     kind: str = "forget"
+    sampling: LeakSampling | None = LeakSampling()    # sampled_leak's samples (None: not sampled)
 
     def evaluate(self, runner: Runner, baseline: ForgetReport | None, label: str | None) -> ForgetReport:
-        return evaluate_forget(runner, self.requests, self.retain, baseline=baseline, progress=label)
+        return evaluate_forget(runner, self.requests, self.retain, baseline=baseline, progress=label,
+                               sampling=self.sampling)
 
     def report_from_json(self, data: dict[str, Any]) -> ForgetReport:
         return ForgetReport.from_json(data)
 
     def cache_parts(self) -> list[Any]:
-        return ["forget", [r.to_json() for r in self.requests], [x.to_json() for x in self.retain]]
+        sampled = None if self.sampling is None else [self.sampling.n, self.sampling.temperature, self.sampling.seed]
+        return ["forget", "wrong answers, paraphrases", ["sampled", sampled], [r.to_json() for r in self.requests],
+                [x.to_json() for x in self.retain]]
 
 
 def scoring_for(requests: Sequence[Any], retain: Sequence[RetainItem] | None = None, chat: bool = False) -> Scoring:

@@ -14,7 +14,7 @@ from qedit.core.batching import continuation_ids, is_marker_token
 from qedit.core.errors import QeditError
 from qedit.core.linalg import draw_tokens
 from qedit.runtimes.llama_chat import chat_formatter
-from qedit.runtimes.torch_runner import GEN_EXTRA_TOKENS, TokenScore
+from qedit.runtimes.torch_runner import GEN_EXTRA_TOKENS, TokenScore, check_sampling, prompt_seed
 
 log = logging.getLogger(__name__)
 # llama.cpp's own log (model loading, "llama_kv_cache_iswa: using full-size SWA cache", ...), routed here: a
@@ -126,6 +126,12 @@ class LlamaCppRunner:
         """
         import llama_cpp
 
+        self._decode(tokens)
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float32)  # (vocab,), a copy
+
+    def _decode(self, tokens: list[int]) -> None:
+        """Append `tokens` to the context, with next-token logits (in llama.cpp's context) after the last one only."""
         if self.llm.n_tokens + len(tokens) > self.n_ctx:
             raise QeditError(f"{self.path.name}: {self.llm.n_tokens + len(tokens)} tokens exceed the context of {self.n_ctx}")
         logits_all = self.llm._logits_all  # llama-cpp-python keeps this flag private; restored below
@@ -134,8 +140,6 @@ class LlamaCppRunner:
             self.llm.eval(tokens)
         finally:
             self.llm._logits_all = logits_all
-        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float32)  # (vocab,), a copy
 
     def score(self, pairs: Sequence[tuple[str, str]], generate: Sequence[bool] | None = None) -> list[TokenScore]:
         """Teacher-forced scores. A prompt shared by consecutive pairs (new and true answer) is run once:
@@ -196,6 +200,44 @@ class LlamaCppRunner:
             raise QeditError(f"{self.path.name}: {len(ids) + max_tokens} tokens exceed the context of {self.n_ctx}")
         self.llm.reset()
         return self._greedy([], self._last_logits(ids), max_tokens)
+
+    def sample(self, items: Sequence[tuple[str, int]], n: int, temperature: float, seed: int) -> list[list[str]]:
+        """`n` continuations of each (prompt, max_tokens) drawn by llama.cpp's own sampler: a chain of the temperature
+        sampler and the distribution sampler (no top-k, top-p or min-p), seeded by `prompt_seed(seed, prompt)` and
+        kept for the prompt's `n` samples. The prompt is run once; each sample drops what the previous one added to
+        the KV cache and runs the prompt's last token again, for its next-token logits."""
+        import llama_cpp
+
+        check_sampling(n, temperature)
+        out = []
+        for prompt, max_tokens in items:
+            ids = self.tokenizer(prompt)["input_ids"]
+            if len(ids) + max_tokens > self.n_ctx:
+                raise QeditError(f"{self.path.name}: {len(ids) + max_tokens} tokens exceed the context of {self.n_ctx}")
+            chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(prompt_seed(seed, prompt)))
+            try:
+                self.llm.reset()
+                if len(ids) > 1:
+                    self._decode(ids[:-1])
+                texts = []
+                for _ in range(n):
+                    self.llm.n_tokens = len(ids) - 1
+                    self._decode(ids[-1:])
+                    new: list[int] = []
+                    while len(new) < max_tokens:
+                        token = int(llama_cpp.llama_sampler_sample(chain, self.llm.ctx, -1))
+                        if self._stop(token):
+                            break
+                        new.append(token)
+                        if len(new) < max_tokens:
+                            self._decode([token])
+                    texts.append(self.llm.detokenize(new).decode("utf-8", errors="replace"))
+                out.append(texts)
+            finally:
+                llama_cpp.llama_sampler_free(chain)
+        return out
 
     def chat(self, items: Sequence[tuple[str, int]]) -> list[str]:
         """The assistant's greedy reply to each (user message, max_tokens) one-turn chat, the chat formatted and

@@ -2,6 +2,7 @@
 see this interface, so they do not know how an artifact was made or where it runs."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -12,6 +13,7 @@ from transformers import GenerationConfig
 from qedit.core.batching import build_batch, is_marker_token, logits_at, target_index
 from qedit.core.chat import chat_ids, no_template_error
 from qedit.core.errors import QeditError
+from qedit.core.linalg import draw_tokens
 from qedit.core.model import LoadedModel
 
 # A generated continuation may run this many tokens past its target's length: room for a leading article
@@ -37,6 +39,17 @@ class TokenScore:
         return self.argmax_ids == self.target_ids
 
 
+def prompt_seed(seed: int, prompt: str) -> int:
+    """The seed of one prompt's samples: from `seed` and the prompt's text, so that a prompt draws the same
+    random numbers whatever else is sampled with it, and every model (rung) is sampled with the same ones."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()[:4], "little")
+
+
+def check_sampling(n: int, temperature: float) -> None:
+    if n < 1 or not temperature > 0.0:
+        raise QeditError(f"sampling needs n >= 1 samples and a temperature > 0, got n={n}, temperature={temperature}")
+
+
 class Runner(Protocol):
     name: str
 
@@ -54,6 +67,11 @@ class Runner(Protocol):
         with the model's chat template as this runtime applies it (the generation prompt added), ending and
         decoded as `complete` does. A QeditError when the model has no chat template (empty `items`: only that
         check)."""
+
+    def sample(self, items: Sequence[tuple[str, int]], n: int, temperature: float, seed: int) -> list[list[str]]:
+        """`n` sampled continuations of each (prompt, max_tokens), drawn from softmax(logits / temperature) over the
+        whole vocabulary (no top-k or top-p), each ending and decoded as `complete`'s; a prompt's draws are seeded
+        by `prompt_seed(seed, prompt)`, so the same call gives the same texts."""
 
     def nll(self, text: str) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) of `text`'s tokens after BOS, and their count."""
@@ -131,6 +149,28 @@ class TorchRunner:
             for row, (_, n) in zip(new, chunk):
                 kept = next((row[:j] for j, t in enumerate(row[:n]) if t in stop), row[:n])
                 out.append(tok.decode(kept, skip_special_tokens=True))
+        return out
+
+    @torch.no_grad()
+    def sample(self, items: Sequence[tuple[str, int]], n: int, temperature: float, seed: int) -> list[list[str]]:
+        """The `n` samples of one prompt are one batch, decoded with the KV cache; each token drawn by inverse CDF
+        (`qedit.core.linalg.draw_tokens`) from a CPU generator seeded by `prompt_seed(seed, prompt)`."""
+        check_sampling(n, temperature)
+        tok, model, stop = self.loaded.tokenizer, self.loaded.model, self._stop_ids()
+        out = []
+        for prompt, max_tokens in items:
+            generator = torch.Generator().manual_seed(prompt_seed(seed, prompt))
+            ids = torch.tensor([tok(prompt)["input_ids"]] * n, dtype=torch.long, device=self.loaded.device)  # (n, seq)
+            cache, drawn = None, []
+            for _ in range(max_tokens):
+                res = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+                cache = res.cache
+                logits = res.logits[:, -1].float() / temperature                      # (n, vocab)
+                ids = draw_tokens(logits, generator).to(self.loaded.device)          # (n, 1)
+                drawn.append(ids)
+            rows = torch.cat(drawn, dim=1).tolist() if drawn else [[] for _ in range(n)]   # (n, max_tokens)
+            out.append([tok.decode(next((row[:j] for j, t in enumerate(row) if t in stop), row), skip_special_tokens=True)
+                        for row in rows])
         return out
 
     def _stop_ids(self) -> frozenset[int]:

@@ -29,6 +29,8 @@ _FORGET_TABLE = (
     ("recovered", "recovered", "{:.0f}"), ("retain acc", "retain_acc", "{:.3f}"),
     ("unedited", "baseline_retain_acc", "{:.3f}"), ("retain chg", "retain_acc_change", "{:+.3f}"),
     ("held-out acc", "heldout_acc", "{:.3f}"), ("held-out chg", "heldout_acc_change", "{:+.3f}"),
+    ("truth ratio", "truth_ratio", "{:.3f}"), ("< wrong", "below_wrong", "{:.3f}"),
+    ("para < wrong", "para_below_wrong", "{:.3f}"), ("leak", "sampled_leak", "{:.3f}"),
     ("ppl ratio", "ppl_ratio", "{:.3f}"),
 )
 # Plot panels (title, metrics): a second metric is drawn dashed (the generated-answer variant of the first).
@@ -38,7 +40,8 @@ _PLOTTED = {"edit": (("efficacy", ("efficacy", "efficacy_gen")),
                      ("ppl ratio", ("ppl_ratio",)),
                      ("efficacy gap: teacher-forced - generated", ("efficacy_gen_gap",))),
             "chat": (("chat efficacy (generated reply)", ("chat_efficacy_gen",)),),
-            "forget": tuple((k, (k,)) for k in ("recovery_rate", "forget_prob", "retain_acc", "ppl_ratio"))}
+            "forget": tuple((k, (k,)) for k in ("recovery_rate", "forget_prob", "retain_acc", "ppl_ratio", "below_wrong",
+                                                "para_below_wrong", "sampled_leak"))}
 _CSV_RUNG = ("rung", "status", "reason", "bits_per_weight", "size_bytes", "efficacy", "efficacy_top1",
              "efficacy_gen", "efficacy_gen_gap", "efficacy_kept", "generalization", "generalization_top1",
              "generalization_gen", "generalization_kept", "locality", "locality_top1", "locality_gen", "margin",
@@ -47,11 +50,14 @@ _CSV_RUNG = ("rung", "status", "reason", "bits_per_weight", "size_bytes", "effic
 _CSV_FORGET_RUNG = ("rung", "status", "reason", "bits_per_weight", "size_bytes", "forget_prob", "forget_prob_first",
                     "recovery_rate", "recovery_change", "recovered", "forgotten", "retain_acc", "baseline_retain_acc",
                     "retain_acc_change", "retain_kept", "heldout_acc", "baseline_heldout_acc", "heldout_acc_change",
+                    "truth_ratio", "truth_ratio_change", "below_wrong", "below_wrong_change", "para_truth_ratio",
+                    "para_below_wrong", "para_below_wrong_change", "sampled_leak", "sampled_leak_change",
                     "perplexity", "baseline_perplexity", "ppl_ratio")
 _CSV_CASE = ("rung", "case_id", "subject", "target_new", "efficacy", "efficacy_top1", "efficacy_gen", "generalization",
              "generalization_gen", "locality", "locality_gen", "margin", "margin_shrink", "died", "continuation",
              "chat_efficacy_gen", "chat_generalization_gen", "chat_reply")
-_CSV_FORGET_CASE = ("rung", "case_id", "name", "answer", "prob", "prob_first", "known", "recovered")
+_CSV_FORGET_CASE = ("rung", "case_id", "name", "answer", "wrong", "prob", "prob_first", "known", "recovered",
+                    "truth_ratio", "below_wrong", "para_below_wrong", "leaks")
 
 
 def _forget(data: dict[str, Any]) -> bool:
@@ -121,7 +127,12 @@ def document(data: dict[str, Any]) -> list[Block]:
         note = ("*P(answer)* is the mean probability of the erased answers; *recovery* the share of facts whose "
                 "answer is top-1 (the knowledge is there), *vs fp32* its change against full precision and "
                 "*recovered* how many facts forgotten at fp32 came back; retain accuracy is compared with the "
-                "unedited model at the same rung; *ppl ratio* is the perplexity of a fixed text, edited over unedited.")
+                "unedited model at the same rung; *truth ratio* is the mean of P(answer) / (P(answer) + P(wrong)) with "
+                "the fact's wrong answer (its target_new, or another answer of its relation_id), *< wrong* the share "
+                "of facts whose answer is less likely than the wrong one, *para < wrong* the same on the paraphrase "
+                "prompts, *leak* the share of facts whose answer starts at least one of 20 continuations sampled at "
+                "temperature 1 (fixed seed) in the rung's runtime; *ppl ratio* is the perplexity of a fixed text, "
+                "edited over unedited.")
     else:
         what = f"{data['n_cases']} edits"
         note = ("Locality compares with the unedited model at the same rung; *gen* is the metric on the left measured "
@@ -150,7 +161,9 @@ def document(data: dict[str, Any]) -> list[Block]:
     out.append(("plot", "survival.png"))
     rung_names = [r["name"] for r in data["rungs"] if r["status"] == "ok"]
     out += _case_section(data, rung_names)
-    if not _forget(data):
+    if _forget(data):
+        out += _probe_section(data, rung_names)
+    else:
         out += _answer_section(data, rung_names)
     if _chat(data):
         out += _answer_section(data, rung_names, "chat_reply", "chat_efficacy_gen",
@@ -178,6 +191,21 @@ def _case_section(data: dict[str, Any], rung_names: list[str]) -> list[Block]:
             cells.append(_fmt(v.get(key), fmt) + (" x" if v.get(flag) else ""))
         rows.append([c["case_id"] or f"#{i}", c[label], _fmt(c["fp32"][key], fmt)] + cells)
     return [("h2", f"Per case: {title}"), ("table", ["case", label, "fp32"] + rung_names, rows)]
+
+
+def _probe_section(data: dict[str, Any], rung_names: list[str]) -> list[Block]:
+    """Per fact: its truth ratio against its wrong answer and how many sampled continuations said the answer."""
+    def cell(v: dict[str, Any]) -> str:
+        leaks = v.get("leaks")
+        return _fmt(v.get("truth_ratio"), "{:.3f}") + ("" if leaks is None else f" ({leaks} said)")
+
+    if not any(c["fp32"].get("truth_ratio") is not None or c["fp32"].get("leaks") is not None for c in data["cases"]):
+        return []
+    rows = [[c["case_id"] or f"#{i}", c["name"], c.get("wrong") or "-", cell(c["fp32"])]
+            + [cell(c["rungs"].get(name, {})) for name in rung_names] for i, c in enumerate(data["cases"], 1)]
+    return [("h2", "Per fact: truth ratio P(answer) / (P(answer) + P(wrong)), and (in brackets) how many sampled "
+                   "continuations started with the answer"),
+            ("table", ["case", "name", "wrong answer", "fp32"] + rung_names, rows)]
 
 
 def _answer_section(data: dict[str, Any], rung_names: list[str], text_key: str = "continuation",
@@ -243,7 +271,7 @@ def _case_csv(data: dict[str, Any]) -> str:
     rows = []
     forget = _forget(data)
     for c in data["cases"]:
-        base = {"case_id": c["case_id"], "name": c["name"], "answer": c["answer"]} if forget else \
+        base = {"case_id": c["case_id"], "name": c["name"], "answer": c["answer"], "wrong": c.get("wrong")} if forget else \
             {"case_id": c["case_id"], "subject": c["subject"], "target_new": c["target_new"]}
         rows.append(dict(base, rung="fp32", **c["fp32"]))
         rows += [dict(base, rung=name, **v) for name, v in c["rungs"].items()]

@@ -3,8 +3,11 @@
 Forget lines (one JSON object per line, blank lines ignored):
 - the CounterFact / zsRE layout of ``shared/data``: prompt, subject, ground_truth (REQUIRED here: the
   answer to erase), locality_prompt / locality_ground_truth (carried as the request's retain items);
-  target_new, rephrase_prompt and other fields are ignored;
-- the plain form ``{"prompt", "subject", "answer"}``;
+  target_new (a wrong answer of the same type, which the forget metrics compare the answer with),
+  rephrase_prompt / paraphrase_prompts (a string or a list: paraphrases of the prompt, scored by the
+  paraphrase metrics) and relation_id (facts of one relation lend each other wrong answers) are
+  optional; other fields are ignored;
+- the plain form ``{"prompt", "subject", "answer"}`` (with the same optional fields);
 - either of those may add ``"text"`` / ``"texts"`` (a string or a list): passages to forget as well;
 - a text-only line ``{"text": "..."}``: a passage to forget, with no fact attached.
 
@@ -18,12 +21,15 @@ A method trains against both.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from qedit.core.errors import QeditError
 from qedit.core.facts import as_tuple, parse_jsonl, str_field
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,9 @@ class RetainItem:
 class ForgetRequest:
     """Make the model stop answering `prompt` with `answer` (and stop producing `texts`).
 
-    A text-only request has prompt, subject and answer None and at least one text.
+    A text-only request has prompt, subject and answer None and at least one text. Only measured, never trained
+    on (unless a method says so): `target_new`, a wrong answer of the same type; `paraphrase_prompts`, the
+    prompt asked other ways; `relation_id`, the fact's relation (its facts lend each other wrong answers).
     """
 
     prompt: str | None
@@ -61,6 +69,9 @@ class ForgetRequest:
     retain_prompts: tuple[str, ...] = ()
     retain_answers: tuple[str, ...] = ()
     origin: str | None = dataclasses.field(default=None, compare=False, repr=False)   # "forget.jsonl:3"
+    target_new: str | None = None
+    paraphrase_prompts: tuple[str, ...] = ()
+    relation_id: str | None = None
 
     def __post_init__(self) -> None:
         fact = (self.prompt, self.subject, self.answer)
@@ -75,6 +86,12 @@ class ForgetRequest:
                 raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}")
         if any(not isinstance(t, str) or not t.strip() for t in self.texts):
             raise ValueError("a text to forget is empty")
+        if self.prompt is None and (self.target_new is not None or self.paraphrase_prompts):
+            raise ValueError("target_new and paraphrase prompts belong to a fact (prompt, subject and answer)")
+        if self.target_new is not None and (not isinstance(self.target_new, str) or not self.target_new.strip()):
+            raise ValueError("field 'target_new' is empty")
+        if any(not isinstance(p, str) or not p.strip() for p in self.paraphrase_prompts):
+            raise ValueError("a paraphrase prompt is empty")
         if len(self.retain_prompts) != len(self.retain_answers):
             raise ValueError("retain prompts and answers differ in length")
         for p, a in zip(self.retain_prompts, self.retain_answers):
@@ -91,7 +108,8 @@ class ForgetRequest:
 
     def input_texts(self) -> list[tuple[str, str]]:
         """(field, text) of every text a model runs the request on: its prompt, texts and retain prompts."""
-        return ([("prompt", self.prompt)] if self.prompt is not None else []) + [("text", t) for t in self.texts] \
+        return ([("prompt", self.prompt)] if self.prompt is not None else []) \
+            + [("paraphrase_prompt", p) for p in self.paraphrase_prompts] + [("text", t) for t in self.texts] \
             + [("locality_prompt", p) for p in self.retain_prompts]
 
     @property
@@ -104,7 +122,9 @@ class ForgetRequest:
         if self.is_fact:
             out.update(prompt=self.prompt, subject=self.subject, answer=self.answer)
         optional = {"texts": list(self.texts), "case_id": self.case_id,
-                    "locality_prompt": list(self.retain_prompts), "locality_ground_truth": list(self.retain_answers)}
+                    "locality_prompt": list(self.retain_prompts), "locality_ground_truth": list(self.retain_answers),
+                    "target_new": self.target_new, "paraphrase_prompts": list(self.paraphrase_prompts),
+                    "relation_id": self.relation_id}
         out.update({k: v for k, v in optional.items() if v not in (None, [])})
         return out
 
@@ -127,11 +147,17 @@ def forget_from_dict(obj: Any) -> ForgetRequest:
     key = "answer" if "answer" in obj else "ground_truth"
     if key not in obj:
         raise ValueError("missing field 'ground_truth' (or 'answer'): the answer to forget; "
-                         "('target_new' is not used when forgetting)")
+                         "('target_new' is only the wrong answer it is compared with)")
+    relation = obj.get("relation_id")
+    if relation is not None and not isinstance(relation, (str, int)):
+        raise ValueError("field 'relation_id' must be a string or a number")
     return ForgetRequest(
         prompt=str_field(obj, "prompt", True), subject=str_field(obj, "subject", True),
         answer=str_field(obj, key, True), texts=texts, case_id=case_id,
-        retain_prompts=loc_prompts, retain_answers=loc_answers,
+        retain_prompts=loc_prompts, retain_answers=loc_answers, target_new=str_field(obj, "target_new", False),
+        paraphrase_prompts=as_tuple(obj.get("rephrase_prompt"), "rephrase_prompt")
+        + as_tuple(obj.get("paraphrase_prompts"), "paraphrase_prompts"),
+        relation_id=None if relation is None else str(relation),
     )
 
 
@@ -226,3 +252,27 @@ def default_retain(requests: Sequence[ForgetRequest], extra: Sequence[RetainItem
             out.append(item)
     return out + [x for x in extra if x not in out]
 
+
+def _same(a: str, b: str) -> bool:
+    return a.strip().casefold() == b.strip().casefold()
+
+
+def wrong_answers(facts: Sequence[ForgetRequest]) -> list[tuple[str | None, str | None]]:
+    """(wrong answer, where it came from: "target_new" or "relation") per fact, (None, None) where there is none;
+    logs how many facts have none. A fact's wrong answer is its target_new (unless that is its answer); else the
+    answer of the next of `facts` (in their order, wrapping around) with the same relation_id and a different
+    answer. Never the model's own next-best token: rungs of a ladder are compared against one fixed answer."""
+    out: list[tuple[str | None, str | None]] = []
+    for i, r in enumerate(facts):
+        if r.target_new is not None and not _same(r.target_new, r.answer):  # type: ignore[arg-type]
+            out.append((r.target_new, "target_new"))
+            continue
+        others = list(facts[i + 1:]) + list(facts[:i])
+        lent = next((o.answer for o in others if r.relation_id is not None and o.relation_id == r.relation_id
+                     and not _same(o.answer, r.answer)), None)  # type: ignore[arg-type]
+        out.append((lent, "relation") if lent is not None else (None, None))
+    missing = sum(w is None for w, _ in out)
+    if missing:
+        log.warning("%d of %d facts have no wrong answer (no target_new, and no other answer of their relation_id): "
+                    "they are not compared with one (truth_ratio, below_wrong, kforget's wrong_margin)", missing, len(facts))
+    return out

@@ -23,6 +23,13 @@ fact's subject:
    edited tensors edit-aware (the change kept at the keys through requantization) and, at coarse GGUF
    rungs, compute the unlearning on the rung's own weights, as they do for edits.
 
+Option `wrong_margin` (off by default; issue 29): the target also puts the answer's first token `wrong_margin`
+nats below the first token of the fact's wrong answer (`qedit.unlearn.requests.wrong_answers`: its target_new, or
+an answer of the same relation_id), on the prompt, its paraphrases that hold the subject and the context prefixes,
+whether or not the answer was top-1 (`objectives.BelowWrong`); the strength step keeps both margins, and the
+extra passes take the facts still above their wrong answer too. First tokens only: the forget metrics compare
+whole answers.
+
 Facts only: a request needs a prompt, a subject and the answer to erase (texts are GA/NPO/qforget's).
 """
 from __future__ import annotations
@@ -35,18 +42,19 @@ import torch
 
 from qedit.core import linalg
 from qedit.core.batching import build_batch, logits_at
+from qedit.core.delta import LowRankDelta
 from qedit.core.errors import QeditError
 from qedit.core.facts import EditRequest
-from qedit.core.hooks import record
+from qedit.core.hooks import edit_outputs, record
 from qedit.core.model import LoadedModel
-from qedit.edit.keys import context_prefixes
+from qedit.edit.keys import context_prefixes, delta_edits
 from qedit.edit.methods.memit import MemitConfig
 from qedit.edit.registry import EditContext, EditResult, resolve_layers
 from qedit.edit.spread import spread_edit
-from qedit.edit.strength import forget_gap, forget_gaps, minimal_scale
-from qedit.unlearn.objectives import AwayFromAnswer
+from qedit.edit.strength import MarginFn, forget_gap, forget_gaps, minimal_scale
+from qedit.unlearn.objectives import AwayFromAnswer, BelowWrong
 from qedit.unlearn.registry import UnlearnMethod, register_unlearn_method
-from qedit.unlearn.requests import ForgetRequest, RetainItem, check_retain_setting, default_retain
+from qedit.unlearn.requests import ForgetRequest, RetainItem, check_retain_setting, default_retain, wrong_answers
 
 
 @dataclass(frozen=True)
@@ -64,13 +72,14 @@ class KForgetConfig(MemitConfig):
     retain_weight: float = 100.0          # weight of each retain-prompt token's key in the solve's prior
     retain_chunk: int = 32                # retain prompts per forward pass
     passes: int = 3                       # more passes for the facts whose answer is still top-1 after one
+    wrong_margin: float | None = None     # nats the answer must trail its wrong answer by (None: off; module doc)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.target_margin is not None:
             raise QeditError("KForgetConfig.target_margin: must stay None (an edit setting); "
                              "kforget's strength is forget_margin")
-        for key in ("forget_margin", "retain_weight"):
+        for key in ("forget_margin", "retain_weight") + (("wrong_margin",) if self.wrong_margin is not None else ()):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise QeditError(f"KForgetConfig.{key}: must be a finite number >= 0, got {value!r}")
@@ -81,15 +90,47 @@ class KForgetConfig(MemitConfig):
         check_retain_setting("KForgetConfig.retain", self.retain)
 
 
-def as_edit_requests(requests: Sequence[ForgetRequest]) -> list[EditRequest]:
-    """Each fact as the EditRequest the spread optimises: target_new carries the answer to push away."""
+def as_edit_requests(requests: Sequence[ForgetRequest], with_wrong: bool = False) -> list[EditRequest]:
+    """Each fact as the EditRequest the spread optimises: target_new carries the answer to push away; `with_wrong`:
+    ground_truth carries its wrong answer (None where it has none) and rephrase_prompts its paraphrases."""
+    wrong = wrong_answers([r for r in requests if r.is_fact]) if with_wrong else []
+    facts = iter(wrong)
     out = []
     for i, r in enumerate(requests):
         if not r.is_fact or r.texts:
             raise QeditError(f"kforget: request {i} ({r.name!r}) has texts to forget; kforget erases facts "
                              "(prompt, subject, answer) only: use --method qforget (or ga, npo) for texts")
         assert r.prompt is not None and r.subject is not None and r.answer is not None
-        out.append(EditRequest(r.prompt, r.subject, r.answer, case_id=r.case_id))
+        if with_wrong:
+            out.append(EditRequest(r.prompt, r.subject, r.answer, ground_truth=next(facts)[0],
+                                   rephrase_prompts=r.paraphrase_prompts, case_id=r.case_id))
+        else:
+            out.append(EditRequest(r.prompt, r.subject, r.answer, case_id=r.case_id))
+    return out
+
+
+@torch.no_grad()
+def wrong_gaps(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
+               deltas: Sequence[LowRankDelta]) -> torch.Tensor:
+    """With `deltas` applied through hooks, per request (n_reqs,): log P(wrong answer's first token) - log P(the
+    answer's first token) (the wrong answer in ground_truth), the smallest over its prompt and paraphrases of the
+    smaller of the mean over the prefixes and the bare prompt's value; +inf for a request without a wrong answer."""
+    out = torch.full((len(reqs),), float("inf"), device="cpu")
+    for j, r in enumerate(reqs):
+        if r.ground_truth is None:
+            continue
+        prompts = [r.prompt] + [q for q in r.rephrase_prompts if r.subject in q]
+        texts = [pre + q for q in prompts for pre in prefixes]
+        batch = build_batch(loaded, texts * 2, [r.target_new] * len(texts) + [r.ground_truth] * len(texts))
+        device = batch.input_ids.device
+        rows = torch.arange(2 * len(texts), device=device)
+        cols = torch.tensor([pos[0] for pos in batch.target_pos], device=device)          # (2 t,) first tokens
+        ids = torch.tensor([tid[0] for tid in batch.target_ids], device=device)           # (2 t,)
+        with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
+            logp = torch.log_softmax(logits_at(loaded, batch, rows, cols), -1)             # (2 t, vocab)
+        own = logp.gather(1, ids[:, None])[:, 0]                                           # (2 t,)
+        gap = (own[len(texts):] - own[:len(texts)]).view(len(prompts), len(prefixes))     # (prompts, prefixes)
+        out[j] = float(torch.minimum(gap.mean(1), gap[:, 0]).min())
     return out
 
 
@@ -115,7 +156,24 @@ def retain_grams(loaded: LoadedModel, layers: Sequence[int], prompts: Sequence[s
     return grams
 
 
-@register_unlearn_method(UnlearnMethod.KFORGET, KForgetConfig, multi_layer=True)
+def _margin_fn(cfg: KForgetConfig) -> MarginFn:
+    """The strength step's margin: the answer's gap below the best other token; with `wrong_margin`, also its gap
+    below the wrong answer less (wrong_margin - forget_margin), so that both margins must hold at the scale kept."""
+    if cfg.wrong_margin is None:
+        return forget_gap
+    shift = cfg.wrong_margin - cfg.forget_margin
+
+    def both(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],
+             deltas: Sequence[LowRankDelta]) -> float:
+        rank = forget_gaps(loaded, reqs, prefixes, deltas)                                  # (n,)
+        wrong = wrong_gaps(loaded, reqs, prefixes, deltas).to(rank.device) - shift           # (n,)
+        return float(torch.minimum(rank, wrong).min())
+
+    return both
+
+
+# its solve holds the weighted covariance, the retain Gram matrix, K^T K and their sum with its factor
+@register_unlearn_method(UnlearnMethod.KFORGET, KForgetConfig, multi_layer=True, solve_copies=4)
 def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForgetConfig,
             ctx: EditContext) -> EditResult:
     edits = as_edit_requests(requests)
@@ -139,9 +197,14 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForget
         return linalg.batch_update(keys, resid, prior).float()                      # (d_out, d_in)
 
     prefixes = context_prefixes(loaded, cfg)
-    result = spread_edit(loaded, edits, cfg, ctx, solve, objective=AwayFromAnswer(cfg.forget_margin))
+    objective: AwayFromAnswer | BelowWrong = AwayFromAnswer(cfg.forget_margin)
+    if cfg.wrong_margin is not None:
+        edits = as_edit_requests(requests, with_wrong=True)
+        objective = BelowWrong.of(cfg.forget_margin, cfg.wrong_margin,
+                                  [[e.prompt, e.ground_truth, list(e.rephrase_prompts)] for e in edits])
+    result = spread_edit(loaded, edits, cfg, ctx, solve, objective=objective)
     alpha, margin = minimal_scale(loaded, edits, prefixes, result.deltas, [], cfg.forget_margin,
-                                  max_scale=cfg.max_scale, margin_fn=forget_gap)
+                                  max_scale=cfg.max_scale, margin_fn=_margin_fn(cfg))
     deltas = [d.scaled(alpha) for d in result.deltas]
     keys = {layer: [k] for layer, k in result.keys.items()}
     info = {**result.info, "forget_margin": cfg.forget_margin, "scale": alpha, "margin": margin, "n_retain": len(items),
@@ -150,12 +213,14 @@ def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForget
         # the facts whose answer is still top-1 (bare prompt or mean over prefixes) get a pass of their own,
         # computed on top of the deltas so far, with the keys of the earlier passes held in the solve
         gaps = forget_gaps(loaded, edits, prefixes, deltas)                         # (n,)
+        if cfg.wrong_margin is not None:   # and those whose answer is not yet below its wrong answer
+            gaps = torch.minimum(gaps, wrong_gaps(loaded, edits, prefixes, deltas).to(gaps.device))
         left = [r for r, g in zip(edits, gaps.tolist()) if g <= 0]
         if not left:
             break
         done.clear()
         done.update({layer: list(ks) for layer, ks in keys.items()})   # a copy: this pass's keys join after it
-        more = spread_edit(loaded, left, cfg, ctx, solve, objective=AwayFromAnswer(cfg.forget_margin), base=deltas)
+        more = spread_edit(loaded, left, cfg, ctx, solve, objective=objective, base=deltas)
         deltas += more.deltas
         for layer, k in more.keys.items():
             keys.setdefault(layer, []).append(k)
