@@ -56,7 +56,8 @@ MEMTEST = ["--method", "rome", "--layers", "20", "--max-memory", "10GiB", *QUICK
 # Markers in `qedit -v edit` output; their arrival times split the wall time.
 MARKERS = {
     "loading": re.compile(r"qedit\.converters\.loading: loading "),
-    "loaded": re.compile(r"(gguf\.to_torch: loaded .* in [\d.]+ s|converters\.\S+: loaded .* in [\d.]+ s)"),
+    "loaded": re.compile(r"(gguf\.to_torch: loaded .* in [\d.]+ s|converters\.\S+: loaded .* in [\d.]+ s"
+                         r"|gguf\.streamed: )"),   # a streamed model: its memory plan, once the skeleton is built
     "stats_start": re.compile(r"qedit\.core\.stats: computing key statistics"),
     "stats_end": re.compile(r"qedit\.core\.stats: key statistics for layers"),
     "targets_end": re.compile(r"qedit\.edit\.targets: (target .* after optimisation|\d+ of \d+ targets from the cache)"),

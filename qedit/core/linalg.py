@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 _DRAW_BLOCK = 1024  # vocabulary block of the two-level inverse-CDF draw
+_BAND = 1 << 22     # elements per band of rows when a product is added to a matrix in place
 _NO_FLOAT64 = frozenset({"mps"})  # device types without float64 arithmetic
 _CPU = torch.device("cpu")
 
@@ -28,28 +29,43 @@ def wide(t: torch.Tensor, device: torch.device | str | None = None) -> torch.Ten
     return t.to(device=float64_device(t.device if device is None else device), dtype=torch.float64)
 
 
-def solve_spd(a: torch.Tensor, b: torch.Tensor, jitter: float = 1e-6) -> torch.Tensor:
+def solve_spd(a: torch.Tensor, b: torch.Tensor, jitter: float = 1e-6,
+              rebuild: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Solve a x = b for symmetric positive (semi)definite a (d, d), b (d, k), in float64.
 
     A singular a (e.g. a key covariance from fewer tokens than dimensions, whose null-space
     eigenvalues come out as +-1e-9 rounding noise) gets a ridge of `jitter` times its mean
     diagonal, grown tenfold until the Cholesky factorisation succeeds. Inverting the rounding
     noise instead (a plain least-squares solve) returns vectors dominated by that noise.
+
+    `rebuild`: `a` is then a float64 matrix the caller gives up, exactly symmetric; it is factored in its own
+    memory (one (d, d) matrix instead of two, the same bits), and `rebuild()` makes it again for a retry.
     """
     a64 = wide(a)
     b64 = wide(b, a64.device)
-    chol, info = torch.linalg.cholesky_ex(a64)
-    if int(info) == 0:
-        return torch.cholesky_solve(b64, chol)
     scale = float(a64.diagonal().abs().mean().clamp(min=torch.finfo(torch.float64).tiny))
-    eye = torch.eye(a64.shape[0], dtype=torch.float64, device=a64.device)
-    ridge = jitter
+    ridge = 0.0
     while ridge <= 1.0:
-        chol, info = torch.linalg.cholesky_ex(a64 + ridge * scale * eye)
+        if rebuild is None:
+            shifted = a64 if ridge == 0 else a64 + ridge * scale * torch.eye(a64.shape[0], dtype=torch.float64,
+                                                                             device=a64.device)
+            chol, info = torch.linalg.cholesky_ex(shifted)
+        else:   # LAPACK factors column-major matrices: a's transpose is one, and is a
+            if ridge > 0:
+                a64 = wide(rebuild())
+                a64.diagonal().add_(ridge * scale)
+            chol, info = a64.mT, torch.zeros((), dtype=torch.int32, device=a64.device)
+            torch.linalg.cholesky_ex(chol, out=(chol, info))
         if int(info) == 0:
-            return torch.cholesky_solve(b64, chol)
-        ridge *= 10.0
-    return torch.linalg.lstsq(a64, b64).solution
+            return _cholesky_solve(chol, b64)
+        ridge = jitter if ridge == 0 else ridge * 10.0
+    return torch.linalg.lstsq(a64 if rebuild is None else wide(rebuild()), b64).solution
+
+
+def _cholesky_solve(lower: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x with L L^T x = b, lower L (d, d), b (d, k): two triangular solves, which work on L where it is (the bits
+    of torch.cholesky_solve, without the copy of L it makes)."""
+    return torch.linalg.solve_triangular(lower.mT, torch.linalg.solve_triangular(lower, b, upper=False), upper=True)
 
 
 def shrink(cov: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -73,35 +89,53 @@ def rank_one_update(cov: torch.Tensor, key: torch.Tensor, residual: torch.Tensor
     device. `ridge` shrinks C towards a multiple of I first (see `shrink`).
     """
     k64 = wide(key)
-    cinv_k = solve_spd(shrink(cov.to(k64.device), ridge), k64[:, None])[:, 0]     # (d_in,)
+    src = cov.to(k64.device)
+    c64 = shrink(src, ridge)                                                      # (d_in, d_in) float64
+    own = c64 is not src    # a matrix of its own (widened or shrunk): factored in place, rebuilt for a retry
+    cinv_k = solve_spd(c64, k64[:, None], rebuild=(lambda: shrink(src, ridge)) if own else None)[:, 0]  # (d_in,)
+    del c64
     denom = torch.dot(cinv_k, k64)
     return wide(residual, k64.device)[:, None], (cinv_k / denom)[None, :]
 
 
-def batch_update(keys: torch.Tensor, residuals: torch.Tensor, cov_term: torch.Tensor,
-                 projector: torch.Tensor | None = None, l2: float = 0.0, consume: bool = False) -> torch.Tensor:
+def batch_update(keys: torch.Tensor, residuals: torch.Tensor, cov_term: torch.Tensor | Callable[[], torch.Tensor],
+                 projector: torch.Tensor | None = None, l2: float = 0.0) -> torch.Tensor:
     """MEMIT / AlphaEdit least squares, returned as dW (d_out, d_in), float64.
 
     keys (n, d_in), residuals (n, d_out), cov_term (d_in, d_in): the covariance weight on
     preserved keys (MEMIT: lambda*C; AlphaEdit: keys of earlier edits).
     Without projector: dW = R^T K (cov_term + K^T K)^-1   (MEMIT).
     With projector P:  dW = R^T K P ((cov_term + K^T K) P + l2 I)^-1   (AlphaEdit: dW K0 = 0).
-    Runs on the keys' device (see the module's docstring). `consume`: cov_term is the caller's to give up, and
-    when it is float64 on that device K^T K is added to it in place (one covariance-sized matrix fewer).
+    Runs on the keys' device (see the module's docstring). `cov_term` may be a function making it afresh as a
+    float64 matrix on that device (MEMIT's prior): K^T K and l2 are then added to it in place and it is factored
+    in place (one covariance-sized matrix instead of three, the same bits).
     """
     k64 = wide(keys)
     r64 = wide(residuals, k64.device)
     d_in = k64.shape[1]
-    c64 = wide(cov_term, k64.device)
-    if consume and c64 is cov_term:
-        gram = c64.add_(k64.t() @ k64)                     # (d_in, d_in), the same bits as the sum below
-    else:
-        gram = c64 + k64.t() @ k64                         # (d_in, d_in)
+
+    def lhs_of(c64: torch.Tensor) -> torch.Tensor:
+        """c64 + K^T K + l2 I, in place (K^T K a band of rows at a time) when c64 is not cov_term itself."""
+        if c64 is cov_term:
+            gram = c64 + k64.t() @ k64                     # (d_in, d_in)
+        else:
+            gram, step = c64, max(1, _BAND // d_in)
+            for i in range(0, d_in, step):                 # the same bits as the whole product added at once
+                gram[i:i + step] += k64[:, i:i + step].t() @ k64                    # (step, d_in)
+        gram.add_(0.0)                                     # the same bits as a sum with l2 I (-0.0 included)
+        gram.diagonal().add_(l2)
+        return gram
+
+    if callable(cov_term):
+        if projector is not None:
+            raise ValueError("batch_update: a cov_term function is for the solve without a projector")
+        made = lambda: lhs_of(wide(cov_term(), k64.device))  # noqa: E731
+        return solve_spd(made(), k64.t() @ r64, rebuild=made).t()    # dW^T = lhs^-1 K^T R -> (d_in, d_out)
     if projector is None:
-        lhs = gram.add_(0.0)                               # gram + l2 I in place (the same bits, -0.0 included)
-        lhs.diagonal().add_(l2)
+        lhs = lhs_of(wide(cov_term, k64.device))
         # dW^T = lhs^-1 K^T R  -> (d_in, d_out)
         return solve_spd(lhs, k64.t() @ r64).t()
+    gram = wide(cov_term, k64.device) + k64.t() @ k64     # (d_in, d_in)
     p = wide(projector, k64.device)
     lhs = p @ gram + l2 * torch.eye(d_in, dtype=torch.float64, device=k64.device)  # not symmetric: general solve
     return torch.linalg.solve(lhs, p @ k64.t() @ r64).t()

@@ -30,7 +30,7 @@ _SCORED = 4  # positions per row whose logits a pass computes (the answer's toke
 # own count): ROME's shrunk covariance and MEMIT's C + K^T K, each with its Cholesky factor. The edit-aware
 # encoding, later, holds one (C + lambda K^T K, factored in place) beside float64 copies of the edited matrix
 # (W0 + dW, the running weight, GPTQ's working copy, a dequantized encoding and its residual, float32 copies)
-SOLVE_COPIES, EDITED_COPIES = 2, 6
+SOLVE_COPIES, EDITED_COPIES = 2, 5
 
 
 def parse_size(text: str) -> int:
@@ -83,6 +83,26 @@ def _status(key: str) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+_M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter number
+_MMAP_FROM = 1 << 20     # allocations from this size get pages of their own, returned to the OS when freed
+
+
+def return_freed_memory() -> bool:
+    """Have glibc give every allocation of `_MMAP_FROM` bytes or more pages of its own, unmapped when freed.
+
+    By default glibc raises that threshold to the size of the largest block freed (up to 32 MiB), after which
+    such blocks come from its heap and stay in the process when freed: the bands and temporaries of a solve
+    over a covariance then add up in RSS beyond what is alive, and RSS is what the memory budget bounds.
+    True when set (glibc only; elsewhere nothing changes)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM))
+    except (OSError, AttributeError):
+        return False
 
 
 def current_rss() -> int:
@@ -213,13 +233,14 @@ class Shape:
 
 @dataclass(frozen=True)
 class Workload:
-    """What an edit holds besides the frozen weights, phase by phase. Held throughout: the float32 key statistics
-    of `stats_layers` layers and `edited` matrices in full precision (with their changes and encodings). Then, in
-    turn, either a pass over its largest batch (`rows` x `tokens`, backpropagated through every layer when
-    `backward`) or a float64 solve over a covariance (ROME's and MEMIT's solves, and the edit-aware encoding of
-    an edited matrix, which inverts C + lambda K^T K: `solve_copies` matrices of its width). A backward pass
-    keeps activations only from `first_layer` on: every trainable change sits at an edited layer, so autograd
-    records nothing below the lowest one."""
+    """What an edit holds besides the frozen weights, phase by phase. Held throughout: `edited` matrices in full
+    precision (with their dense changes) and `stats_held` bytes per covariance entry of each of `stats_layers` layers
+    (its float32 covariance: 4; 0 when the method reads them back one at a time). Then, in turn: the statistics'
+    float32 sums of every layer at once; a pass over its largest batch (`rows` x `tokens`, backpropagated when
+    `backward`); a float64 solve over a covariance (`solve_copies` matrices of its width, beside the layer's
+    covariance when it is not held) or the edit-aware encoding of an edited matrix. A backward pass keeps
+    activations only from `first_layer` on: every trainable change sits at an edited layer, so autograd records
+    nothing below the lowest one."""
 
     rows: int = 8
     tokens: int = 64
@@ -228,9 +249,15 @@ class Workload:
     edited: int = 1
     first_layer: int = 0
     solve_copies: int = SOLVE_COPIES
+    stats_held: int = 4
 
     def held(self, shape: Shape) -> int:
-        return 4 * self.stats_layers * shape.d_ff ** 2 + 4 * 4 * self.edited * shape.d_ff * shape.d_model
+        # per edited matrix, float32: the pinned weight, and its dense change when the file is written
+        return self.stats_held * self.stats_layers * shape.d_ff ** 2 + 2 * 4 * self.edited * shape.d_ff * shape.d_model
+
+    def stats(self, shape: Shape) -> int:
+        """The statistics' float32 sums of every layer, beside a forward pass (float64 sums: the plan's choice)."""
+        return 4 * self.stats_layers * shape.d_ff ** 2 + shape.forward_bytes(self.rows, self.tokens)
 
     def passes(self, shape: Shape) -> int:
         kept = max(0, shape.n_layers - self.first_layer) if self.backward else 0
@@ -241,10 +268,11 @@ class Workload:
         if not self.stats_layers:
             return 0
         encoding = shape.d_ff ** 2 + EDITED_COPIES * shape.d_ff * shape.d_model     # the edit-aware encoding
-        return 8 * max(self.solve_copies * shape.d_ff ** 2, encoding)
+        cov = 0 if self.stats_held >= 4 else 4 * shape.d_ff ** 2                    # the layer's, read back
+        return max(8 * self.solve_copies * shape.d_ff ** 2 + cov, 8 * encoding)
 
     def bytes(self, shape: Shape) -> int:
-        return self.held(shape) + max(self.passes(shape), self.solve(shape))
+        return self.held(shape) + max(self.stats(shape) if self.stats_layers else 0, self.passes(shape), self.solve(shape))
 
     def max_tokens(self, shape: Shape, room: int) -> int:
         """The most tokens per row whose workload fits in `room` bytes (0 when none does)."""

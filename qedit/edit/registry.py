@@ -95,8 +95,11 @@ class MethodSpec(Generic[M]):
     config_cls: type[MethodConfig]
     compute: ComputeFn
     multi_layer: bool
-    # float64 matrices of the covariance's size its largest solve holds at once (for the memory budget)
+    # for the memory budget: float64 matrices of the covariance's size its largest solve holds at once, and bytes
+    # per covariance entry each edited layer keeps throughout the edit (4: its float32 covariance; 0: read back
+    # from the statistics cache one layer at a time)
     solve_copies: int = 2
+    stats_held: int = 4
 
 
 class MethodRegistry(Generic[M]):
@@ -106,14 +109,15 @@ class MethodRegistry(Generic[M]):
         self.kind, self.methods, self.request_type, self.loader = kind, methods, request_type, loader
         self._specs: dict[M, MethodSpec[M]] = {}
 
-    def register(self, method: M, config_cls: type[MethodConfig], multi_layer: bool,
-                 solve_copies: int = 2) -> Callable[[ComputeFn], ComputeFn]:
+    def register(self, method: M, config_cls: type[MethodConfig], multi_layer: bool, solve_copies: int = 2,
+                 stats_held: int = 4) -> Callable[[ComputeFn], ComputeFn]:
         """Register `compute` as the implementation of `method` (`solve_copies`: see MethodSpec)."""
 
         def deco(fn: ComputeFn) -> ComputeFn:
             if method in self._specs:
                 raise ValueError(f"method {method.value} registered twice")
-            self._specs[method] = MethodSpec(method, config_cls, self._checked(method, fn), multi_layer, solve_copies)
+            self._specs[method] = MethodSpec(method, config_cls, self._checked(method, fn), multi_layer, solve_copies,
+                                             stats_held)
             return fn
 
         return deco
@@ -165,10 +169,10 @@ EDIT_METHODS: MethodRegistry[EditMethod] = MethodRegistry("edit", EditMethod, Ed
                                                           "qedit.core.facts.load_requests")
 
 
-def register_method(method: EditMethod, config_cls: type[MethodConfig], multi_layer: bool,
-                    solve_copies: int = 2) -> Callable[[ComputeFn], ComputeFn]:
+def register_method(method: EditMethod, config_cls: type[MethodConfig], multi_layer: bool, solve_copies: int = 2,
+                    stats_held: int = 4) -> Callable[[ComputeFn], ComputeFn]:
     """Register an edit method (the decorator each method module applies)."""
-    return EDIT_METHODS.register(method, config_cls, multi_layer, solve_copies)
+    return EDIT_METHODS.register(method, config_cls, multi_layer, solve_copies, stats_held)
 
 
 def get_method(name: str | EditMethod) -> MethodSpec[EditMethod]:

@@ -74,7 +74,9 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
     `base`: deltas already made (applied through hooks, the model untouched) that this edit is computed
     on top of; not returned."""
     layers = resolve_layers(loaded, cfg, multi_layer=True)
-    covs = key_covariance(loaded, layers, cfg.stats)
+    covs = key_covariance(loaded, layers, cfg.stats)    # every layer's in one pass over the text (and cached)
+    if cfg.stats.use_cache:   # read back one layer's at its solve: one (d_in, d_in) matrix held, not len(layers)
+        covs = {}
     prefixes = context_prefixes(loaded, cfg)
     # The target is optimised as a change of the last edit layer's MLP output, so the residual
     # target z is one that an MLP can write (with a post-MLP norm, as in Gemma, not every
@@ -93,7 +95,9 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
                                            prefixes, [*base, *applied])          # (n, d_in), (n, d_out), (n, d_model)
         resid = (z_target - cur) / (len(layers) - i)                                         # (n, d_model)
         resid = _to_mlp_space(loaded, layer, resid, mlp_now)                                 # (n, d_out)
-        dw = solver(layer, k, resid, covs[layer])                                            # (d_out, d_in)
+        cov = covs[layer] if layer in covs else key_covariance(loaded, [layer], cfg.stats)[layer]   # (d_in, d_in)
+        dw = solver(layer, k, resid, cov)                                                    # (d_out, d_in)
+        del cov
         applied.append(finish_delta(loaded, layer, dw, cfg, {"n_requests": len(requests)}))
         keys[layer] = k
     info = {"layers": list(layers), "target_nll": nlls}

@@ -31,6 +31,14 @@ def _edit_layers(method: MethodChoice, header: ModelHeader) -> tuple[int, ...]:
     return tuple(cfg.layers) if cfg.layers else header.arch.default_layers(header.shape.n_layers, multi)
 
 
+def _method_memory(method: MethodChoice) -> tuple[int, int]:
+    """(float64 solve copies, bytes held per covariance entry) of `method` (see MethodSpec); a method that reads
+    its covariances back from the statistics cache holds them when the cache is off."""
+    spec = method.registry.get(method.name)
+    held = spec.stats_held if method.resolved_config().stats.use_cache else max(4, spec.stats_held)
+    return max(SOLVE_COPIES, spec.solve_copies), held
+
+
 def workload(method: MethodChoice, requests: Sequence[Any], header: ModelHeader) -> Workload:
     """What an edit of `requests` with `method` holds besides the frozen weights: its largest batch (a chunk of
     requests with their context prefixes, backpropagated), its key statistics and its edited matrices."""
@@ -40,9 +48,8 @@ def workload(method: MethodChoice, requests: Sequence[Any], header: ModelHeader)
     count = header.tokenizer
     longest = max((len(count(text)["input_ids"]) for r in requests for _, text in r.input_texts()[:1]), default=1)
     rows = chunk * (cfg.target.n_prefixes + 1) + chunk
-    copies = max(SOLVE_COPIES, method.registry.get(method.name).solve_copies)
     return Workload(rows, longest + cfg.target.prefix_len + _ANSWER_TOKENS, True, len(layers), len(layers),
-                    min(layers, default=0), copies)
+                    min(layers, default=0), *_method_memory(method))
 
 
 def check_requests(method: MethodChoice, requests: Sequence[Any], header: ModelHeader, budget: MemoryBudget) -> None:
@@ -52,8 +59,8 @@ def check_requests(method: MethodChoice, requests: Sequence[Any], header: ModelH
     cfg = method.resolved_config()
     shape = header.shape
     layers = _edit_layers(method, header)
-    copies = max(SOLVE_COPIES, method.registry.get(method.name).solve_copies)
-    one = Workload(cfg.target.n_prefixes + 2, 1, True, len(layers), len(layers), min(layers, default=0), copies)
+    one = Workload(cfg.target.n_prefixes + 2, 1, True, len(layers), len(layers), min(layers, default=0),
+                   *_method_memory(method))   # one fact of one token
     floor = budget_floor(header, budget, one) - one.bytes(shape)
     reserve = cfg.target.prefix_len + _ANSWER_TOKENS
     limit, why = shape.context - reserve, f"the model's context is {shape.context:,} tokens"

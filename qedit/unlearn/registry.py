@@ -25,9 +25,9 @@ UNLEARN_METHODS: MethodRegistry[UnlearnMethod] = MethodRegistry("unlearning", Un
 
 
 def register_unlearn_method(method: UnlearnMethod, config_cls: type[MethodConfig], multi_layer: bool,
-                            solve_copies: int = 2) -> Callable[[ComputeFn], ComputeFn]:
+                            solve_copies: int = 2, stats_held: int = 4) -> Callable[[ComputeFn], ComputeFn]:
     """Register an unlearning method (the decorator each method module applies)."""
-    return UNLEARN_METHODS.register(method, config_cls, multi_layer, solve_copies)
+    return UNLEARN_METHODS.register(method, config_cls, multi_layer, solve_copies, stats_held)
 
 
 def get_unlearn_method(name: str | UnlearnMethod) -> MethodSpec[UnlearnMethod]:

@@ -31,8 +31,9 @@ class AlphaEditConfig(SpreadConfig):
             raise ValueError("nullspace_threshold must be in (0, 1) and l2 >= 0")
 
 
-# its solve holds the projector, the prior, K^T K, their sum, P (C + K^T K) and the LU factor of that
-@register_method(EditMethod.ALPHAEDIT, AlphaEditConfig, multi_layer=True, solve_copies=6)
+# its solve holds the projector, the prior, K^T K, their sum, P (C + K^T K) and the LU factor of that; each edited
+# layer's float64 eigenvectors are held throughout
+@register_method(EditMethod.ALPHAEDIT, AlphaEditConfig, multi_layer=True, solve_copies=6, stats_held=8)
 def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: AlphaEditConfig, ctx: EditContext) -> EditResult:
     def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         proj = linalg.projector_from_eigh(*eighs[layer], cfg.nullspace_threshold, relative=True)  # (d_in, d_in)

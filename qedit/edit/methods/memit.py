@@ -26,12 +26,14 @@ class MemitConfig(SpreadConfig):
             raise ValueError("cov_weight must be >= 0")
 
 
-@register_method(EditMethod.MEMIT, MemitConfig, multi_layer=True)
+@register_method(EditMethod.MEMIT, MemitConfig, multi_layer=True, stats_held=0)   # covariances: spread_edit
 def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: MemitConfig, ctx: EditContext) -> EditResult:
     def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        # lambda C + history: one (d_in, d_in) copy, where the solve runs (the keys' device)
-        prior = cov.to(device=linalg.float64_device(keys.device), dtype=torch.float64, copy=True).mul_(cfg.cov_weight)
-        prior += ctx.history[layer].to(prior) if layer in ctx.history else 0.0
-        return linalg.batch_update(keys, resid, prior, consume=True).float()
+        def prior() -> torch.Tensor:   # lambda C + history, afresh: batch_update adds to it and factors it in place
+            p = cov.to(device=linalg.float64_device(keys.device), dtype=torch.float64, copy=True).mul_(cfg.cov_weight)
+            p += ctx.history[layer].to(p) if layer in ctx.history else 0.0
+            return p                                                                # (d_in, d_in) float64
+
+        return linalg.batch_update(keys, resid, prior).float()
 
     return spread_edit(loaded, requests, cfg, ctx, solve)

@@ -172,8 +172,9 @@ def _margin_fn(cfg: KForgetConfig) -> MarginFn:
     return both
 
 
-# its solve holds the weighted covariance, the retain Gram matrix, K^T K and their sum with its factor
-@register_unlearn_method(UnlearnMethod.KFORGET, KForgetConfig, multi_layer=True, solve_copies=4)
+# its solve holds the weighted covariance, the retain Gram matrix, K^T K and their sum with its factor; each
+# edited layer's float64 retain Gram matrix is held throughout (its covariance is read back as MEMIT's is)
+@register_unlearn_method(UnlearnMethod.KFORGET, KForgetConfig, multi_layer=True, solve_copies=4, stats_held=8)
 def compute(loaded: LoadedModel, requests: Sequence[ForgetRequest], cfg: KForgetConfig,
             ctx: EditContext) -> EditResult:
     edits = as_edit_requests(requests)
