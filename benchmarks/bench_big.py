@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, save_json, thread_env
+from harness import ROOT, read_lines, save_json, thread_env
 
 GiB = 1 << 30
 LOW_MEMORY = 384 << 20  # a run is stopped when the machine's available memory falls below this
@@ -128,13 +128,6 @@ def run_watched(cmd: list[str], env: dict[str, str], rss_limit: int | None = Non
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
-    def reader() -> None:
-        for raw in proc.stdout:  # type: ignore[union-attr]
-            now = time.perf_counter() - start
-            for part in raw.decode("utf-8", "replace").replace("\r", "\n").splitlines():
-                if part.strip():
-                    lines.append((now, part))
-
     def watcher() -> None:
         while proc.poll() is None:
             rss = _proc_rss(proc.pid)
@@ -153,9 +146,8 @@ def run_watched(cmd: list[str], env: dict[str, str], rss_limit: int | None = Non
                 os.killpg(proc.pid, signal.SIGKILL)
             time.sleep(0.25)
 
-    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=watcher, daemon=True)]
-    for t in threads:
-        t.start()
+    threads = [read_lines(proc, start, lines), threading.Thread(target=watcher, daemon=True)]
+    threads[1].start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     for t in threads:

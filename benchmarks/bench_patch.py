@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import packaged_model, qedit_cmd, save_json, thread_env
+from harness import packaged_model, qedit_cmd, read_lines, save_json, thread_env
 
 # label -> (edited layers, encoding): "plain" requantizes W0 + dW; "aware" is the edit-aware encoding
 # that `qedit edit -o X.gguf` uses by default (qedit.converters.gguf.aware).
@@ -57,16 +57,7 @@ def _run_timed(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     lines: list[tuple[float, str]] = []
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def reader() -> None:
-        for raw in proc.stdout:  # type: ignore[union-attr]
-            now = time.perf_counter() - start
-            for part in raw.decode("utf-8", "replace").replace("\r", "\n").splitlines():
-                if part.strip():
-                    lines.append((now, part))
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
+    thread = read_lines(proc, start, lines)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def thread_env(threads: int = 1, **extra: str) -> dict[str, str]:
 
 def qedit_cmd(*args: str) -> list[str]:
     """The command line `qedit ARGS` as this interpreter runs it."""
-    return [sys.executable, "-m", "qedit.cli", *args]
+    return [sys.executable, "-m", "qedit", *args]
 
 
 class ChildFailed(RuntimeError):
@@ -82,6 +83,22 @@ def run(cmd: Sequence[str], threads: int = 1, what: str = "", **env: str) -> tup
     if proc.returncode != 0:
         raise ChildFailed(f"{what or ' '.join(cmd)}: exit {proc.returncode} (its error output is above)")
     return time.perf_counter() - start, proc.stdout
+
+
+def read_lines(proc: subprocess.Popen, start: float, lines: list[tuple[float, str]]) -> threading.Thread:
+    """A started thread appending (seconds since `start`, line) for each non-empty line of proc's stdout (a
+    carriage return, as progress bars write, ends a line too)."""
+
+    def reader() -> None:
+        for raw in proc.stdout:  # type: ignore[union-attr]
+            now = time.perf_counter() - start
+            for part in raw.decode("utf-8", "replace").replace("\r", "\n").splitlines():
+                if part.strip():
+                    lines.append((now, part))
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    return thread
 
 
 def child_json(cmd: Sequence[str], threads: int = 1, what: str = "", **env: str) -> dict:
@@ -117,25 +134,13 @@ def saved_rows(path: Path, keep: Callable[[int], bool]) -> list[dict]:
 def llama_runner(path: Path, repack: bool = False) -> Any:
     """A LlamaCppRunner on `path`. Without `repack`, llama.cpp's weight repacking is off (`--no-repack`):
     every weight is read from the memory-mapped file, so bytes written into the file are seen at once.
-    llama-cpp-python has no argument for it, so the default model parameters are wrapped while it loads."""
-    import llama_cpp.llama_cpp as low
-
-    from qedit.runtimes.llama import LlamaCppRunner
+    llama-cpp-python has no argument for it (`without_repacking`)."""
+    from qedit.runtimes.llama import LlamaCppRunner, without_repacking
 
     if repack:
         return LlamaCppRunner(path, n_ctx=512, n_threads=1)
-    real = low.llama_model_default_params
-
-    def params():  # noqa: ANN202
-        p = real()
-        p.use_extra_bufts = False
-        return p
-
-    low.llama_model_default_params = params
-    try:
+    with without_repacking():
         return LlamaCppRunner(path, n_ctx=512, n_threads=1)
-    finally:
-        low.llama_model_default_params = real
 
 
 class RungFile:

@@ -77,3 +77,15 @@ def test_freed_memory_is_returned_to_the_os() -> None:
     held = current_rss()
     del big
     assert held - current_rss() > 48 << 20
+
+
+def test_without_repacking_turns_off_llama_cpps_weight_copies_while_a_model_loads() -> None:
+    """The statistics sampler loads the file inside `without_repacking`: llama.cpp then reads every weight from
+    the map (the file's size is what the budget counts for it) instead of copying most of it into memory."""
+    low = pytest.importorskip("llama_cpp.llama_cpp")
+    from qedit.runtimes.llama import without_repacking
+
+    assert low.llama_model_default_params().use_extra_bufts
+    with without_repacking():
+        assert not low.llama_model_default_params().use_extra_bufts
+    assert low.llama_model_default_params().use_extra_bufts

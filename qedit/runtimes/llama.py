@@ -1,9 +1,10 @@
 """A runner on llama.cpp (llama-cpp-python): scores facts on the GGUF file exactly as it ships."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,28 @@ def _route_native_log(llama_cpp: Any) -> None:
 
     llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
     _routed.append(forward)
+
+
+@contextlib.contextmanager
+def without_repacking() -> Iterator[None]:
+    """Models loaded inside read every weight from the memory-mapped file: llama.cpp's weight repacking (its CPU
+    "extra buffer types") is off, as `llama-cli --no-repack`. Repacking copies quantized weights into memory of its
+    own, a second copy of most of the file; without it bytes written into the file are also seen at once.
+    llama-cpp-python has no argument for it, so its default model parameters are wrapped while a model loads."""
+    import llama_cpp.llama_cpp as low
+
+    real = low.llama_model_default_params
+
+    def params() -> Any:
+        p = real()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = real
 
 
 class _LlamaTokenizer:
@@ -292,9 +315,10 @@ class LlamaSampler:
         import llama_cpp
 
         _route_native_log(llama_cpp)
-        try:
-            llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=sample_len, logits_all=False, verbose=False,
-                                  n_threads=self.threads, n_threads_batch=self.threads)
+        try:   # without repacking: the file's pages, which the memory budget counts, are all llama.cpp holds
+            with without_repacking():
+                llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=sample_len, logits_all=False, verbose=False,
+                                      n_threads=self.threads, n_threads_batch=self.threads)
         except (ValueError, RuntimeError) as exc:
             raise QeditError(f"{self.path}: llama.cpp could not load the model to sample text ({exc})") from exc
         try:
