@@ -19,7 +19,7 @@
     python benchmarks/bench_survival_gptq_cases.py --on-checkpoint --gptq 4,3 --methods memit --out /tmp/sgq \
         --limit 200 --verify --json /tmp/sgc/oncheckpoint.json
     python benchmarks/bench_survival_gptq_cases.py --merge /tmp/sgc/oncheckpoint.json \
-        --json benchmarks/data/survival_gptq_oncheckpoint_memit_200.json
+        --json benchmarks/data/survival_gptq_oncheckpoint_memit_121.json
 
 Every case was edited alone into the unedited Gemma 3 270M (full precision, the GGUF source) and its
 deltas and edit keys saved by bench_edit. Each full-precision edit is then patched into the unedited

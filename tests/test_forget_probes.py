@@ -1,4 +1,4 @@
-"""Forgetting measured beyond the top-1 token (issue 29): truth ratio and below_wrong against a fixed wrong answer,
+"""Forgetting measured beyond the top-1 token: truth ratio and below_wrong against a fixed wrong answer,
 the same on paraphrases, and the sampled leak; on hand-made runners with known probabilities and on the tiny
 random models (TorchRunner.sample)."""
 from __future__ import annotations
@@ -241,7 +241,7 @@ def test_llama_cpp_sampling_is_seeded_and_cold_sampling_is_greedy(tmp_path):
     assert cold.aggregate()["sampled_leak"] == 1.0 and cold.runner["runner"] == "llama.cpp"
 
 
-# ---- kforget's wrong_margin option (issue 29, item 1) ------------------------------------------------------
+# ---- kforget's wrong_margin option ------------------------------------------------------------------------
 
 def test_below_wrong_objective_by_hand():
     import torch

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 from qedit.cli import cache, demo, edit, forget, gguf, quiet_third_party, survival
 from qedit.core.errors import QeditError
-from qedit.core.memory import return_freed_memory
 
 EPILOG = """examples:
   qedit demo                                           edit the packaged Gemma 3 270M and show before/after
@@ -49,7 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_third_party(args.verbose)   # again, for the whole run: transformers resets its level when imported
-    return_freed_memory()             # freed temporaries leave RSS, which --max-memory bounds
     try:
         return int(args.run(args))
     except QeditError as exc:

@@ -28,7 +28,15 @@ from qedit.converters.gptq.export import load_dequantized
 from qedit.converters.ollama import blob_label
 from qedit.core.arch import ArchSpec, arch_for_model_type
 from qedit.core.errors import QeditError
-from qedit.core.memory import MemoryBudget, Shape, Workload, current_rss, format_size, too_small
+from qedit.core.memory import (
+    MemoryBudget,
+    Shape,
+    Workload,
+    current_rss,
+    format_size,
+    return_freed_memory,
+    too_small,
+)
 from qedit.core.model import LoadedModel, finish_tokenizer, is_gguf_file
 
 log = logging.getLogger(__name__)
@@ -128,6 +136,9 @@ def load_gguf_model(path: Path, device: torch.device, dtype: torch.dtype, budget
         if plan.whole:
             model = build_model(gf, config, dtype=dtype, device=device)
         else:
+            # a streamed edit runs close to its budget: freed temporaries must leave RSS (at some cost in speed,
+            # so only here)
+            return_freed_memory()
             model, streamer = build_streamed(gf, config, plan, dtype=dtype, device=device)
         stored = stored_types(gf, model)
     arch = arch_for_model_type(model.config.model_type, source=str(path))

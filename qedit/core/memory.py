@@ -94,8 +94,9 @@ def return_freed_memory() -> bool:
 
     By default glibc raises that threshold to the size of the largest block freed (up to 32 MiB), after which
     such blocks come from its heap and stay in the process when freed: the bands and temporaries of a solve
-    over a covariance then add up in RSS beyond what is alive, and RSS is what the memory budget bounds.
-    True when set (glibc only; elsewhere nothing changes)."""
+    over a covariance then add up in RSS beyond what is alive, and RSS is what the memory budget bounds. Each
+    such allocation then costs a system call and fresh pages: for the process's lifetime, so it is set only for a
+    model streamed within a budget. True when set (glibc only; elsewhere nothing changes)."""
     try:
         import ctypes
 

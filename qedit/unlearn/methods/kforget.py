@@ -23,7 +23,7 @@ fact's subject:
    edited tensors edit-aware (the change kept at the keys through requantization) and, at coarse GGUF
    rungs, compute the unlearning on the rung's own weights, as they do for edits.
 
-Option `wrong_margin` (off by default; issue 29): the target also puts the answer's first token `wrong_margin`
+Option `wrong_margin` (off by default): the target also puts the answer's first token `wrong_margin`
 nats below the first token of the fact's wrong answer (`qedit.unlearn.requests.wrong_answers`: its target_new, or
 an answer of the same relation_id), on the prompt, its paraphrases that hold the subject and the context prefixes,
 whether or not the answer was top-1 (`objectives.BelowWrong`); the strength step keeps both margins, and the
