@@ -9,7 +9,7 @@ types and vocabulary sizes), each measurement in its own subprocess (so its peak
 - `rome` / `memit`: `qedit -v edit FILE fact.jsonl -o out.gguf --method M --no-verify [--max-memory B] ...` per
   budget (`--budgets`: `none` for no flag, `file+3GiB` for the file size plus 3 GiB, or an absolute `10GiB`),
   `--repeat N` times with the same statistics cache (the first run of a shape is cold, later ones warm);
-- `memtest`: the memory-bound test of the issue on one shape: `qedit edit FILE fact.jsonl --method rome
+- `memtest`: the 12B memory-bound test on one shape: `qedit edit FILE fact.jsonl --method rome
   --layers 20 --max-memory 10GiB --stats-samples 4 --set target.steps=2 --set target_margin=none --no-verify`.
 
 Per run: wall time, CPU time (user + system: the machine is shared, so wall time alone misleads), peak RSS
@@ -48,7 +48,7 @@ SHAPES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "gemma-3-12b")
 DEFAULT_JSON = ROOT / "benchmarks" / "data" / "big_models.json"
 FACT = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome",
         "ground_truth": "Paris"}
-# the settings of every qedit run here (the issue's memory-bound test uses the same): 4 sampled texts for the key
+# the settings of every qedit run here (the memory-bound test uses the same): 4 sampled texts for the key
 # statistics and 2 target steps, so that a run measures the memory and time of the machinery, not the optimiser
 QUICK = ["--stats-samples", "4", "--set", "target.steps=2", "--set", "target_margin=none"]
 MEMTEST = ["--method", "rome", "--layers", "20", "--max-memory", "10GiB", *QUICK, "--no-verify"]
