@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qedit.core.batching import padded
 from qedit.core.cache import CacheEntry, default_cache_dir, model_entry, model_key
 from qedit.core.errors import QeditError
 from qedit.core.hooks import record, stop_after
@@ -333,12 +334,7 @@ def _compute(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
             loaded.edit_shape(layers[0])[1]
         step = max(1, min(step, loaded.streamer.work_room // per_row))
     for lo in tqdm(range(0, len(seqs), step), desc=f"key statistics (layers {list(layers)})", unit="batch", leave=False):
-        batch = seqs[lo:lo + step]
-        width = max(len(s) for s in batch)
-        pad = loaded.tokenizer.pad_token_id
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch], dtype=torch.long, device=loaded.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], dtype=torch.long,
-                            device=loaded.device)
+        ids, mask = padded(seqs[lo:lo + step], loaded.tokenizer.pad_token_id, loaded.device)     # (b, s) each
         mask_keys = mask.clone()
         mask_keys[:, 0] = 0  # the BOS position is an attention sink with outsized activations
         last = loaded.arch.mlp_out.format(max(layers))

@@ -82,16 +82,25 @@ def forget_gaps(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequ
     first token), the smaller of its mean over the prefixes and its value on the bare prompt (prefixes[0],
     the one a user types). Positive: the answer is not top-1 on the bare prompt."""
     texts = [pre + r.prompt for r in reqs for pre in prefixes]
-    batch = build_batch(loaded, texts, [r.target_new for r in reqs for _ in prefixes])
+    logp, ids = first_token_logp(loaded, texts, [r.target_new for r in reqs for _ in prefixes], deltas)
+    own = logp.gather(1, ids[:, None])[:, 0]                                               # (n,)
+    gap = (best_other(logp, ids) - own).view(len(reqs), len(prefixes))                     # (n_reqs, n_prefixes)
+    return torch.minimum(gap.mean(1), gap[:, 0])                                           # (n_reqs,)
+
+
+@torch.no_grad()
+def first_token_logp(loaded: LoadedModel, texts: Sequence[str], answers: Sequence[str],
+                     deltas: Sequence[LowRankDelta]) -> tuple[torch.Tensor, torch.Tensor]:
+    """With `deltas` applied through hooks: the log-probabilities (n, vocab) where each answer's first token follows
+    its text, and those first tokens' ids (n,)."""
+    batch = build_batch(loaded, texts, answers)
     device = batch.input_ids.device
     rows = torch.arange(len(texts), device=device)
     cols = torch.tensor([pos[0] for pos in batch.target_pos], device=device)                # (n,) first answer token
     ids = torch.tensor([tid[0] for tid in batch.target_ids], device=device)                 # (n,)
     with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
         logp = F.log_softmax(logits_at(loaded, batch, rows, cols), -1)                     # (n, vocab)
-    own = logp.gather(1, ids[:, None])[:, 0]                                               # (n,)
-    gap = (best_other(logp, ids) - own).view(len(reqs), len(prefixes))                     # (n_reqs, n_prefixes)
-    return torch.minimum(gap.mean(1), gap[:, 0])                                           # (n_reqs,)
+    return logp, ids
 
 
 def minimal_scale(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Sequence[str],

@@ -45,13 +45,13 @@ from qedit.core.batching import build_batch, logits_at
 from qedit.core.delta import LowRankDelta
 from qedit.core.errors import QeditError
 from qedit.core.facts import EditRequest
-from qedit.core.hooks import edit_outputs, record
+from qedit.core.hooks import record
 from qedit.core.model import LoadedModel
-from qedit.edit.keys import context_prefixes, delta_edits
+from qedit.edit.keys import context_prefixes
 from qedit.edit.methods.memit import MemitConfig
 from qedit.edit.registry import EditContext, EditResult, resolve_layers
 from qedit.edit.spread import spread_edit
-from qedit.edit.strength import MarginFn, forget_gap, forget_gaps, minimal_scale
+from qedit.edit.strength import MarginFn, first_token_logp, forget_gap, forget_gaps, minimal_scale
 from qedit.unlearn.objectives import AwayFromAnswer, BelowWrong
 from qedit.unlearn.registry import UnlearnMethod, register_unlearn_method
 from qedit.unlearn.requests import ForgetRequest, RetainItem, check_retain_setting, default_retain, wrong_answers
@@ -121,13 +121,8 @@ def wrong_gaps(loaded: LoadedModel, reqs: Sequence[EditRequest], prefixes: Seque
             continue
         prompts = [r.prompt] + [q for q in r.rephrase_prompts if r.subject in q]
         texts = [pre + q for q in prompts for pre in prefixes]
-        batch = build_batch(loaded, texts * 2, [r.target_new] * len(texts) + [r.ground_truth] * len(texts))
-        device = batch.input_ids.device
-        rows = torch.arange(2 * len(texts), device=device)
-        cols = torch.tensor([pos[0] for pos in batch.target_pos], device=device)          # (2 t,) first tokens
-        ids = torch.tensor([tid[0] for tid in batch.target_ids], device=device)           # (2 t,)
-        with edit_outputs(loaded.model, delta_edits(loaded, deltas)):
-            logp = torch.log_softmax(logits_at(loaded, batch, rows, cols), -1)             # (2 t, vocab)
+        logp, ids = first_token_logp(loaded, texts * 2, [r.target_new] * len(texts) + [r.ground_truth] * len(texts),
+                                     deltas)                                                # (2 t, vocab), (2 t,)
         own = logp.gather(1, ids[:, None])[:, 0]                                           # (2 t,)
         gap = (own[len(texts):] - own[:len(texts)]).view(len(prompts), len(prefixes))     # (prompts, prefixes)
         out[j] = float(torch.minimum(gap.mean(1), gap[:, 0]).min())
