@@ -11,21 +11,93 @@ import torch
 from qedit.core.errors import QeditError
 
 
-def test_merge_and_metadata_round_trip():
-    from qedit.converters.gguf.keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
+def _fields(tmp_path, kvs):
+    """The metadata of a GGUF file holding `kvs` and no tensors, as qedit's reader parses it."""
+    from qedit.converters.gguf.read import GGUFFile
+    from qedit.converters.gguf.write import encode_kv, write_gguf
 
-    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), -np.ones((1, 3), np.float32)
-    merged = merged_keys({4: a}, {4: torch.from_numpy(b), 5: b})
+    path = tmp_path / "keys.gguf"
+    write_gguf(path, [encode_kv("general.architecture", "llama", 8), *kvs], [])
+    with GGUFFile(path) as gf:
+        return dict(gf.fields)
+
+
+def _reader(fields):
+    return SimpleNamespace(fields=fields, path=SimpleNamespace(name="m.gguf"))
+
+
+def test_keys_round_trip_and_earlier_rows_keep_their_bytes(tmp_path):
+    from qedit.converters.gguf.keys import carried_after, carried_kvs, is_keys_field, merged_keys, read_carried
+
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3) - 2, -np.ones((1, 3), np.float32)
+    merged = merged_keys({4: a}, {4: torch.from_numpy(b), 5: b})        # the encoding's keys: exact, float32
     assert merged[4].shape == (3, 3) and np.array_equal(merged[4][:2], a) and np.array_equal(merged[5], b)
-    kvs = edit_keys_kvs(merged)
-    assert [kv.key for kv in kvs] == ["qedit.edit_keys.blk.4", "qedit.edit_keys.blk.4.shape",
-                                      "qedit.edit_keys.blk.5", "qedit.edit_keys.blk.5.shape"]
+    kvs = carried_kvs(None, {4: a})
+    assert [kv.key for kv in kvs] == [f"qedit.edit_keys.blk.4{s}" for s in ("", ".shape", ".norms", ".facts", ".sha256")]
     assert all(is_keys_field(kv.key) for kv in kvs) and not is_keys_field("qedit.manifest")
-    fields = {"qedit.edit_keys.blk.4": merged[4].reshape(-1).tolist(), "qedit.edit_keys.blk.4.shape": [3, 3]}
-    back = read_edit_keys(SimpleNamespace(fields=fields, path=SimpleNamespace(name="m.gguf")))
-    assert np.array_equal(back[4], merged[4])
+    first = read_carried(_reader(_fields(tmp_path, kvs)))
+    np.testing.assert_allclose(first[4].keys(), a, rtol=1e-3, atol=1e-3)   # float16 unit rows, float32 norms
+    later = carried_after(first, {4: torch.from_numpy(b), 5: b})
+    assert (later[4].rows, later[4].facts, later[5].facts) == (3, 3, 1)
+    assert np.array_equal(later[4].units[:2], first[4].units) and np.array_equal(later[4].norms[:2], first[4].norms)
+    with pytest.raises(QeditError, match="3-wide"):
+        carried_after(first, {4: np.ones((1, 5))})
     with pytest.raises(QeditError, match="different|wide"):
         merged_keys({4: a}, {4: np.ones((1, 5))})
+
+
+def test_compaction_keeps_the_gram_in_a_bounded_number_of_rows():
+    """Past `rank` rows the state is the keys' top singular directions: exact when the keys span no more
+    than `rank` directions, else the best rank-`rank` Gram; the rows never grow past `rank`."""
+    from qedit.converters.gguf.keys import carried_after
+
+    rng = np.random.default_rng(0)
+    low = rng.normal(size=(40, 3)) @ rng.normal(size=(3, 16))               # (40, 16) keys of rank 3
+    state: dict = {}
+    for batch in np.split(low, 8):                                          # 8 patches of 5 facts
+        state = carried_after(state, {2: batch}, rank=4)
+        assert state[2].rows <= 5                                           # 4 + the batch's 5, compacted to <= 4
+    gram = low.T @ low
+    kept = state[2].keys().astype(np.float64)
+    assert state[2].facts == 40 and state[2].rows == 4 and state[2].norms[3] < 1e-3 * state[2].norms[0]   # float16 noise
+    np.testing.assert_allclose(kept.T @ kept, gram, atol=2e-3 * np.abs(gram).max())
+    full = rng.normal(size=(30, 16))                                        # rank 16 > 4: truncated
+    one = carried_after({}, {0: full}, rank=4)[0]
+    w, v = np.linalg.eigh(full.T @ full)
+    best = (v[:, -4:] * w[-4:]) @ v[:, -4:].T
+    got = one.keys().astype(np.float64)
+    assert one.rows == 4 and np.abs(got.T @ got - best).max() <= 2e-3 * np.abs(best).max()
+
+
+def test_files_of_raw_float32_keys_are_still_read():
+    from qedit.converters.gguf.keys import read_carried
+
+    raw = np.arange(6, dtype=np.float32).reshape(2, 3) + 1
+    fields = {"qedit.edit_keys.blk.3": raw.reshape(-1).tolist(), "qedit.edit_keys.blk.3.shape": [2, 3]}
+    got = read_carried(_reader(fields))[3]
+    assert got.facts == 2 and np.allclose(got.keys(), raw, rtol=1e-3)
+
+
+def _damaged(tmp_path, what):
+    from qedit.converters.gguf.keys import carried_kvs
+
+    fields = _fields(tmp_path, carried_kvs(None, {3: np.ones((2, 4), np.float32)}))
+    if what == "flipped":
+        fields["qedit.edit_keys.blk.3"][1] ^= 1
+    elif what == "inf":
+        fields["qedit.edit_keys.blk.3.norms"][0] = float("inf")
+    elif what == "no-facts":
+        del fields["qedit.edit_keys.blk.3.facts"]
+    return fields
+
+
+@pytest.mark.parametrize("what, match", [("flipped", "sha256"), ("inf", "sha256|finite"), ("no-facts", "malformed")])
+def test_a_damaged_state_is_a_clear_error(tmp_path, what, match):
+    from qedit.converters.gguf.keys import read_carried
+
+    with pytest.raises(QeditError, match=match) as err:
+        read_carried(_reader(_damaged(tmp_path, what)))
+    assert "m.gguf" in str(err.value) and "qedit.edit_keys.blk.3" in str(err.value) and "intact copy" in str(err.value)
 
 
 @pytest.mark.parametrize("fields, match", [
@@ -36,7 +108,7 @@ def test_corrupt_keys_name_the_file_and_entry(fields, match):
     from qedit.converters.gguf.keys import read_edit_keys
 
     with pytest.raises(QeditError, match=match) as err:
-        read_edit_keys(SimpleNamespace(fields=fields, path=SimpleNamespace(name="m.gguf")))
+        read_edit_keys(_reader(fields))
     assert "m.gguf" in str(err.value) and "qedit.edit_keys.blk.3" in str(err.value)
 
 
@@ -98,7 +170,7 @@ def test_a_patch_of_a_patch_records_and_protects_the_earlier_keys(tiny_dirs, tmp
         manifests = json.loads(two.fields["qedit.manifest"])
         assert [m["encoding"]["path"] for m in manifests] == ["naive", "aware"]
     assert main(["inspect", str(paths[1])]) == 0
-    assert "edit keys recorded for blk.2: 2" in capsys.readouterr().out
+    assert "edit keys recorded for blk.2: 2 fact(s) as 2 keys" in capsys.readouterr().out
 
 
 def test_an_export_records_the_edit_keys_after_the_sources(tiny_dirs, tmp_path):
@@ -111,11 +183,11 @@ def test_an_export_records_the_edit_keys_after_the_sources(tiny_dirs, tmp_path):
     src = tmp_path / "src.gguf"
     export_gguf(tiny_dirs["llama"], src, "F32", keys={1: a},
                 template=_template(tmp_path))
-    assert np.array_equal(stored_edit_keys(src)[1].numpy(), a)
+    assert np.allclose(stored_edit_keys(src)[1].numpy(), a, rtol=1e-3)   # float16 unit rows
     out = tmp_path / "out.gguf"
     export_gguf(src, out, "Q8_0", keys={1: torch.from_numpy(b), 0: b})
     got = stored_edit_keys(out)
-    assert sorted(got) == [0, 1] and np.array_equal(got[1].numpy(), np.concatenate([a, b]))
+    assert sorted(got) == [0, 1] and np.allclose(got[1].numpy(), np.concatenate([a, b]), rtol=1e-3)
     again = tmp_path / "again.gguf"
     export_gguf(out, again, "Q8_0")
     assert all(np.array_equal(stored_edit_keys(again)[k].numpy(), got[k].numpy()) for k in got)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from qedit.converters.gguf.config import build_config
+from qedit.converters.gguf.patch import read_manifests
 from qedit.converters.gguf.read import GGUFFile
 from qedit.converters.gguf.streamed import build_streamed, memory_plan, stream_floor
 from qedit.converters.gguf.to_torch import build_model, build_tokenizer, stored_types
@@ -141,10 +142,12 @@ def load_gguf_model(path: Path, device: torch.device, dtype: torch.dtype, budget
             return_freed_memory()
             model, streamer = build_streamed(gf, config, plan, dtype=dtype, device=device)
         stored = stored_types(gf, model)
+        manifests = read_manifests(gf)
     arch = arch_for_model_type(model.config.model_type, source=str(path))
     model.eval().requires_grad_(False)  # methods train their own delta tensors, never the weights
     return LoadedModel(model, finish_tokenizer(tokenizer), arch, path, "gguf", device, stored_types=stored,
-                       label=blob_label(path) or "", streamer=streamer)
+                       label=blob_label(path) or "", streamer=streamer,
+                       lineage=str(manifests[0].get("source_sha256") or "") if manifests else "")
 
 
 def _whole_bytes(shape: Shape) -> int:

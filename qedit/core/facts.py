@@ -71,6 +71,13 @@ class EditRequest:
                 + ([("chat_prompt", self.chat_prompt)] if self.chat_prompt is not None else [])
                 + [("chat_rephrase_prompt", p) for p in self.chat_rephrase_prompts])
 
+    @property
+    def fact_key(self) -> tuple[str, str]:
+        """(subject, relation): the subject case-folded, and the prompt with its subject replaced by {}, lower-cased
+        with spaces collapsed. Two facts with one key ask one question, which only one answer can win."""
+        template = " ".join(self.prompt.replace(self.subject, "{}", 1).lower().split())
+        return " ".join(self.subject.casefold().split()), template
+
     def to_json(self) -> dict[str, Any]:
         """The request in the CounterFact/zsRE layout that `load_requests` reads back."""
         out: dict[str, Any] = {"prompt": self.prompt, "subject": self.subject, "target_new": self.target_new}

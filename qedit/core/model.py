@@ -50,6 +50,9 @@ class LoadedModel:
     # draws the statistics' text from the source itself (e.g. in llama.cpp, much faster than a streamed torch
     # model), set by the pipeline for a streamed model: sampler(n_samples, sample_len, seed) -> token sequences
     sampler: TextSampler | None = None
+    # sha256 of the unedited file a qedit-patched GGUF descends from (its first manifest's source; "" for other
+    # sources): a patch of a patch uses that file's key statistics when the cache holds them (qedit.core.stats)
+    lineage: str = ""
 
     @property
     def n_layers(self) -> int:

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qedit.core.batching import padded
-from qedit.core.cache import CacheEntry, default_cache_dir, model_entry, model_key
+from qedit.core.cache import CacheEntry, T, default_cache_dir, model_entry, model_key
 from qedit.core.errors import QeditError
 from qedit.core.hooks import record, stop_after
 from qedit.core.linalg import draw_tokens, float64_device, wide
@@ -112,6 +112,28 @@ def model_cache_dir(loaded: LoadedModel, cfg: StatsConfig) -> Path:
 
 def _entry(loaded: LoadedModel, cfg: StatsConfig) -> CacheEntry:
     return model_entry(cfg.root(), loaded, _corpus_key(cfg, loaded.sampler))
+
+
+def _lineage_entry(loaded: LoadedModel, cfg: StatsConfig) -> CacheEntry | None:
+    """The statistics entry of the unedited file a qedit-patched GGUF descends from. A chain of patches keeps
+    the statistics of its first file, as sequential editing computes them once on the unedited model: the
+    chain's edits then equal one run's batches, and no patch samples the corpus again."""
+    if not (cfg.use_cache and loaded.lineage) or loaded.lineage == loaded.fingerprint:
+        return None
+    return CacheEntry(cfg.root() / model_key(loaded.lineage) / _corpus_key(cfg, loaded.sampler))
+
+
+def _cached(loaded: LoadedModel, cfg: StatsConfig, name: str, read: Callable[[Path], T]) -> T | None:
+    """The cached file `name` of the lineage's entry, else of the model's own; None when neither holds it."""
+    if not cfg.use_cache:
+        return None
+    base = _lineage_entry(loaded, cfg)
+    found = base.load(name, read) if base is not None else None
+    if found is not None:
+        log.debug("%s: %s from the unedited file it was patched from (sha256 %s...)", loaded.source.name, name,
+                  loaded.lineage[:12])
+        return found
+    return _entry(loaded, cfg).load(name, read)
 
 
 def resolve_sampling_dtype(cfg: StatsConfig) -> torch.dtype:
@@ -262,7 +284,7 @@ def _read_tokens(path: Path) -> list[list[int]]:
 
 
 def _cached_tokens(loaded: LoadedModel, cfg: StatsConfig) -> list[list[int]] | None:
-    return _entry(loaded, cfg).load("tokens.json", _read_tokens) if cfg.use_cache else None
+    return _cached(loaded, cfg, "tokens.json", _read_tokens)
 
 
 def _store_tokens(loaded: LoadedModel, cfg: StatsConfig, seqs: list[list[int]]) -> list[list[int]]:
@@ -352,11 +374,10 @@ def key_covariance(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig)
     """E[k k^T] (d_in, d_in) float32 for each layer, from cache when present."""
     for layer in layers:
         loaded.check_layer(layer)
-    entry = _entry(loaded, cfg)
     out: dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:
-        cov = entry.load(f"cov_layer{layer}.pt", _read_cov) if cfg.use_cache else None
+        cov = _cached(loaded, cfg, f"cov_layer{layer}.pt", _read_cov)
         if cov is None:
             missing.append(layer)
         else:
@@ -378,8 +399,7 @@ def key_eigh(loaded: LoadedModel, layers: Sequence[int], cfg: StatsConfig) -> di
     missing = []
     for layer in layers:
         loaded.check_layer(layer)
-        read = partial(_read_eigh, d_in=loaded.edit_shape(layer)[1])
-        found = entry.load(f"eigh_layer{layer}.pt", read) if cfg.use_cache else None
+        found = _cached(loaded, cfg, f"eigh_layer{layer}.pt", partial(_read_eigh, d_in=loaded.edit_shape(layer)[1]))
         if found is None:
             missing.append(layer)
         else:

@@ -43,6 +43,9 @@ class EditOutcome:
     info: dict[str, Any] = field(default_factory=dict)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> (n, d_in) float32 keys of every edit
     earlier_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (m, d_in) keys of earlier edits
+    # layer -> (r, d_in) keys of earlier facts this edit replaces (same subject and relation): a file written with
+    # the edit takes them out of the keys it carries (qedit.pipeline.conflicts)
+    replaced_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def manifest(self, loaded: LoadedModel) -> dict[str, Any]:
         """What an output records about this edit (facts, method, settings, layers, ranks, source)."""
@@ -116,6 +119,7 @@ def compute_edits(loaded: LoadedModel, requests: Sequence[Any], method: str, cfg
             result = spec.compute(loaded, batch, cfg, ctx)
             if lo + size < len(requests):
                 stack.enter_context(applied(loaded.model, result.deltas))
+                ctx.earlier_applied = True
             deltas.extend(result.deltas)
             for layer, keys in result.keys.items():      # keys (n, d_in)
                 all_keys.setdefault(layer, []).append(keys.detach().float().cpu())

@@ -76,6 +76,9 @@ class EditContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # layer -> sum of k k^T over the keys of earlier edits (sequential editing); read-only to methods
     history: dict[int, torch.Tensor] = field(default_factory=dict)
+    # True once earlier batches of the run are applied to the model's weights: the model is then not its source
+    # file, and nothing computed on it may be cached under the file's fingerprint
+    earlier_applied: bool = False
 
 
 @dataclass

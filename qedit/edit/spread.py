@@ -84,7 +84,7 @@ def spread_edit(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: Sprea
     z_site = loaded.arch.layer.format(layers[-1])
     last_mlp = loaded.arch.mlp_out.format(layers[-1])
     u_delta, nlls = optimize_targets(loaded, requests, last_mlp, prefixes, cfg.target, applied=base,
-                                     cache_dir=target_cache_dir(loaded, cfg), objective=objective)  # (n, d_out)
+                                     cache_dir=target_cache_dir(loaded, cfg, ctx), objective=objective)  # (n, d_out)
     z_target = site_values(loaded, requests, z_site, "output", prefixes, applied=base,
                            inject=(last_mlp, u_delta))                                   # (n, d_model)
     applied: list[LowRankDelta] = []

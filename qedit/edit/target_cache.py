@@ -25,7 +25,7 @@ from qedit.core.linalg import wide
 from qedit.core.model import LoadedModel
 from qedit.core.stats import model_cache_dir
 from qedit.core.streaming import streamer_of
-from qedit.edit.registry import MethodConfig, TargetConfig
+from qedit.edit.registry import EditContext, MethodConfig, TargetConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,9 @@ def _read(path: Path) -> tuple[torch.Tensor, list[float]]:
     return data["deltas"], data["nll"].tolist()
 
 
-def target_cache_dir(loaded: LoadedModel, cfg: MethodConfig) -> Path | None:
-    """Where the targets of `loaded` are cached (beside its key statistics), or None when caching is off."""
-    if not cfg.stats.use_cache:
+def target_cache_dir(loaded: LoadedModel, cfg: MethodConfig, ctx: EditContext) -> Path | None:
+    """Where the targets of `loaded` are cached (beside its key statistics), or None when caching is off or the
+    model's weights are not its source's (a later batch of a sequential run: earlier batches are applied)."""
+    if not cfg.stats.use_cache or ctx.earlier_applied:
         return None
     return model_cache_dir(loaded, cfg.stats) / "targets"

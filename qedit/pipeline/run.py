@@ -14,18 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qedit.converters.gguf.keys import stored_edit_keys
+import torch
+
+from qedit.converters.gguf.keys import carried_after, stored_carried
+from qedit.converters.gguf.patch import stored_manifests
 from qedit.converters.gguf.rows import same_tensor_data
 from qedit.converters.gptq.export import GPTQWriteConfig, calibration_tokens, write_gptq
 from qedit.converters.loading import load_model, read_header
 from qedit.core.memory import format_size
 from qedit.core.model import LoadedModel, is_gguf_file
 from qedit.edit.compute import EditOutcome, compute_edits
+from qedit.edit.keys import context_prefixes, edit_keys
 from qedit.evaluation.forget import evaluate_forget
 from qedit.evaluation.gate import Requirement
 from qedit.evaluation.metrics import evaluate
 from qedit.pipeline.budget import check_requests, load_within
 from qedit.pipeline.chat import chat_requests
+from qedit.pipeline.conflicts import EarlierFact, check_batch, conflicts, earlier_facts
 from qedit.pipeline.jobs import EditJob, MethodChoice
 from qedit.pipeline.measure import EditMeasurement, ForgetMeasurement, measure_edit, measure_forget
 from qedit.pipeline.plan import OutputKind, Plan, plan_job
@@ -120,12 +125,31 @@ def compute_for(method: MethodChoice, model: LoadedModel, requests: Sequence[Any
     if chat:
         requests = chat_requests(model.tokenizer, str(model.source), requests)
         notify(f"editing {len(requests)} fact(s) in their chat form, e.g. {requests[0].prompt!r}")
-    earlier = stored_edit_keys(model.source)
-    if earlier:
+    cfg = method.resolved_config()
+    carried = stored_carried(model.source)
+    replaced: list[tuple[EarlierFact, Any]] = []
+    removed: dict[int, torch.Tensor] = {}
+    if not method.unlearns:
+        check_batch(requests)
+        replaced = conflicts(requests, earlier_facts(stored_manifests(model.source)))
+    if replaced:   # the new facts win: the old ones' keys, on the current weights, leave the protected history
+        prefixes = context_prefixes(model, cfg)
+        old = [e.request for e, _ in replaced]
+        removed = {layer: edit_keys(model, old, layer, prefixes).float().cpu() for layer in sorted(carried)}
+        carried = carried_after(carried, {}, removed=removed)
+        for e, new in replaced:
+            notify(f"{new.origin or repr(new.prompt)}: replaces fact {e.fact + 1} of edit {e.patch} in "
+                   f"{model.source.name} ({e.request.subject}: {e.request.target_new!r} -> {new.target_new!r})")
+    if carried:
         notify(f"{model.source.name}: protecting the keys of earlier edits recorded in the file "
-               f"({', '.join(f'blk.{layer}: {len(k)}' for layer, k in sorted(earlier.items()))})")
-    return compute_edits(model, requests, method.name, method.resolved_config(), batch_size=method.batch_size,
-                         earlier_keys=earlier, registry=method.registry)
+               f"({', '.join(f'blk.{layer}: {c.facts}' for layer, c in sorted(carried.items()))})")
+    earlier = {layer: torch.from_numpy(c.keys()) for layer, c in carried.items()}   # (rows, d) each
+    outcome = compute_edits(model, requests, method.name, cfg, batch_size=method.batch_size, earlier_keys=earlier,
+                            registry=method.registry)
+    if replaced:
+        outcome.info["replaces"] = [e.record(new) for e, new in replaced]
+        outcome.replaced_keys = removed
+    return outcome
 
 
 def _before(plan: Plan, model: LoadedModel, retain: Sequence[RetainItem]):  # noqa: ANN202  (report of either kind)

@@ -110,7 +110,7 @@ def _patch(base: Path, loaded: LoadedModel, outcome: EditOutcome, out: Path, man
     with GGUFFile(base) as gf:
         edited = sorted({gguf_tensor_name(gf, d.name) for d in outcome.deltas})
     report = patch_gguf(base, out, outcome.deltas, manifest, type_overrides=match_types(edited, tensor_types),
-                        encoding=encoding, keys=outcome.keys)
+                        encoding=encoding, keys=outcome.keys, replaced_keys=outcome.replaced_keys)
     lines = []
     for t in report.tensors:
         change = "" if t.bytes_after == t.bytes_before else f", {t.bytes_after - t.bytes_before:+,} bytes"
@@ -160,7 +160,8 @@ def export(source: Path, out: Path, quant: str, tensor_types: tuple[tuple[str, s
     with _fallbacks() as fell_back:
         rep = export_gguf(source, out, quant, deltas=list(outcome.deltas) if outcome else [], manifest=manifest,
                           type_overrides=overrides or None, template=template, progress=True, encoding=encoding,
-                          keys=outcome.keys if outcome else None)
+                          keys=outcome.keys if outcome else None,
+                          replaced_keys=outcome.replaced_keys if outcome else None)
     counts: dict[str, int] = {}
     for t in rep.tensor_types.values():
         counts[t] = counts.get(t, 0) + 1

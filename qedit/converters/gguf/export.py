@@ -25,7 +25,7 @@ import numpy as np
 from qedit.converters.gguf.archs import gguf_arch
 from qedit.converters.gguf.aware import EditEncoding
 from qedit.converters.gguf.hf_config import hf_export, hf_groups, hf_rows, hf_tensors
-from qedit.converters.gguf.keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
+from qedit.converters.gguf.keys import carried_kvs, is_keys_field
 from qedit.converters.gguf.patch import MANIFEST_KEY, VERSION_KEY, group_deltas, manifest_kvs, read_manifests
 from qedit.converters.gguf.read import GGUFFile
 from qedit.converters.gguf.rows import TensorReader
@@ -140,6 +140,7 @@ def export_gguf(
     progress: bool = False,
     encoding: EditEncoding | None = None,
     keys: Mapping[int, Any] | None = None,
+    replaced_keys: Mapping[int, Any] | None = None,
 ) -> ExportReport:
     """Write `model` (a .gguf file or an HF/qedit output directory) to `dst` as a GGUF of `ftype`.
 
@@ -150,7 +151,7 @@ def export_gguf(
     is a .gguf whose tokenizer metadata an HF export copies. `encoding` makes the encoding of edited
     tensors edit-aware (GGUF sources; an HF source is encoded plainly). `keys` (layer -> (n, d)), the
     edit's keys, are recorded after those a GGUF source records (`qedit.converters.gguf.keys`), as a
-    patch records them.
+    patch records them; `replaced_keys` (layer -> (m, d)), of earlier facts the edit replaces, are taken out.
     """
     start = time.perf_counter()
     src, dst = Path(model), Path(dst)
@@ -174,7 +175,7 @@ def export_gguf(
             report = _from_hf(src, dst, ft, deltas, manifest, type_overrides, importance, template, bar, keys)
         else:
             report = _from_gguf(src, dst, ft, deltas, manifest, type_overrides, importance, template, bar, encoding,
-                                keys)
+                                keys, replaced_keys)
     finally:
         if bar is not None:
             bar.close()
@@ -197,7 +198,7 @@ def _progress(bar: Any, total: int) -> Callable[[TensorSpec], None] | None:
 def _from_gguf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[LowRankDelta], manifest: dict | None,
                overrides: Mapping[str, str] | None, importance: Mapping[str, np.ndarray] | None,
                template: Path | None, bar: Any, encoding: EditEncoding | None = None,
-               keys: Mapping[int, Any] | None = None) -> ExportReport:
+               keys: Mapping[int, Any] | None = None, replaced_keys: Mapping[int, Any] | None = None) -> ExportReport:
 
     if template is not None:
         log.warning("template %s is ignored: a GGUF source keeps its own tokenizer metadata", template)
@@ -223,7 +224,7 @@ def _from_gguf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[Lo
             else:
                 specs.append(reencoded_tensor(gf, name, types[name], changes.get(name, []), weights.get(name)))
         meta, n_manifests = manifest_kvs(read_manifests(gf), manifest, qedit_version())
-        meta += edit_keys_kvs(merged_keys(read_edit_keys(gf), keys or {}))
+        meta += carried_kvs(gf, keys, replaced_keys)
         kept = [k for k in gf.fields if k not in _REWRITTEN and not is_keys_field(k)]
         kvs = copied_kvs(gf, kept) + _ftype_kvs(ft) + meta
         size = write_gguf(dst, kvs, specs, alignment=gf.alignment, on_tensor=_progress(bar, len(specs)))
@@ -276,7 +277,7 @@ def _from_hf(src: Path, dst: Path, ft: gguf.LlamaFileType, deltas: Sequence[LowR
             reader = partial(hf_rows, path, hf_name, name, changes.get(name, []), exp.transform)
         specs.append(encoded_tensor(name, shapes[name], types[name], reader, weights.get(name)))
     meta, n_manifests = manifest_kvs([], manifest, qedit_version())
-    meta += edit_keys_kvs(merged_keys({}, keys or {}))
+    meta += carried_kvs(None, keys)
     general = [encode_kv("general.architecture", arch, VT.STRING), encode_kv("general.type", "model", VT.STRING),
                encode_kv("general.name", src.resolve().name, VT.STRING)]
     kvs = general + [encode_kv(*kv) for kv in hparams] + tokenizer + _ftype_kvs(ft) + meta

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from qedit.converters.gguf.aware import EditEncoding, EncodedTensor
-from qedit.converters.gguf.keys import edit_keys_kvs, is_keys_field, merged_keys, read_edit_keys
+from qedit.converters.gguf.keys import carried_kvs, carried_lines, is_keys_field
 from qedit.converters.gguf.names import gguf_tensor_name
 from qedit.converters.gguf.read import GGUFFile
 from qedit.converters.gguf.rows import TensorReader
@@ -29,6 +29,7 @@ from qedit.converters.gguf.write import KVEntry, TensorSpec, copied_kvs, encode_
 from qedit.core.delta import LowRankDelta
 from qedit.core.errors import QeditError
 from qedit.core.files import refuse_same_file
+from qedit.core.model import is_gguf_file
 from qedit.core.version import qedit_version
 from qedit.kernels import quantize_tensor
 
@@ -81,6 +82,14 @@ def read_manifests(gf: GGUFFile) -> list[dict[str, Any]]:
     if not all(isinstance(m, dict) for m in items):
         raise QeditError(f"{gf.path.name}: metadata {MANIFEST_KEY} must be a JSON object or a list of objects")
     return items
+
+
+def stored_manifests(path: Any) -> list[dict[str, Any]]:
+    """The qedit manifests of the GGUF file `path`, oldest first ([] for other files and files without them)."""
+    if path is None or not is_gguf_file(Path(path)):
+        return []
+    with GGUFFile(Path(path)) as gf:
+        return read_manifests(gf)
 
 
 def manifest_kvs(previous: Sequence[dict[str, Any]], manifest: dict[str, Any] | None,
@@ -156,14 +165,15 @@ def _resolve_overrides(gf: GGUFFile, overrides: Mapping[str, Any] | None,
 
 def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: dict[str, Any],
                type_overrides: Mapping[str, Any] | None = None, encoding: EditEncoding | None = None,
-               keys: Mapping[int, Any] | None = None) -> PatchReport:
+               keys: Mapping[int, Any] | None = None, replaced_keys: Mapping[int, Any] | None = None) -> PatchReport:
     """Copy GGUF `src` to `dst` with `deltas` added to their tensors and `manifest` in the metadata.
 
     Only edited tensors change; every other tensor and every original key-value entry is copied
     byte for byte. `type_overrides` maps an edited tensor (GGUF or HF name) to a new GGML type.
     `encoding` (edit keys and covariances) makes the re-encoding edit-aware; None requantizes plainly.
     `keys` (layer -> (n, d)), the new edit's keys, are recorded after those `src` already records
-    (`qedit.converters.gguf.keys`), so that a later patch of `dst` can protect this edit.
+    (`qedit.converters.gguf.keys`), so that a later patch of `dst` can protect this edit; `replaced_keys`
+    (layer -> (m, d)), of earlier facts the edit replaces, are taken out of them.
     """
 
     src, dst = Path(src), Path(dst)
@@ -186,7 +196,7 @@ def patch_gguf(src: Path, dst: Path, deltas: Sequence[LowRankDelta], manifest: d
             log.info("%s: re-encoded %s as %s", src.name, name, new_type.name)
         meta, n_manifests = manifest_kvs(read_manifests(gf), manifest, qedit_version())
         kept = copied_kvs(gf, [k for k in gf.fields if k not in (MANIFEST_KEY, VERSION_KEY) and not is_keys_field(k)])
-        meta += edit_keys_kvs(merged_keys(read_edit_keys(gf), keys or {}))
+        meta += carried_kvs(gf, keys, replaced_keys)
         tensors = [TensorSpec(info.name, info.shape, overrides.get(info.name, info.ggml_type),
                               (lambda data=new_bytes[info.name]: data) if info.name in new_bytes
                               else source_tensor(gf, info.name))
@@ -205,6 +215,8 @@ def inspect_lines(path: Path) -> list[str]:
         lines = [f"{gf.path.name}: GGUF v{gf.version}, {gf.architecture}, {len(gf.tensors)} tensors, {gf.file_size:,} bytes"]
         if not manifests:
             lines.append("no qedit manifest")
+        later = {(int(r.get("patch", 0)), int(r.get("fact", -1))): i for i, m in enumerate(manifests, 1)
+                 for r in ((m.get("info") or {}).get("replaces") or []) if isinstance(r, dict)}
         for i, m in enumerate(manifests, 1):
             facts = m.get("facts") or []
             subjects = ", ".join(str(f.get("subject", "?")) for f in facts[:8] if isinstance(f, dict))
@@ -218,8 +230,12 @@ def inspect_lines(path: Path) -> list[str]:
                 + (", ".join(f"{k}={v}" for k, v in ranks.items()) if isinstance(ranks, dict) else str(ranks)),
                 f"  source sha256: {m.get('source_sha256', '?')}",
             ]
-        for layer, k in sorted(read_edit_keys(gf).items()):
-            lines.append(f"edit keys recorded for blk.{layer}: {k.shape[0]} (protected by later patches)")
+            lines += [f"  replaces fact {r.get('fact', 0) + 1} of edit {r.get('patch', '?')} ({r.get('subject', '?')}: "
+                      f"{r.get('old_target', '?')!r} -> {r.get('new_target', '?')!r})"
+                      for r in ((m.get("info") or {}).get("replaces") or []) if isinstance(r, dict)]
+            lines += [f"  fact {j + 1} ({f.get('subject', '?') if isinstance(f, dict) else '?'}) was replaced by edit "
+                      f"{later[(i, j)]}" for j, f in enumerate(facts) if (i, j) in later]
+        lines += carried_lines(gf)
         if VERSION_KEY in gf.fields:
             lines.append(f"written by qedit {gf.fields[VERSION_KEY]}")
         by_type: dict[str, list[int]] = {}

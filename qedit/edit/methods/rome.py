@@ -65,7 +65,7 @@ def compute(loaded: LoadedModel, requests: Sequence[EditRequest], cfg: RomeConfi
     for req in requests:  # sequential: each edit is computed on the model with the earlier ones applied
         k = edit_keys(loaded, [req], layer, prefixes, deltas)[0]                      # (d_in,)
         resid, nll = optimize_targets(loaded, [req], site, prefixes, cfg.target, deltas,
-                                     target_cache_dir(loaded, cfg))  # (1, d_out)
+                                     target_cache_dir(loaded, cfg, ctx))  # (1, d_out)
         u, v = linalg.rank_one_update(cov, k, resid[0], cfg.cov_ridge)                              # (d_out, 1), (1, d_in)
         delta = LowRankDelta(name, layer, u.float(), v.float(), 1.0, loaded.arch.mlp_out_orientation,
                              {"subject": req.subject, "target_nll": nll[0]})
