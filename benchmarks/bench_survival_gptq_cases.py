@@ -16,10 +16,10 @@
     python benchmarks/bench_survival_gptq_cases.py --deltas /tmp/be/deltas --methods memit --out /tmp/sgq \
         --first 197 --limit 3 --gptq 4 --bnb "" --verify --json /tmp/sgc/verify199.json
     # qedit's default below 8 bits (--on-checkpoint): no saved deltas; rungs one after another, resumable
-    python benchmarks/bench_survival_gptq_cases.py --on-checkpoint --gptq 4,3 --methods memit --out /tmp/sgq \
+    python benchmarks/bench_survival_gptq_cases.py --on-checkpoint --gptq 4 --methods memit --out /tmp/sgq \
         --limit 200 --verify --json /tmp/sgc/oncheckpoint.json
     python benchmarks/bench_survival_gptq_cases.py --merge /tmp/sgc/oncheckpoint.json \
-        --json benchmarks/data/survival_gptq_oncheckpoint_memit_121.json
+        --json benchmarks/data/survival_gptq_oncheckpoint_memit_200.json
 
 Every case was edited alone into the unedited Gemma 3 270M (full precision, the GGUF source) and its
 deltas and edit keys saved by bench_edit. Each full-precision edit is then patched into the unedited

@@ -131,9 +131,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "integration: the second tier, `pytest -m integration` (set automatically)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Statistics and target caches: one directory for the whole session (built once, shared read-only by the
-    # tests), never the user's home. $QEDIT_TEST_CACHE keeps it across sessions.
+    # tests), never the user's home. $QEDIT_TEST_CACHE keeps it across sessions. pytest-xdist's workers inherit
+    # the directory their controller made, so `-n 2` computes each statistic once for both.
     if os.environ.get("QEDIT_TEST_CACHE"):
         os.environ["QEDIT_CACHE"] = os.environ["QEDIT_TEST_CACHE"]
+    elif os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("QEDIT_CACHE"):
+        pass
     else:
         cache = tempfile.mkdtemp(prefix="qedit-test-cache-")
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
