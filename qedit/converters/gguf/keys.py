@@ -110,8 +110,8 @@ class CarriedKeys:
         return CarriedKeys(units, norms, self.facts + add.facts).bounded(rank)   # earlier rows keep their bytes
 
     def bounded(self, rank: int = KEYS_RANK) -> CarriedKeys:
-        """These keys, compacted when they hold more rows than `rank` or than their width (where no row can be
-        added without loss of nothing but float16 rounding)."""
+        """These keys, compacted when they hold more rows than `rank`, or than their width (past which compaction
+        loses nothing but float16 rounding)."""
         return self if self.rows <= min(rank, self.width) else self.compacted(rank)
 
     def compacted(self, rank: int) -> CarriedKeys:
