@@ -169,3 +169,20 @@ def test_a_file_whose_carried_keys_were_damaged_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "damaged.gguf" in err[0] and "qedit.edit_keys.blk.1" in err[0] and "sha256" in err[0]
     assert not out.exists()
+
+
+def test_a_sequential_run_caches_only_the_targets_computed_on_the_files_weights(tmp_path):
+    """The second batch's targets are computed with the first batch applied: they are not the file's targets and
+    must not be cached under its fingerprint (a later edit of the unedited file would read them)."""
+    from qedit.converters.loading import load_model
+    from qedit.core.facts import request_from_dict
+    from qedit.edit.compute import compute_edits
+    from qedit.edit.registry import EditContext
+    from qedit.edit.target_cache import target_cache_dir
+    from qedit.pipeline.jobs import make_config
+
+    loaded = load_model(_narrow_gguf(tmp_path))
+    cfg = make_config("memit", layers=[1, 2])
+    where = target_cache_dir(loaded, cfg, EditContext())
+    compute_edits(loaded, [request_from_dict(f) for f in _facts(2)], "memit", cfg, batch_size=1)
+    assert len([p for p in where.iterdir() if p.suffix == ".pt"]) == 1, sorted(where.iterdir())
