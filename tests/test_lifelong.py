@@ -171,7 +171,7 @@ def test_a_file_whose_carried_keys_were_damaged_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_a_sequential_run_caches_only_the_targets_computed_on_the_files_weights(tmp_path):
+def test_a_sequential_run_caches_only_the_targets_computed_on_the_files_weights(tmp_path, monkeypatch):
     """The second batch's targets are computed with the first batch applied: they are not the file's targets and
     must not be cached under its fingerprint (a later edit of the unedited file would read them)."""
     from qedit.converters.loading import load_model
@@ -181,6 +181,7 @@ def test_a_sequential_run_caches_only_the_targets_computed_on_the_files_weights(
     from qedit.edit.target_cache import target_cache_dir
     from qedit.pipeline.jobs import make_config
 
+    monkeypatch.setenv("QEDIT_CACHE", str(tmp_path / "cache"))    # its own cache: other tests edit this model too
     loaded = load_model(_narrow_gguf(tmp_path))
     cfg = make_config("memit", layers=[1, 2])
     where = target_cache_dir(loaded, cfg, EditContext())
