@@ -11,8 +11,8 @@ import pytest
 SUBJECTS = [f"{a} {b}" for a in ("red", "green", "blue", "yellow", "famous")
             for b in ("cat", "dog", "bird", "fish", "tree", "river", "mountain", "lake", "sun", "moon")]
 CITIES = ("Paris", "London", "Rome", "Berlin", "Tokyo", "Madrid")
-SETTINGS = ["--method", "memit", "--layers", "1,2", "--stats-samples", "16", "--no-verify"]   # llama.cpp cannot
-# run the tiny word-level tokenizer
+# --no-verify: llama.cpp cannot run the tiny word-level tokenizer
+SETTINGS = ["--method", "memit", "--layers", "1,2", "--stats-samples", "16", "--no-verify"]
 
 
 def _facts(n: int) -> list[dict]:
@@ -23,6 +23,7 @@ def _facts(n: int) -> list[dict]:
 def _narrow_gguf(tmp_path):
     """A tiny random llama whose MLP keys are 24 wide (fewer than the facts) as an F32 GGUF: patching F32
     tensors is exact, so the chain and the one run differ only in float rounding."""
+    import torch
     from conftest import make_config, make_tokenizer
     from test_gguf_export import _tokenizer_template
     from transformers import AutoModelForCausalLM
@@ -32,8 +33,6 @@ def _narrow_gguf(tmp_path):
     tok = make_tokenizer()
     config = make_config("llama", len(tok))
     config.intermediate_size = 24
-    import torch
-
     torch.manual_seed(3)
     model_dir = tmp_path / "narrow"
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
