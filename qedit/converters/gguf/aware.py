@@ -79,9 +79,36 @@ def as_numpy(t: Any, dtype: Any = np.float64) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(t, dtype=dtype))
 
 
-def encoding_for(loaded: Any, keys: Mapping[int, Any], stats_cfg: Any, cfg: AwareConfig | None = None) -> EditEncoding:
-    """An EditEncoding with the (cached) key covariance of every layer that has keys."""
+class CachedCovariances(Mapping[int, Any]):
+    """Each layer's key covariance, read from the statistics cache when the encoding of that layer's matrix asks
+    for it: an encoding holds one covariance at a time, not every edited layer's (each is d_ff^2 float32)."""
 
-    layers = sorted(int(x) for x in keys)
-    covs = key_covariance(loaded, layers, stats_cfg) if layers else {}
-    return EditEncoding(dict(keys), dict(covs), cfg or AwareConfig())
+    def __init__(self, loaded: Any, layers: tuple[int, ...], stats_cfg: Any) -> None:
+        self._loaded, self._layers, self._cfg = loaded, layers, stats_cfg
+
+    def __getitem__(self, layer: int) -> Any:
+        if layer not in self._layers:
+            raise KeyError(layer)
+        return key_covariance(self._loaded, [layer], self._cfg)[layer]            # (in, in)
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._layers
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
+def encoding_for(loaded: Any, keys: Mapping[int, Any], stats_cfg: Any, cfg: AwareConfig | None = None) -> EditEncoding:
+    """An EditEncoding with the key covariance of every layer that has keys: read from the statistics cache layer
+    by layer as each matrix is encoded, or, without a cache, computed for all layers at once and held."""
+    layers = tuple(sorted(int(x) for x in keys))
+    if not layers:
+        covs: Mapping[int, Any] = {}
+    elif stats_cfg.use_cache:   # the edit has cached them; a layer not cached is computed when it is asked for
+        covs = CachedCovariances(loaded, layers, stats_cfg)
+    else:
+        covs = dict(key_covariance(loaded, list(layers), stats_cfg))
+    return EditEncoding(dict(keys), covs, cfg or AwareConfig())
