@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,7 +94,7 @@ class CachedCovariances(Mapping[int, Any]):
     def __contains__(self, layer: object) -> bool:
         return layer in self._layers
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self) -> Iterator[int]:
         return iter(self._layers)
 
     def __len__(self) -> int:
