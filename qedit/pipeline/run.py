@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from qedit.converters.gguf.keys import carried_after, stored_carried
-from qedit.converters.gguf.patch import stored_manifests
+from qedit.converters.gguf.keys import carried_after
+from qedit.converters.gguf.patch import stored_edits
 from qedit.converters.gguf.rows import same_tensor_data
 from qedit.converters.gptq.export import GPTQWriteConfig, calibration_tokens, write_gptq
 from qedit.converters.loading import load_model, read_header
@@ -126,12 +126,12 @@ def compute_for(method: MethodChoice, model: LoadedModel, requests: Sequence[Any
         requests = chat_requests(model.tokenizer, str(model.source), requests)
         notify(f"editing {len(requests)} fact(s) in their chat form, e.g. {requests[0].prompt!r}")
     cfg = method.resolved_config()
-    carried = stored_carried(model.source)
+    manifests, carried = stored_edits(model.source)
     replaced: list[tuple[EarlierFact, Any]] = []
     removed: dict[int, torch.Tensor] = {}
     if not method.unlearns:
         check_batch(requests)
-        replaced = conflicts(requests, earlier_facts(stored_manifests(model.source)))
+        replaced = conflicts(requests, earlier_facts(manifests))
     if replaced:   # the new facts win: the old ones' keys, on the current weights, leave the protected history
         prefixes = context_prefixes(model, cfg)
         old = [e.request for e, _ in replaced]

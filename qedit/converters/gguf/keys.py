@@ -71,14 +71,14 @@ class CarriedKeys:
             raise ValueError(f"CarriedKeys: {self.units.shape[0]} rows cannot stand for {self.facts} facts")
 
     @classmethod
-    def from_keys(cls, keys: Any, facts: int | None = None) -> CarriedKeys:
-        """Encode float keys (n, d); `facts`: the edits they stand for (n by default)."""
+    def from_keys(cls, keys: Any) -> CarriedKeys:
+        """Encode the float keys (n, d) of n edits."""
         k = as_numpy(keys, np.float64)                                          # (n, d)
         if k.ndim != 2:
             raise QeditError(f"edit keys must be (n, d), got shape {k.shape}")
         norms = np.linalg.norm(k, axis=1)                                       # (n,)
         units = k / np.where(norms > 0, norms, 1.0)[:, None]                    # (n, d) unit rows (zero rows stay 0)
-        return cls(units.astype(np.float16), norms.astype(np.float32), int(k.shape[0] if facts is None else facts))
+        return cls(units.astype(np.float16), norms.astype(np.float32), int(k.shape[0]))
 
     @property
     def rows(self) -> int:
@@ -92,9 +92,9 @@ class CarriedKeys:
     def nbytes(self) -> int:
         return int(self.units.nbytes + self.norms.nbytes)
 
-    def keys(self) -> np.ndarray:
-        """(rows, d) float32 rows whose Gram stands for the facts' keys' Gram."""
-        return self.units.astype(np.float32) * self.norms[:, None]
+    def keys(self, dtype: Any = np.float32) -> np.ndarray:
+        """(rows, d) rows of `dtype` whose Gram stands for the facts' keys' Gram."""
+        return self.units.astype(dtype) * self.norms.astype(dtype)[:, None]
 
     def digest(self) -> str:
         return hashlib.sha256(self.units.tobytes() + self.norms.tobytes()).hexdigest()
@@ -118,7 +118,7 @@ class CarriedKeys:
         """`rank` rows whose Gram is the best rank-`rank` approximation of this Gram (float64 SVD)."""
         if rank < 1:
             raise QeditError(f"edit keys: the rank kept must be >= 1, got {rank}")
-        k = self.units.astype(np.float64) * self.norms.astype(np.float64)[:, None]   # (rows, d)
+        k = self.keys(np.float64)                                                # (rows, d)
         _, s, vt = np.linalg.svd(k, full_matrices=False)                   # s (m,), vt (m, d), m = min(rows, d)
         spanned = int(np.count_nonzero(s > s[0] * 1e-7)) if s.size and s[0] > 0 else 1   # directions with energy
         top = min(rank, max(spanned, 1))
@@ -128,7 +128,7 @@ class CarriedKeys:
         """These keys with `old` (m, d) float keys taken out of their Gram (the keys of replaced facts), or None
         when no fact is left. Negative curvature left by keys recomputed on edited weights is dropped."""
         k = as_numpy(old, np.float64)                                           # (m, d)
-        rows = self.units.astype(np.float64) * self.norms.astype(np.float64)[:, None]   # (rows, d)
+        rows = self.keys(np.float64)                                             # (rows, d)
         facts = self.facts - k.shape[0]
         if facts <= 0:
             return None

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from qedit.converters.gguf.aware import EditEncoding, EncodedTensor
-from qedit.converters.gguf.keys import carried_kvs, carried_lines, is_keys_field
+from qedit.converters.gguf.keys import CarriedKeys, carried_kvs, carried_lines, is_keys_field, read_carried
 from qedit.converters.gguf.names import gguf_tensor_name
 from qedit.converters.gguf.read import GGUFFile
 from qedit.converters.gguf.rows import TensorReader
@@ -84,12 +84,13 @@ def read_manifests(gf: GGUFFile) -> list[dict[str, Any]]:
     return items
 
 
-def stored_manifests(path: Any) -> list[dict[str, Any]]:
-    """The qedit manifests of the GGUF file `path`, oldest first ([] for other files and files without them)."""
+def stored_edits(path: Any) -> tuple[list[dict[str, Any]], dict[int, CarriedKeys]]:
+    """The qedit manifests of the GGUF file `path`, oldest first, and the edit keys it carries per layer, from one
+    read of its header (([], {}) for other files and files without them)."""
     if path is None or not is_gguf_file(Path(path)):
-        return []
+        return [], {}
     with GGUFFile(Path(path)) as gf:
-        return read_manifests(gf)
+        return read_manifests(gf), read_carried(gf)
 
 
 def manifest_kvs(previous: Sequence[dict[str, Any]], manifest: dict[str, Any] | None,
