@@ -20,7 +20,6 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +91,10 @@ def main() -> None:
     batch = facts_file(args.out / "batch.jsonl", counterfact_lines(0, args.batch))
     for n in carried:
         src = seeded(source, args.out / f"seeded-{n}.gguf", n, [4, 5, 6, 7], 2048)
-        started = time.perf_counter()
         seconds, out = run(qedit_cmd("edit", str(src), str(batch), "-o", str(args.out / f"out-{n}.gguf")),
                            args.threads, f"patch into {n} carried facts")
         found = re.search(r"protecting the keys of earlier edits recorded in the file \(blk\.\d+: (\d+)", out)
-        result["patches"].append({"carried": n, "seconds": seconds, "protected": int(found.group(1)) if found else 0,
-                                  "wall": time.perf_counter() - started})
+        result["patches"].append({"carried": n, "seconds": seconds, "protected": int(found.group(1)) if found else 0})
         save_json(args.json, result)
         print(f"{n} carried: {seconds:.1f} s")
     print(json.dumps(result["state"], indent=1))
