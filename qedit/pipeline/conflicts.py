@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qedit.converters.gguf.patch import replaced_by
 from qedit.core.errors import QeditError
 from qedit.core.facts import EditRequest, request_from_dict
 
@@ -34,16 +35,10 @@ class EarlierFact:
                 "reason": "same subject and relation"}
 
 
-def replaced_in(manifests: Sequence[Mapping[str, Any]]) -> set[tuple[int, int]]:
-    """(patch, fact) of every fact a later patch replaced."""
-    return {(int(r["patch"]), int(r["fact"])) for m in manifests
-            for r in ((m.get("info") or {}).get("replaces") or []) if isinstance(r, dict)}
-
-
 def earlier_facts(manifests: Sequence[Mapping[str, Any]]) -> list[EarlierFact]:
     """The edit facts the file's manifests record and no later patch replaced (facts that are not edit requests,
     e.g. of an unlearning patch, are skipped)."""
-    gone = replaced_in(manifests)
+    gone = replaced_by(manifests)
     out = []
     for i, m in enumerate(manifests, 1):
         for j, fact in enumerate(m.get("facts") or []):

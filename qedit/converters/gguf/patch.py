@@ -84,6 +84,17 @@ def read_manifests(gf: GGUFFile) -> list[dict[str, Any]]:
     return items
 
 
+def replacement_records(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The earlier facts one manifest's edit replaced (`info.replaces`, qedit.pipeline.conflicts)."""
+    return [r for r in ((manifest.get("info") or {}).get("replaces") or []) if isinstance(r, dict)]
+
+
+def replaced_by(manifests: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], int]:
+    """(edit, fact) of every fact a later edit replaced (1-based edit, 0-based fact) -> that later edit."""
+    return {(int(r.get("patch", 0)), int(r.get("fact", -1))): i for i, m in enumerate(manifests, 1)
+            for r in replacement_records(m)}
+
+
 def stored_edits(path: Any) -> tuple[list[dict[str, Any]], dict[int, CarriedKeys]]:
     """The qedit manifests of the GGUF file `path`, oldest first, and the edit keys it carries per layer, from one
     read of its header (([], {}) for other files and files without them)."""
@@ -216,8 +227,7 @@ def inspect_lines(path: Path) -> list[str]:
         lines = [f"{gf.path.name}: GGUF v{gf.version}, {gf.architecture}, {len(gf.tensors)} tensors, {gf.file_size:,} bytes"]
         if not manifests:
             lines.append("no qedit manifest")
-        later = {(int(r.get("patch", 0)), int(r.get("fact", -1))): i for i, m in enumerate(manifests, 1)
-                 for r in ((m.get("info") or {}).get("replaces") or []) if isinstance(r, dict)}
+        later = replaced_by(manifests)
         for i, m in enumerate(manifests, 1):
             facts = m.get("facts") or []
             subjects = ", ".join(str(f.get("subject", "?")) for f in facts[:8] if isinstance(f, dict))
@@ -233,7 +243,7 @@ def inspect_lines(path: Path) -> list[str]:
             ]
             lines += [f"  replaces fact {r.get('fact', 0) + 1} of edit {r.get('patch', '?')} ({r.get('subject', '?')}: "
                       f"{r.get('old_target', '?')!r} -> {r.get('new_target', '?')!r})"
-                      for r in ((m.get("info") or {}).get("replaces") or []) if isinstance(r, dict)]
+                      for r in replacement_records(m)]
             lines += [f"  fact {j + 1} ({f.get('subject', '?') if isinstance(f, dict) else '?'}) was replaced by edit "
                       f"{later[(i, j)]}" for j, f in enumerate(facts) if (i, j) in later]
         lines += carried_lines(gf)
