@@ -87,6 +87,54 @@ def stop_after(model: nn.Module, name: str) -> Iterator[None]:
         handle.remove()
 
 
+class _Replay(nn.Module):
+    """Stands in for a decoder layer that need not run: returns its input, or, for the last one, `output`."""
+
+    def __init__(self, output: object | None) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> object:
+        if self.output is not None:
+            return self.output
+        return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def replay(model: nn.Module, names: Sequence[str], output: object) -> Iterator[None]:
+    """During the block, the named modules (the first decoder layers, in order) do not run: the last returns
+    `output`, its output recorded (`record_whole`) in an earlier pass of the same batch, the others pass their
+    input on. For the steps of an optimisation that changes nothing below them: their work is done once.
+    The modules are swapped out of their parents, so hooks on them or inside them do not run either (the
+    recorded output already holds what they did)."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for i, name in enumerate(names):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            swapped.append((parent, child, parent._modules[child]))  # type: ignore[arg-type]
+            parent._modules[child] = _Replay(output if i == len(names) - 1 else None)
+        yield
+    finally:
+        for parent, child, module in swapped:
+            parent._modules[child] = module
+
+
+@contextmanager
+def record_whole(model: nn.Module, name: str) -> Iterator[list[object]]:
+    """Record module `name`'s whole output (a tensor or a tuple, detached) in the next forward pass, for `replay`."""
+    store: list[object] = []
+
+    def hook(mod: nn.Module, args: tuple, out: object) -> None:
+        store.append(_replace_first(out, _first(out).detach()))
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
 def at_positions(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """t[rows[i], cols[i]] (n, ...) of a value recorded at some module, t (batch, seq, ...): the indices are moved to
     t's device (with a device map, a layer's values live on that layer's device)."""

@@ -75,6 +75,14 @@ class LoadedModel:
                 f"layer {layer} is out of range for {self.source.name}: it has {self.n_layers} layers (0..{self.n_layers - 1})"
             )
 
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer that module `name` is (or is inside of); None for modules outside the layers."""
+        for i in range(self.n_layers):
+            layer = self.arch.layer.format(i)
+            if name == layer or name.startswith(layer + "."):
+                return i
+        return None
+
     def edit_shape(self, layer: int) -> tuple[int, int]:
         """(out, in) of the edit-target weight at `layer`, without reading it."""
         self.check_layer(layer)

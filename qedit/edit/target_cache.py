@@ -1,10 +1,10 @@
 """On-disk cache of optimised targets (ROME's v*, MEMIT's z), one small file per chunk of requests.
 
 The targets of a chunk depend on the model's current weights, the site, the context prefixes, the
-target settings and the chunk's requests in order (the chunk stops when all of them are below the
-threshold), and on nothing else. The key covers all of them; the weights enter through a digest of
-every parameter's float64 sum and sum of squares, so a model with edits folded in, or folded and
-reverted, never reuses the unedited model's targets. Targets computed on top of applied deltas
+target settings and the chunk's requests, and on nothing else. The key covers all of them, and the rule by
+which the optimisation stops (`STOP_RULE`: targets computed under an earlier rule are not reused). The
+weights enter through a digest of every parameter's float64 sum and sum of squares, so a model with edits
+folded in, or folded and reverted, never reuses the unedited model's targets. Targets computed on top of applied deltas
 (ROME's sequential edits) are not cached. Files are written as every cache entry's are (qedit.core.cache:
 first writer wins, a damaged file is replaced), and a read marks the entry's last use.
 """
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # TargetConfig fields that do not change a chunk's targets (the chunk is in the key itself)
 _NEUTRAL_FIELDS = ("chunk",)
+# How a chunk's optimisation stops (qedit.edit.targets): each request once its own loss is met, with minimal
+# strength (earlier: the chunk, once all were)
+STOP_RULE = "per-request"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -66,8 +69,8 @@ class TargetCache:
             settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NEUTRAL_FIELDS}
             settings.update(tag or {})   # another objective's targets (unlearning) never answer for an edit's
             self._base = json.dumps({"weights": weights_digest(loaded.model), "site": site, "prefixes": list(prefixes),
-                                     "settings": settings, "dtype": str(next(loaded.model.parameters()).dtype)},
-                                    sort_keys=True)
+                                     "settings": settings, "stop": STOP_RULE,
+                                     "dtype": str(next(loaded.model.parameters()).dtype)}, sort_keys=True)
 
     def _path(self, chunk: Sequence[EditRequest]) -> Path:
         assert self.dir is not None

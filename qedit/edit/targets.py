@@ -4,9 +4,13 @@ properties and a norm bound. The objective is data: `REACH_TARGET` (the edits') 
 target_new; unlearning passes its own (`qedit.unlearn.objectives`), e.g. pushing the answer to erase
 below the best other token.
 
-Requests are optimised together in chunks (one batch per step) and a chunk stops once all of its
-requests are below the NLL threshold, so a target depends on its chunk-mates; the target cache is
-keyed by the whole chunk."""
+Requests are optimised together in chunks (one batch per step); the layers under the site run once per
+chunk, not per step (`qedit.core.hooks.replay`). For an objective whose edit is scaled to a margin afterwards
+(`minimal_strength`, the edits' own), each request leaves the optimisation once its own loss is below the
+threshold: its target is the one it would get alone (to float rounding), the forward runs on fewer rows as
+requests finish, and what the others' extra steps would add is scaled away anyway. For any other objective
+(unlearning's) the chunk stops once all of its requests are below the threshold, so a target depends on its
+chunk-mates: the extra steps are the only margin such a target gets beyond the threshold."""
 from __future__ import annotations
 
 import logging
@@ -18,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qedit.core.batching import build_batch, logits_at, target_index
+from qedit.core.batching import Batch, build_batch, logits_at, target_index
 from qedit.core.delta import LowRankDelta
 from qedit.core.facts import EditRequest
-from qedit.core.hooks import OutputEdit, add_at_positions, at_positions, edit_outputs, record
+from qedit.core.hooks import OutputEdit, add_at_positions, at_positions, edit_outputs, record, record_whole, replay
 from qedit.core.model import LoadedModel
 from qedit.edit.keys import delta_edits
 from qedit.edit.registry import TargetConfig
@@ -69,6 +73,38 @@ class ReachTarget:
 REACH_TARGET = ReachTarget()
 
 
+@dataclass
+class _Rows:
+    """The forward batch of the requests still optimised: every row belongs to one of them (`owner`, an index
+    into the active requests); the text rows first, then one KL row per request, in request order."""
+
+    batch: Batch                 # ids, mask (rows, seq)
+    owner: torch.Tensor          # (rows,)
+    lookup: torch.Tensor         # (rows,) the subject's last token
+    q_rows: torch.Tensor         # (n_t + n,) the scored target tokens' rows, then the KL rows
+    q_cols: torch.Tensor         # (n_t + n,)
+    t_ids: torch.Tensor          # (n_t,)
+    contrast: torch.Tensor | None  # (n_t,)
+    under: object                # the output of the layer under the site on these rows, for `replay`
+
+    def keep(self, keep: torch.Tensor) -> _Rows:
+        """The rows of the requests `keep` (bool (n,)), renumbered."""
+        rows = keep[self.owner]                                                          # (rows,) bool
+        renum = torch.cumsum(rows.long(), 0) - 1                                         # old row -> new row
+        t = rows[self.q_rows]                                                            # (n_t + n,) bool
+        n_t = len(self.t_ids)
+        width = int(self.batch.attention_mask[rows].sum(1).max())   # right-padded: trailing columns drop out
+        under = self.under
+        if under is not None:
+            first = under[0] if isinstance(under, tuple) else under
+            sub = first[rows.to(first.device), :width]                                   # (rows', width, d)
+            under = (sub, *under[1:]) if isinstance(under, tuple) else sub
+        return _Rows(Batch(self.batch.input_ids[rows, :width], self.batch.attention_mask[rows, :width]),
+                     (torch.cumsum(keep.long(), 0) - 1)[self.owner[rows]], self.lookup[rows],
+                     renum[self.q_rows[t]], self.q_cols[t], self.t_ids[t[:n_t]],
+                     None if self.contrast is None else self.contrast[t[:n_t]], under)
+
+
 def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, prefixes: Sequence[str],
                    cfg: TargetConfig, applied: Sequence[LowRankDelta],
                    objective: TargetObjective) -> tuple[torch.Tensor, list[float]]:
@@ -82,7 +118,6 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
     batch = build_batch(loaded, texts, targets, subjects)
     device = batch.input_ids.device      # the indices, the logits and the losses: the model's input device
     owner = torch.tensor([i for i, _ in rows] + list(range(n)), device=device)                        # (rows,)
-    rows_all = torch.arange(len(texts), device=device)
     lookup = torch.tensor(batch.lookup, device=device)
     t_rows, t_cols, t_ids = target_index(batch)
     if objective.first_token_only:
@@ -94,44 +129,70 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
     kl_cols = torch.tensor([batch.last[i] for i in kl_rows.tolist()], device=device)
     q_rows, q_cols = torch.cat([t_rows, kl_rows]), torch.cat([t_cols, kl_cols])
     n_t = len(t_rows)
-    tok_owner = owner[t_rows]                                                            # (n_t,)
-    counts = torch.bincount(tok_owner, minlength=n).clamp(min=1).float()                 # (n,)
 
     base_edits: dict[str, OutputEdit] = delta_edits(loaded, applied)
-    with torch.no_grad(), edit_outputs(loaded.model, base_edits), record(loaded.model, [site], "output") as rec:
+    # The steps change nothing below the site's layer: the layers under it run once, here, and are replayed
+    below = [loaded.arch.layer.format(i) for i in range(loaded.layer_of(site) or 0)]
+    with (torch.no_grad(), edit_outputs(loaded.model, base_edits), record(loaded.model, [site], "output") as rec,
+          record_whole(loaded.model, below[-1] if below else site) as under):
         logits = logits_at(loaded, batch, q_rows, q_cols)
         ref_kl = F.log_softmax(logits[n_t:], dim=-1)                                     # (n, vocab)
         orig = at_positions(rec[site], kl_rows, lookup[kl_rows]).float()                 # (n, d), at the site's device
     orig_norm = orig.norm(dim=-1).clamp(min=1e-6)                                        # (n,)
+    full = _Rows(Batch(batch.input_ids, batch.attention_mask), owner, lookup, q_rows, q_cols, t_ids, contrast_ids,
+                 under[0] if below else None)
 
     # Optimise in units of the site's RMS, so one learning rate fits sites of very different
     # scale (an MLP output near 0.1 per coordinate, Gemma's residual stream near 250).
     unit = (orig_norm / orig.shape[1] ** 0.5)[:, None]                                  # (n, 1)
     theta = torch.zeros_like(orig, requires_grad=True)                                   # (n, d)
     opt = torch.optim.Adam([theta], lr=cfg.lr)
-    nll_per = torch.zeros(n, device=device)
+    nll_final = torch.zeros(n, device=device)
+    # A request leaves the optimisation once its own objective is met (with minimal strength; see the module's
+    # docstring); the forward runs on the rows of the requests still in it
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    cur = full
     for _step in range(cfg.steps):
         opt.zero_grad()
-        delta = theta * unit                                                             # (n, d)
-        inject = add_at_positions(delta[owner.to(delta.device)], rows_all, lookup)
-        # hooks on one module chain in registration order: the applied deltas first, then the injection
-        with edit_outputs(loaded.model, base_edits), edit_outputs(loaded.model, {site: inject}):
-            logits = logits_at(loaded, batch, q_rows, q_cols)
-        logp_all = F.log_softmax(logits[:n_t], dim=-1)                                   # (n_t, vocab)
-        token_loss = objective.token_loss(logp_all, t_ids, contrast_ids)                 # (n_t,)
-        nll_per = torch.zeros(n, device=device).index_add(0, tok_owner, token_loss) / counts  # (n,) mean over tokens, prefixes
-        kl = F.kl_div(F.log_softmax(logits[n_t:], dim=-1), ref_kl, log_target=True, reduction="none").sum(-1)  # (n,)
-        decay = ((delta.norm(dim=-1) / orig_norm) ** 2).to(device)
-        loss = (nll_per + cfg.kl_factor * kl + cfg.weight_decay * decay).sum()
-        if float(nll_per.detach().max()) < cfg.stop_nll:
+        delta = (theta * unit)[active.to(theta.device)]                                  # (a, d)
+        inject = add_at_positions(delta[cur.owner.to(delta.device)], torch.arange(len(cur.owner), device=device),
+                                  cur.lookup)
+        # hooks on one module chain in registration order: the applied deltas first, then the injection; the
+        # layers are swapped out last (their hooks do not run: the replayed output holds what they did)
+        with (edit_outputs(loaded.model, base_edits), edit_outputs(loaded.model, {site: inject}),
+              replay(loaded.model, below, cur.under)):
+            logits = logits_at(loaded, cur.batch, cur.q_rows, cur.q_cols)
+        n_ta = len(cur.t_ids)
+        logp_all = F.log_softmax(logits[:n_ta], dim=-1)                                  # (n_t', vocab)
+        token_loss = objective.token_loss(logp_all, cur.t_ids, cur.contrast)             # (n_t',)
+        tok_owner = cur.owner[cur.q_rows[:n_ta]]                                         # (n_t',)
+        n_a = int(active.sum())
+        counts = torch.bincount(tok_owner, minlength=n_a).clamp(min=1).float()           # (a,)
+        nll_per = torch.zeros(n_a, device=device).index_add(0, tok_owner, token_loss) / counts  # (a,) mean over tokens, prefixes
+        kl = F.kl_div(F.log_softmax(logits[n_ta:], dim=-1), ref_kl[active], log_target=True,
+                      reduction="none").sum(-1)                                          # (a,)
+        decay = ((delta.norm(dim=-1) / orig_norm[active.to(orig_norm.device)]) ** 2).to(device)
+        nll_final[active] = nll_per.detach()
+        met = nll_per.detach() < cfg.stop_nll                                            # (a,)
+        if bool(met.all()):
             break
+        if not objective.minimal_strength:
+            met.zero_()           # the chunk goes on together: the extra steps are all the margin such a target gets
+        loss = (nll_per + cfg.kl_factor * kl + cfg.weight_decay * decay)[~met].sum()
         loss.backward()
+        with torch.no_grad():
+            if bool(met.any()):
+                active[active.clone()] = ~met
+                cur = full.keep(active)
+            still = active.to(theta.device)
+            kept = theta[~still].clone()              # Adam's momentum must not move a finished request's target
         opt.step()
         with torch.no_grad():
             limit = cfg.clamp_norm * orig.shape[1] ** 0.5                                # in units: ||theta|| bound
             scale = (limit / theta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
             theta.mul_(scale[:, None])
-    return (theta * unit).detach(), nll_per.detach().tolist()
+            theta[~still] = kept
+    return (theta * unit).detach(), nll_final.tolist()
 
 
 def _prompts(r: EditRequest, objective: TargetObjective) -> tuple[str, ...]:
