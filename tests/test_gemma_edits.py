@@ -11,10 +11,12 @@ N_CASES = 10
 # Measured on CounterFact-dev cases 100-109 (benchmarks/RESULTS.md): efficacy / locality
 # ROME 1.0 / 0.8 (sequential rank-one edits at one layer), MEMIT 0.9 / 0.9, AlphaEdit 0.9 / 0.9.
 # The target is 0.9 / 0.9; the bounds leave one case of slack below what was measured.
+# Since each target stops at its own threshold (qedit.edit.targets), MEMIT measures 0.9 / 0.7 here (0.9 / 0.8
+# before); on cases 110-149 its efficacy went from 0.775 to 0.90 and its locality from 0.775 to 0.80.
 # These were measured with the statistics corpus sampled through a bfloat16 output layer. When that
 # precision was chosen per CPU (bfloat16 only with native support), a CPU without it sampled other
 # text and locality fell by 0.2 for all three methods; the precision is now fixed (stats.py).
-THRESHOLDS = {"rome": (0.9, 0.7), "memit": (0.8, 0.8), "alphaedit": (0.8, 0.8)}
+THRESHOLDS = {"rome": (0.9, 0.7), "memit": (0.8, 0.6), "alphaedit": (0.8, 0.8)}
 
 
 @pytest.fixture(scope="module")
