@@ -9,7 +9,8 @@ Each version runs in its own process with one thread: the packaged Gemma 3 270M,
 first..first+n-1 edited as one MEMIT batch (`compute_edits`, default settings), then scored in torch against the
 unedited model (teacher-forced and generated efficacy, generalization and locality). Recorded: the metrics, the
 seconds of target optimisation and of the whole edit, the targets' final NLLs, the minimal-strength scale and
-the norm of each layer's delta. The two versions run one after the other, so their times are comparable only
+the norm of each layer's delta. Each run has an empty cache of its own (statistics and targets). The two
+versions run one after the other, so their times are comparable only
 when the machine's load was the same; the JSON records the load average at each start.
 Results: benchmarks/RESULTS.md, "Lifelong patches".
 """
@@ -20,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def worker(first: int, n: int, method: str) -> None:
 
     targets._chunk_targets = timed
     start = time.perf_counter()
-    outcome = compute_edits(loaded, cases, method)     # no target cache: every target is optimised here
+    outcome = compute_edits(loaded, cases, method)     # the cache is empty (main): every target is optimised
     edit_seconds = time.perf_counter() - start
     with applied(loaded.model, outcome.deltas):
         scores = evaluate(TorchRunner(loaded), cases, baseline=base).aggregate()
@@ -80,14 +82,13 @@ def main() -> None:
         return
     result = {"command": ["benchmarks/bench_targets.py", *sys.argv[1:]], "runs": {}}
     for label, src in (("this checkout", ROOT), (args.label, args.qedit_src.resolve())):
-        env = thread_env(1, QEDIT_CACHE=os.environ.get("QEDIT_CACHE", ""))
-        env["PYTHONPATH"] = os.pathsep.join([str(src), str(ROOT / "benchmarks")])
-        if not env["QEDIT_CACHE"]:
-            del env["QEDIT_CACHE"]
-        load = os.getloadavg()[0]
-        proc = subprocess.run([sys.executable, __file__, "--worker", "--first", str(args.first), "--n", str(args.n),
-                               "--method", args.method, "--qedit-src", str(src), "--label", label, "--json", "-"],
-                              env=env, stdout=subprocess.PIPE, text=True, check=True)
+        with tempfile.TemporaryDirectory() as cache:   # an empty cache: every target is optimised in the run
+            env = thread_env(1, QEDIT_CACHE=cache)
+            env["PYTHONPATH"] = os.pathsep.join([str(src), str(ROOT / "benchmarks")])
+            load = os.getloadavg()[0]
+            proc = subprocess.run([sys.executable, __file__, "--worker", "--first", str(args.first), "--n",
+                                   str(args.n), "--method", args.method, "--qedit-src", str(src), "--label", label,
+                                   "--json", "-"], env=env, stdout=subprocess.PIPE, text=True, check=True)
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row["load_at_start"] = load
         result["runs"][label] = row

@@ -4,8 +4,8 @@ The targets of a chunk depend on the model's current weights, the site, the cont
 target settings and the chunk's requests, and on nothing else. The key covers all of them, and the rule by
 which the optimisation stops (`STOP_RULE`: targets computed under an earlier rule are not reused). The
 weights enter through a digest of every parameter's float64 sum and sum of squares, so a model with edits
-folded in, or folded and reverted, never reuses the unedited model's targets. Targets computed on top of applied deltas
-(ROME's sequential edits) are not cached. Files are written as every cache entry's are (qedit.core.cache:
+folded in, or folded and reverted, never reuses the unedited model's targets. Targets computed on top of
+applied deltas (ROME's sequential edits) are not cached. Files are written as every cache entry's are (qedit.core.cache:
 first writer wins, a damaged file is replaced), and a read marks the entry's last use.
 """
 from __future__ import annotations
