@@ -47,14 +47,6 @@ class EditEncoding:
         """For manifests: which path encoded the edited tensors, and with which settings."""
         return {"path": "aware", "layers": sorted(int(x) for x in self.keys), **dataclasses.asdict(self.cfg)}
 
-    def digest_parts(self) -> list[Any]:
-        """What identifies this encoding for caches: its settings and the content of keys and covariances."""
-        import hashlib
-
-        content = {f"{what}{int(k)}": hashlib.sha256(memoryview(as_numpy(v, None))).hexdigest()
-                   for what, table in (("keys", self.keys), ("cov", self.covs)) for k, v in table.items()}
-        return [self.describe(), content]
-
     def encode(self, name: str, layer: int, w0: np.ndarray, change: np.ndarray,
                ggml_type: GGMLQuantizationType, original: np.ndarray | None = None) -> EncodedTensor | None:
         """Aware bytes for tensor `name` (w0, change: (rows, cols) float32), or None when `layer` has no keys.
