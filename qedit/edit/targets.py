@@ -14,6 +14,7 @@ chunk-mates: the extra steps are the only margin such a target gets beyond the t
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -134,13 +135,13 @@ def _chunk_targets(loaded: LoadedModel, reqs: Sequence[EditRequest], site: str, 
     # The steps change nothing below the site's layer: the layers under it run once, here, and are replayed
     below = [loaded.arch.layer.format(i) for i in range(loaded.layer_of(site) or 0)]
     with (torch.no_grad(), edit_outputs(loaded.model, base_edits), record(loaded.model, [site], "output") as rec,
-          record_whole(loaded.model, below[-1] if below else site) as under):
+          record_whole(loaded.model, below[-1]) if below else nullcontext([None]) as under):
         logits = logits_at(loaded, batch, q_rows, q_cols)
         ref_kl = F.log_softmax(logits[n_t:], dim=-1)                                     # (n, vocab)
         orig = at_positions(rec[site], kl_rows, lookup[kl_rows]).float()                 # (n, d), at the site's device
     orig_norm = orig.norm(dim=-1).clamp(min=1e-6)                                        # (n,)
     full = _Rows(Batch(batch.input_ids, batch.attention_mask), owner, lookup, q_rows, q_cols, t_ids, contrast_ids,
-                 under[0] if below else None)
+                 under[0])
 
     # Optimise in units of the site's RMS, so one learning rate fits sites of very different
     # scale (an MLP output near 0.1 per coordinate, Gemma's residual stream near 250).
